@@ -1,0 +1,43 @@
+"""`python -m hdlib run params/X.yaml [key=value ...] [--only STAGE] [--from STAGE]`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import HDLibError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hdlib", description="HistoDiffusion study runner")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the study's notebooks with papermill")
+    run.add_argument("params", help="parameter file, e.g. params/default.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. downstream.seeds=[0,1]")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--only", metavar="STAGE", help="run just this stage (e.g. 01 or 01_autoencoder)")
+    group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and all after it")
+    run.add_argument("--force", action="store_true", help="re-run stages even if their inputs are unchanged")
+    show = sub.add_parser("config", help="print the resolved configuration")
+    show.add_argument("params")
+    show.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "run":
+            from .runner import run_study
+
+            run_study(args.params, args.overrides, only=args.only, start=args.start, force=args.force)
+        else:
+            import yaml
+
+            from .config import load_config
+
+            print(yaml.safe_dump(load_config(args.params, args.overrides).to_dict(), sort_keys=False))
+    except HDLibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

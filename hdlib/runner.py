@@ -1,0 +1,182 @@
+"""Run a study: execute notebooks/NN_*.ipynb in order with papermill into
+results/<study>/, skipping stages whose inputs are unchanged.
+
+A stage's fingerprint hashes the config sections it reads, its notebook and the
+fingerprint of the stage before it, so changing `downstream.*` re-runs only the
+downstream stages and changing `autoencoder.*` re-runs everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import HDLibError
+from .io import atomic_write_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Config sections each stage reads (besides everything the earlier stages read).
+STAGE_SECTIONS = {
+    "00_data": ["study.seed", "data"],
+    "01_autoencoder": ["autoencoder"],
+    "02_diffusion": ["diffusion"],
+    "03_guidance": ["classifier"],
+    "04_synthesis": ["sampling", "filtering", "downstream"],
+    "05_downstream": ["downstream"],
+    "06_quality": ["quality"],
+    "07_report": [],
+}
+
+
+class StageFailed(HDLibError):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str
+    notebook: Path
+
+
+def discover_stages(notebooks_dir: Path | None = None) -> list[Stage]:
+    nb_dir = Path(notebooks_dir or REPO_ROOT / "notebooks")
+    stages = [Stage(p.stem, p) for p in sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))]
+    if not stages:
+        raise HDLibError(f"{nb_dir}: no stage notebooks (NN_*.ipynb) found")
+    return stages
+
+
+def _sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def stage_fingerprints(cfg: Config, stages: list[Stage]) -> dict[str, str]:
+    prev = ""
+    out = {}
+    for st in stages:
+        sections = STAGE_SECTIONS.get(st.name, ["study", "data", "autoencoder", "diffusion", "classifier",
+                                                "sampling", "filtering", "downstream", "quality"])
+        blob = json.dumps({
+            "config": cfg.section_hash(*sections) if sections else "",
+            "notebook": _sha1(st.notebook.read_bytes()),
+            "previous": prev,
+        }, sort_keys=True)
+        prev = out[st.name] = _sha1(blob.encode())[:16]
+    return out
+
+
+def _select(stages: list[Stage], only: str | None, start: str | None) -> list[Stage]:
+    names = [s.name for s in stages]
+
+    def find(key: str, flag: str) -> int:
+        hits = [i for i, n in enumerate(names) if n == key or n.startswith(key) or n.split("_", 1)[1] == key]
+        if not hits:
+            raise HDLibError(f"{flag} {key}: no such stage (stages: {', '.join(names)})")
+        return hits[0]
+
+    if only:
+        return [stages[find(only, "--only")]]
+    if start:
+        return stages[find(start, "--from"):]
+    return stages
+
+
+def provenance(cfg: Config) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except Exception:
+            return ""
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    pkgs = {}
+    for name in ("torch", "torchvision", "diffusers", "timm", "accelerate", "torchmetrics", "papermill",
+                 "scikit-learn", "numpy", "pandas", "matplotlib", "seaborn"):
+        try:
+            pkgs[name] = version(name)
+        except PackageNotFoundError:
+            pkgs[name] = None
+    manifests = {}
+    man_dir = cfg.results_dir / "manifests"
+    if man_dir.is_dir():
+        manifests = {p.name: _sha1(p.read_bytes()) for p in sorted(man_dir.glob("*.csv"))}
+    return {
+        "params": cfg.to_dict(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": pkgs,
+        "data_manifests_sha1": manifests,
+    }
+
+
+def _failing_cell_error(exc: Exception) -> str:
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    return f"{ename}: {evalue}".strip()
+
+
+def run_study(params_file: str | Path, overrides: list[str] = (), only: str | None = None,
+              start: str | None = None, force: bool = False, notebooks_dir: Path | None = None,
+              log=print) -> dict:
+    """Execute the study's stages; returns {stage: "ran" | "skipped"}."""
+    import papermill as pm
+
+    cfg = load_config(params_file, list(overrides))  # validates before any compute
+    stages = discover_stages(notebooks_dir)
+    prints = stage_fingerprints(cfg, stages)
+    selected = _select(stages, only, start)
+    out_dir = cfg.results_dir
+    (out_dir / "stages").mkdir(parents=True, exist_ok=True)
+    timings_path = out_dir / "stages" / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    status = {}
+    log(f"study {cfg.study.name}: {len(selected)} stage(s) -> {out_dir}")
+    forced = force or bool(only) or bool(start)
+    for i, st in enumerate(selected, 1):
+        marker = out_dir / "stages" / f"{st.name}.json"
+        executed = out_dir / f"{st.name}.ipynb"
+        done = json.loads(marker.read_text()) if marker.exists() else {}
+        if not forced and done.get("fingerprint") == prints[st.name] and executed.exists():
+            log(f"[{i}/{len(selected)}] {st.name}: unchanged, skipped")
+            status[st.name] = "skipped"
+            continue
+        log(f"[{i}/{len(selected)}] {st.name}: running ...")
+        t0 = time.time()
+        tmp = out_dir / f".{st.name}.running.ipynb"
+        try:
+            pm.execute_notebook(
+                str(st.notebook), str(tmp),
+                parameters={"params_file": str(Path(params_file).resolve()), "overrides": list(overrides)},
+                cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False, log_output=False,
+            )
+        except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
+            failed = out_dir / f"{st.name}.failed.ipynb"
+            if tmp.exists():
+                os.replace(tmp, failed)
+            marker.unlink(missing_ok=True)
+            raise StageFailed(f"stage {st.name} failed: {_failing_cell_error(exc)} (see {failed})") from None
+        os.replace(tmp, executed)
+        (out_dir / f"{st.name}.failed.ipynb").unlink(missing_ok=True)
+        elapsed = time.time() - t0
+        timings[st.name] = round(elapsed, 1)
+        atomic_write_json(marker, {"fingerprint": prints[st.name], "seconds": round(elapsed, 1),
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_json(timings_path, timings)
+        log(f"[{i}/{len(selected)}] {st.name}: done in {elapsed:.0f} s")
+        status[st.name] = "ran"
+        forced = True  # a stage that ran may change what every later stage reads
+    atomic_write_json(out_dir / "provenance.json", {**provenance(cfg), "stage_seconds": timings})
+    return status
