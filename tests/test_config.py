@@ -1,0 +1,90 @@
+"""Study parameters: defaults <- YAML <- key=value, with one-line errors naming file and key."""
+
+from pathlib import Path
+
+import pytest
+
+from hdlib.config import load_config
+from hdlib.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["smoke", "default", "nct_crc"])
+def test_shipped_params_load(name):
+    cfg = load_config(ROOT / "params" / f"{name}.yaml")
+    assert cfg.study.name == name
+    assert cfg.results_dir == Path("results") / name
+
+
+def test_paper_sizes_in_nct_crc():
+    cfg = load_config(ROOT / "params" / "nct_crc.yaml")
+    assert cfg.autoencoder.block_out_channels == [128, 256, 512] and cfg.autoencoder.latent_channels == 3
+    assert cfg.diffusion.block_out_channels[0] == 192 and cfg.diffusion.schedule == "paper"
+    assert cfg.sampling.guidance_scale == 10.0 and cfg.sampling.num_inference_steps == 50
+    assert cfg.data.target == "class_folders"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(ROOT / "params/smoke.yaml", ["data.image_size=48", "downstream.seeds=[3,4]",
+                                                   "study.progress=true", "filtering.tau=0.9"])
+    assert cfg.data.image_size == 48 and cfg.downstream.seeds == [3, 4]
+    assert cfg.study.progress is True and cfg.filtering.tau == 0.9
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "study.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,key", [
+    ("data:\n  imagesize: 64\n", "data.imagesize"),
+    ("dat:\n  image_size: 64\n", "dat"),
+    ("data:\n  image_size: big\n", "data.image_size"),
+    ("data:\n  image_size: 8\n", "data.image_size"),
+    ("sampling:\n  eta: 1.5\n", "sampling.eta"),
+    ("study:\n  mixed_precision: fp8\n", "study.mixed_precision"),
+    ("diffusion:\n  pretrain:\n    lr: -1\n", "diffusion.pretrain.lr"),
+    ("data:\n  pool_sources:\n    - {name: a, kind: tape}\n", "data.pool_sources[0].kind"),
+    ("study:\n  seed: 1.5\n", "study.seed"),
+    ("study:\n  progress: 1\n", "study.progress"),
+])
+def test_bad_values_name_file_and_key(tmp_path, text, key):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and key in msg
+    assert "\n" not in msg
+
+
+def test_unknown_override_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'diffusion\.nope=1'.*diffusion\.nope: unknown key"):
+        load_config(ROOT / "params/smoke.yaml", ["diffusion.nope=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(ROOT / "params/smoke.yaml", ["diffusion.schedule"])
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match="downstream.fractions: 0.3 is not in data.label_fractions"):
+        load_config(ROOT / "params/smoke.yaml", ["downstream.fractions=[0.3]"])
+    with pytest.raises(ConfigError, match="target style may not be in the pool"):
+        load_config(ROOT / "params/smoke.yaml",
+                    ["data.pool_sources=[{name: t, kind: demo_procedural, style: target}]"])
+    with pytest.raises(ConfigError, match="data.train_path: required"):
+        load_config(ROOT / "params/smoke.yaml", ["data.target=class_folders"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="parameter file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "data: [unclosed\n"))
+
+
+def test_section_hash_tracks_only_its_sections():
+    a = load_config(ROOT / "params/smoke.yaml")
+    b = load_config(ROOT / "params/smoke.yaml", ["downstream.seeds=[7]"])
+    assert a.section_hash("autoencoder") == b.section_hash("autoencoder")
+    assert a.section_hash("downstream") != b.section_hash("downstream")
