@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -142,6 +143,8 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
     (out_dir / "stages").mkdir(parents=True, exist_ok=True)
     timings_path = out_dir / "stages" / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    memory_path = out_dir / "stages" / "peak_memory_mb.json"
+    memory = json.loads(memory_path.read_text()) if memory_path.exists() else {}
     status = {}
     log(f"study {cfg.study.name}: {len(selected)} stage(s) -> {out_dir}")
     forced = force or bool(only) or bool(start)
@@ -172,11 +175,16 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         (out_dir / f"{st.name}.failed.ipynb").unlink(missing_ok=True)
         elapsed = time.time() - t0
         timings[st.name] = round(elapsed, 1)
+        # Peak resident memory of any finished child (the kernel and its grid workers), so far.
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        memory[st.name] = round(peak_mb, 1)
         atomic_write_json(marker, {"fingerprint": prints[st.name], "seconds": round(elapsed, 1),
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         atomic_write_json(timings_path, timings)
+        atomic_write_json(memory_path, memory)
         log(f"[{i}/{len(selected)}] {st.name}: done in {elapsed:.0f} s")
         status[st.name] = "ran"
         forced = True  # a stage that ran may change what every later stage reads
-    atomic_write_json(out_dir / "provenance.json", {**provenance(cfg), "stage_seconds": timings})
+    atomic_write_json(out_dir / "provenance.json", {**provenance(cfg), "stage_seconds": timings,
+                                                      "peak_memory_mb": memory})
     return status

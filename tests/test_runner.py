@@ -1,0 +1,94 @@
+"""The papermill runner: stage order, skip when inputs are unchanged, a failed stage
+stops the run with its cell's error and leaves earlier outputs intact."""
+
+import json
+from pathlib import Path
+
+import nbformat as nbf
+import pytest
+
+from hdlib.runner import StageFailed, discover_stages, run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+def _nb(path: Path, body: str):
+    nb = nbf.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbf.v4.new_code_cell('params_file = ""\noverrides = []')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbf.v4.new_code_cell(body)]
+    nbf.write(nb, path)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    log = tmp_path / "calls.txt"
+    common = f'''
+from hdlib.config import load_config
+cfg = load_config(params_file, overrides)
+open({str(log)!r}, "a").write("{{name}} seed=%d\\n" % cfg.study.seed)
+'''
+    _nb(nbs / "00_data.ipynb", common.replace("{name}", "00"))
+    _nb(nbs / "01_autoencoder.ipynb", common.replace("{name}", "01") +
+        'if cfg.study.seed == 13:\n    raise ValueError("boom in stage 01")\n')
+    return tmp_path, nbs, log
+
+
+def _run(tmp_path, nbs, *extra, **kw):
+    ov = [f"study.results_root={tmp_path / 'results'}", *extra]
+    return run_study(SMOKE, ov, notebooks_dir=nbs, log=lambda *_: None, **kw)
+
+
+def test_discovers_stages_in_order():
+    names = [s.name for s in discover_stages()]
+    assert names == sorted(names) and names[0] == "00_data" and "07_report" in names
+
+
+def test_skip_unchanged_and_rerun_downstream(toy):
+    tmp_path, nbs, log = toy
+    assert _run(tmp_path, nbs) == {"00_data": "ran", "01_autoencoder": "ran"}
+    assert _run(tmp_path, nbs) == {"00_data": "skipped", "01_autoencoder": "skipped"}
+    # a change to a section only stage 01 reads re-runs 01, not 00
+    assert _run(tmp_path, nbs, "autoencoder.kl_weight=0.001") == {"00_data": "skipped", "01_autoencoder": "ran"}
+    # a change stage 00 reads re-runs everything after it
+    assert _run(tmp_path, nbs, "autoencoder.kl_weight=0.001", "data.val_fraction=0.3") == \
+        {"00_data": "ran", "01_autoencoder": "ran"}
+    assert log.read_text().count("00 ") == 2 and log.read_text().count("01 ") == 3
+    out = tmp_path / "results" / "smoke"
+    assert (out / "00_data.ipynb").exists() and (out / "provenance.json").exists()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["params"]["data"]["val_fraction"] == 0.3 and "torch" in prov["packages"]
+    assert set(prov["stage_seconds"]) == {"00_data", "01_autoencoder"}
+
+
+def test_only_and_from(toy):
+    tmp_path, nbs, _ = toy
+    assert _run(tmp_path, nbs, only="01") == {"01_autoencoder": "ran"}
+    assert _run(tmp_path, nbs, start="00_data") == {"00_data": "ran", "01_autoencoder": "ran"}
+    with pytest.raises(Exception, match="no such stage"):
+        _run(tmp_path, nbs, only="09")
+
+
+def test_failure_stops_and_keeps_earlier_outputs(toy):
+    tmp_path, nbs, _ = toy
+    _run(tmp_path, nbs, "study.seed=13", only="00")
+    out = tmp_path / "results" / "smoke"
+    before = (out / "00_data.ipynb").read_bytes()
+    with pytest.raises(StageFailed, match="stage 01_autoencoder failed: ValueError: boom in stage 01"):
+        _run(tmp_path, nbs, "study.seed=13")
+    assert (out / "00_data.ipynb").exists() and (out / "01_autoencoder.failed.ipynb").exists()
+    assert not (out / "01_autoencoder.ipynb").exists()
+    assert not (out / "stages" / "01_autoencoder.json").exists()
+    # the earlier stage's executed notebook is intact (it re-ran with the same inputs, never truncated)
+    assert len((out / "00_data.ipynb").read_bytes()) > 0 and before
+
+
+def test_bad_params_fail_before_any_stage(toy, tmp_path):
+    _, nbs, log = toy
+    with pytest.raises(Exception, match="data.image_size"):
+        _run(tmp_path, nbs, "data.image_size=3")
+    assert not log.exists()
