@@ -133,16 +133,17 @@ def _target_records(cfg: Config):
     c = cfg.data
     if c.target == "demo":
         demo = build_demo(cfg)
-        train = D.scan_class_folders(demo.target_train, classes=c.classes, source="target_train")
-        test = D.scan_class_folders(demo.target_test, classes=c.classes, source="target_test")
+        train, _ = D.scan_class_folders(demo.target_train, classes=c.classes, source="target_train")
+        test, _ = D.scan_class_folders(demo.target_test, classes=c.classes, source="target_test")
     elif c.target == "class_folders":
-        train = D.scan_class_folders(c.train_path, classes=c.classes, source="target_train")
+        train, _ = D.scan_class_folders(c.train_path, classes=c.classes, source="target_train")
         if not c.test_path:
             raise DataError("data.test_path: required for class_folders (e.g. CRC-VAL-HE-7K)")
-        test = D.scan_class_folders(c.test_path, classes=c.classes, source="target_test")
+        test, _ = D.scan_class_folders(c.test_path, classes=c.classes, source="target_test")
     else:
-        train = D.load_npz_dataset(c.train_path, "train", class_names=c.classes)
-        test = D.load_npz_dataset(c.test_path or c.train_path, "test", class_names=c.classes)
+        train, _ = D.load_npz_dataset(c.train_path, "train", class_names=c.classes, source="target_train")
+        test, _ = D.load_npz_dataset(c.test_path or c.train_path, "test", class_names=c.classes,
+                                     source="target_test")
     return train, test
 
 
@@ -186,7 +187,7 @@ def _pool_source_records(cfg: Config, src) -> list:
     if src.kind == "folder":
         return D.scan_unlabeled_folder(src.path, source=src.name)
     if src.kind == "npz":
-        recs = D.load_npz_dataset(src.path, src.npz_split)
+        recs, _ = D.load_npz_dataset(src.path, src.npz_split, source=src.name)
         return [D.ImageRecord(r.path, None, src.name, r.key) for r in recs]
     # slides: one file or a folder of slides
     p = Path(src.path)
@@ -210,14 +211,14 @@ def prepare_data(cfg: Config) -> dict:
     train_recs, test_recs = _target_records(cfg)
     labels = np.array([r.label for r in train_recs])
     if c.max_train_images and len(train_recs) > c.max_train_images:
-        keep = D.nested_label_fractions(labels, [c.max_train_images / len(train_recs)], seed)[
-            c.max_train_images / len(train_recs)]
-        train_recs = [train_recs[i] for i in sorted(keep)]
-        labels = labels[sorted(keep)]
-    tr_idx, va_idx = D.stratified_split(labels, c.val_fraction, seed)
+        keep = np.sort(D.stratified_subsample(labels, c.max_train_images, seed))
+        train_recs = [train_recs[i] for i in keep]
+        labels = labels[keep]
+    tr_idx, va_idx = D.stratified_split(labels, c.val_fraction, seed, class_names=c.classes)
     train = [train_recs[i] for i in tr_idx]
     val = [train_recs[i] for i in va_idx]
-    fractions = D.nested_label_fractions(np.array([r.label for r in train]), c.label_fractions, seed)
+    fractions = D.nested_label_fractions(np.array([r.label for r in train]), c.label_fractions, seed,
+                                         class_names=c.classes)
 
     sources = []
     for src in c.pool_sources:
@@ -233,12 +234,13 @@ def prepare_data(cfg: Config) -> dict:
         n_hold = min(c.pool_holdout, max(1, len(s.records) // 5))
         holdout += [s.records[i] for i in order[:n_hold]]
         trainable.append(D.PoolSource(s.name, [s.records[i] for i in order[n_hold:]], s.weight))
-    pool, pool_summary = D.build_pool(trainable, train_recs + test_recs, c.pool_size, seed)
+    pool, pool_summary = D.build_pool(trainable, train_recs + test_recs, c.pool_size, seed,
+                                      progress=cfg.study.progress)
 
     man = cfg.results_dir / "manifests"
     for name, recs in [("target_train", train), ("target_val", val), ("target_test", test_recs),
                        ("pool", pool), ("pool_holdout", holdout)]:
-        D.write_manifest(recs, man / f"{name}.csv", classes=c.classes)
+        D.write_manifest(recs, man / f"{name}.csv", classes=c.classes, progress=cfg.study.progress)
     frac_df = pd.DataFrame({"train_index": np.arange(len(train))})
     for f, idx in fractions.items():
         col = np.zeros(len(train), dtype=bool)
