@@ -521,7 +521,8 @@ def _train_image_classifier(cfg: Config, backbone: str, tcfg, x, y, vx, vy, seed
 
     return train_classifier(
         x, y, vx, vy, backbone=backbone, num_classes=len(cfg.data.classes), max_steps=tcfg.max_steps,
-        batch_size=tcfg.batch_size, lr=tcfg.lr, weight_decay=tcfg.weight_decay, seed=seed, device=device(cfg),
+        batch_size=tcfg.batch_size, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
+        seed=seed, device=device(cfg),
         augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None,
         progress=cfg.study.progress if progress is None else progress)
 
@@ -678,7 +679,7 @@ def synthetic_training_images(cfg: Config, training_set: str, fraction: float, r
 
 def downstream_cells(cfg: Config) -> list[dict]:
     ds = cfg.downstream
-    study_dir = str(cfg.results_dir.resolve())
+    study_dir = str(cfg.results_dir)  # relative to the repository root unless results_root is absolute
     cells = []
 
     def add(f, s, r, seed):
@@ -702,8 +703,8 @@ def run_downstream_cell(cell: dict) -> dict:
     select on the validation split, evaluate once on the test set."""
     from .downstream import evaluate
 
-    cfg = config_from_results(cell["study_dir"])
     os.chdir(REPO_ROOT)
+    cfg = config_from_results(cell["study_dir"])
     cfg.study.progress = False
     t = load_target(cfg)
     idx = fraction_indices(cfg, cell["fraction"])

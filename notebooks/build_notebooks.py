@@ -298,7 +298,7 @@ NOTEBOOKS["05_downstream"] = notebook(
 cells = study.downstream_cells(cfg)
 print(f"{len(cells)} cells, {cfg.study.workers} worker(s)")
 results = run_grid(cells, "hdlib.study:run_downstream_cell", out / "grid", workers=cfg.study.workers,
-                   progress=cfg.study.progress)
+                   id_keys=["fraction", "training_set", "ratio", "seed"], progress=cfg.study.progress)
 atomic_write_csv(results.drop(columns=[c for c in results.columns if "confusion" in c or c == "study_dir"]),
                  study.tables_dir(cfg) / "downstream_grid_raw.csv")'''),
         code('''main = results[results["ratio"].isin([0.0, cfg.downstream.ratio])]

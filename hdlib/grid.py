@@ -1,0 +1,195 @@
+"""Experiment grid runner: run a function over a list of cells (dicts of settings),
+one JSON result per cell, resumable, optionally in parallel processes.
+
+Each cell's result goes to `<out_dir>/<id>.json` = {"id", "cell", "result",
+"elapsed_s"}, written atomically; a re-run skips cells whose JSON exists. A JSON
+whose stored cell differs from the current one is stale and is an error, never
+silently reused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .errors import HDLibError
+from .io import atomic_write_json, read_json
+
+__all__ = ["GridCellError", "StaleResultError", "cell_id", "load_cell_fn", "run_grid"]
+
+_MAX_ID_LEN = 150
+
+
+class GridCellError(HDLibError):
+    """One or more grid cells raised; the message names each cell id and its error."""
+
+
+class StaleResultError(HDLibError):
+    """A cell's result file exists but was made for different cell settings."""
+
+
+def _json_default(obj):
+    return obj.item() if hasattr(obj, "item") else str(obj)  # numpy scalars -> numbers
+
+
+def _normalized(cell: dict) -> dict:
+    """The cell as it reads back from JSON (tuples -> lists, numpy -> numbers), for comparisons."""
+    return json.loads(json.dumps(cell, sort_keys=True, default=_json_default))
+
+
+def cell_id(cell: dict, keys: Sequence[str] | None = None) -> str:
+    """Stable, file-name-safe id from the sorted key=value pairs of `cell` (only `keys`
+    if given), e.g. 'fraction=0.01_seed=0_training_set=real'. An explicit cell["id"]
+    wins. Ids whose text had to be changed (unsafe characters, too long) end with a
+    short hash of the full text."""
+    if "id" in cell:
+        text = str(cell["id"])
+    else:
+        use = sorted(cell) if keys is None else sorted(keys)
+        missing = [k for k in use if k not in cell]
+        if missing:
+            raise HDLibError(f"cell_id: cell has no key {missing[0]!r}: {cell}")
+        text = "_".join(f"{k}={json.dumps(cell[k], sort_keys=True, default=_json_default).strip(chr(34))}" for k in use)
+    safe = re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-.") or "cell"
+    # Characters replaced or text cut: add a hash of the full text so ids stay distinct.
+    if len(safe) > _MAX_ID_LEN or safe != text:
+        import hashlib
+
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        safe = f"{safe[: _MAX_ID_LEN - 11]}-{digest}"
+    return safe
+
+
+def load_cell_fn(spec: str) -> Callable[[dict], dict]:
+    """Import 'package.module:function'."""
+    module_name, sep, fn_name = spec.partition(":")
+    if not sep or not module_name or not fn_name:
+        raise HDLibError(f"cell_fn {spec!r}: expected 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise HDLibError(f"cell_fn {spec!r}: cannot import ({type(exc).__name__}: {exc})") from None
+    if not callable(fn):
+        raise HDLibError(f"cell_fn {spec!r}: not callable")
+    return fn
+
+
+def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | None) -> tuple[str, str | None]:
+    """Run one cell and write its JSON. Returns (id, None) or (id, one-line error).
+    Top-level so that spawned worker processes can import it."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        fn = load_cell_fn(cell_fn)
+        start = time.perf_counter()
+        result = fn(dict(cell))
+        elapsed = time.perf_counter() - start
+        if not isinstance(result, dict):
+            raise HDLibError(f"cell_fn returned {type(result).__name__}, expected a dict")
+        atomic_write_json(Path(out_dir) / f"{cid}.json",
+                          {"id": cid, "cell": _normalized(cell), "result": result, "elapsed_s": elapsed})
+        return cid, None
+    except Exception as exc:  # noqa: BLE001 - reported by the parent with the cell id
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        loc = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        return cid, f"{type(exc).__name__}: {msg}{loc}"
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{'test': {'accuracy': 0.9}} -> {'test.accuracy': 0.9}; lists stay as values."""
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: int = 1,
+             threads_per_worker: int | None = None, id_keys: Sequence[str] | None = None,
+             progress: bool = True) -> pd.DataFrame:
+    """Run `cell_fn` ('package.module:function', taking a cell dict and returning a
+    JSON-able dict) on every cell not already done in `out_dir`.
+
+    Cells run in this process (workers=1) or in `workers` spawned processes, each with
+    `torch.set_num_threads(threads_per_worker)` if given. Ids come from `cell_id(cell,
+    id_keys)`. A failing cell does not stop the others; after all have run a
+    GridCellError names every failed id and its error. Returns one row per cell, in the
+    order given: the cell's fields, `id`, `elapsed_s` and the result flattened with
+    dotted keys (e.g. 'test.accuracy')."""
+    if workers < 1:
+        raise HDLibError(f"run_grid: workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    ids = [cell_id(c, id_keys) for c in cells]
+    seen: dict[str, dict] = {}
+    for cid, cell in zip(ids, cells):
+        if cid in seen and _normalized(seen[cid]) != _normalized(cell):
+            raise HDLibError(f"run_grid: two different cells share the id {cid!r}")
+        seen[cid] = cell
+    unique = list(seen.items())
+    load_cell_fn(cell_fn)  # fail on a bad spec before any work
+
+    todo = []
+    for cid, cell in unique:
+        path = out_dir / f"{cid}.json"
+        if not path.exists():
+            todo.append((cid, cell))
+            continue
+        try:
+            stored = read_json(path).get("cell")
+        except (OSError, ValueError) as exc:
+            raise StaleResultError(f"{path}: unreadable result file ({exc}); delete it to re-run the cell") from None
+        if stored != _normalized(cell):
+            raise StaleResultError(f"{path}: stale result, made for cell {stored} but the grid now has {cell}; "
+                                   "delete it (or use another out_dir) to re-run")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(unique), initial=len(unique) - len(todo), desc="grid", disable=not progress)
+    if workers == 1 or len(todo) <= 1:
+        for cid, cell in todo:
+            _, err = _run_one(cell_fn, cell, cid, str(out_dir), threads_per_worker)
+            if err:
+                failures[cid] = err
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, cell_fn, cell, cid, str(out_dir), threads_per_worker): cid
+                       for cid, cell in todo}
+            for fut in as_completed(futures):
+                try:
+                    _, err = fut.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by the OS
+                    err = f"{type(exc).__name__}: {exc}"
+                if err:
+                    failures[futures[fut]] = err
+                bar.update(1)
+    bar.close()
+    if failures:
+        listed = "; ".join(f"{cid}: {err}" for cid, err in sorted(failures.items()))
+        raise GridCellError(f"{len(failures)} of {len(unique)} grid cells failed: {listed}")
+
+    rows = []
+    for cid, cell in zip(ids, cells):
+        rec = read_json(out_dir / f"{cid}.json")
+        rows.append({**cell, "id": cid, "elapsed_s": rec["elapsed_s"], **_flatten(rec["result"])})
+    return pd.DataFrame(rows)

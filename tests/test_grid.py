@@ -1,0 +1,116 @@
+"""hdlib.grid: resumable, optionally parallel experiment grid."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # so workers can import _grid_cells too
+
+from hdlib.errors import HDLibError  # noqa: E402
+from hdlib.grid import GridCellError, StaleResultError, cell_id, run_grid  # noqa: E402
+
+FN = "_grid_cells:toy_cell"
+
+
+def make_cells(marker=None, n=4):
+    cells = [{"a": a, "b": b} for a in range(n // 2) for b in (10, 20)]
+    if marker:
+        for c in cells:
+            c["marker"] = str(marker)
+    return cells
+
+
+def calls(marker):
+    return len(Path(marker).read_text().splitlines()) if Path(marker).exists() else 0
+
+
+def test_cell_id_stable_and_safe():
+    assert cell_id({"seed": 0, "fraction": 0.01, "set": "real"}) == "fraction=0.01_seed=0_set=real"
+    assert cell_id({"set": "real", "fraction": 0.01, "seed": 0}) == cell_id({"seed": 0, "fraction": 0.01, "set": "real"})
+    assert cell_id({"seed": 0, "fraction": 0.01}, keys=["seed"]) == "seed=0"
+    path_id = cell_id({"dir": "/a/b c", "seed": 1})
+    assert "/" not in path_id and " " not in path_id
+    assert path_id != cell_id({"dir": "/a/b-c", "seed": 1})  # replaced characters do not collide
+    assert cell_id({"id": "mine", "x": 1}) == "mine"
+    assert len(cell_id({"x": "y" * 500})) <= 150
+    with pytest.raises(HDLibError, match="no key 'seed'"):
+        cell_id({"a": 1}, keys=["seed"])
+
+
+def test_run_grid_results_and_json(tmp_path):
+    df = run_grid(make_cells(), FN, tmp_path / "grid", progress=False)
+    assert list(df["sum"]) == [10, 20, 11, 21]
+    assert list(df["nested.product"]) == [0, 0, 10, 20]
+    assert list(df["id"]) == ["a=0_b=10", "a=0_b=20", "a=1_b=10", "a=1_b=20"]
+    assert (df["elapsed_s"] >= 0).all()
+    rec = json.loads((tmp_path / "grid" / "a=1_b=20.json").read_text())
+    assert rec["cell"] == {"a": 1, "b": 20}
+    assert rec["result"]["nested"]["pair"] == [1, 1]
+    assert not [p for p in (tmp_path / "grid").iterdir() if p.suffix != ".json"]  # no temp files
+
+
+def test_resume_skips_done_cells(tmp_path):
+    marker = tmp_path / "calls.txt"
+    cells = make_cells(marker)
+    run_grid(cells[:2], FN, tmp_path / "grid", progress=False)  # a half-finished grid
+    assert calls(marker) == 2
+    df = run_grid(cells, FN, tmp_path / "grid", progress=False)
+    assert calls(marker) == 4  # only the two missing cells ran
+    assert len(df) == 4
+    run_grid(cells, FN, tmp_path / "grid", progress=False)
+    assert calls(marker) == 4
+
+
+def test_stale_json_is_an_error(tmp_path):
+    run_grid([{"id": "c1", "a": 1, "b": 2}], FN, tmp_path, progress=False)
+    with pytest.raises(StaleResultError, match="c1.json: stale result"):
+        run_grid([{"id": "c1", "a": 1, "b": 3}], FN, tmp_path, progress=False)
+    # Ids from a subset of keys: a change in another key makes the old result stale.
+    run_grid([{"a": 1, "b": 2}], FN, tmp_path / "k", id_keys=["a"], progress=False)
+    with pytest.raises(StaleResultError, match="a=1.json: stale"):
+        run_grid([{"a": 1, "b": 3}], FN, tmp_path / "k", id_keys=["a"], progress=False)
+
+
+def test_duplicate_ids_and_bad_cell_fn(tmp_path):
+    with pytest.raises(HDLibError, match="share the id"):
+        run_grid([{"id": "x", "a": 1, "b": 1}, {"id": "x", "a": 2, "b": 1}], FN, tmp_path, progress=False)
+    with pytest.raises(HDLibError, match="cannot import"):
+        run_grid(make_cells(), "_grid_cells:nope", tmp_path, progress=False)
+    with pytest.raises(HDLibError, match="package.module:function"):
+        run_grid(make_cells(), "no_colon", tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_failing_cell_reported_after_others_finish(tmp_path):
+    marker = tmp_path / "calls.txt"
+    cells = make_cells(marker)
+    cells[1]["fail"] = True
+    with pytest.raises(GridCellError, match=r"1 of 4 grid cells failed: a=0_b=20_fail=true.*RuntimeError: boom a=0"):
+        run_grid(cells, FN, tmp_path / "grid", progress=False)
+    assert calls(marker) == 4  # the other cells still ran
+    assert len(list((tmp_path / "grid").glob("*.json"))) == 3
+    cells[1]["fail"] = False  # fixed: a new id, only that cell runs on resume
+    df = run_grid(cells, FN, tmp_path / "grid", progress=False)
+    assert calls(marker) == 5 and len(df) == 4
+
+
+def test_parallel_workers_match_serial(tmp_path):
+    marker = tmp_path / "calls.txt"
+    cells = make_cells(marker, n=6)
+    cells[4]["fail"] = True
+    with pytest.raises(GridCellError, match="a=2_b=10_fail=true"):
+        run_grid(cells, FN, tmp_path / "par", workers=2, threads_per_worker=1, progress=False)
+    pids = {line.split(",")[2] for line in marker.read_text().splitlines()}
+    assert calls(marker) == 6
+    assert str(os.getpid()) not in pids  # cells ran in worker processes
+    del cells[4]["fail"]
+    par = run_grid(cells, FN, tmp_path / "par", workers=2, threads_per_worker=1, progress=False)
+    ser = run_grid(cells, FN, tmp_path / "ser", workers=1, progress=False)
+    cols = [c for c in ser.columns if c != "elapsed_s"]
+    assert par[cols].equals(ser[cols])
+    threads = run_grid([{"k": i} for i in range(2)], "_grid_cells:threads_cell", tmp_path / "thr", workers=2,
+                       threads_per_worker=1, progress=False)
+    assert list(threads["threads"]) == [1, 1]
