@@ -1,0 +1,96 @@
+"""Noise schedules, the denoiser training loss, and per-sample training noise.
+
+The denoiser is a `diffusers.UNet2DModel`; the forward process is a
+`diffusers.DDPMScheduler`. Randomness is drawn by the caller (see
+`draw_noise_and_timesteps`) so a training step is reproducible from its seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+# name -> (diffusers beta_schedule, default beta_start, default beta_end)
+_SCHEDULES = {
+    # the authors' LDM schedule: linear in sqrt(beta) from 0.0015 to 0.0155
+    "paper": ("scaled_linear", 0.0015, 0.0155),
+    "linear": ("linear", 1e-4, 0.02),  # DDPM (Ho et al.)
+    "cosine": ("squaredcos_cap_v2", None, None),  # Nichol & Dhariwal; betas come from the cosine
+}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_TYPES = ("l1", "l2")
+
+
+def make_noise_scheduler(schedule: str = "paper", num_train_timesteps: int = 1000, beta_start: float | None = None,
+                         beta_end: float | None = None, prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The forward-process scheduler of one of the named schedules.
+
+    `beta_start` / `beta_end` override the schedule's endpoints (ignored by "cosine").
+    Clipping of the predicted x0 is off: latents are not bounded to [-1, 1]."""
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; expected one of {sorted(_SCHEDULES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    if int(num_train_timesteps) < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    beta_schedule, b0, b1 = _SCHEDULES[schedule]
+    kwargs = {}
+    if schedule != "cosine":
+        kwargs = {"beta_start": b0 if beta_start is None else float(beta_start),
+                  "beta_end": b1 if beta_end is None else float(beta_end)}
+        if not 0 < kwargs["beta_start"] < kwargs["beta_end"] < 1:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {kwargs['beta_start']}, {kwargs['beta_end']}")
+    return DDPMScheduler(num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
+                         prediction_type=prediction_type, clip_sample=False, **kwargs)
+
+
+def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the denoiser should output: the noise (epsilon) or the velocity v."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}; expected one of {PREDICTION_TYPES}")
+
+
+def diffusion_loss(unet, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
+                   loss_type: str = "l1", class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean L1 (paper) or L2 error between the denoiser output on z_t = add_noise(z0, noise, t)
+    and the epsilon / v target. `class_labels` feeds a class-conditional UNet."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if noise.shape != z0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from latent shape {tuple(z0.shape)}")
+    if timesteps.shape != (z0.shape[0],):
+        raise ValueError(f"timesteps must have shape ({z0.shape[0]},), got {tuple(timesteps.shape)}")
+    z_t = scheduler.add_noise(z0, noise, timesteps)
+    pred = unet(z_t, timesteps, class_labels=class_labels).sample
+    target = diffusion_target(scheduler, z0, noise, timesteps)
+    if loss_type == "l1":
+        return F.l1_loss(pred.float(), target.float())
+    return F.mse_loss(pred.float(), target.float())
+
+
+def draw_noise_and_timesteps(seeds, latent_shape: Sequence[int], num_train_timesteps: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample training noise and timestep, each sample from its own generator seeded
+    with its seed: a sample's draw does not depend on how the batch is split.
+
+    Returns (noise float32 [B, *latent_shape], timesteps int64 [B]) on the CPU."""
+    seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1)
+    shape = tuple(int(s) for s in latent_shape)
+    noise = torch.empty((len(seeds), *shape))
+    timesteps = torch.empty(len(seeds), dtype=torch.long)
+    for i, seed in enumerate(seeds.tolist()):
+        g = torch.Generator().manual_seed(seed)
+        timesteps[i] = torch.randint(0, int(num_train_timesteps), (1,), generator=g)
+        noise[i] = torch.randn(shape, generator=g)
+    return noise, timesteps
+
+
+__all__ = ["make_noise_scheduler", "diffusion_target", "diffusion_loss", "draw_noise_and_timesteps",
+           "PREDICTION_TYPES", "LOSS_TYPES"]

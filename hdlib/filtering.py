@@ -1,0 +1,188 @@
+"""Selective filtering of synthetic images (HistoDiffusion, stage 6).
+
+Features come from the baseline classifier trained on the real labeled fraction.
+One centroid per class from the real features; a synthetic image is kept when
+
+1. its nearest centroid is its target class            (else "wrong_centroid"),
+2. the baseline's confidence in the target class >= tau (else "low_confidence"),
+3. optionally, it is not a near copy of a real training image: its nearest real
+   training feature is at least `delta` away            (else "near_copy"),
+4. it is among the `quota` closest to its class centroid (else "over_quota").
+
+Each item gets the first reason that applies, in that order. A quota larger than
+the number of candidates left after steps 1-3 keeps all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+
+REASONS = ("kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota")
+
+
+@dataclass
+class FilterResult:
+    keep: np.ndarray          # bool [N]: selected for training
+    rank: np.ndarray          # int [N]: 0 = closest to its class centroid among the items that passed
+                              #          steps 1-3 of its class; -1 for items rejected before ranking
+    reason: np.ndarray        # str [N]: one of REASONS
+    distance: np.ndarray      # float [N]: distance to the centroid of its target class
+    nearest_class: np.ndarray  # int [N]: class of the nearest centroid
+    summary: pd.DataFrame     # per class: candidates, kept and the count per rejection reason
+
+    @property
+    def n_near_copy(self) -> int:
+        return int((self.reason == "near_copy").sum())
+
+
+def _features(x, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise DataError(f"{name} must be a 2-D array [N, D], got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise DataError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def _labels(x, name: str, n: int, num_classes: int) -> np.ndarray:
+    a = np.asarray(x).reshape(-1)
+    if len(a) != n:
+        raise DataError(f"{name} has {len(a)} entries but its features have {n} rows")
+    if len(a) and not np.issubdtype(a.dtype, np.integer):
+        if not np.all(np.equal(np.mod(a, 1), 0)):
+            raise DataError(f"{name} must hold integer class ids")
+    a = a.astype(np.int64)
+    bad = a[(a < 0) | (a >= num_classes)]
+    if len(bad):
+        raise DataError(f"{name} has unknown class id {int(bad[0])} (num_classes={num_classes})")
+    return a
+
+
+def _l2_normalise(a: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(a, axis=1, keepdims=True)
+    return a / np.maximum(norm, 1e-12)
+
+
+def _pairwise_distance(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "cosine":
+        a_n, b_n = _l2_normalise(a), _l2_normalise(b)
+        return 1.0 - a_n @ b_n.T
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def _nearest_distance(a: np.ndarray, b: np.ndarray, metric: str, chunk: int = 4096) -> np.ndarray:
+    """Distance from each row of a to its nearest row of b, in chunks to bound memory."""
+    return np.concatenate([_pairwise_distance(a[i:i + chunk], b, metric).min(1) for i in range(0, len(a), chunk)])
+
+
+def _per_class_quota(quota, quota_ratio, real_counts: np.ndarray, num_classes: int) -> np.ndarray:
+    """Max number kept per class; a huge number means 'no limit'."""
+    unlimited = np.iinfo(np.int64).max
+    if quota is not None and quota_ratio is not None:
+        raise ValueError("give quota or quota_ratio, not both")
+    if quota_ratio is not None:
+        if quota_ratio < 0:
+            raise ValueError(f"quota_ratio must be >= 0, got {quota_ratio}")
+        return np.floor(quota_ratio * real_counts + 1e-9).astype(np.int64)
+    if quota is None:
+        return np.full(num_classes, unlimited, dtype=np.int64)
+    if isinstance(quota, Mapping):
+        unknown = [k for k in quota if not 0 <= int(k) < num_classes]
+        if unknown:
+            raise DataError(f"quota names unknown class id {unknown[0]} (num_classes={num_classes})")
+        q = np.full(num_classes, unlimited, dtype=np.int64)  # classes not in the dict are unlimited
+        for k, v in quota.items():
+            if int(v) < 0:
+                raise ValueError(f"quota for class {k} must be >= 0, got {v}")
+            q[int(k)] = int(v)
+        return q
+    if int(quota) < 0:
+        raise ValueError(f"quota must be >= 0, got {quota}")
+    return np.full(num_classes, int(quota), dtype=np.int64)
+
+
+def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_confidence, *, num_classes: int,
+                     tau: float = 0.0, quota: int | Mapping[int, int] | None = None, quota_ratio: float | None = None,
+                     train_features=None, delta: float | None = None, normalize: bool = True,
+                     near_copy_metric: str = "euclidean", class_names: Sequence[str] | None = None) -> FilterResult:
+    """Centroid rule + confidence threshold + near-copy check + per-class quota.
+
+    real_features [M, D], real_labels [M]: the real labeled images (every class needs >= 1).
+    syn_features [N, D], syn_labels [N] (target classes), syn_confidence [N] (baseline
+    probability of the target class). quota: one count for every class, or {class: count}
+    (classes left out are unlimited); quota_ratio: quota = floor(ratio x real count of the
+    class). train_features + delta: near-copy check against real training features
+    (euclidean or cosine distance, on L2-normalised features when normalize=True)."""
+    real = _features(real_features, "real_features")
+    syn = _features(syn_features, "syn_features")
+    if len(syn) == 0:
+        raise DataError("no synthetic candidates to filter (syn_features is empty)")
+    if real.shape[1] != syn.shape[1]:
+        raise DataError(f"real_features have {real.shape[1]} dims but syn_features have {syn.shape[1]}")
+    real_y = _labels(real_labels, "real_labels", len(real), num_classes)
+    syn_y = _labels(syn_labels, "syn_labels", len(syn), num_classes)
+    conf = np.asarray(syn_confidence, dtype=np.float64).reshape(-1)
+    if len(conf) != len(syn):
+        raise DataError(f"syn_confidence has {len(conf)} entries but syn_features have {len(syn)} rows")
+    if near_copy_metric not in ("euclidean", "cosine"):
+        raise ValueError(f"unknown near_copy_metric {near_copy_metric!r} (euclidean, cosine)")
+    if (train_features is None) != (delta is None):
+        raise ValueError("the near-copy check needs both train_features and delta")
+    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names for num_classes={num_classes}")
+    real_counts = np.bincount(real_y, minlength=num_classes)
+    empty = np.flatnonzero(real_counts == 0)
+    if len(empty):
+        raise DataError(f"class {names[empty[0]]} (id {empty[0]}) has no real image to build a centroid from")
+    quotas = _per_class_quota(quota, quota_ratio, real_counts, num_classes)
+    train = None
+    if train_features is not None:
+        train = _features(train_features, "train_features")
+        if train.shape[1] != syn.shape[1] or len(train) == 0:
+            raise DataError(f"train_features must be non-empty with {syn.shape[1]} dims, got shape {train.shape}")
+
+    if normalize:
+        real, syn = _l2_normalise(real), _l2_normalise(syn)
+        train = _l2_normalise(train) if train is not None else None
+    centroids = np.stack([real[real_y == c].mean(0) for c in range(num_classes)])
+    to_centroids = _pairwise_distance(syn, centroids, "euclidean")
+    nearest = to_centroids.argmin(1)
+    distance = to_centroids[np.arange(len(syn)), syn_y]
+
+    reason = np.full(len(syn), "kept", dtype=object)
+    reason[nearest != syn_y] = "wrong_centroid"
+    reason[(reason == "kept") & (conf < tau)] = "low_confidence"
+    if train is not None:
+        passing = np.flatnonzero(reason == "kept")
+        if len(passing):
+            near = _nearest_distance(syn[passing], train, near_copy_metric) < delta
+            reason[passing[near]] = "near_copy"
+
+    rank = np.full(len(syn), -1, dtype=np.int64)
+    for c in range(num_classes):
+        idx = np.flatnonzero((reason == "kept") & (syn_y == c))
+        order = idx[np.argsort(distance[idx], kind="stable")]  # closest first; ties keep input order
+        rank[order] = np.arange(len(order))
+        reason[order[quotas[c]:]] = "over_quota"
+    keep = reason == "kept"
+
+    rows = []
+    for c in range(num_classes):
+        in_c = syn_y == c
+        row = {"class_id": c, "class_name": names[c], "real": int(real_counts[c]), "candidates": int(in_c.sum()),
+               "kept": int((keep & in_c).sum())}
+        row.update({r: int(((reason == r) & in_c).sum()) for r in REASONS[1:]})
+        rows.append(row)
+    return FilterResult(keep=keep, rank=rank, reason=reason.astype(str), distance=distance, nearest_class=nearest,
+                        summary=pd.DataFrame(rows))
+
+
+__all__ = ["filter_synthetic", "FilterResult", "REASONS"]

@@ -1,0 +1,188 @@
+"""Noise schedules, denoiser loss targets, training noise, and the noise-aware latent classifier."""
+
+import numpy as np
+import pytest
+import torch
+
+from hdlib.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
+from hdlib.errors import DataError
+from hdlib.latent_classifier import NoiseAwareLatentClassifier, accuracy_by_timestep_bucket, classifier_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------
+
+def test_paper_schedule_is_linear_in_sqrt_beta_with_the_paper_endpoints():
+    betas = make_noise_scheduler("paper").betas.double().numpy()
+    assert len(betas) == 1000
+    np.testing.assert_allclose([betas[0], betas[-1]], [0.0015, 0.0155], rtol=1e-6)
+    # sqrt(beta) lies on a straight line (betas are stored in float32: residuals ~1e-8)
+    i = np.arange(1000)
+    fit = np.polyval(np.polyfit(i, np.sqrt(betas), 1), i)
+    assert np.abs(fit - np.sqrt(betas)).max() < 1e-6
+    assert not np.allclose(np.diff(betas), np.diff(betas).mean(), rtol=1e-2)  # beta itself is not linear
+
+
+def test_other_schedules_and_errors():
+    lin = make_noise_scheduler("linear", num_train_timesteps=500).betas.double().numpy()
+    np.testing.assert_allclose([lin[0], lin[-1]], [1e-4, 0.02], rtol=1e-6)
+    np.testing.assert_allclose(np.diff(lin), np.diff(lin).mean(), rtol=1e-4)
+    custom = make_noise_scheduler("paper", beta_start=0.001, beta_end=0.02).betas.double().numpy()
+    np.testing.assert_allclose([custom[0], custom[-1]], [0.001, 0.02], rtol=1e-6)
+    cos = make_noise_scheduler("cosine")
+    abar = cos.alphas_cumprod.double().numpy()
+    assert np.all(np.diff(abar) < 0) and abar[0] > 0.999 and abar[-1] < 1e-3
+    assert make_noise_scheduler("paper").config.clip_sample is False  # latents are not bounded
+    with pytest.raises(ValueError, match="'quadratic'"):
+        make_noise_scheduler("quadratic")
+    with pytest.raises(ValueError, match="'sample'"):
+        make_noise_scheduler("paper", prediction_type="sample")
+
+
+# ---------------------------------------------------------------------------
+# diffusion_loss
+# ---------------------------------------------------------------------------
+
+class Output:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+class OracleUNet(torch.nn.Module):
+    """Returns a target computed independently of diffusers from the known z0 and noise,
+    and checks that it was given z_t = sqrt(abar) z0 + sqrt(1 - abar) noise."""
+
+    def __init__(self, z0, noise, abar, kind, offset=0.0):
+        super().__init__()
+        self.z0, self.noise, self.abar, self.kind, self.offset = z0, noise, abar, kind, offset
+
+    def forward(self, z_t, t, class_labels=None):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(z_t, a.sqrt() * self.z0 + (1 - a).sqrt() * self.noise)
+        if self.kind == "epsilon":
+            out = self.noise
+        else:
+            out = a.sqrt() * self.noise - (1 - a).sqrt() * self.z0
+        return Output(out + self.offset)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_diffusion_loss_targets(kind):
+    sched = make_noise_scheduler("paper", prediction_type=kind)
+    abar = sched.alphas_cumprod.double()
+    z0 = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise, t = draw_noise_and_timesteps(torch.arange(5), (3, 4, 4), 1000)
+    abar = abar.float()
+    assert diffusion_loss(OracleUNet(z0, noise, abar, kind), z0, noise, t, sched, "l1") < 1e-6
+    assert diffusion_loss(OracleUNet(z0, noise, abar, kind), z0, noise, t, sched, "l2") < 1e-10
+    off = OracleUNet(z0, noise, abar, kind, offset=0.5)
+    assert diffusion_loss(off, z0, noise, t, sched, "l1").item() == pytest.approx(0.5, abs=1e-5)
+    assert diffusion_loss(off, z0, noise, t, sched, "l2").item() == pytest.approx(0.25, abs=1e-5)
+    other = "v_prediction" if kind == "epsilon" else "epsilon"  # the wrong target is penalised
+    assert diffusion_loss(OracleUNet(z0, noise, abar, other), z0, noise, t, sched, "l1") > 0.1
+    with pytest.raises(ValueError, match="'huber'"):
+        diffusion_loss(OracleUNet(z0, noise, abar, kind), z0, noise, t, sched, "huber")
+
+
+def test_diffusion_loss_trains_a_real_unet_with_class_labels():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, num_class_embeds=3)
+    sched = make_noise_scheduler("paper")
+    z0 = torch.randn(4, 4, 8, 8)
+    noise, t = draw_noise_and_timesteps(torch.arange(4), (4, 8, 8), 1000)
+    loss = diffusion_loss(unet, z0, noise, t, sched, class_labels=torch.tensor([0, 1, 2, 2]))
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert unet.class_embedding.weight.grad.abs().sum() > 0
+
+
+def test_training_noise_is_per_sample():
+    noise, t = draw_noise_and_timesteps(torch.arange(10, 16), (2, 3, 3), 1000)
+    n1, t1 = draw_noise_and_timesteps(torch.arange(10, 13), (2, 3, 3), 1000)
+    n2, t2 = draw_noise_and_timesteps(torch.arange(13, 16), (2, 3, 3), 1000)
+    assert torch.equal(noise, torch.cat([n1, n2])) and torch.equal(t, torch.cat([t1, t2]))
+    assert noise.shape == (6, 2, 3, 3) and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000
+    assert not torch.equal(noise[0], noise[1])
+    many_t = draw_noise_and_timesteps(torch.arange(400), (1, 1, 1), 50)[1]
+    assert set(many_t.tolist()) == set(range(50))  # covers the whole range
+
+
+# ---------------------------------------------------------------------------
+# latent classifier
+# ---------------------------------------------------------------------------
+
+def tiny_classifier(seed=0, num_classes=2):
+    torch.manual_seed(seed)
+    return NoiseAwareLatentClassifier(4, num_classes, 8, width=16, depth=1, channel_mult=(1, 2),
+                                      attention_resolutions=(4,), num_heads=2, norm_num_groups=8)
+
+
+def toy_latents(n, seed=0):
+    """Two classes that differ in the mean of channel 0 (+1 / -1)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    z0 = 0.5 * torch.randn(n, 4, 8, 8, generator=g)
+    z0[:, 0] += (1 - 2 * labels.float()).view(-1, 1, 1)
+    return z0, labels
+
+
+def test_classifier_shape_and_timestep_conditioning():
+    clf = tiny_classifier(num_classes=9).eval()
+    z = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        a = clf(z, torch.tensor([0, 0, 0]))
+        b = clf(z, torch.tensor([900, 900, 900]))
+        c = clf(z, 0)  # one int for the batch
+    assert a.shape == (3, 9)
+    assert torch.equal(a, c)
+    assert (a - b).abs().max() > 1e-4  # t changes the output
+    with pytest.raises(ValueError, match="attention_resolutions \\[16\\]"):
+        NoiseAwareLatentClassifier(4, 9, 8, width=16, depth=1, channel_mult=(1, 2), attention_resolutions=(16,),
+                                   norm_num_groups=8)
+    with pytest.raises(ValueError, match="norm_num_groups=32"):
+        NoiseAwareLatentClassifier(4, 9, 8, width=16, depth=1, channel_mult=(1, 2))
+
+
+def test_classifier_loss_decreases_and_accuracy_by_bucket():
+    sched = make_noise_scheduler("paper")
+    clf = tiny_classifier()
+    z0, labels = toy_latents(32)
+    noise, t = draw_noise_and_timesteps(torch.arange(32), (4, 8, 8), 1000)
+    t = t // 3  # mostly low/mid noise, where the classes are separable
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss, logits = classifier_loss(clf, z0, labels, noise, t, sched)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert logits.shape == (32, 2)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+    zt, yt = toy_latents(64, seed=1)
+    df = accuracy_by_timestep_bucket(clf, zt, yt, sched, buckets=4, seed=0, batch_size=16)
+    assert list(df.columns) == ["bucket_start", "bucket_end", "accuracy", "n"]
+    assert list(df["bucket_start"]) == [0, 250, 500, 750] and list(df["bucket_end"]) == [250, 500, 750, 1000]
+    assert (df["n"] == 64).all() and df["accuracy"].between(0, 1).all()
+    assert df["accuracy"].iloc[0] > 0.9  # held-out toy latents at low noise are classified
+    assert clf.training  # mode restored
+    again = accuracy_by_timestep_bucket(clf, zt, yt, sched, buckets=4, seed=0, batch_size=64)
+    assert again.equals(df)  # deterministic and independent of the batch size
+    with pytest.raises(DataError, match="class id 7"):
+        accuracy_by_timestep_bucket(clf, zt[:2], torch.tensor([0, 7]), sched)
+    with pytest.raises(DataError, match="class id 2"):
+        classifier_loss(clf, z0[:2], torch.tensor([2, 0]), noise[:2], t[:2], sched)
