@@ -9,8 +9,9 @@ import nbformat as nbf
 
 HERE = Path(__file__).resolve().parent
 
-PARAMS = '''params_file = "params/default.yaml"  # the study's parameter file
-overrides = []  # key=value overrides, e.g. ["downstream.seeds=[0,1]"]'''
+PARAMS = '''# The study's parameter file, and key=value overrides such as "downstream.seeds=[0,1]".
+params_file = "params/default.yaml"
+overrides = []'''
 
 SETUP = '''import numpy as np
 import pandas as pd
