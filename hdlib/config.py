@@ -56,6 +56,8 @@ class PoolSourceConfig:
     weight: float = _f(1.0, lo=0.0)
     style: str = _f("", doc="demo_procedural: the stain style")
     npz_split: str = _f("train")
+    tile_size: int = _f(0, lo=0, doc="slides / large images: tile size in source pixels; 0 = data.tile_size")
+    tissue_threshold: float = _f(-1.0, lo=-1.0, hi=1.0, doc="minimum tissue fraction per tile; -1 = data.tissue_threshold")
 
 
 @dataclass

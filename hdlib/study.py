@@ -176,14 +176,16 @@ def _pool_source_records(cfg: Config, src) -> list:
     from . import data as D
 
     c = cfg.data
+    tile = dict(tissue_threshold=src.tissue_threshold if src.tissue_threshold >= 0 else c.tissue_threshold,
+                source=src.name, seed=cfg.study.seed)
+    tile_size = src.tile_size or c.tile_size
     if src.kind == "demo_procedural":
         demo = build_demo(cfg)
         return D.scan_unlabeled_folder(demo.pool_dirs[f"procedural_{src.style}"], source=src.name)
     if src.kind == "demo_wheel":
         demo = build_demo(cfg)
         path = demo.pool_dirs[f"he_{src.path or src.name.removeprefix('he_')}"]
-        return D.tile_large_image(path, c.tile_size, tissue_threshold=c.tissue_threshold, source=src.name,
-                                  seed=cfg.study.seed)
+        return D.tile_large_image(path, tile_size, **tile)
     if src.kind == "folder":
         return D.scan_unlabeled_folder(src.path, source=src.name)
     if src.kind == "npz":
@@ -197,8 +199,7 @@ def _pool_source_records(cfg: Config, src) -> list:
         raise DataError(f"{p}: no slides or large images found for pool source {src.name!r}")
     out = []
     for f in files:
-        out += D.tile_large_image(f, c.tile_size, tissue_threshold=c.tissue_threshold, source=src.name,
-                                  seed=cfg.study.seed)
+        out += D.tile_large_image(f, tile_size, **tile)
     return out
 
 
