@@ -55,12 +55,24 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp / mkdtemp create private (0600 / 0700) entries; give ours the usual permissions.
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -809,6 +821,7 @@ def build_demo_data(root, *, image_size: int = 64, n_train_per_class: int = 200,
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f"{root.name}.tmp-"))
+    os.chmod(tmp, _DIR_MODE)
     try:
         files = _render_all(tmp, params, wheel_images or {}, progress)
         _atomic_write_json(tmp / _MANIFEST, {"params": params, "files": files})
