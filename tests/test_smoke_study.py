@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import torch
 import pytest
 
 from hdlib.config import load_config
@@ -83,3 +84,24 @@ def test_target_never_in_pool(study):
     target = pd.concat([pd.read_csv(man / f"target_{s}.csv") for s in ("train", "val", "test")])
     assert not set(pool["sha1"]) & set(target["sha1"])
     assert set(pool["source"]) <= {s.name for s in cfg.data.pool_sources}
+
+
+@pytest.mark.slow
+def test_target_absent_from_every_pretraining_batch(study):
+    """Every batch the autoencoder and the pre-training denoiser can draw comes from the
+    pool tensors; none of their rows equals a target image (or its latent)."""
+    from hdlib import study as S
+    from hdlib.train import build_task
+
+    cfg, _, _ = study
+    target = S.load_target(cfg)
+    tgt = torch.cat([target["train_images"], target["val_images"], target["test_images"]]).flatten(1)
+    ae = build_task(cfg, "autoencoder")
+    pool_imgs = ((ae.tensors[0] + 1) * 127.5).round().to(torch.uint8).flatten(1)
+    assert len(ae.tensors) == 1 and len(pool_imgs) == cfg.data.pool_size
+    assert not any((tgt == row).all(1).any() for row in pool_imgs)
+    lat = S.load_latents(cfg)
+    pre = build_task(cfg, "denoiser_pretrain")
+    assert len(pre.tensors) == 1 and torch.equal(pre.tensors[0], lat["pool"])
+    tz = torch.cat([lat["train"], lat["val"], lat["test"]]).flatten(1)
+    assert torch.cdist(pre.tensors[0].flatten(1), tz).min() > 0
