@@ -604,8 +604,11 @@ def synthesize(cfg: Config, generator: str, fraction: float, per_class: int, gui
         blob = torch.load(cached, weights_only=False)
         if blob.get("request") == request:
             return blob
-    z = generate_latents(cfg, generator, fraction, labels, seeds, guidance_scale=guidance_scale)
-    images = decode(cfg, z)
+    if cfg.study.num_processes > 1:
+        z, images = _synthesize_sharded(cfg, generator, fraction, per_class, name, guidance_scale)
+    else:
+        z = generate_latents(cfg, generator, fraction, labels, seeds, guidance_scale=guidance_scale)
+        images = decode(cfg, z)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     scale = (0.0 if generator in ("unguided", "cfg") else
@@ -621,6 +624,29 @@ def synthesize(cfg: Config, generator: str, fraction: float, per_class: int, gui
             "seeds": torch.as_tensor(seeds)}
     atomic_torch_save(blob, cached)
     return blob
+
+
+def _synthesize_sharded(cfg: Config, generator, fraction, per_class, name, guidance_scale):
+    """One shard per device under `accelerate launch`, merged in request order."""
+    import subprocess
+    import sys
+
+    from .sample import merge_shards
+
+    out = synthetic_dir(cfg, name)
+    for old in out.glob("shard-*.pt"):
+        old.unlink()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.study.num_processes),
+           "-m", "hdlib.sample", "--study-dir", str(cfg.results_dir), "--generator", generator,
+           "--fraction", repr(fraction), "--per-class", str(per_class), "--name", name]
+    if guidance_scale is not None:
+        cmd += ["--guidance-scale", repr(guidance_scale)]
+    if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
+        raise HDLibError(f"sharded sampling of {name} failed under accelerate launch")
+    z, images = merge_shards(sorted(out.glob("shard-*.pt")))
+    for p in out.glob("shard-*.pt"):
+        p.unlink()
+    return z, images
 
 
 def filter_candidates(cfg: Config, fraction: float, blob: dict, name: str):

@@ -105,3 +105,21 @@ def test_target_absent_from_every_pretraining_batch(study):
     assert len(pre.tensors) == 1 and torch.equal(pre.tensors[0], lat["pool"])
     tz = torch.cat([lat["train"], lat["val"], lat["test"]]).flatten(1)
     assert torch.cdist(pre.tensors[0].flatten(1), tz).min() > 0
+
+
+@pytest.mark.slow
+def test_sharded_sampling_on_two_processes_matches_one(study):
+    """Synthesis split over 2 processes (accelerate launch, gloo on the CPU) gives the
+    images of a 1-process run: each image has its own seed, whatever its shard."""
+    from hdlib import study as S
+
+    cfg, _, _ = study
+    two = S.config_from_results(cfg.results_dir)
+    two.study.num_processes = 2
+    f = min(cfg.downstream.fractions)
+    z2, _ = S._synthesize_sharded(two, "guided", f, 2, "shard_check", None)
+    labels = torch.arange(len(cfg.data.classes)).repeat_interleave(2)
+    seeds = torch.as_tensor(S.request_seeds(two, "shard_check", len(labels)))
+    z1 = S.generate_latents(S.config_from_results(cfg.results_dir), "guided", f, labels, seeds, progress=False)
+    # batch composition differs between the runs, so agreement is to float rounding, not bitwise
+    assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-4 * z1.abs().max().item())
