@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import HDLibError
+from .errors import one_line_errors
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hdlib", description="HistoDiffusion study runner")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -22,20 +23,16 @@ def main(argv=None) -> int:
     show.add_argument("params")
     show.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    try:
-        if args.command == "run":
-            from .runner import run_study
+    if args.command == "run":
+        from .runner import run_study
 
-            run_study(args.params, args.overrides, only=args.only, start=args.start, force=args.force)
-        else:
-            import yaml
+        run_study(args.params, args.overrides, only=args.only, start=args.start, force=args.force)
+    else:
+        import yaml
 
-            from .config import load_config
+        from .config import load_config
 
-            print(yaml.safe_dump(load_config(args.params, args.overrides).to_dict(), sort_keys=False))
-    except HDLibError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(yaml.safe_dump(load_config(args.params, args.overrides).to_dict(), sort_keys=False))
     return 0
 
 

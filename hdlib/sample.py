@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .errors import HDLibError
+from .errors import HDLibError, one_line_errors
 from .io import atomic_torch_save
 
 
@@ -40,6 +40,7 @@ def merge_shards(paths) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p["latents"] for p in parts]), torch.cat([p["images"] for p in parts])
 
 
+@one_line_errors
 def main(argv=None) -> int:
     from accelerate import PartialState
 
@@ -53,22 +54,18 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--guidance-scale", type=float)
     a = ap.parse_args(argv)
-    try:
-        cfg = config_from_results(a.study_dir)
-        state = PartialState()
-        K = len(cfg.data.classes)
-        labels = torch.arange(K).repeat_interleave(a.per_class)
-        seeds = torch.as_tensor(request_seeds(cfg, a.name, len(labels)))
-        dev = str(state.device)
-        idx, z, images = generate_shard(cfg, a.generator, a.fraction, labels, seeds, a.guidance_scale,
-                                        state.process_index, state.num_processes, device=dev)
-        out = synthetic_dir(cfg, a.name)
-        atomic_torch_save({"index": idx, "latents": z.cpu(), "images": images.cpu()},
-                          out / f"shard-{state.process_index:03d}.pt")
-        state.wait_for_everyone()
-    except HDLibError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_results(a.study_dir)
+    state = PartialState()
+    K = len(cfg.data.classes)
+    labels = torch.arange(K).repeat_interleave(a.per_class)
+    seeds = torch.as_tensor(request_seeds(cfg, a.name, len(labels)))
+    dev = str(state.device)
+    idx, z, images = generate_shard(cfg, a.generator, a.fraction, labels, seeds, a.guidance_scale,
+                                    state.process_index, state.num_processes, device=dev)
+    out = synthetic_dir(cfg, a.name)
+    atomic_torch_save({"index": idx, "latents": z.cpu(), "images": images.cpu()},
+                      out / f"shard-{state.process_index:03d}.pt")
+    state.wait_for_everyone()
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .config import Config, TrainingConfig, load_config
-from .errors import HDLibError
+from .errors import HDLibError, one_line_errors
 
 TASKS = ("autoencoder", "denoiser_pretrain", "denoiser_adapt", "denoiser_scratch", "denoiser_cfg",
          "latent_classifier")
@@ -195,6 +195,7 @@ def launch_task(cfg: Config, params_file: str, overrides: list[str], task: str, 
     return None
 
 
+@one_line_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hdlib.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("task", choices=TASKS)
@@ -208,16 +209,12 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.mixed_precision:
         overrides.append(f"study.mixed_precision={args.mixed_precision}")
-    try:
-        cfg = load_config(args.params, overrides)
-        if args.checkpointing_steps:
-            for t in (cfg.autoencoder.train, cfg.diffusion.pretrain, cfg.diffusion.adapt, cfg.diffusion.scratch,
-                      cfg.diffusion.cfg, cfg.classifier.train):
-                t.checkpointing_steps = args.checkpointing_steps
-        train_task(cfg, args.task, args.fraction, args.adaptation)
-    except HDLibError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.params, overrides)
+    if args.checkpointing_steps:
+        for t in (cfg.autoencoder.train, cfg.diffusion.pretrain, cfg.diffusion.adapt, cfg.diffusion.scratch,
+                  cfg.diffusion.cfg, cfg.classifier.train):
+            t.checkpointing_steps = args.checkpointing_steps
+    train_task(cfg, args.task, args.fraction, args.adaptation)
     return 0
 
 

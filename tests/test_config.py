@@ -88,3 +88,14 @@ def test_section_hash_tracks_only_its_sections():
     b = load_config(ROOT / "params/smoke.yaml", ["downstream.seeds=[7]"])
     assert a.section_hash("autoencoder") == b.section_hash("autoencoder")
     assert a.section_hash("downstream") != b.section_hash("downstream")
+
+
+def test_cli_bad_params_one_line_exit_2():
+    import subprocess
+    import sys
+
+    for cmd in (["-m", "hdlib", "config", str(ROOT / "params/smoke.yaml"), "data.image_size=3"],
+                ["-m", "hdlib.train", "autoencoder", "--params", str(ROOT / "params/missing.yaml")]):
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
