@@ -158,3 +158,63 @@ def build_report(cfg: Config) -> Path:
     path = out / "REPORT.md"
     atomic_write_text(path, text)
     return path
+
+
+README_START = "<!-- results:default start (written by `python -m hdlib.report readme`; do not edit) -->"
+README_END = "<!-- results:default end -->"
+
+
+def readme_block(cfg: Config) -> str:
+    """The README's results section, from the same metrics REPORT.md uses."""
+    rel = Path("results") / cfg.study.name
+    d1, d5 = _read(cfg, "01_autoencoder"), _read(cfg, "05_downstream")
+    lines = [README_START, "",
+             f"From `{rel}/REPORT.md` (embedded demonstration data, not NCT-CRC-HE-100K):", "",
+             headline(cfg), ""]
+    if d5.get("accuracy"):
+        lines += ["Test accuracy, mean ± std over seeds [95% CI]:", "",
+                  _md(accuracy_table(d5["accuracy"])), ""]
+    for name, caption in [("downstream_accuracy_vs_fraction", "accuracy vs label fraction"),
+                          ("synthesis_comparison_grid", "real vs generated samples per class"),
+                          ("autoencoder_reconstructions", "autoencoder reconstructions of held-out tiles"),
+                          ("diffusion_samples", "unconditional samples")]:
+        if (cfg.results_dir / "figures" / f"{name}.png").exists():
+            lines += [f"![{caption}]({rel}/figures/{name}.png)", ""]
+    if d1:
+        lines += [f"Autoencoder: held-out pool PSNR {d1['heldout_pool_psnr_db']:.2f} dB, latent "
+                  f"{'x'.join(map(str, d1['latent_shape']))}, scale factor {d1['scale_factor']:.4f}.", ""]
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def sync_readme(cfg: Config, readme: Path) -> bool:
+    """Replace the marked results block of the README; True if it changed."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: results markers not found")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    new = head + readme_block(cfg) + tail
+    if new != text:
+        atomic_write_text(readme, new)
+    return new != text
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from .config import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m hdlib.report")
+    ap.add_argument("command", choices=["readme"])
+    ap.add_argument("params")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.params, a.overrides)
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    print(("updated " if sync_readme(cfg, readme) else "unchanged ") + str(readme))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
