@@ -1,0 +1,227 @@
+"""The training engine: exact kill-and-resume, 1-vs-2-process equivalence, checkpoints,
+gradient accumulation, EMA, extra modules and the final export."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hdlib.errors import ConfigError, DataError, HDLibError
+from hdlib.trainer import (BatchPlan, TensorBatchSource, TrainConfig, Trainer, launch, load_final,
+                           lr_factor)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_toy import toy_config, toy_data, toy_loss, toy_model  # noqa: E402
+
+TOY = Path(__file__).resolve().parent / "_train_toy.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess runs use one thread too: same float reductions
+    yield
+    torch.set_num_threads(n)
+
+
+def _train(out, **kw):
+    t = Trainer(toy_model(), toy_loss(), toy_data(), toy_config(out, **kw))
+    return t, t.train()
+
+
+def _log(out):
+    with open(Path(out) / "log.csv") as f:
+        return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in csv.DictReader(f)]
+
+
+def _weights(out, ema=False):
+    return load_final(toy_model(seed=1), out, ema=ema).state_dict()
+
+
+def _assert_state_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
+    steps, a, b = 30, tmp_path / "a", tmp_path / "b"
+    _, res_a = _train(a, max_steps=steps, ckpt_every=5, ema=0.9)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(TOY), "--out", str(b), "--max-steps", str(steps),
+                             "--ckpt-every", "5", "--ema", "0.9", "--sleep", "0.1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while not list((b / "checkpoints").glob("step-*/COMPLETE")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (b / "final").exists(), "the run finished before it was killed"
+
+    t_b = Trainer(toy_model(), toy_loss(), toy_data(), toy_config(b, max_steps=steps, ckpt_every=5, ema=0.9))
+    res_b = t_b.train()
+    assert 0 < res_b.resumed_from_step < steps
+    assert _log(b) == _log(a)  # loss, lr and grad-norm curves identical, no duplicated rows
+    assert len(_log(a)) == steps
+    _assert_state_equal(_weights(b), _weights(a))
+    _assert_state_equal(_weights(b, ema=True), _weights(a, ema=True))
+    assert res_b.last_loss == res_a.last_loss
+    assert not list((b / "checkpoints").glob("tmp-*"))
+    assert len(list((b / "checkpoints").glob("step-*"))) == 2  # checkpoints_total_limit
+
+
+def test_one_and_two_processes_give_the_same_weights(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, max_steps=12, ckpt_every=100, ema=0.8)
+    launch([str(TOY), "--out", str(two), "--max-steps", "12", "--ckpt-every", "100", "--ema", "0.8"],
+           num_processes=2, backend="gloo", env={"PYTHONPATH": str(ROOT)},
+           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert (two / "checkpoints" / "step-00000012" / "random_states_1.pkl").exists()  # really 2 processes
+    for ema in (False, True):
+        w1, w2 = _weights(one, ema), _weights(two, ema)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+    l1, l2 = _log(one), _log(two)
+    assert [r[0] for r in l1] == [r[0] for r in l2]
+    for r1, r2 in zip(l1, l2):
+        assert float(r2[1]) == pytest.approx(float(r1[1]), rel=1e-5)
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    t1, _ = _train(tmp_path, max_steps=6, ckpt_every=3, ema=0.9)
+    t2 = Trainer(toy_model(seed=99), toy_loss(), toy_data(), toy_config(tmp_path, max_steps=6, ckpt_every=3, ema=0.9))
+    assert not torch.equal(t2.model[0].weight, t1.model[0].weight)
+    assert t2.load_checkpoint() == 6
+    _assert_state_equal(t2.model.state_dict(), t1.model.state_dict())
+    s1, s2 = t1.optimizer.state_dict(), t2.optimizer.state_dict()
+    assert s1["state"].keys() == s2["state"].keys() and s1["state"]
+    for k in s1["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
+    assert t2.lr_scheduler.state_dict()["last_epoch"] == t1.lr_scheduler.state_dict()["last_epoch"] == 6
+    assert t2.ema.optimization_step == 6
+    for p1, p2 in zip(t1.ema.shadow_params, t2.ema.shadow_params):
+        assert torch.equal(p1, p2)
+
+
+def test_incomplete_checkpoint_is_ignored_and_constant_lr_run_extends(tmp_path):
+    _train(tmp_path, max_steps=6, ckpt_every=3)
+    bogus = tmp_path / "checkpoints" / "step-00000099"  # a save killed before its COMPLETE marker
+    bogus.mkdir()
+    (bogus / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "checkpoints" / "tmp-step-00000009").mkdir()
+    t = Trainer(toy_model(), toy_loss(), toy_data(), toy_config(tmp_path, max_steps=9, ckpt_every=3))
+    assert t.latest_checkpoint().name == "step-00000006"
+    res = t.train()
+    assert res.resumed_from_step == 6 and res.step == 9
+    assert not (tmp_path / "checkpoints" / "tmp-step-00000009").exists()
+    # ... and it equals a run trained to 9 steps in one go
+    _train(tmp_path / "ref", max_steps=9, ckpt_every=3)
+    _assert_state_equal(_weights(tmp_path), _weights(tmp_path / "ref"))
+    assert _log(tmp_path) == _log(tmp_path / "ref")
+
+
+def test_finished_run_returns_at_once(tmp_path):
+    _, first = _train(tmp_path, max_steps=4)
+    calls = []
+
+    def counting_loss(model, batch, seeds):
+        calls.append(1)
+        return toy_loss()(model, batch, seeds)
+
+    again = Trainer(toy_model(), counting_loss, toy_data(), toy_config(tmp_path, max_steps=4)).train()
+    assert calls == [] and again.last_loss == first.last_loss and again.step == 4
+    assert (tmp_path / "train_config.json").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _train(tmp_path, max_steps=4, ckpt_every=2)
+    (tmp_path / "final" / "COMPLETE").unlink()
+    t = Trainer(toy_model(), toy_loss(), toy_data(), toy_config(tmp_path, max_steps=4, ckpt_every=2, lr=5e-3))
+    with pytest.raises(ConfigError, match="lr"):
+        t.train()
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
+    _train(tmp_path / "acc", max_steps=5, micro=2)
+    _train(tmp_path / "one", max_steps=5, micro=8)
+    w_acc, w_one = _weights(tmp_path / "acc"), _weights(tmp_path / "one")
+    for k in w_one:
+        torch.testing.assert_close(w_acc[k], w_one[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(w_one["0.weight"], toy_model().state_dict()["0.weight"])  # it did train
+
+
+def test_bad_inputs_fail_early_with_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"global_batch_size 8 .*micro_batch_size 3") as e:
+        Trainer(toy_model(), toy_loss(), toy_data(), toy_config(tmp_path, micro=3))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        toy_config(tmp_path, lr_schedule="linear").validate()
+    with pytest.raises(DataError, match="tensor 1 has 3 rows"):
+        TensorBatchSource(torch.zeros(4, 2), torch.zeros(3))
+    with pytest.raises(HDLibError, match="scalar"):
+        Trainer(toy_model(), lambda m, b, s: (m(b[0]) - b[1]) ** 2, toy_data(), toy_config(tmp_path)).train()
+    with pytest.raises(HDLibError, match="no finished training run"):
+        load_final(toy_model(), tmp_path / "nothing")
+
+
+def test_ema_weights_differ_and_load_final_returns_them(tmp_path):
+    t, res = _train(tmp_path, max_steps=10, ema=0.9)
+    raw, ema = _weights(tmp_path, ema=False), _weights(tmp_path, ema=True)
+    assert not torch.equal(raw["0.weight"], ema["0.weight"])
+    for (name, p), shadow in zip(t.model.named_parameters(), t.ema.shadow_params):
+        assert torch.equal(ema[name], shadow)
+        assert torch.equal(raw[name], p.detach())
+    assert res.weights_dir.endswith("ema")
+    assert torch.equal(load_final(lambda: toy_model(seed=3), tmp_path)[0].weight, ema["0.weight"])
+
+
+def test_batch_plan_is_a_function_of_seed_and_step():
+    plan = BatchPlan(seed=5, dataset_len=10, global_batch_size=4)
+    idx = torch.cat([plan.indices(s) for s in range(5)])  # 20 positions = 2 epochs
+    assert sorted(idx[:10].tolist()) == list(range(10)) and sorted(idx[10:].tolist()) == list(range(10))
+    fresh = BatchPlan(seed=5, dataset_len=10, global_batch_size=4)
+    assert torch.equal(fresh.indices(3), plan.indices(3))
+    assert torch.equal(fresh.sample_seeds(3), plan.sample_seeds(3))
+    assert not torch.equal(plan.sample_seeds(3), plan.sample_seeds(4))
+    assert not torch.equal(BatchPlan(6, 10, 4).indices(0), plan.indices(0))
+    assert len(set(plan.sample_seeds(0).tolist())) == 4
+
+
+def test_lr_factor_warmup_and_cosine(tmp_path):
+    f = lr_factor(TrainConfig(out_dir=str(tmp_path), max_steps=12, global_batch_size=1, warmup_steps=2,
+                              lr_schedule="cosine"))
+    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
+    assert f(7) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+
+
+def test_extra_modules_train_jointly_and_are_exported(tmp_path):
+    head = torch.nn.Linear(1, 1)
+    frozen = torch.nn.Linear(1, 1).requires_grad_(False)
+    head0, frozen0 = head.weight.detach().clone(), frozen.weight.detach().clone()
+
+    def loss_fn(model, batch, seeds, head, frozen):
+        x, y = batch
+        return ((frozen(head(model(x))) - y) ** 2).mean()
+
+    t = Trainer(toy_model(), loss_fn, toy_data(), toy_config(tmp_path, max_steps=4),
+                extra_modules={"head": head, "frozen": frozen})
+    t.train()
+    assert not torch.equal(head.weight, head0) and torch.equal(frozen.weight, frozen0)
+    assert torch.equal(load_final(torch.nn.Linear(1, 1), tmp_path, module="head").weight, head.weight)
+    with pytest.raises(ConfigError, match="'model'"):
+        Trainer(toy_model(), loss_fn, toy_data(), toy_config(tmp_path / "x"), extra_modules={"model": head})
