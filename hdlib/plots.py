@@ -106,7 +106,10 @@ def bar(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "
 def accuracy_vs_fraction(summary: pd.DataFrame, metric_label: str = "test accuracy", title: str = ""):
     """Mean over seeds with the 95% confidence band, one line per training set."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, g in summary.groupby("training_set", sort=False):
+    order = ["real", "unfiltered", "histodiffusion", "scratch", "cfg"]
+    names = sorted(summary["training_set"].unique(), key=lambda n: order.index(n) if n in order else len(order))
+    for name in names:
+        g = summary[summary["training_set"] == name]
         g = g.sort_values("fraction")
         x = g["fraction"] * 100
         ax.plot(x, g["mean"], marker="o", label=name)
@@ -114,6 +117,8 @@ def accuracy_vs_fraction(summary: pd.DataFrame, metric_label: str = "test accura
     ax.set_xscale("log")
     ax.set_xticks(sorted(summary["fraction"].unique() * 100))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(max(0.0, summary["ci_low"].min() - 0.05), min(1.0, summary["ci_high"].max() + 0.05))
     ax.set_xlabel("labeled fraction of the training set"), ax.set_ylabel(metric_label)
     ax.set_title(title or f"{metric_label} vs label fraction (mean and 95% CI over seeds)")
     ax.legend(fontsize=8)

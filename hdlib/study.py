@@ -666,7 +666,7 @@ def filter_candidates(cfg: Config, fraction: float, blob: dict, name: str):
     conf = probs[torch.arange(len(probs)), blob["labels"]]
     res = filter_synthetic(real_f.numpy(), real_y.numpy(), syn_f.numpy(), blob["labels"].numpy(), conf.numpy(),
                            num_classes=len(cfg.data.classes), tau=cfg.filtering.tau, train_features=real_f.numpy(),
-                           delta=cfg.filtering.delta)
+                           delta=cfg.filtering.delta, class_names=list(cfg.data.classes))
     df = pd.DataFrame({"index": np.arange(len(res.keep)), "class_id": blob["labels"].numpy(),
                        "keep": res.keep, "rank": res.rank, "reason": res.reason, "confidence": conf.numpy()})
     atomic_write_csv(df, synthetic_dir(cfg, name) / "filter.csv")

@@ -270,8 +270,9 @@ sweep'''),
         md("## Filtering acceptance per class (guided candidates, smallest fraction)"),
         code('''acc0 = acceptance[(acceptance["fraction"] == f0) & (acceptance["generator"] == "guided")].copy()
 acc0["class"] = [cfg.data.classes[int(k)] for k in acc0["class_id"]]
-long = acc0.melt(id_vars="class", value_vars=[c for c in acc0.columns if c.startswith("rejected_")] + ["kept"],
-                 var_name="outcome", value_name="images")
+outcomes = ["kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota"]
+long = acc0.melt(id_vars="class", value_vars=[c for c in outcomes if c in acc0], var_name="outcome",
+                 value_name="images")
 fig = plots.bar(long, x="class", y="images", hue="outcome", title=f"Filtering outcome per class ({f0:.0%} labels, guided)")
 plots.save(fig, cfg, "filtering_acceptance")'''),
         md("## t-SNE of real, kept and rejected synthetic features (baseline classifier space)"),
