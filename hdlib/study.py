@@ -314,7 +314,7 @@ def fraction_indices(cfg: Config, fraction: float) -> np.ndarray:
     if col not in df:
         raise HDLibError(f"label fraction {fraction:g} is not in data.label_fractions "
                          f"({', '.join(c[1:] for c in df.columns if c.startswith('f'))})")
-    return df.loc[df[col], "train_index"].to_numpy()
+    return df.loc[df[col], "train_index"].to_numpy().copy()  # writable, for torch indexing
 
 
 # ---------------------------------------------------------------------------
