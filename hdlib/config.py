@@ -183,6 +183,7 @@ class DownstreamConfig:
     ratio_sweep_fraction: float = _f(0.01, lo=0.0, hi=1.0)
     ratio_sweep_sets: list[str] = _f(factory=lambda: ["histodiffusion"],
                                      choices=("real", "unfiltered", "histodiffusion", "scratch", "cfg"))
+    eval_every: int = _f(0, lo=0, doc="validation scoring interval in steps for model selection; 0 = max_steps // 5")
     reference_backbone: str = _f("resnet18", doc="classifier on all target labels, feature space for FID/KID")
     reference_train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=0.05))
 

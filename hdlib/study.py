@@ -523,22 +523,28 @@ def _train_image_classifier(cfg: Config, backbone: str, tcfg, x, y, vx, vy, seed
     return train_classifier(
         x, y, vx, vy, backbone=backbone, num_classes=len(cfg.data.classes), max_steps=tcfg.max_steps,
         batch_size=tcfg.batch_size, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
-        seed=seed, device=device(cfg),
+        eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5), seed=seed, device=device(cfg),
         augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None,
         progress=cfg.study.progress if progress is None else progress)
 
 
-def _cached_classifier(cfg: Config, name: str, backbone: str, fit):
-    """Train once with `fit()` and cache the weights; later calls load them."""
+def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg):
+    """Train once with `fit()` and cache the weights with the settings they were
+    trained with; a change of settings trains again."""
     from .downstream import build_classifier
 
     path = model_dir(cfg, name) / "model.pt"
+    key = {"backbone": backbone, "train": vars(tcfg), "seed": cfg.study.seed,
+           "eval_every": cfg.downstream.eval_every, "weights": cfg.downstream.pretrained_weights,
+           "data": cfg.section_hash("data")}
+    key_path = model_dir(cfg, name) / "settings.json"
     model = build_classifier(backbone, num_classes=len(cfg.data.classes))
-    if path.exists():
+    if path.exists() and key_path.exists() and json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     trained, history = fit()
     atomic_torch_save(trained.state_dict(), path)
+    atomic_write_json(key_path, key)
     atomic_write_csv(history, model_dir(cfg, name) / "history.csv")
     return trained.eval()
 
@@ -550,7 +556,7 @@ def reference_classifier(cfg: Config):
     ds = cfg.downstream
     return _cached_classifier(cfg, "reference_classifier", ds.reference_backbone, lambda: _train_image_classifier(
         cfg, ds.reference_backbone, ds.reference_train, t["train_images"], t["train_labels"], t["val_images"],
-        t["val_labels"], seed=cfg.study.seed))
+        t["val_labels"], seed=cfg.study.seed), ds.reference_train)
 
 
 def baseline_classifier(cfg: Config, fraction: float):
@@ -560,7 +566,7 @@ def baseline_classifier(cfg: Config, fraction: float):
     ds = cfg.downstream
     return _cached_classifier(cfg, f"baseline_f{fraction:g}", ds.backbone, lambda: _train_image_classifier(
         cfg, ds.backbone, ds.train, t["train_images"][idx], t["train_labels"][idx], t["val_images"],
-        t["val_labels"], seed=cfg.study.seed))
+        t["val_labels"], seed=cfg.study.seed), ds.train)
 
 
 def synthetic_sets_needed(cfg: Config) -> dict[str, list[str]]:
