@@ -710,7 +710,28 @@ def synthetic_training_images(cfg: Config, training_set: str, fraction: float, r
 # 05 downstream grid
 # ---------------------------------------------------------------------------
 
+GRID_SETTINGS = ("study.seed", "data", "autoencoder", "diffusion", "classifier", "sampling", "filtering",
+                 "downstream")
+
+
+def check_grid_settings(cfg: Config) -> Path:
+    """Cell results are keyed by (fraction, training set, ratio, seed); this ties the
+    folder to every setting that shapes a cell. Results made with other settings are
+    moved aside to grid.stale-<hash>/ (never deleted) so they are not reused."""
+    grid = cfg.results_dir / "grid"
+    current = cfg.section_hash(*GRID_SETTINGS)
+    marker = grid / "SETTINGS.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text())["settings_hash"]
+        if previous != current:
+            os.replace(grid, cfg.results_dir / f"grid.stale-{previous}")
+    if not marker.exists():
+        atomic_write_json(marker, {"settings_hash": current, "sections": list(GRID_SETTINGS)})
+    return grid
+
+
 def downstream_cells(cfg: Config) -> list[dict]:
+    check_grid_settings(cfg)
     ds = cfg.downstream
     study_dir = str(cfg.results_dir)  # relative to the repository root unless results_root is absolute
     cells = []

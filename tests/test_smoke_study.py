@@ -123,3 +123,24 @@ def test_sharded_sampling_on_two_processes_matches_one(study):
     z1 = S.generate_latents(S.config_from_results(cfg.results_dir), "guided", f, labels, seeds, progress=False)
     # batch composition differs between the runs, so agreement is to float rounding, not bitwise
     assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-4 * z1.abs().max().item())
+
+
+@pytest.mark.slow
+def test_changed_settings_move_old_grid_aside(study, tmp_path):
+    """Grid cells made with other downstream settings are never silently reused."""
+    import shutil
+
+    from hdlib import study as S
+    from hdlib.config import load_config
+
+    cfg, overrides, _ = study
+    copy = tmp_path / "results"
+    shutil.copytree(cfg.results_dir, copy / cfg.study.name)
+    same = load_config(SMOKE, overrides + [f"study.results_root={copy}"])
+    S.downstream_cells(same)
+    assert len(list((copy / cfg.study.name / "grid").glob("fraction=*.json"))) > 0
+    changed = load_config(SMOKE, overrides + [f"study.results_root={copy}", "downstream.train.lr=0.01"])
+    S.downstream_cells(changed)
+    assert not list((copy / cfg.study.name / "grid").glob("fraction=*.json"))
+    stale = list((copy / cfg.study.name).glob("grid.stale-*"))
+    assert len(stale) == 1 and list(stale[0].glob("fraction=*.json"))
