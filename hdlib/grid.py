@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import time
 import traceback
@@ -135,6 +136,9 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
     dotted keys (e.g. 'test.accuracy')."""
     if workers < 1:
         raise HDLibError(f"run_grid: workers must be >= 1, got {workers}")
+    if workers > 1 and threads_per_worker is None:
+        # Share the cores: oversubscribed OpenMP threads make every worker many times slower.
+        threads_per_worker = max(1, (os.cpu_count() or 1) // workers)
     out_dir = Path(out_dir)
     ids = [cell_id(c, id_keys) for c in cells]
     seen: dict[str, dict] = {}
