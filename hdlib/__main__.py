@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     group.add_argument("--only", metavar="STAGE", help="run just this stage (e.g. 01 or 01_autoencoder)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and all after it")
     run.add_argument("--force", action="store_true", help="re-run stages even if their inputs are unchanged")
+    pre = sub.add_parser("pretrain", help="train the autoencoder and unconditional LDM on the pool (resumable)")
+    pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
+    pre.add_argument("overrides", nargs="*")
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("params")
     show.add_argument("overrides", nargs="*")
@@ -27,6 +30,10 @@ def main(argv=None) -> int:
         from .runner import run_study
 
         run_study(args.params, args.overrides, only=args.only, start=args.start, force=args.force)
+    elif args.command == "pretrain":
+        from .pretrain import main as pretrain_main
+
+        return pretrain_main(args.params, args.overrides)
     else:
         import yaml
 

@@ -197,6 +197,18 @@ class QualityConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`python -m hdlib pretrain`: quality tracking and export of the shipped model."""
+    eval_every: int = _f(1000, lo=1, doc="denoiser steps between quality evaluations against the pool holdout")
+    eval_samples: int = _f(256, lo=8, doc="unconditional samples per evaluation")
+    eval_inference_steps: int = _f(25, lo=1, doc="DDIM steps (eta=1) per evaluation sample")
+    final_eval_samples: int = _f(1000, lo=8)
+    final_inference_steps: int = _f(50, lo=1)
+    threads: int = _f(0, lo=0, doc="torch CPU threads; 0 = torch's default")
+    export_dir: str = _f("", doc="diffusers-format output folder (e.g. models/demo-pool); empty = no export")
+
+
+@dataclass
 class Config:
     study: StudyConfig = _f(factory=StudyConfig)
     data: DataConfig = _f(factory=DataConfig)
@@ -207,6 +219,7 @@ class Config:
     filtering: FilteringConfig = _f(factory=FilteringConfig)
     downstream: DownstreamConfig = _f(factory=DownstreamConfig)
     quality: QualityConfig = _f(factory=QualityConfig)
+    pretrain: PretrainConfig = _f(factory=PretrainConfig)
 
     # ---- derived -------------------------------------------------------------
     @property
