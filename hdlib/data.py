@@ -612,21 +612,11 @@ def stratified_subsample(labels, max_count: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate([idx[:q] for idx, q in zip(perms.values(), quota)]))
 
 
-# --------------------------------------------------------------------------- manifests & counts
-def class_counts(records: Sequence[ImageRecord], classes: Sequence[str]) -> dict[str, int]:
-    """{class name: number of records}, every class listed (zeros included)."""
-    counts = dict.fromkeys(classes, 0)
-    for rec in records:
-        if rec.label is None or not 0 <= rec.label < len(classes):
-            raise DataError(f"{rec.record_id}: label {rec.label!r} is not one of {len(classes)} classes")
-        counts[classes[rec.label]] += 1
-    return counts
-
-
+# --------------------------------------------------------------------------- manifests
 def write_manifest(records: Sequence[ImageRecord], path, classes: Sequence[str] | None = None,
                    extra_columns: Mapping[str, Sequence] | None = None, progress: bool = True) -> None:
     """CSV (path, key, label, class_name, source, sha1 [+ extra columns]) written
-    atomically; sha1 is of the file's bytes, so `read_manifest` can detect changes."""
+    atomically; sha1 is of the file's bytes, so a later change to a file can be detected."""
     import pandas as pd
 
     extra = dict(extra_columns or {})
@@ -649,34 +639,3 @@ def write_manifest(records: Sequence[ImageRecord], path, classes: Sequence[str] 
     for name, values in extra.items():
         frame[name] = list(values)
     atomic_write_csv(frame, path)
-
-
-def read_manifest(path, verify: bool = True, progress: bool = True):
-    """Read a manifest; with `verify`, every file must exist with its recorded
-    sha1 (DataError naming the first changed file). Returns (records, frame)."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"manifest does not exist: {path}")
-    try:
-        frame = pd.read_csv(path, dtype={"path": str, "key": str, "class_name": str, "source": str,
-                                         "sha1": str}, keep_default_na=False, na_values={"label": [""]})
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"manifest {path} is not a readable CSV ({type(e).__name__}: {e})".splitlines()[0]) from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"manifest {path} lacks column(s) {missing}")
-    frame["label"] = frame["label"].astype("Int64")
-    if verify:
-        unique = frame.drop_duplicates("path")
-        for file, sha in tqdm(zip(unique["path"], unique["sha1"]), total=len(unique),
-                              desc="verify manifest", disable=not progress, leave=False):
-            if not Path(file).is_file():
-                raise DataError(f"manifest {path}: file {file} no longer exists")
-            if file_sha1(file) != sha:
-                raise DataError(f"manifest {path}: file {file} changed since the manifest was written "
-                                f"(sha1 {file_sha1(file)[:12]} != {sha[:12]})")
-    records = [ImageRecord(p, None if pd.isna(lab) else int(lab), src, key)
-               for p, key, lab, src in zip(frame["path"], frame["key"], frame["label"], frame["source"])]
-    return records, frame

@@ -3,8 +3,10 @@ one JSON result per cell, resumable, optionally in parallel processes.
 
 Each cell's result goes to `<out_dir>/<id>.json` = {"id", "cell", "result",
 "elapsed_s"}, written atomically; a re-run skips cells whose JSON exists. A JSON
-whose stored cell differs from the current one is stale and is an error, never
-silently reused.
+whose stored cell differs from the current one is stale and never reused: it is
+recomputed (listed in the returned frame's
+`attrs["stale_recomputed"]`). Put a content key of the cell's inputs in the cell
+(outside `id_keys`) so that a changed input re-runs exactly the cells that use it.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
     unique = list(seen.items())
     load_cell_fn(cell_fn)  # fail on a bad spec before any work
 
-    todo = []
+    todo, rerun = [], []
     for cid, cell in unique:
         path = out_dir / f"{cid}.json"
         if not path.exists():
@@ -160,8 +162,10 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
         except (OSError, ValueError) as exc:
             raise StaleResultError(f"{path}: unreadable result file ({exc}); delete it to re-run the cell") from None
         if stored != _normalized(cell):
-            raise StaleResultError(f"{path}: stale result, made for cell {stored} but the grid now has {cell}; "
-                                   "delete it (or use another out_dir) to re-run")
+            # Same id, other content (e.g. the cell's `inputs` key: a changed synthetic set or
+            # labeled subset): the stored result is stale and is recomputed, never reported.
+            todo.append((cid, cell))
+            rerun.append(cid)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     failures: dict[str, str] = {}
@@ -196,4 +200,7 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
     for cid, cell in zip(ids, cells):
         rec = read_json(out_dir / f"{cid}.json")
         rows.append({**cell, "id": cid, "elapsed_s": rec["elapsed_s"], **_flatten(rec["result"])})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["computed"] = [cid for cid, _ in todo]
+    df.attrs["stale_recomputed"] = rerun
+    return df

@@ -71,3 +71,20 @@ def atomic_write_csv(df, path: str | Path) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def files_sha1(paths) -> str:
+    """SHA-1 over the names and bytes of files (folders: every file inside, sorted):
+    the content key of model weights and other cached inputs."""
+    import hashlib
+
+    h = hashlib.sha1()
+    files = []
+    for p in map(Path, paths):
+        files += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,40 +1,31 @@
 """Image-quality and classification metrics.
 
 Quality metrics (FID, KID, precision/recall) work on precomputed feature
-vectors: there are no Inception weights offline, so the feature space is our own
-reference classifier (see `FeatureExtractorForFID`); Inception FID is available
+vectors: there are no Inception weights offline, so the feature space is the
+penultimate layer of our own reference classifier; Inception FID is available
 only when a local weights file is given (`inception_fid`). Classification
-metrics and seed statistics (`summarize`, `paired_comparison`) feed the
-downstream grid report.
+metrics feed the downstream grid; statistics over seeds are in `hdlib.stats`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import DataError, HDLibError
-from .io import atomic_path
 
 __all__ = [
-    "FeatureExtractorForFID",
-    "array_fingerprint",
     "classification_metrics",
     "feature_stats",
     "fid_kid",
     "frechet_distance",
     "inception_fid",
-    "paired_comparison",
     "precision_recall",
-    "reference_stats_cache",
-    "summarize",
 ]
 
 # File torch-fidelity (and so torchmetrics' FID with feature=2048) loads its weights from.
@@ -163,70 +154,6 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk_size: int =
             "recall": float(inside(real, fake, r_fake).double().mean())}
 
 
-# ---------------------------------------------------------------------------
-# Feature extractors and cached reference statistics
-# ---------------------------------------------------------------------------
-
-class FeatureExtractorForFID(nn.Module):
-    """uint8 images (N, 3, H, W) -> penultimate features of our reference classifier,
-    resized to `image_size` first, usable as torchmetrics' `feature=` module.
-    `model` is an `hdlib.downstream.ImageClassifier` or a bare timm model."""
-
-    def __init__(self, model: nn.Module, image_size: int):
-        super().__init__()
-        from .downstream import ImageClassifier
-
-        self.model = model if isinstance(model, ImageClassifier) else ImageClassifier(model)
-        self.image_size = int(image_size)
-        self.num_features = int(self.model.num_features)
-        self.model.eval()
-
-    def train(self, mode: bool = True) -> "FeatureExtractorForFID":
-        # A metric's feature network must never switch BatchNorm/Dropout to training mode.
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise DataError(f"FeatureExtractorForFID: expected (N, 3, H, W) images, got {tuple(images.shape)}")
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                                          antialias=True, align_corners=False).clamp(0, 1)
-        return self.model.features(x)
-
-
-def array_fingerprint(*arrays) -> str:
-    """SHA-1 over shapes, dtypes and bytes of tensors/arrays: a cache key for their content."""
-    h = hashlib.sha1()
-    for a in arrays:
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().contiguous().numpy()
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.shape}|{a.dtype}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def reference_stats_cache(features_fn: Callable[[], object], cache_path: str | Path, key: str
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the real reference features, cached in `cache_path` (.npz).
-    `features_fn()` returns the (N, d) features and is only called when the cache is
-    missing or was made for a different `key` (e.g. `array_fingerprint(images, weights)`)."""
-    cache_path = Path(cache_path)
-    if cache_path.exists():
-        try:
-            with np.load(cache_path, allow_pickle=False) as z:
-                if str(z["key"]) == str(key):
-                    return z["mu"].copy(), z["sigma"].copy()
-        except (OSError, ValueError, KeyError) as exc:
-            warnings.warn(f"{cache_path}: unreadable stats cache ({exc}); recomputing")
-    mu, sigma = feature_stats(features_fn())
-    with atomic_path(cache_path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez keeps the name
-        np.savez(fh, mu=mu, sigma=sigma, key=np.array(str(key)))
-    return mu, sigma
-
-
 def inception_fid(real_images: torch.Tensor, fake_images: torch.Tensor, weights_path: str | Path | None,
                   batch_size: int = 64, device: str = "cpu") -> float:
     """FID in the standard Inception-v3 (2048-d pool) space, from a LOCAL torch-fidelity
@@ -316,50 +243,3 @@ def classification_metrics(y_true, y_pred, num_classes: int, class_names: Sequen
         "confusion_matrix": cm.astype(int).tolist(),
     }
 
-
-# ---------------------------------------------------------------------------
-# Statistics over seeds
-# ---------------------------------------------------------------------------
-
-def _values(values, name: str) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if v.size == 0:
-        raise ValueError(f"{name}: no values")
-    return v
-
-
-def summarize(values, confidence: float = 0.95) -> dict:
-    """Mean, sample std and a Student-t confidence interval for the mean (NaN CI for n=1)."""
-    from scipy import stats
-
-    v = _values(values, "summarize")
-    n = int(v.size)
-    mean = float(v.mean())
-    if n < 2:
-        return {"mean": mean, "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": n}
-    std = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * std / math.sqrt(n))
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
-
-
-def paired_comparison(a, b, confidence: float = 0.95) -> dict:
-    """Paired comparison of a against b (same seeds, same order): mean of a - b with a
-    t-interval, paired t-test p-value and Wilcoxon signed-rank p-value (NaN for n < 6,
-    where even the most extreme ranks cannot reach p < 0.05); both p-values are NaN when
-    all differences are equal."""
-    from scipy import stats
-
-    a, b = _values(a, "paired_comparison a"), _values(b, "paired_comparison b")
-    if a.shape != b.shape:
-        raise ValueError(f"paired_comparison: a and b have different lengths ({a.size} vs {b.size})")
-    diff = a - b
-    s = summarize(diff, confidence)
-    n = s["n"]
-    constant = bool(np.all(diff == diff[0]))
-    # Equal differences have zero spread: the t statistic is undefined, say so with NaN.
-    t_p = float(stats.ttest_rel(a, b).pvalue) if n >= 2 and not constant else float("nan")
-    w_p = float("nan")
-    if n >= 6 and not constant:
-        w_p = float(stats.wilcoxon(a, b).pvalue)
-    return {"mean_diff": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
-            "t_pvalue": t_p, "wilcoxon_pvalue": w_p, "n": n}

@@ -1,5 +1,11 @@
-"""Figures the notebooks show and the report embeds. Each function returns the
-matplotlib Figure; `save` writes it atomically into the study's figures folder."""
+"""Figures the notebooks show and the report embeds. Each function takes tables
+(DataFrames) or tensors and returns the matplotlib Figure; `save` writes it
+atomically into the study's figures folder (`StudyPaths(cfg).figure(name)`).
+Notebooks hold no plotting code of their own.
+
+Series are labelled with the study's one name per generator / training set
+(`hdlib.paths.GENERATORS`, `hdlib.paths.TRAINING_SETS`), and a name keeps its
+colour in every figure."""
 
 from __future__ import annotations
 
@@ -12,12 +18,32 @@ import pandas as pd
 import torch
 
 from .io import atomic_savefig
+from .paths import GENERATORS, TRAINING_SETS, StudyPaths
+
+# Every series name the figures use, in a fixed order: a name gets the same colour everywhere.
+SERIES_ORDER = (["real"] + list(TRAINING_SETS)[1:]
+                + [g for g in GENERATORS if g not in TRAINING_SETS]
+                + [f"{g}_unfiltered" for g in GENERATORS if f"{g}_unfiltered" not in TRAINING_SETS and g != "pretrained"])
+
+
+def series_color(name: str):
+    """The colour of a generator / training-set name (same in every figure); any
+    'real ...' set (e.g. 'real (val)') shares the colour of 'real'."""
+    palette = plt.get_cmap("tab10").colors
+    name = "real" if str(name).startswith("real") else name
+    if name in SERIES_ORDER:
+        return palette[SERIES_ORDER.index(name) % len(palette)]
+    return None
+
+
+def _series_sorted(names) -> list[str]:
+    return sorted(names, key=lambda n: (SERIES_ORDER.index(n) if n in SERIES_ORDER else len(SERIES_ORDER), str(n)))
 
 
 def save(fig, cfg, name: str) -> Path:
-    from .study import figures_dir
-
-    path = figures_dir(cfg) / f"{name}.png"
+    """Write the figure to the study's figures/<name>.png (atomically) and return the path."""
+    path = StudyPaths(cfg).figure(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, path)
     return path
 
@@ -87,18 +113,33 @@ def loss_curves(logs: dict[str, pd.DataFrame], title: str = "Training loss", smo
     return fig
 
 
+def _palette(names):
+    """{name: colour} when every name is a known series, else None (seaborn's default)."""
+    colors = {n: series_color(n) for n in names}
+    return colors if all(c is not None for c in colors.values()) else None
+
+
 def bar(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "", ylabel: str | None = None,
-        err: str | None = None):
+        err: str | None = None, log_y: bool = False, xlabel: str = ""):
+    """Bars of y per x (grouped by hue). `err`: a column of error-bar half-widths (only
+    without hue). Known generator / training-set names keep their colours."""
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax, errorbar=None)
-    if err is not None and hue is None:
-        ax.errorbar(range(len(df)), df[y], yerr=df[err], fmt="none", ecolor="black", capsize=3)
-    ax.set_title(title), ax.set_ylabel(ylabel or y), ax.set_xlabel("")
-    ax.tick_params(axis="x", rotation=20)
-    if hue:
+    if hue is None:
+        palette = _palette(df[x].unique())
+        kw = dict(hue=x, palette=palette, legend=False) if palette else {}
+        sns.barplot(data=df, x=x, y=y, ax=ax, errorbar=None, **kw)
+        if err is not None:
+            ax.errorbar(range(len(df)), df[y], yerr=df[err], fmt="none", ecolor="black", capsize=3)
+    else:
+        order = _series_sorted(df[hue].unique())
+        sns.barplot(data=df, x=x, y=y, hue=hue, hue_order=order, palette=_palette(order), ax=ax, errorbar=None)
         ax.legend(fontsize=8)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title), ax.set_ylabel(ylabel or y), ax.set_xlabel(xlabel)
+    ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     return fig
 
@@ -106,14 +147,13 @@ def bar(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "
 def accuracy_vs_fraction(summary: pd.DataFrame, metric_label: str = "test accuracy", title: str = ""):
     """Mean over seeds with the 95% confidence band, one line per training set."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    order = ["real", "unfiltered", "histodiffusion", "scratch", "cfg"]
-    names = sorted(summary["training_set"].unique(), key=lambda n: order.index(n) if n in order else len(order))
-    for name in names:
+    for name in _series_sorted(summary["training_set"].unique()):
         g = summary[summary["training_set"] == name]
         g = g.sort_values("fraction")
         x = g["fraction"] * 100
-        ax.plot(x, g["mean"], marker="o", label=name)
-        ax.fill_between(x, g["ci_low"], g["ci_high"], alpha=0.15)
+        color = series_color(name)
+        ax.plot(x, g["mean"], marker="o", label=name, color=color)
+        ax.fill_between(x, g["ci_low"], g["ci_high"], alpha=0.15, color=color)
     ax.set_xscale("log")
     ax.set_xticks(sorted(summary["fraction"].unique() * 100))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
@@ -146,5 +186,99 @@ def embedding(points: np.ndarray, groups: list[str], title: str = ""):
     sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=groups, s=12, ax=ax, linewidth=0, alpha=0.8)
     ax.set_xticks([]), ax.set_yticks([]), ax.set_title(title)
     ax.legend(fontsize=7, markerscale=1.5)
+    fig.tight_layout()
+    return fig
+
+
+def latent_histograms(latents: torch.Tensor, bins: int = 80, title: str = "Scaled latents per channel"):
+    """Density histogram of the values of each latent channel of (N, C, H, W) latents,
+    with the standard normal density for reference."""
+    lat = torch.as_tensor(latents).float()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for c in range(lat.shape[1]):
+        v = lat[:, c].flatten().numpy()
+        ax.hist(v, bins=bins, histtype="step", density=True, label=f"channel {c} (std {v.std():.2f})")
+    grid = np.linspace(-4, 4, 200)
+    ax.plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), color="black", ls=":", label="N(0, 1)")
+    ax.set_title(title), ax.set_xlabel("latent value"), ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def latent_classifier_accuracy(acc: pd.DataFrame, num_classes: int,
+                               title: str = "Noise-aware latent classifier: validation accuracy on z_t by t"):
+    """Accuracy by timestep bucket (columns bucket_start, bucket_end, accuracy, fraction),
+    one line per label fraction, with the chance level."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for f, g in acc.groupby("fraction"):
+        g = g.sort_values("bucket_start")
+        ax.plot((g["bucket_start"] + g["bucket_end"]) / 2, g["accuracy"], marker="o", label=f"{f:.0%} labels")
+    ax.axhline(1 / num_classes, color="grey", ls="--", label="chance")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("diffusion timestep t (0 = clean latent, large = almost pure noise)")
+    ax.set_ylabel("validation accuracy"), ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def guidance_sweep(sweep: pd.DataFrame, num_classes: int, default_scale: float | None = None, title: str = ""):
+    """Class accuracy and mean target-class probability (columns guidance_scale,
+    class_accuracy, mean_target_prob) against the guidance scale s."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    sweep = sweep.sort_values("guidance_scale")
+    ax.plot(sweep["guidance_scale"], sweep["class_accuracy"], marker="o", label="class accuracy (reference classifier)")
+    ax.plot(sweep["guidance_scale"], sweep["mean_target_prob"], marker="s", label="mean p(intended class)")
+    ax.axhline(1 / num_classes, color="grey", ls="--", label="chance")
+    if default_scale is not None:
+        ax.axvline(default_scale, color="black", ls=":", lw=1, label=f"study's scale s = {default_scale:g}")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("guidance scale s (0 = unguided)"), ax.set_ylabel("fraction / probability")
+    ax.set_title(title or "Guidance scale sweep")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ratio_sweep(summary: pd.DataFrame, metric_label: str = "test accuracy", title: str = ""):
+    """Mean and 95% CI (columns training_set, ratio, mean, ci_low, ci_high) against the
+    synthetic-to-real ratio; real-only is the grey line and band."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    real = summary[summary["training_set"] == "real"]
+    if len(real):
+        r = real.iloc[0]
+        if np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"]):
+            ax.axhspan(r["ci_low"], r["ci_high"], color="grey", alpha=0.2)
+        ax.axhline(r["mean"], color="grey", label="real (no synthetic)")
+    others = summary[summary["training_set"] != "real"]
+    for name in _series_sorted(others["training_set"].unique()):
+        g = others[others["training_set"] == name].sort_values("ratio")
+        yerr = np.nan_to_num(np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]]))
+        ax.errorbar(g["ratio"] * 100, g["mean"], yerr=yerr, marker="o", capsize=3, label=name,
+                    color=series_color(name))
+    ax.set_xlabel("synthetic images added, % of the real labeled images"), ax.set_ylabel(metric_label)
+    ax.set_title(title or f"{metric_label} vs synthetic-to-real ratio (mean and 95% CI over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def filtering_outcomes(summary: pd.DataFrame, title: str = "Filtering outcome per class"):
+    """Stacked bars per class (columns class_name and one count per outcome: kept,
+    wrong_centroid, low_confidence, near_copy, over_quota): the full bar is all candidates."""
+    outcomes = [c for c in ["kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota"] if c in summary]
+    table = summary.groupby("class_name", sort=False)[outcomes].sum()
+    colors = {"kept": "tab:green", "wrong_centroid": "tab:red", "low_confidence": "tab:orange",
+              "near_copy": "tab:purple", "over_quota": "tab:grey"}
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    bottom = np.zeros(len(table))
+    for o in outcomes:
+        ax.bar(table.index, table[o], bottom=bottom, label=o.replace("_", " "), color=colors[o])
+        bottom += table[o].to_numpy()
+    ax.set_ylabel("candidate images"), ax.set_title(title)
+    ax.tick_params(axis="x", rotation=20)
+    ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     return fig

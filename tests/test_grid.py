@@ -45,10 +45,13 @@ def test_run_grid_results_and_json(tmp_path):
     assert list(df["sum"]) == [10, 20, 11, 21]
     assert list(df["nested.product"]) == [0, 0, 10, 20]
     assert list(df["id"]) == ["a=0_b=10", "a=0_b=20", "a=1_b=10", "a=1_b=20"]
-    assert (df["elapsed_s"] >= 0).all()
     rec = json.loads((tmp_path / "grid" / "a=1_b=20.json").read_text())
     assert rec["cell"] == {"a": 1, "b": 20}
     assert rec["result"]["nested"]["pair"] == [1, 1]
+    assert df["elapsed_s"].iloc[3] == rec["elapsed_s"]
+    # elapsed_s times the cell function itself: a cell that sleeps 0.2 s takes at least that
+    slow = run_grid([{"a": 0, "b": 0, "sleep": 0.2}], FN, tmp_path / "slow", progress=False)
+    assert 0.2 <= slow["elapsed_s"].iloc[0] < 0.2 + 10
     assert not [p for p in (tmp_path / "grid").iterdir() if p.suffix != ".json"]  # no temp files
 
 

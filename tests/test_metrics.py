@@ -9,20 +9,16 @@ from scipy import linalg, stats
 
 from hdlib.errors import DataError, HDLibError
 from hdlib.metrics import (
-    FeatureExtractorForFID,
-    array_fingerprint,
     classification_metrics,
     feature_stats,
     fid_kid,
     frechet_distance,
     inception_fid,
-    paired_comparison,
     precision_recall,
-    reference_stats_cache,
-    summarize,
 )
+from hdlib.stats import paired_comparison, summarize
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gaussian(n, d, seed, shift=0.0, scale=1.0):
@@ -136,58 +132,7 @@ def test_precision_recall_disjoint_sets_are_zero():
     assert pr == {"precision": 0.0, "recall": 0.0}
 
 
-# --- feature extractor and stats cache --------------------------------------
-
-def test_feature_extractor_works_with_torchmetrics_on_images():
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    from hdlib.downstream import build_classifier
-
-    model = build_classifier("resnet10t", num_classes=3)
-    ext = FeatureExtractorForFID(model, image_size=32)
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randint(0, 256, (6, 3, 48, 48), dtype=torch.uint8, generator=g)
-    feats = ext(imgs)
-    assert feats.shape == (6, ext.num_features)
-    ext.train()
-    assert not ext.model.training  # never leaves eval mode
-    fid = FrechetInceptionDistance(feature=ext)
-    fid.update(imgs[:3], real=True)
-    fid.update(imgs[3:], real=False)
-    assert math.isfinite(float(fid.compute()))
-
-
-def test_reference_stats_cache_computes_once_and_recomputes_on_new_key(tmp_path):
-    calls = []
-    f1, f2 = gaussian(40, 3, 13), gaussian(40, 3, 14)
-
-    def fn(f):
-        def inner():
-            calls.append(1)
-            return f
-        return inner
-
-    path = tmp_path / "ref_stats.npz"
-    key1 = array_fingerprint(f1)
-    mu, sig = reference_stats_cache(fn(f1), path, key1)
-    mu_again, sig_again = reference_stats_cache(fn(f1), path, key1)
-    assert len(calls) == 1
-    np.testing.assert_array_equal(mu, mu_again)
-    np.testing.assert_array_equal(sig, sig_again)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref_stats.npz"]  # no temp files left
-    mu2, _ = reference_stats_cache(fn(f2), path, array_fingerprint(f2))
-    assert len(calls) == 2
-    np.testing.assert_allclose(mu2, f2.mean(0))
-
-
-def test_array_fingerprint_sensitive_to_content_and_shape():
-    a = torch.arange(6, dtype=torch.uint8)
-    assert array_fingerprint(a) == array_fingerprint(a.clone())
-    assert array_fingerprint(a) != array_fingerprint(a.view(2, 3))
-    b = a.clone()
-    b[0] = 9
-    assert array_fingerprint(a) != array_fingerprint(b)
-
+# --- Inception FID ----------------------------------------------------------
 
 def test_inception_fid_never_downloads(tmp_path):
     imgs = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from hdlib.config import load_config
-from hdlib.report import README_END, README_START, readme_block
+from hdlib.stages.report import README_END, README_START, readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,4 +17,4 @@ def test_readme_results_match_committed_default_study(monkeypatch):
         pytest.skip("results/default has not been produced yet")
     text = (ROOT / "README.md").read_text()
     block = text[text.index(README_START):text.index(README_END) + len(README_END)]
-    assert block == readme_block(cfg), "README results are stale: run `python -m hdlib.report readme params/default.yaml`"
+    assert block == readme_block(cfg), "README results are stale: run `python -m hdlib readme params/default.yaml`"

@@ -9,7 +9,7 @@ import torch
 import pytest
 
 from hdlib.config import load_config
-from hdlib.report import accuracy_table
+from hdlib.stages.report import accuracy_table
 from hdlib.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,18 +90,19 @@ def test_target_never_in_pool(study):
 def test_target_absent_from_every_pretraining_batch(study):
     """Every batch the autoencoder and the pre-training denoiser can draw comes from the
     pool tensors; none of their rows equals a target image (or its latent)."""
-    from hdlib import study as S
+    from hdlib.stages.autoencoder import load_latents
+    from hdlib.stages.data import load_target
     from hdlib.train import build_task
 
     cfg, _, _ = study
-    target = S.load_target(cfg)
+    target = load_target(cfg)
     tgt = torch.cat([target["train_images"], target["val_images"], target["test_images"]]).flatten(1)
     ae = build_task(cfg, "autoencoder")
     pool_imgs = ((ae.tensors[0] + 1) * 127.5).round().to(torch.uint8).flatten(1)
     assert len(ae.tensors) == 1 and len(pool_imgs) == cfg.data.pool_size
     assert not any((tgt == row).all(1).any() for row in pool_imgs)
-    lat = S.load_latents(cfg)
-    pre = build_task(cfg, "denoiser_pretrain")
+    lat = load_latents(cfg)
+    pre = build_task(cfg, "denoiser_pretrained")
     assert len(pre.tensors) == 1 and torch.equal(pre.tensors[0], lat["pool"])
     tz = torch.cat([lat["train"], lat["val"], lat["test"]]).flatten(1)
     assert torch.cdist(pre.tensors[0].flatten(1), tz).min() > 0
@@ -109,38 +110,55 @@ def test_target_absent_from_every_pretraining_batch(study):
 
 @pytest.mark.slow
 def test_sharded_sampling_on_two_processes_matches_one(study):
-    """Synthesis split over 2 processes (accelerate launch, gloo on the CPU) gives the
-    images of a 1-process run: each image has its own seed, whatever its shard."""
-    from hdlib import study as S
+    """Synthesis split over 2 processes (the launcher, gloo on the CPU) gives the images of
+    a 1-process run: each image has its own seed, whatever its shard."""
+    from hdlib.stages.common import config_from_results
+    from hdlib.stages.synthesis import Generation, _synthesize_sharded, request_seeds
 
     cfg, _, _ = study
-    two = S.config_from_results(cfg.results_dir)
+    two = config_from_results(cfg.results_dir)
     two.study.num_processes = 2
     f = min(cfg.downstream.fractions)
-    z2, _ = S._synthesize_sharded(two, "guided", f, 2, "shard_check", None)
+    z2, _ = _synthesize_sharded(two, "histodiffusion", f, 2, "shard_check", None)
     labels = torch.arange(len(cfg.data.classes)).repeat_interleave(2)
-    seeds = torch.as_tensor(S.request_seeds(two, "shard_check", len(labels)))
-    z1 = S.generate_latents(S.config_from_results(cfg.results_dir), "guided", f, labels, seeds, progress=False)
-    # batch composition differs between the runs, so agreement is to float rounding, not bitwise
+    seeds = torch.as_tensor(request_seeds(two, "shard_check", len(labels)))
+    z1 = Generation(config_from_results(cfg.results_dir)).latents("histodiffusion", f, labels, seeds, progress=False)
+    # batch composition differs between the runs, so agreement is to float tolerance, not bitwise
     assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-4 * z1.abs().max().item())
 
 
 @pytest.mark.slow
-def test_changed_settings_move_old_grid_aside(study, tmp_path):
-    """Grid cells made with other downstream settings are never silently reused."""
+def test_changed_synthetic_set_reruns_exactly_its_grid_cells(study, tmp_path):
+    """Grid cells are keyed by the content of their inputs: replace one upstream synthetic
+    set (as a re-run of stage 04 with other weights would) and only the cells trained on
+    it are recomputed; every other cell is reused untouched."""
     import shutil
 
-    from hdlib import study as S
-    from hdlib.config import load_config
+    from hdlib.paths import synthetic_set_name
+    from hdlib.stages.downstream import run_downstream_grid
 
     cfg, overrides, _ = study
     copy = tmp_path / "results"
     shutil.copytree(cfg.results_dir, copy / cfg.study.name)
-    same = load_config(SMOKE, overrides + [f"study.results_root={copy}"])
-    S.downstream_cells(same)
-    assert len(list((copy / cfg.study.name / "grid").glob("fraction=*.json"))) > 0
-    changed = load_config(SMOKE, overrides + [f"study.results_root={copy}", "downstream.train.lr=0.01"])
-    S.downstream_cells(changed)
-    assert not list((copy / cfg.study.name / "grid").glob("fraction=*.json"))
-    stale = list((copy / cfg.study.name).glob("grid.stale-*"))
-    assert len(stale) == 1 and list(stale[0].glob("fraction=*.json"))
+    mine = load_config(SMOKE, overrides + [f"study.results_root={copy}"])
+    mine.study.progress = False
+    first = run_downstream_grid(mine)
+    assert first.attrs["computed"] == [] and first.attrs["stale_recomputed"] == []
+
+    f = min(cfg.downstream.fractions)
+    blob_path = copy / cfg.study.name / "synthetic" / synthetic_set_name("histodiffusion", f) / "images.pt"
+    blob = torch.load(blob_path, weights_only=False)
+    blob["images"] = 255 - blob["images"]
+    blob["content_key"] = blob["content_key"] + "-regenerated"
+    torch.save(blob, blob_path)
+    grid = copy / cfg.study.name / "grid"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in grid.glob("*.json")}
+
+    second = run_downstream_grid(mine)
+    expected = sorted(second.loc[(second["fraction"] == f) & second["training_set"].isin(
+        ["histodiffusion", "histodiffusion_unfiltered"]), "id"].unique())
+    assert expected and sorted(second.attrs["stale_recomputed"]) == expected
+    assert sorted(second.attrs["computed"]) == expected
+    for p in grid.glob("*.json"):
+        if p.stem not in expected:
+            assert p.stat().st_mtime_ns == mtimes[p.name], p.name

@@ -25,12 +25,8 @@ TOY = Path(__file__).resolve().parent / "_train_toy.py"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocess runs use one thread too: same float reductions
-    yield
-    torch.set_num_threads(n)
+# The subprocess runs use one thread too: the same float reductions as in this process.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(out, **kw):

@@ -1,5 +1,6 @@
-"""REPORT.md for a study, assembled only from what the stages wrote
-(metrics/*.json, tables/*.csv, figures/*.png): no number is typed in here."""
+"""Stage 07: REPORT.md for a study, and the README's results block, assembled only
+from what the stages wrote (metrics/*.json, tables/*.csv, figures/*.png): no
+number is typed in here."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Config
-from .io import atomic_write_text
+from ..config import Config
+from ..io import atomic_write_text
+from ..paths import REPO_ROOT, StudyPaths
+from .common import read_metrics
 
 
 def _read(cfg: Config, stage: str) -> dict:
-    p = cfg.results_dir / "metrics" / f"{stage}.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    return read_metrics(cfg, stage, missing_ok=True)
 
 
 def _fig(cfg: Config, name: str, caption: str) -> str:
-    p = cfg.results_dir / "figures" / f"{name}.png"
-    return f"![{caption}](figures/{name}.png)\n\n*{caption}*\n" if p.exists() else ""
+    return f"![{caption}](figures/{name}.png)\n\n*{caption}*\n" if StudyPaths(cfg).figure(name).exists() else ""
 
 
 def _md(df: pd.DataFrame, floatfmt=".3f") -> str:
@@ -71,10 +72,9 @@ def headline(cfg: Config) -> str:
 
 
 def build_report(cfg: Config) -> Path:
-    out = cfg.results_dir
     d0, d1, d2 = _read(cfg, "00_data"), _read(cfg, "01_autoencoder"), _read(cfg, "02_diffusion")
     d4, d5, d6 = _read(cfg, "04_synthesis"), _read(cfg, "05_downstream"), _read(cfg, "06_quality")
-    timings_p = out / "stages" / "timings.json"
+    timings_p = StudyPaths(cfg).stages / "timings.json"
     timings = json.loads(timings_p.read_text()) if timings_p.exists() else {}
     ds = cfg.downstream
     parts = [f"# HistoDiffusion study `{cfg.study.name}`\n",
@@ -96,8 +96,9 @@ def build_report(cfg: Config) -> Path:
                  f"- Guidance: DDIM {cfg.sampling.num_inference_steps} steps, eta {cfg.sampling.eta}, "
                  f"s = {cfg.sampling.guidance_scale}; denoiser for the grid: adaptation "
                  f"`{cfg.diffusion.grid_adaptation}`. Filtering: centroid rule, confidence >= {cfg.filtering.tau}, "
-                 f"near-copy distance < {cfg.filtering.delta} dropped. 'scratch' and 'cfg' sets are filtered the "
-                 "same way as HistoDiffusion; 'unfiltered' is the same guided candidates without filtering.\n")
+                 f"near-copy distance < {cfg.filtering.delta} dropped. 'scratch' and 'classifier_free' sets are filtered "
+                 "the same way as HistoDiffusion; 'histodiffusion_unfiltered' is the same guided candidates "
+                 "without filtering.\n")
 
     parts.append("## Downstream accuracy\n")
     parts.append("Test accuracy, mean ± std over seeds [95% CI]:\n\n" + _md(accuracy_table(d5.get("accuracy", []))) + "\n")
@@ -147,7 +148,7 @@ def build_report(cfg: Config) -> Path:
         parts.append(_md(pd.DataFrame(d0["counts"]).reset_index(names="class"), ".0f") + "\n\n"
                      f"Unlabeled pool: {d0.get('pool')}.\n")
     parts.append("## Timings\n")
-    mem_p = out / "stages" / "peak_memory_mb.json"
+    mem_p = StudyPaths(cfg).stages / "peak_memory_mb.json"
     memory = json.loads(mem_p.read_text()) if mem_p.exists() else {}
     if timings:
         t = pd.DataFrame({"stage": list(timings), "seconds": list(timings.values()),
@@ -155,12 +156,12 @@ def build_report(cfg: Config) -> Path:
         t.loc[len(t)] = ["total", t["seconds"].sum(), max(memory.values(), default=float("nan"))]
         parts.append(_md(t, ".0f") + "\n")
     text = "\n".join(p for p in parts if p)
-    path = out / "REPORT.md"
+    path = StudyPaths(cfg).report
     atomic_write_text(path, text)
     return path
 
 
-README_START = "<!-- results:default start (written by `python -m hdlib.report readme`; do not edit) -->"
+README_START = "<!-- results:default start (written by `python -m hdlib readme`; do not edit) -->"
 README_END = "<!-- results:default end -->"
 
 
@@ -178,7 +179,7 @@ def readme_block(cfg: Config) -> str:
                           ("synthesis_comparison_grid", "real vs generated samples per class"),
                           ("autoencoder_reconstructions", "autoencoder reconstructions of held-out tiles"),
                           ("diffusion_samples", "unconditional samples")]:
-        if (cfg.results_dir / "figures" / f"{name}.png").exists():
+        if StudyPaths(cfg).figure(name).exists():
             lines += [f"![{caption}]({rel}/figures/{name}.png)", ""]
     if d1:
         lines += [f"Autoencoder: held-out pool PSNR {d1['heldout_pool_psnr_db']:.2f} dB, latent "
@@ -200,21 +201,5 @@ def sync_readme(cfg: Config, readme: Path) -> bool:
     return new != text
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    from .config import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m hdlib.report")
-    ap.add_argument("command", choices=["readme"])
-    ap.add_argument("params")
-    ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args(argv)
-    cfg = load_config(a.params, a.overrides)
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    print(("updated " if sync_readme(cfg, readme) else "unchanged ") + str(readme))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def readme_path() -> Path:
+    return REPO_ROOT / "README.md"

@@ -1,0 +1,72 @@
+"""Statistics over seeds: mean, std and t-interval per setting, and paired
+comparisons (same fraction, same seed) of each setting against real-only."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def _values(values, name: str) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError(f"{name}: no values")
+    return v
+
+
+def summarize(values, confidence: float = 0.95) -> dict:
+    """Mean, sample std and a Student-t confidence interval for the mean (NaN CI for n=1)."""
+    from scipy import stats
+
+    v = _values(values, "summarize")
+    n = int(v.size)
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": mean, "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": n}
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * std / math.sqrt(n))
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+def paired_comparison(a, b, confidence: float = 0.95) -> dict:
+    """Paired comparison of a against b (same seeds, same order): mean of a - b with a
+    t-interval, paired t-test p-value and Wilcoxon signed-rank p-value (NaN for n < 6,
+    where even the most extreme ranks cannot reach p < 0.05); both p-values are NaN when
+    all differences are equal."""
+    from scipy import stats
+
+    a, b = _values(a, "paired_comparison a"), _values(b, "paired_comparison b")
+    if a.shape != b.shape:
+        raise ValueError(f"paired_comparison: a and b have different lengths ({a.size} vs {b.size})")
+    diff = a - b
+    s = summarize(diff, confidence)
+    n = s["n"]
+    constant = bool(np.all(diff == diff[0]))
+    # Equal differences have zero spread: the t statistic is undefined, say so with NaN.
+    t_p = float(stats.ttest_rel(a, b).pvalue) if n >= 2 and not constant else float("nan")
+    w_p = float("nan")
+    if n >= 6 and not constant:
+        w_p = float(stats.wilcoxon(a, b).pvalue)
+    return {"mean_diff": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+            "t_pvalue": t_p, "wilcoxon_pvalue": w_p, "n": n}
+
+
+def grid_summary(results: pd.DataFrame, metric: str = "test.accuracy",
+                 keys=("fraction", "training_set", "ratio")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean, std and 95% CI per setting, and a paired comparison (same fraction and
+    seed) of each augmented setting against real-only."""
+    keys = list(keys)
+    rows = [{**dict(zip(keys, key)), **summarize(g[metric].to_numpy())}
+            for key, g in results.groupby(keys, sort=True)]
+    comps = []
+    real = results[results["training_set"] == "real"]
+    for key, g in results[results["training_set"] != "real"].groupby(keys, sort=True):
+        base = real[real["fraction"] == key[0]].set_index("seed")[metric]
+        mine = g.set_index("seed")[metric]
+        common = sorted(set(base.index) & set(mine.index))
+        if common:
+            comps.append({**dict(zip(keys, key)),
+                          **paired_comparison(mine.loc[common].to_numpy(), base.loc[common].to_numpy())})
+    return pd.DataFrame(rows), pd.DataFrame(comps)
