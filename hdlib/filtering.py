@@ -36,10 +36,6 @@ class FilterResult:
     nearest_class: np.ndarray  # int [N]: class of the nearest centroid
     summary: pd.DataFrame     # per class: candidates, kept and the count per rejection reason
 
-    @property
-    def n_near_copy(self) -> int:
-        return int((self.reason == "near_copy").sum())
-
 
 def _features(x, name: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)

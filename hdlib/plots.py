@@ -37,7 +37,8 @@ def series_color(name: str):
 
 
 def _series_sorted(names) -> list[str]:
-    return sorted(names, key=lambda n: (SERIES_ORDER.index(n) if n in SERIES_ORDER else len(SERIES_ORDER), str(n)))
+    """Known series in SERIES_ORDER first, then the others in their given order."""
+    return sorted(names, key=lambda n: SERIES_ORDER.index(n) if n in SERIES_ORDER else len(SERIES_ORDER))
 
 
 def save(fig, cfg, name: str) -> Path:
@@ -180,10 +181,13 @@ def confusion(cm, classes, title: str = ""):
 
 
 def embedding(points: np.ndarray, groups: list[str], title: str = ""):
+    """2-D scatter of an embedding (e.g. t-SNE), one colour per group; 'real ...' groups
+    first, then kept, then rejected ones in the legend."""
     import seaborn as sns
 
-    fig, ax = plt.subplots(figsize=(6, 5))
-    sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=groups, s=12, ax=ax, linewidth=0, alpha=0.8)
+    order = sorted(set(groups), key=lambda g: (not g.startswith("real"), "rejected" in g, g))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=groups, hue_order=order, s=12, ax=ax, linewidth=0, alpha=0.8)
     ax.set_xticks([]), ax.set_yticks([]), ax.set_title(title)
     ax.legend(fontsize=7, markerscale=1.5)
     fig.tight_layout()

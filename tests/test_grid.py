@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # so workers can import _grid_cells too
 
 from hdlib.errors import HDLibError  # noqa: E402
-from hdlib.grid import GridCellError, StaleResultError, cell_id, run_grid  # noqa: E402
+from hdlib.grid import GridCellError, cell_id, run_grid  # noqa: E402
 
 FN = "_grid_cells:toy_cell"
 
@@ -67,14 +67,19 @@ def test_resume_skips_done_cells(tmp_path):
     assert calls(marker) == 4
 
 
-def test_stale_json_is_an_error(tmp_path):
-    run_grid([{"id": "c1", "a": 1, "b": 2}], FN, tmp_path, progress=False)
-    with pytest.raises(StaleResultError, match="c1.json: stale result"):
-        run_grid([{"id": "c1", "a": 1, "b": 3}], FN, tmp_path, progress=False)
-    # Ids from a subset of keys: a change in another key makes the old result stale.
-    run_grid([{"a": 1, "b": 2}], FN, tmp_path / "k", id_keys=["a"], progress=False)
-    with pytest.raises(StaleResultError, match="a=1.json: stale"):
-        run_grid([{"a": 1, "b": 3}], FN, tmp_path / "k", id_keys=["a"], progress=False)
+def test_stale_result_is_recomputed_never_reused(tmp_path):
+    first = run_grid([{"id": "c1", "a": 1, "b": 2}], FN, tmp_path, progress=False)
+    again = run_grid([{"id": "c1", "a": 1, "b": 2}], FN, tmp_path, progress=False)
+    assert again.attrs["computed"] == [] and again.attrs["stale_recomputed"] == []
+    changed = run_grid([{"id": "c1", "a": 1, "b": 3}], FN, tmp_path, progress=False)
+    assert changed.attrs["stale_recomputed"] == ["c1"] and changed.attrs["computed"] == ["c1"]
+    assert changed.loc[0, "b"] == 3 and changed.loc[0, "sum"] != first.loc[0, "sum"]
+    # ids from a subset of keys: a changed content key (outside the id) re-runs exactly that cell
+    cells = [{"a": 1, "b": 2, "inputs": "x"}, {"a": 2, "b": 2, "inputs": "y"}]
+    run_grid(cells, FN, tmp_path / "k", id_keys=["a"], progress=False)
+    cells[1]["inputs"] = "y2"
+    out = run_grid(cells, FN, tmp_path / "k", id_keys=["a"], progress=False)
+    assert out.attrs["stale_recomputed"] == ["a=2"]
 
 
 def test_duplicate_ids_and_bad_cell_fn(tmp_path):

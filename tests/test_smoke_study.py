@@ -1,7 +1,6 @@
 """The whole smoke study (params/smoke.yaml) through papermill, as a user would run it."""
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd

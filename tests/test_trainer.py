@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from hdlib.errors import ConfigError, DataError, HDLibError
-from hdlib.trainer import (BatchPlan, TensorBatchSource, TrainConfig, Trainer, launch, load_final,
-                           lr_factor)
+from hdlib.launch import launch
+from hdlib.trainer import BatchPlan, TensorBatchSource, TrainConfig, Trainer, load_final, lr_factor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_toy import toy_config, toy_data, toy_loss, toy_model  # noqa: E402

@@ -96,15 +96,19 @@ def pool_source_records(cfg: Config, src) -> list:
 
 
 def _load_labeled(cfg: Config, recs, what: str):
-    """Decode a labeled split, skipping unreadable images up to data.max_bad_fraction
-    (past it: a one-line error naming the first file). The user's data is never touched."""
-    c = cfg.data
-    allowed = int(np.floor(c.max_bad_fraction * len(recs) + 1e-9))
-    imgs, kept, bad = D.load_images(recs, c.image_size, max_bad_fraction=1.0, progress=cfg.study.progress)
-    if len(bad) > allowed:
-        raise DataError(f"{what}: {len(bad)} of {len(recs)} images unreadable (data.max_bad_fraction="
-                        f"{c.max_bad_fraction} allows {allowed}), first {bad[0][0].path} ({bad[0][1]})")
+    """Decode a labeled split; unreadable images are skipped and returned as (split, record, reason)."""
+    imgs, kept, bad = D.load_images(recs, cfg.data.image_size, max_bad_fraction=1.0, progress=cfg.study.progress)
     return imgs, kept, [(what, r, why) for r, why in bad]
+
+
+def _check_bad_labeled(cfg: Config, bad: list, n_total: int) -> None:
+    """Skipped labeled images are tolerated up to data.max_bad_fraction of all labeled
+    images; past it, a one-line error naming the first file. The user's data is never touched."""
+    allowed = int(np.floor(cfg.data.max_bad_fraction * n_total + 1e-9))
+    if len(bad) > allowed:
+        split, rec, why = bad[0]
+        raise DataError(f"{split}: {len(bad)} of {n_total} labeled images unreadable (data.max_bad_fraction="
+                        f"{cfg.data.max_bad_fraction} allows {allowed}), first {rec.path} ({why})")
 
 
 def prepare_data(cfg: Config) -> dict:
@@ -123,6 +127,7 @@ def prepare_data(cfg: Config) -> dict:
     tr_x, train, bad_tr = _load_labeled(cfg, [train_recs[i] for i in tr_idx], "target_train")
     va_x, val, bad_va = _load_labeled(cfg, [train_recs[i] for i in va_idx], "target_val")
     te_x, test, bad_te = _load_labeled(cfg, test_recs, "target_test")
+    _check_bad_labeled(cfg, bad_tr + bad_va + bad_te, len(train_recs) + len(test_recs))
     fractions = D.nested_label_fractions(np.array([r.label for r in train]), c.label_fractions, seed,
                                          class_names=c.classes)
 
@@ -219,3 +224,10 @@ def manifest_hash(cfg: Config, split: str, fraction: float | None = None) -> str
     if fraction is not None:
         df = df.iloc[fraction_indices(cfg, fraction)]
     return hashlib.sha1(df.to_csv(index=False).encode()).hexdigest()
+
+
+def grid_fractions(cfg: Config) -> list[float]:
+    """Label fractions whose models and synthetic sets the downstream grid needs:
+    `downstream.fractions` plus the ratio-sweep fraction (which need not be one of them)."""
+    ds = cfg.downstream
+    return sorted(set(ds.fractions) | ({ds.ratio_sweep_fraction} if ds.ratio_sweep and ds.ratio_sweep_sets else set()))

@@ -363,3 +363,41 @@ def synthetic_training_images(cfg: Config, training_set: str, fraction: float, r
 
 __all__ = ["Generation", "request_seeds", "synthesize", "filter_candidates", "synthetic_training_images",
            "reference_classifier", "baseline_classifier", "candidates_per_class", "generators_needed", "frac_tag"]
+
+
+def guidance_sweep(gen: Generation, fraction: float, judge, scales=None, per_class: int | None = None) -> pd.DataFrame:
+    """HistoDiffusion samples at each guidance scale (default `sampling.guidance_sweep`,
+    `sampling.sweep_per_class` images per class), judged by `judge` (the reference
+    classifier): the share predicted as the intended class, and the mean probability of
+    the intended class. Each scale's set is cached like any synthetic set."""
+    from ..downstream import predict
+
+    cfg = gen.cfg
+    scales = cfg.sampling.guidance_sweep if scales is None else scales
+    per_class = cfg.sampling.sweep_per_class if per_class is None else per_class
+    rows = []
+    for s in scales:
+        b = synthesize(gen, "histodiffusion", fraction, per_class, guidance_scale=float(s), tag=f"sweep_s{float(s):g}")
+        probs, preds = predict(judge, b["images"], batch_size=128, device=gen.device)
+        rows.append({"guidance_scale": float(s), "n": int(len(preds)),
+                     "class_accuracy": float((preds == b["labels"]).float().mean()),
+                     "mean_target_prob": float(probs[torch.arange(len(probs)), b["labels"]].mean())})
+    return pd.DataFrame(rows)
+
+
+def filter_embedding(cfg: Config, name: str) -> tuple[np.ndarray, list[str]]:
+    """2-D t-SNE of the baseline-classifier features that filtering used (cached by
+    `filter_candidates`; nothing is re-filtered): the real labeled fraction and every
+    candidate of set `name`. Returns (points (N, 2), group per point: 'real (labeled
+    fraction)', 'synthetic kept' or 'synthetic rejected: <reason>')."""
+    from sklearn.manifold import TSNE
+
+    feats = filter_features(cfg, name)
+    filt = pd.read_csv(require(StudyPaths(cfg).synthetic(name) / "filter.csv", f"filter result of {name}"))
+    real, syn = feats["real"].numpy(), feats["synthetic"].numpy()
+    x = np.concatenate([real, syn])
+    groups = ["real (labeled fraction)"] * len(real) + [
+        "synthetic kept" if r == "kept" else f"synthetic rejected: {r.replace('_', ' ')}" for r in filt["reason"]]
+    perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3)))
+    points = TSNE(n_components=2, random_state=cfg.study.seed, init="pca", perplexity=perplexity).fit_transform(x)
+    return points, groups

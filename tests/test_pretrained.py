@@ -1,0 +1,106 @@
+"""Pre-trained models in diffusers format: the shipped one loads with plain diffusers and
+samples; external folders of any latent channels / downsampling work; mismatches and
+pickled weights are one-line errors before any compute; export round-trips."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+from hdlib.errors import ConfigError
+from hdlib.pretrained import (MANIFEST, check_compatible, export_pretrained, folder_sha256, load_scheduler,
+                              load_unet, load_vae, read_latent_info, verify)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "models" / "demo-pool"
+
+
+def tiny_vae(latent_channels=3, levels=2):
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(8,) * levels,
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4)
+
+
+def tiny_unet(channels=3, size=8):
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    torch.manual_seed(0)
+    return export_pretrained(tmp_path / "m", tiny_vae(), tiny_unet(), DDPMScheduler(num_train_timesteps=50),
+                             scaling_factor=0.7)
+
+
+def test_shipped_model_loads_with_plain_diffusers_and_samples():
+    vae = AutoencoderKL.from_pretrained(SHIPPED / "vae", use_safetensors=True)
+    unet = UNet2DModel.from_pretrained(SHIPPED / "unet", use_safetensors=True)
+    sched = DDPMScheduler.from_pretrained(SHIPPED / "scheduler")
+    assert unet.config.in_channels == vae.config.latent_channels
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(sched.config)
+    ddim.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    S = unet.config.sample_size
+    z = torch.randn(2, unet.config.in_channels, S, S, generator=g)
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            z = ddim.step(unet(z, t).sample, t, z).prev_sample
+        x = vae.decode(z / vae.config.scaling_factor).sample
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    assert x.shape == (2, 3, S * down, S * down)
+    assert torch.isfinite(x).all() and x.std() > 0.01
+    verify(SHIPPED)  # every file matches MANIFEST.sha256
+    card = json.loads((SHIPPED / "card.json").read_text())
+    assert card["quality_final"]["fid"] > 0 and (SHIPPED / "MODEL_CARD.md").exists()
+    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) < 40 * 2**20
+
+
+def test_export_round_trips_and_is_safetensors(folder):
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, "scheduler", "unet", "vae"]
+    assert list((folder / "vae").glob("*.safetensors")) and not list(folder.rglob("*.bin"))
+    assert read_latent_info(folder)["scaling_factor"] == pytest.approx(0.7)
+    vae, unet = load_vae(folder), load_unet(folder)
+    assert vae.config.latent_channels == 3 and unet.config.in_channels == 3
+    assert load_scheduler(folder).config.num_train_timesteps == 50
+    assert check_compatible(folder, 16) == {"latent_channels": 3, "downsampling": 2, "latent_size": 8,
+                                            "has_unet": True}
+
+
+def test_manifest_and_pinned_sha256_catch_a_changed_file(folder):
+    pinned = verify(folder)
+    assert pinned == folder_sha256(folder)
+    w = next((folder / "unet").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ConfigError, match="unet/.*sha256 differs"):
+        verify(folder)
+    (folder / MANIFEST).unlink()
+    with pytest.raises(ConfigError, match="expected"):
+        verify(folder, pinned)
+
+
+@pytest.mark.parametrize("image_size, unet, match", [
+    (16, tiny_unet(channels=4), "4 input / 4 output channels but the vae's latents have 3"),
+    (16, tiny_unet(size=4), "sample_size 4 does not match the latent size 8"),
+    (15, tiny_unet(), "not divisible by the autoencoder's downsampling factor 2"),
+])
+def test_mismatch_is_one_line_error(tmp_path, image_size, unet, match):
+    f = export_pretrained(tmp_path / "bad", tiny_vae(), unet, DDPMScheduler(num_train_timesteps=50), 1.0)
+    with pytest.raises(ConfigError, match=match) as err:
+        check_compatible(f, image_size)
+    assert "\n" not in str(err.value)
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    vae_dir = tmp_path / "pickled" / "vae"
+    tiny_vae().save_pretrained(vae_dir, safe_serialization=False)
+    assert list(vae_dir.glob("*.bin"))
+    with pytest.raises(ConfigError, match="no .safetensors"):
+        load_vae(tmp_path / "pickled")
+    with pytest.raises(ConfigError, match="no .safetensors"):
+        check_compatible(tmp_path / "pickled", 16)
