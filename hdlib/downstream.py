@@ -4,7 +4,7 @@ validation split, prediction, feature extraction and evaluation."""
 
 from __future__ import annotations
 
-import copy
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -172,14 +172,23 @@ class HistologyAugment(nn.Module):
         self.flips, self.rotations = flips, rotations
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`seeds` (one int64 per image): each image's draws come from its own generator,
+        so an image's augmentation does not depend on its batch-mates."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise DataError(f"HistologyAugment: expected (N, 3, H, W) images, got {tuple(images.shape)}")
         n, dev = images.shape[0], images.device
+        if seeds is not None:
+            draws = torch.stack([torch.rand(8, generator=torch.Generator().manual_seed(int(sd) % 2**63))
+                                 for sd in seeds])
+        else:
+            # Drawn on the CPU generator in a fixed order: same numbers on any device.
+            draws = torch.rand(8, n, generator=generator).T
+        col = iter(range(8))
 
         def uniform(lo: float, hi: float) -> torch.Tensor:
-            # Drawn on the CPU generator in a fixed order: same numbers on any device.
-            return (torch.rand(n, generator=generator) * (hi - lo) + lo).to(dev)
+            return (draws[:, next(col)] * (hi - lo) + lo).to(dev)
 
         x = images
         if self.flips:
@@ -187,7 +196,7 @@ class HistologyAugment(nn.Module):
             x = torch.where(hflip.view(-1, 1, 1, 1), x.flip(-1), x)
             x = torch.where(vflip.view(-1, 1, 1, 1), x.flip(-2), x)
         if self.rotations and x.shape[-1] == x.shape[-2]:
-            k = torch.randint(0, 4, (n,), generator=generator).to(dev)
+            k = (uniform(0, 4).floor().clamp(max=3)).long()
             base = x
             for j in (1, 2, 3):
                 x = torch.where((k == j).view(-1, 1, 1, 1), torch.rot90(base, j, dims=(-2, -1)), x)
@@ -235,25 +244,6 @@ def _check_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
                         f"max {int(labels.max())})")
 
 
-def _batch_indices(labels: torch.Tensor, batch_size: int, num_classes: int, balanced: bool,
-                   generator: torch.Generator):
-    """Endless stream of index batches: shuffled epochs (plain) or class-balanced
-    draws with replacement (balanced). Every batch has exactly `batch_size` items,
-    so BatchNorm never sees a batch of one."""
-    n = len(labels)
-    if balanced:
-        counts = torch.bincount(labels, minlength=num_classes).double()
-        weights = (1.0 / counts.clamp(min=1))[labels]
-        while True:
-            yield torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-    buffer = torch.empty(0, dtype=torch.long)
-    while True:
-        while len(buffer) < batch_size:
-            buffer = torch.cat([buffer, torch.randperm(n, generator=generator)])
-        yield buffer[:batch_size]
-        buffer = buffer[batch_size:]
-
-
 @torch.no_grad()
 def _val_scores(model: ImageClassifier, images, labels, num_classes, batch_size, device) -> dict:
     logits = _logits(model, images, batch_size, device, progress=False)
@@ -266,25 +256,42 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
                      val_labels: torch.Tensor, *, backbone: str = "resnet18", num_classes: int,
                      epochs: int | None = None, max_steps: int | None = None, batch_size: int = 64,
                      lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int | None = None,
-                     label_smoothing: float = 0.0, seed: int = 0, device: str = "cpu", augment: bool = True,
-                     balanced: bool = False, eval_every: int | None = None,
-                     pretrained_weights: str | Path | None = None, model_kwargs: dict | None = None,
-                     progress: bool = True) -> tuple[ImageClassifier, pd.DataFrame]:
-    """Train a timm classifier on uint8 images with AdamW and a warm-up + cosine schedule.
+                     label_smoothing: float = 0.0, grad_clip: float | None = 1.0, ema_decay: float | None = None,
+                     micro_batch_size: int | None = None, mixed_precision: str = "no",
+                     checkpointing_steps: int | None = None, seed: int = 0, augment: bool = True,
+                     balanced: bool = False, synthetic_images: torch.Tensor | None = None,
+                     synthetic_labels: torch.Tensor | None = None, synthetic_per_real: float = 0.0,
+                     eval_every: int | None = None, pretrained_weights: str | Path | None = None,
+                     model_kwargs: dict | None = None, out_dir: str | Path | None = None,
+                     progress: bool = True, device: str | None = None) -> tuple[ImageClassifier, pd.DataFrame]:
+    """Train a timm classifier on uint8 images with the study's one Trainer (accelerate,
+    mixed precision, gradient clipping, EMA where set, atomic checkpoints and resume in
+    `out_dir`; a temporary folder when None), AdamW and warm-up + cosine learning rate.
 
-    Length: `max_steps` optimiser steps, or `epochs` passes over the training set.
-    The validation split is scored every `eval_every` steps (default: once per epoch)
-    and at the end; the returned model is the state with the best validation balanced
-    accuracy (ties: lower validation loss). `warmup_steps` defaults to 5% of the steps.
-    Same arguments and seed give identical weights on the CPU.
+    Each step's batch has `batch_size` real images (class-balanced with `balanced`) and,
+    with synthetic images, round(synthetic_per_real x batch_size) more synthetic ones:
+    adding synthetic data never means seeing the real images less. Length: `max_steps`,
+    or `epochs` passes over the real images. The validation split is scored every
+    `eval_every` steps (default: once per real epoch) and at the end; the returned model
+    is the state with the best validation balanced accuracy (ties: lower validation loss).
+    Same arguments and seed give identical weights on the same machine. `device` is
+    accepted for compatibility; accelerate places the model.
     Returns (model in eval mode, history with one row per evaluation)."""
+    import tempfile
+
+    from .trainer import GroupPlan, TensorBatchSource, TrainConfig, Trainer, load_final
+
+    del device
     _check_images(train_images, train_labels, num_classes, "train_classifier: training set")
     _check_images(val_images, val_labels, num_classes, "train_classifier: validation set")
+    n_syn = 0
+    if synthetic_images is not None and len(synthetic_images):
+        _check_images(synthetic_images, synthetic_labels, num_classes, "train_classifier: synthetic set")
+        n_syn = int(round(synthetic_per_real * batch_size)) if synthetic_per_real > 0 else 0
     if (epochs is None) == (max_steps is None):
         raise ValueError("train_classifier: give exactly one of epochs or max_steps")
     if batch_size < 1 or (epochs is not None and epochs < 1) or (max_steps is not None and max_steps < 1):
         raise ValueError("train_classifier: batch_size, epochs and max_steps must be >= 1")
-
     n = len(train_images)
     if n < 2:
         raise DataError(f"train_classifier: training set: need at least 2 images, got {n}")
@@ -294,60 +301,55 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     eval_every = max(1, int(eval_every or steps_per_epoch))
     warmup = int(round(0.05 * total)) if warmup_steps is None else int(warmup_steps)
 
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
+    images, labels = train_images, train_labels
+    groups = [(torch.arange(n), train_labels, batch)]
+    if n_syn:
+        images = torch.cat([train_images, synthetic_images])
+        labels = torch.cat([train_labels, synthetic_labels])
+        groups.append((torch.arange(n, len(images)), synthetic_labels, n_syn))
+    plan = GroupPlan(seed, groups, balanced=balanced)
     model = build_classifier(backbone, num_classes, pretrained_weights, seed=seed, **(model_kwargs or {}))
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
     augmenter = HistologyAugment() if augment else None
-    g_data = torch.Generator().manual_seed(seed)
-    g_aug = torch.Generator().manual_seed(seed + 1_000_003)
-    batches = _batch_indices(train_labels, batch, num_classes, balanced, g_data)
 
-    rows, best, best_state = [], None, None
-    running, seen = 0.0, 0
-    # Anything inside timm that still uses the global RNG (dropout, drop-path) is
-    # seeded here, in a fork, so the caller's RNG state is not changed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        bar = tqdm(range(1, total + 1), desc=f"train {backbone}", disable=not progress, leave=False)
-        for step in bar:
-            model.train()
-            idx = next(batches)
-            x = train_images[idx].to(device)
-            y = train_labels[idx].to(device)
-            if augmenter is not None:
-                x = augmenter(x, generator=g_aug)
-            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-            lr_used = sched.get_last_lr()[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += loss.item()
-            seen += 1
-            if step % eval_every == 0 or step == total:
-                model.eval()
-                scores = _val_scores(model, val_images, val_labels, num_classes, max(batch, 64), device)
-                key = (scores["val_balanced_accuracy"], -scores["val_loss"])
-                improved = best is None or key > best
-                if improved:
-                    best = key
-                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-                rows.append({"step": step, "epoch": step / steps_per_epoch, "lr": lr_used,
-                             "train_loss": running / seen, **scores, "is_best": improved})
-                running, seen = 0.0, 0
-                bar.set_postfix(val_bacc=f"{scores['val_balanced_accuracy']:.3f}")
-        bar.close()
+    def loss_fn(m, b, seeds):
+        x, y = b
+        if augmenter is not None:
+            x = augmenter(x, seeds=seeds)
+        return nn.functional.cross_entropy(m(x), y, label_smoothing=label_smoothing)
 
-    model.load_state_dict(best_state)
-    history = pd.DataFrame(rows)
-    # Mark only the finally selected row (earlier "is_best" rows were improvements at the time).
-    history["selected"] = False
-    history.loc[history.index[history["is_best"]][-1], "selected"] = True
-    history = history.drop(columns="is_best")
-    return model.eval(), history
+    def evaluate_fn(m):
+        dev = next(m.parameters()).device
+        return _val_scores(m, val_images, val_labels, num_classes, max(batch, 64), str(dev))
+
+    tmp = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hdlib-clf-")
+        out_dir = tmp.name
+    try:
+        tc = TrainConfig(out_dir=str(out_dir), max_steps=int(total), global_batch_size=plan.batch,
+                         micro_batch_size=micro_batch_size, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=min(warmup, total), lr_schedule="cosine", grad_clip=grad_clip or None,
+                         ema_decay=ema_decay or None, mixed_precision=mixed_precision,
+                         checkpointing_steps=int(checkpointing_steps or total), checkpoints_total_limit=1,
+                         log_every=1, seed=int(seed), progress=progress)
+        trainer = Trainer(model, loss_fn, TensorBatchSource(images, labels), tc, plan=plan, evaluate=evaluate_fn,
+                          eval_every=eval_every, select=lambda r: (r["val_balanced_accuracy"], -r["val_loss"]))
+        trainer.train()
+        history = pd.read_csv(Path(out_dir) / "eval.csv")
+        log = pd.read_csv(Path(out_dir) / "log.csv").set_index("step")
+        prev = [0] + list(history["step"][:-1])
+        history.insert(1, "train_loss", [log.loss.loc[a + 1:b].mean() for a, b in zip(prev, history["step"])])
+        history.insert(1, "lr", [log.lr.loc[b] for b in history["step"]])
+        selected = json.loads((Path(out_dir) / "final" / "best" / "selection.json").read_text())["step"]
+        best = build_classifier(backbone, num_classes, seed=seed, **(model_kwargs or {}))
+        load_final(best, out_dir, module="best")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    history["epoch"] = history["step"] / steps_per_epoch
+    history["selected"] = history["step"] == selected
+    history = history.drop(columns=["improved"])
+    return best.eval(), history
 
 
 # ---------------------------------------------------------------------------

@@ -84,6 +84,15 @@ def task_seed(cfg: Config, *parts) -> int:
     return int(h[:8], 16)
 
 
+def request_seeds(cfg: Config, tag: str, n: int):
+    """Per-image seeds of a named sampling request: image i of request `tag` always gets
+    the same seed, whatever the batch or shard it is generated in."""
+    import numpy as np
+
+    base = task_seed(cfg, "sample", tag) % (2**31)
+    return (base + np.arange(n, dtype=np.int64)) % (2**62)
+
+
 class StudyPaths:
     """Where one study's files live."""
 

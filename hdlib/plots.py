@@ -274,6 +274,7 @@ def filtering_outcomes(summary: pd.DataFrame, title: str = "Filtering outcome pe
     wrong_centroid, low_confidence, near_copy, over_quota): the full bar is all candidates."""
     outcomes = [c for c in ["kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota"] if c in summary]
     table = summary.groupby("class_name", sort=False)[outcomes].sum()
+    outcomes = [o for o in outcomes if o == "kept" or table[o].sum() > 0]  # no legend entry for unused reasons
     colors = {"kept": "tab:green", "wrong_centroid": "tab:red", "low_confidence": "tab:orange",
               "near_copy": "tab:purple", "over_quota": "tab:grey"}
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
@@ -283,6 +284,40 @@ def filtering_outcomes(summary: pd.DataFrame, title: str = "Filtering outcome pe
         bottom += table[o].to_numpy()
     ax.set_ylabel("candidate images"), ax.set_title(title)
     ax.tick_params(axis="x", rotation=20)
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def pretrain_curves(log: pd.DataFrame, evals: pd.DataFrame, smooth: int = 20,
+                    title: str = "Pool pre-training of the unconditional denoiser"):
+    """Left: training loss (log scale, rolling mean) of the denoiser (`log`: step, loss).
+    Middle: FID and KID of unconditional samples against the held-out pool tiles at each
+    evaluation (`evals`: step, fid, kid_mean, kid_std). Right: precision and recall."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    if log is not None and not log.empty:
+        ax.plot(log["step"], log["loss"].rolling(smooth, min_periods=1).mean())
+    ax.set_yscale("log")
+    ax.set_xlabel("step"), ax.set_ylabel(f"loss (rolling mean of {smooth} logs)"), ax.set_title("training loss")
+    ev = evals.sort_values("step")
+    ax = axes[1]
+    ax.plot(ev["step"], ev["fid"], marker="o", color="tab:blue", label="FID")
+    ax.set_xlabel("step"), ax.set_ylabel("FID (lower is better)", color="tab:blue")
+    ax.set_title("sample quality vs held-out pool")
+    if "kid_mean" in ev:
+        twin = ax.twinx()
+        twin.errorbar(ev["step"], ev["kid_mean"], yerr=ev.get("kid_std"), marker="s", color="tab:orange",
+                      capsize=3, label="KID")
+        twin.set_ylabel("KID (lower is better)", color="tab:orange")
+        twin.grid(False)
+    ax = axes[2]
+    for col, marker in (("precision", "o"), ("recall", "s")):
+        if col in ev:
+            ax.plot(ev["step"], ev[col], marker=marker, label=col)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step"), ax.set_ylabel("share (higher is better)"), ax.set_title("precision / recall")
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

@@ -29,8 +29,9 @@ from .stages.common import QUIET_ENV
 STAGE_SECTIONS = {
     "00_data": ["study.seed", "data"],
     "01_autoencoder": ["autoencoder", "pretrained"],
-    "02_diffusion": ["diffusion"],
-    "03_guidance": ["latent_classifier"],
+    # 02 and 03 train one model per grid fraction
+    "02_diffusion": ["diffusion", "downstream.fractions", "downstream.ratio_sweep_fraction"],
+    "03_guidance": ["latent_classifier", "downstream.fractions", "downstream.ratio_sweep_fraction"],
     "04_synthesis": ["sampling", "filtering", "downstream"],
     "05_downstream": ["downstream"],
     "06_quality": ["quality"],

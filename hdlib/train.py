@@ -122,7 +122,7 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
         loss, _ = classifier_loss(model, z0, labels, noise.to(z0.device), t.to(z0.device), scheduler)
         return loss
 
-    return TaskSpec(clf, clf_loss, (z, y), cfg.classifier.train, name, seed)
+    return TaskSpec(clf, clf_loss, (z, y), cfg.latent_classifier.train, name, seed)
 
 
 def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,

@@ -187,6 +187,86 @@ class BatchPlan:
         return self.indices(step), self.sample_seeds(step)
 
 
+class GroupPlan:
+    """Batches made of fixed-size parts, one per group of dataset rows (e.g. real images,
+    then synthetic ones), so a group's exposure does not depend on the other groups.
+
+    groups: [(row indices into the dataset, labels of those rows, items per batch)].
+    balanced=True: within a group every class gets an equal share of each batch (the
+    remainder rotates over the classes step by step) and each class's images are cycled
+    through seeded per-class epoch permutations, so every image of a class is seen
+    equally often. balanced=False: a group's rows are cycled through seeded epoch
+    permutations. Everything depends only on (seed, step)."""
+
+    _PERM, _SAMPLE = 0, 1
+
+    def __init__(self, seed: int, groups, balanced: bool = True):
+        self.seed, self.balanced = int(seed), bool(balanced)
+        self.groups = []
+        for g, (rows, labels, per_batch) in enumerate(groups):
+            rows = torch.as_tensor(rows, dtype=torch.long)
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if int(per_batch) < 0 or len(rows) != len(labels):
+                raise DataError(f"GroupPlan: group {g}: bad rows/labels/per_batch")
+            if int(per_batch) == 0:
+                continue
+            if len(rows) == 0:
+                raise DataError(f"GroupPlan: group {g} has no rows but {per_batch} items per batch")
+            if balanced:
+                classes = sorted(set(labels.tolist()))
+                streams = [rows[labels == c].numpy() for c in classes]
+            else:
+                streams = [rows.numpy()]
+            self.groups.append({"id": g, "per_batch": int(per_batch), "streams": streams, "cum": {}})
+        self.batch = sum(g["per_batch"] for g in self.groups)
+        if self.batch < 1:
+            raise DataError("GroupPlan: empty batches")
+
+    def _counts(self, g: dict, step: int) -> np.ndarray:
+        K = len(g["streams"])
+        base, extra = divmod(g["per_batch"], K)
+        counts = np.full(K, base, dtype=np.int64)
+        counts[(np.arange(K) - step * extra) % K < extra] += 1  # the remainder rotates over the classes
+        return counts
+
+    def _position(self, g: dict, step: int) -> np.ndarray:
+        """Items of each stream drawn before `step` (cached: steps are asked in order)."""
+        cum = g["cum"]
+        if step not in cum:
+            start = max([s for s in cum if s < step], default=0)
+            pos = cum.get(start, np.zeros(len(g["streams"]), dtype=np.int64)).copy()
+            for t in range(start, step):
+                pos += self._counts(g, t)
+            if len(cum) > 4:
+                cum.pop(min(cum))
+            cum[step] = pos
+        return cum[step]
+
+    def _perm(self, g: int, stream: int, epoch: int, n: int) -> np.ndarray:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._PERM, g, stream, epoch]))
+        return rng.permutation(n)
+
+    def indices(self, step: int) -> torch.Tensor:
+        out = []
+        for g in self.groups:
+            pos, counts = self._position(g, step), self._counts(g, step)
+            g["cum"][step + 1] = pos + counts  # the next step starts where this one ends
+            for k, stream in enumerate(g["streams"]):
+                p = pos[k] + np.arange(counts[k])
+                epochs, offsets = np.divmod(p, len(stream))
+                for e in np.unique(epochs):
+                    sel = offsets[epochs == e]
+                    out.append(stream[self._perm(g["id"], k, int(e), len(stream))[sel]])
+        return torch.from_numpy(np.concatenate(out).astype(np.int64))
+
+    def sample_seeds(self, step: int) -> torch.Tensor:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._SAMPLE, step]))
+        return torch.from_numpy(rng.integers(0, 2**63 - 1, size=self.batch, dtype=np.int64))
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.indices(step), self.sample_seeds(step)
+
+
 # ---------------------------------------------------------------------------
 # saving / loading weights
 # ---------------------------------------------------------------------------
@@ -259,7 +339,8 @@ class _LossModule(nn.Module):
 
 
 class _Progress:
-    """Step counter, running log-interval sums and elapsed time; checkpointed with the run."""
+    """Step counter, running log-interval sums, elapsed time and the model selection so far
+    (evaluation rows, best score and the best weights); checkpointed with the run."""
 
     def __init__(self):
         self.step = 0
@@ -267,15 +348,24 @@ class _Progress:
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64)
         self.count = 0
+        self.evals: list[dict] = []
+        self.best_key: list | None = None
+        self.best_step = -1
+        self.best_state: dict | None = None
 
     def state_dict(self) -> dict:
         return {"step": self.step, "elapsed_s": self.elapsed_s, "loss_sum": self.loss_sum.detach().cpu().clone(),
-                "grad_norm_sum": self.grad_norm_sum.detach().cpu().clone(), "count": self.count}
+                "grad_norm_sum": self.grad_norm_sum.detach().cpu().clone(), "count": self.count,
+                "evals": self.evals, "best_key": self.best_key, "best_step": self.best_step,
+                "best_state": self.best_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.elapsed_s, self.count = int(state["step"]), float(state["elapsed_s"]), int(state["count"])
         self.loss_sum = state["loss_sum"].to(self.loss_sum.device)
         self.grad_norm_sum = state["grad_norm_sum"].to(self.grad_norm_sum.device)
+        self.evals = list(state.get("evals", []))
+        self.best_key, self.best_step = state.get("best_key"), int(state.get("best_step", -1))
+        self.best_state = state.get("best_state")
 
 
 def _make_accelerator(mixed_precision: str, find_unused_parameters: bool):
@@ -324,10 +414,20 @@ class Trainer:
     from the per-sample int64 seeds. extra_modules: {name: module} trained jointly with
     the model (trainable parameters join the optimizer; frozen ones just follow the
     device), checkpointed, and saved to final/<name>/; they are passed to loss_fn by name.
+
+    plan: which dataset rows and per-sample seeds make the global batch of each step
+    (default `BatchPlan`: seeded epoch permutations); any object with `__call__(step)`
+    -> (indices, seeds) and `batch` (e.g. `GroupPlan`: class-balanced real + synthetic parts).
+    evaluate: model selection. Every `eval_every` steps and at the end, rank 0 calls
+    `evaluate(model)` (EMA weights where there is an EMA) -> dict of numbers, appended to
+    eval.csv; the weights whose `select(metrics)` (a tuple, larger is better) is best so far
+    are kept with the run and exported to final/best/ (`load_final(..., which="best")`).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dataset, config: TrainConfig,
-                 extra_modules: dict[str, nn.Module] | None = None, find_unused_parameters: bool = False):
+                 extra_modules: dict[str, nn.Module] | None = None, find_unused_parameters: bool = False,
+                 plan=None, evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
+                 select: Callable[[dict], tuple] | None = None):
         config.validate()
         extra = dict(extra_modules or {})
         for name, mod in extra.items():
@@ -358,7 +458,12 @@ class Trainer:
             raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by {world} process(es) "
                               f"x micro_batch_size {self.micro_batch_size}")
         self.accumulation_steps = self.per_process_batch // self.micro_batch_size
-        self.plan = BatchPlan(c.seed, n, c.global_batch_size)
+        self.plan = plan if plan is not None else BatchPlan(c.seed, n, c.global_batch_size)
+        if int(self.plan.batch) != c.global_batch_size:
+            raise ConfigError(f"plan batch {self.plan.batch} differs from global_batch_size {c.global_batch_size}")
+        if evaluate is not None and (select is None or eval_every < 1):
+            raise ConfigError("evaluate needs select and eval_every >= 1")
+        self.evaluate, self.eval_every, self.select = evaluate, int(eval_every), select
 
         self._unwrapped = _LossModule(model, loss_fn, extra)
         trainable = [p for p in self._unwrapped.parameters() if p.requires_grad]
@@ -493,6 +598,36 @@ class Trainer:
     def _read_result(self) -> TrainResult:
         return TrainResult(**json.loads((self.final_dir / "result.json").read_text()))
 
+    def _evaluate_and_select(self) -> None:
+        """Score the current weights (EMA where kept); keep them if they are the best so far.
+        Every process runs it (same numbers on each), so no process waits for another."""
+        prog, model = self.progress_state, self.model
+        if self.ema is not None:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in self.evaluate(model).items()}
+            key = [float(v) for v in self.select(metrics)]
+            improved = prog.best_key is None or key > prog.best_key
+            if improved:
+                prog.best_key, prog.best_step = key, prog.step
+                prog.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            prog.evals.append({"step": prog.step, **metrics, "improved": bool(improved)})
+        finally:
+            model.train(was_training)
+            if self.ema is not None:
+                self.ema.restore(model.parameters())
+        if self.accelerator.is_main_process:
+            buf = io.StringIO()
+            fields = list(dict.fromkeys(k for row in prog.evals for k in row))
+            w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+            w.writeheader()
+            w.writerows(prog.evals)
+            atomic_write_text(self.out_dir / "eval.csv", buf.getvalue())
+
     def _export_final(self, result: TrainResult) -> None:
         acc = self.accelerator
         if not acc.is_main_process:
@@ -508,6 +643,13 @@ class Trainer:
             self.ema.restore(model.parameters())
         for name, mod in self.extra_modules.items():
             save_weights(mod, tmp / name)
+        if self.progress_state.best_state is not None:
+            current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(self.progress_state.best_state)
+            save_weights(model, tmp / "best")
+            model.load_state_dict(current)
+            (tmp / "best" / "selection.json").write_text(json.dumps(
+                {"step": self.progress_state.best_step, "key": self.progress_state.best_key}))
         (tmp / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
         (tmp / "COMPLETE").write_text(json.dumps({"step": self.step, "trajectory": self.config.trajectory_key(),
                                                   "ema": self.ema is not None}))
@@ -612,6 +754,8 @@ class Trainer:
                         log_file.flush()
                     bar.set_postfix(loss=f"{last_loss:.4g}", img_s=f"{ips:.0f}")
                 bar.update(1)
+                if self.evaluate is not None and (prog.step % self.eval_every == 0 or prog.step == c.max_steps):
+                    self._evaluate_and_select()
                 if prog.step % c.checkpointing_steps == 0 or prog.step == c.max_steps:
                     self.save_checkpoint()
         finally:

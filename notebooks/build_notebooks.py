@@ -212,8 +212,7 @@ from hdlib.paths import model_name
 from hdlib.stages.autoencoder import training_log
 from hdlib.stages.common import write_metrics
 from hdlib.stages.data import grid_fractions, load_target
-from hdlib.stages.diffusion import per_source_realism, uses_pretrained_unet
-from hdlib.stages.synthesis import Generation, request_seeds''',
+from hdlib.stages.diffusion import per_source_realism, unconditional_samples, uses_pretrained_unet''',
     [
         md("## Which denoiser this study uses, and training"),
         code('''fractions = grid_fractions(cfg)
@@ -257,12 +256,8 @@ plots.save(fig, cfg, "diffusion_loss")'''),
            "pre-trained model gives varied, realistic histology in the pool's stain; adapted models move "
            "towards the target's look; a from-scratch model trained on few images tends to give blurry tiles "
            "or near-copies of its training images."),
-        code('''gen = Generation(cfg)
-n = 10
-samples = {}
-for m in models:
-    z = gen.latents(m, f0, np.zeros(n, dtype=int), request_seeds(cfg, "uncond", n), guidance_scale=0.0)
-    samples[m] = gen.decode(z)
+        code('''n = 10
+samples = {m: images for m, (_, images) in unconditional_samples(cfg, models, n, "uncond").items()}
 target = load_target(cfg)
 pick = torch.randperm(len(target["train_images"]), generator=torch.Generator().manual_seed(cfg.study.seed))[:n]
 samples["real target"] = target["train_images"][pick]
@@ -275,9 +270,7 @@ plots.save(fig, cfg, "diffusion_samples")'''),
            "model's samples resemble most; adapted models should be closer to `target` than the pre-trained "
            "one. A coarse check, not an image-quality metric (FID and KID follow in 06_quality)."),
         code('''n_check = 64
-check = {m: gen.latents(m, f0, np.zeros(n_check, dtype=int), request_seeds(cfg, "realism", n_check),
-                        guidance_scale=0.0)
-         for m in models}
+check = {m: z for m, (z, _) in unconditional_samples(cfg, models, n_check, "realism").items()}
 realism = per_source_realism(cfg, check).pivot(index="model", columns="source", values="frechet").round(3)
 atomic_write_csv(realism.reset_index(), paths.table("diffusion_realism"))
 write_metrics(cfg, "02_diffusion", {"realism_frechet": realism.to_dict(),

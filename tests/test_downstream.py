@@ -179,6 +179,44 @@ def test_train_classifier_learns_and_is_deterministic(colour_data):
     assert h1["lr"].iloc[0] > h1["lr"].iloc[-1]  # cosine decay
 
 
+def test_train_classifier_honours_every_training_setting(colour_data, tmp_path):
+    """One trainer for every model: micro-batches (gradient accumulation: BatchNorm then sees
+    smaller batches, so the weights move), EMA and gradient clipping all change the result;
+    bf16 runs; checkpoints land in out_dir."""
+    w = lambda m: torch.cat([p.flatten() for p in m.parameters()])  # noqa: E731
+    base, _ = _train(colour_data, seed=0, max_steps=6)
+    variants = [_train(colour_data, seed=0, max_steps=6, **kw)[0]
+                for kw in ({"micro_batch_size": 4}, {"ema_decay": 0.9}, {"grad_clip": 1e-3})]
+    for m in variants:
+        assert not torch.allclose(w(base), w(m))
+    again, _ = _train(colour_data, seed=0, max_steps=6, micro_batch_size=4)
+    assert torch.equal(w(again), w(variants[0]))
+    _train(colour_data, seed=0, max_steps=4, mixed_precision="bf16", out_dir=tmp_path / "run",
+           checkpointing_steps=2)
+    assert (tmp_path / "run" / "final" / "best" / "selection.json").exists()
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+def test_synthetic_images_never_reduce_real_exposure():
+    """Batches: `batch_size` real images (class-balanced) + synthetic_per_real x batch_size
+    synthetic ones, so every setting sees the real images equally often."""
+    from hdlib.trainer import GroupPlan
+
+    real_y = torch.tensor([0] * 30 + [1] * 6)
+    syn_y = torch.tensor([0] * 4 + [1] * 40)
+    only = GroupPlan(0, [(torch.arange(36), real_y, 12)])
+    mixed = GroupPlan(0, [(torch.arange(36), real_y, 12), (torch.arange(36, 80), syn_y, 24)])
+    for plan in (only, mixed):
+        seen = torch.cat([plan(s)[0] for s in range(20)])
+        real = seen[seen < 36]
+        assert len(real) == 20 * 12
+        assert torch.bincount(real_y[real]).tolist() == [120, 120]  # class-balanced
+        counts = torch.bincount(real, minlength=36)
+        assert counts[:30].max() - counts[:30].min() <= 1 and counts[30:].max() - counts[30:].min() <= 1
+    syn = torch.cat([mixed(s)[0] for s in range(20)])
+    assert torch.bincount(syn_y[syn[syn >= 36] - 36]).tolist() == [240, 240]
+
+
 def test_model_selection_on_validation(colour_data):
     (x, y), (vx, vy) = colour_data
     # Large lr + label noise make the validation score move between evaluations.

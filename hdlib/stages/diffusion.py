@@ -98,3 +98,26 @@ def per_source_realism(cfg: Config, sample_latents: dict[str, torch.Tensor]) -> 
         for n, (m2, s2) in stats.items():
             rows.append({"model": model, "source": n, "frechet": float(frechet_distance(mu, sig, m2, s2))})
     return pd.DataFrame(rows)
+
+
+def unconditional_samples(cfg: Config, models: list[str], n: int, tag: str, progress: bool = False
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{model name: (latents, uint8 images)}: n unguided samples of each named denoiser,
+    the same seeds (request `tag`) for every model, so rows are comparable."""
+    from ..models import decode_latents
+    from ..paths import request_seeds
+    from ..sampling import guided_ddim_sample
+    from .autoencoder import load_autoencoder
+    from .common import device
+
+    s, dev = cfg.sampling, device(cfg)
+    vae, sched = load_autoencoder(cfg), noise_scheduler(cfg)
+    scale = float(read_metrics(cfg, "01_autoencoder")["scale_factor"])
+    seeds = torch.as_tensor(request_seeds(cfg, tag, n))
+    out = {}
+    for name in models:
+        z = guided_ddim_sample(load_denoiser(cfg, name), sched, torch.zeros(n, dtype=torch.long), seeds,
+                               num_inference_steps=s.num_inference_steps, eta=s.eta, latent_shape=latent_shape(cfg),
+                               batch_size=s.batch_size, device=dev, progress=progress)
+        out[name] = (z, decode_latents(vae, z, scale, device=dev))
+    return out

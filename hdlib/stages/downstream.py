@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 
-import torch
-
 from ..config import Config
 from ..paths import REPO_ROOT, StudyPaths
 from .common import config_from_results
@@ -72,11 +70,11 @@ def run_downstream_cell(cell: dict) -> dict:
     x, y = t["train_images"][idx], t["train_labels"][idx]
     sx, sy, _ = synthetic_training_images(cfg, cell["training_set"], cell["fraction"], cell["ratio"])
     n_syn = 0 if sx is None else len(sx)
-    if n_syn:
-        x, y = torch.cat([x, sx]), torch.cat([y, sy])
     ds = cfg.downstream
+    # every cell sees the real images equally often; synthetic ones come on top (ratio per real image)
     model, _ = fit_image_classifier(cfg, ds.backbone, ds.train, x, y, t["val_images"], t["val_labels"],
-                                    seed=1000 + int(cell["seed"]), progress=False)
+                                    seed=1000 + int(cell["seed"]), progress=False,
+                                    synthetic=(sx, sy) if n_syn else None, synthetic_per_real=cell["ratio"])
     names = list(cfg.data.classes)
     test = evaluate(model, t["test_images"], t["test_labels"], num_classes=len(names), class_names=names)
     val = evaluate(model, t["val_images"], t["val_labels"], num_classes=len(names), class_names=names)

@@ -19,19 +19,13 @@ import torch
 from ..config import Config, TrainingConfig
 from ..errors import HDLibError
 from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json, files_sha1
-from ..paths import (GENERATORS, REPO_ROOT, StudyPaths, frac_tag, is_filtered, model_name, synthetic_set_name,
-                     task_seed, training_set_generator)
+from ..paths import (GENERATORS, REPO_ROOT, StudyPaths, frac_tag, is_filtered, model_name, request_seeds,
+                     synthetic_set_name, training_set_generator)
 from .autoencoder import load_autoencoder
 from .common import device, read_metrics, require
 from .data import fraction_indices, load_target, manifest_hash
 from .diffusion import grid_denoiser_name, latent_shape, load_denoiser, noise_scheduler
 from .guidance import load_latent_classifier
-
-
-def request_seeds(cfg: Config, tag: str, n: int) -> np.ndarray:
-    """Per-image seeds of a named request: image i always gets the same seed."""
-    base = task_seed(cfg, "sample", tag) % (2**31)
-    return (base + np.arange(n, dtype=np.int64)) % (2**62)
 
 
 def weights_key(cfg: Config, name: str) -> str:
@@ -139,15 +133,21 @@ class Generation:
 # ---------------------------------------------------------------------------
 
 def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y, vx, vy, seed: int,
-                         progress: bool | None = None):
-    """Train a downstream-style image classifier; model selection on (vx, vy) only."""
+                         progress: bool | None = None, out_dir=None, synthetic=None, synthetic_per_real: float = 0.0):
+    """Train a downstream-style image classifier with the study's one Trainer (every
+    TrainingConfig field applies); class-balanced batches; model selection on (vx, vy) only.
+    `synthetic` = (images, labels) added at `synthetic_per_real` synthetic images per real one."""
     from ..downstream import train_classifier
 
+    sx, sy = synthetic if synthetic is not None else (None, None)
     return train_classifier(
         x, y, vx, vy, backbone=backbone, num_classes=len(cfg.data.classes), max_steps=tcfg.max_steps,
-        batch_size=tcfg.batch_size, lr=tcfg.lr, weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
-        eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5), seed=seed, device=device(cfg),
-        augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None,
+        batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size or None, lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps, grad_clip=tcfg.grad_clip or None,
+        ema_decay=tcfg.ema_decay or None, mixed_precision=cfg.study.mixed_precision,
+        checkpointing_steps=tcfg.checkpointing_steps, balanced=True, synthetic_images=sx, synthetic_labels=sy,
+        synthetic_per_real=synthetic_per_real, eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5),
+        seed=seed, augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None, out_dir=out_dir,
         progress=cfg.study.progress if progress is None else progress)
 
 
