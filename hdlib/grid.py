@@ -85,7 +85,8 @@ def load_cell_fn(spec: str) -> Callable[[dict], dict]:
     return fn
 
 
-def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | None) -> tuple[str, str | None]:
+def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | None,
+             context: dict | None = None) -> tuple[str, str | None]:
     """Run one cell and write its JSON. Returns (id, None) or (id, one-line error).
     Top-level so that spawned worker processes can import it."""
     import torch
@@ -96,7 +97,7 @@ def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | No
     try:
         fn = load_cell_fn(cell_fn)
         start = time.perf_counter()
-        result = fn(dict(cell))
+        result = fn({**cell, **(context or {})})
         elapsed = time.perf_counter() - start
         if not isinstance(result, dict):
             raise HDLibError(f"cell_fn returned {type(result).__name__}, expected a dict")
@@ -126,7 +127,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: int = 1,
              threads_per_worker: int | None = None, id_keys: Sequence[str] | None = None,
-             progress: bool = True) -> pd.DataFrame:
+             progress: bool = True, context: dict | None = None) -> pd.DataFrame:
     """Run `cell_fn` ('package.module:function', taking a cell dict and returning a
     JSON-able dict) on every cell not already done in `out_dir`.
 
@@ -135,7 +136,8 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
     id_keys)`. A failing cell does not stop the others; after all have run a
     GridCellError names every failed id and its error. Returns one row per cell, in the
     order given: the cell's fields, `id`, `elapsed_s` and the result flattened with
-    dotted keys (e.g. 'test.accuracy')."""
+    dotted keys (e.g. 'test.accuracy'). `context` is passed to every cell with its fields
+    (e.g. where the study lives) but is not part of the cell: it neither names nor stales it."""
     if workers < 1:
         raise HDLibError(f"run_grid: workers must be >= 1, got {workers}")
     if workers > 1 and threads_per_worker is None:
@@ -172,7 +174,7 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
     bar = tqdm(total=len(unique), initial=len(unique) - len(todo), desc="grid", disable=not progress)
     if workers == 1 or len(todo) <= 1:
         for cid, cell in todo:
-            _, err = _run_one(cell_fn, cell, cid, str(out_dir), threads_per_worker)
+            _, err = _run_one(cell_fn, cell, cid, str(out_dir), threads_per_worker, context)
             if err:
                 failures[cid] = err
             bar.update(1)
@@ -181,7 +183,7 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, cell_fn, cell, cid, str(out_dir), threads_per_worker): cid
+            futures = {pool.submit(_run_one, cell_fn, cell, cid, str(out_dir), threads_per_worker, context): cid
                        for cid, cell in todo}
             for fut in as_completed(futures):
                 try:

@@ -36,15 +36,13 @@ def cell_inputs_key(cfg: Config, training_set: str, fraction: float, ratio: floa
 
 def downstream_cells(cfg: Config) -> list[dict]:
     ds = cfg.downstream
-    study_dir = str(cfg.results_dir)  # relative to the repository root unless results_root is absolute
     cells, keys = [], {}
 
     def add(f, s, r, seed):
         r = 0.0 if s == "real" else r
         if (f, s, r) not in keys:
             keys[(f, s, r)] = cell_inputs_key(cfg, s, f, r)
-        cell = {"fraction": f, "training_set": s, "ratio": r, "seed": seed, "study_dir": study_dir,
-                "inputs": keys[(f, s, r)]}
+        cell = {"fraction": f, "training_set": s, "ratio": r, "seed": seed, "inputs": keys[(f, s, r)]}
         if cell not in cells:
             cells.append(cell)
 
@@ -87,5 +85,7 @@ def run_downstream_grid(cfg: Config):
     from ..grid import run_grid
 
     cells = downstream_cells(cfg)
+    # where the study lives is context, not part of a cell: a moved study keeps its cells
     return run_grid(cells, "hdlib.stages.downstream:run_downstream_cell", StudyPaths(cfg).grid,
-                    workers=cfg.study.workers, id_keys=ID_KEYS, progress=cfg.study.progress)
+                    workers=cfg.study.workers, id_keys=ID_KEYS, progress=cfg.study.progress,
+                    context={"study_dir": str(cfg.results_dir)})
