@@ -19,7 +19,7 @@ def launch(script_args: Sequence[str], num_processes: int, backend: str | None =
            check: bool = True, timeout: float | None = None, **popen_kwargs) -> subprocess.CompletedProcess:
     """Run a training entry point in `num_processes` processes under torch.distributed.run.
 
-    script_args: what follows `python` for one process, e.g. ["-m", "hdlib.train", "autoencoder", ...]
+    script_args: what follows `python` for one process, e.g. ["-m", "hdlib", "train", "autoencoder", ...]
     or ["train_script.py", "--arg", ...]. Extra keyword arguments (cwd=...) go to subprocess.run. backend: "gloo" runs CPU processes (sets
     ACCELERATE_USE_CPU=1), "nccl" one process per GPU; default: nccl when CUDA is there.
     """

@@ -95,7 +95,7 @@ def test_cli_bad_params_one_line_exit_2():
     import sys
 
     for cmd in (["-m", "hdlib", "config", str(ROOT / "params/smoke.yaml"), "data.image_size=3"],
-                ["-m", "hdlib.train", "autoencoder", "--params", str(ROOT / "params/missing.yaml")]):
+                ["-m", "hdlib", "train", "autoencoder", str(ROOT / "params/missing.yaml")]):
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
