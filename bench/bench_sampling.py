@@ -57,7 +57,7 @@ def main():
     torch.manual_seed(0)
     unet = build_unet(cfg.diffusion, C, L).to(device).eval().requires_grad_(False)
     cond_unet = build_unet(cfg.diffusion, C, L, num_classes=K).to(device).eval().requires_grad_(False)
-    clf = build_latent_classifier(cfg.classifier, C, L, K).to(device).eval().requires_grad_(False)
+    clf = build_latent_classifier(cfg.latent_classifier, C, L, K).to(device).eval().requires_grad_(False)
     sched = make_noise_scheduler(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
                                  prediction_type=cfg.diffusion.prediction_type)
     labels = torch.arange(args.n) % K

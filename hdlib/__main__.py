@@ -2,7 +2,8 @@
 
     python -m hdlib run params/X.yaml [key=value ...] [--only STAGE | --from STAGE] [--force]
     python -m hdlib train TASK params/X.yaml [--fraction F] [--adaptation A] [key=value ...]
-    python -m hdlib sample --study-dir results/X --generator G --fraction F --per-class N --name NAME
+    python -m hdlib sample --study-dir results/X --generator G --fraction F --draw D --request R.pt
+    python -m hdlib encode --study-dir results/X     # one shard of the latent cache (under a launcher)
     python -m hdlib pretrain params/pretrain_demo.yaml [key=value ...]
     python -m hdlib config params/X.yaml [key=value ...]
     python -m hdlib readme params/default.yaml      # refresh README.md's results block
@@ -39,16 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*")
     tr.add_argument("--fraction", type=float)
     tr.add_argument("--adaptation", choices=("labeled", "target_unlabeled"))
+    tr.add_argument("--draw", type=int, help="label draw (a downstream seed) for models of a labeled subset")
     tr.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"))
     tr.add_argument("--checkpointing_steps", type=int, help="override the task's checkpointing_steps")
 
-    sa = sub.add_parser("sample", help="one shard of a synthetic set per process (under accelerate launch)")
+    sa = sub.add_parser("sample", help="one shard of a sampling request per process (under a launcher)")
     sa.add_argument("--study-dir", required=True, help="results/<study> (its config.json is used)")
     sa.add_argument("--generator", required=True)
     sa.add_argument("--fraction", type=float, required=True)
-    sa.add_argument("--per-class", type=int, required=True)
-    sa.add_argument("--name", required=True)
+    sa.add_argument("--draw", type=int, required=True)
+    sa.add_argument("--request", required=True, help="a .pt file with the request's labels and seeds")
+    sa.add_argument("--adaptation", default="none")
     sa.add_argument("--guidance-scale", type=float)
+
+    en = sub.add_parser("encode", help="one shard of the latent cache per process (under the launcher)")
+    en.add_argument("--study-dir", required=True)
 
     pre = sub.add_parser("pretrain", help="train the autoencoder and unconditional LDM on the pool (resumable)")
     pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
@@ -92,12 +98,22 @@ def main(argv=None) -> int:
             for t in (cfg.autoencoder.train, cfg.diffusion.pretrain, cfg.diffusion.adapt, cfg.diffusion.scratch,
                       cfg.diffusion.classifier_free, cfg.latent_classifier.train):
                 t.checkpointing_steps = args.checkpointing_steps
-        train_task(cfg, args.task, args.fraction, args.adaptation)
+        train_task(cfg, args.task, args.fraction, args.adaptation, args.draw)
     elif args.command == "sample":
         from .sample import sample_main
 
-        return sample_main(args.study_dir, args.generator, args.fraction, args.per_class, args.name,
-                           args.guidance_scale)
+        return sample_main(args.study_dir, args.generator, args.fraction, args.draw, args.request,
+                           args.adaptation, args.guidance_scale)
+    elif args.command == "encode":
+        from accelerate import PartialState
+
+        from .stages.autoencoder import encode_shard
+        from .stages.common import config_from_results
+
+        state = PartialState()
+        encode_shard(config_from_results(args.study_dir), state.process_index, state.num_processes,
+                     dev=str(state.device))
+        state.wait_for_everyone()
     elif args.command == "pretrain":
         from .pretrain import main as pretrain_main
 

@@ -82,6 +82,7 @@ class DataConfig:
     val_fraction: float = _f(0.2, lo=0.01, hi=0.9)
     label_fractions: list[float] = _f(factory=lambda: [0.01, 0.05, 0.1, 0.2, 1.0], lo=0.0, hi=1.0)
     max_bad_fraction: float = _f(0.01, lo=0.0, hi=1.0)
+    num_workers: int = _f(0, lo=0, doc="DataLoader worker processes decoding images (0 = in the main process)")
     max_train_images: int = _f(0, lo=0, doc="0 = all; cap to subsample huge training sets (stratified)")
     pool_size: int = _f(2000, lo=1, doc="images drawn into the unlabeled pre-training pool")
     pool_holdout: int = _f(16, lo=1, doc="pool tiles per source held out for autoencoder evaluation")
@@ -148,6 +149,9 @@ class LatentClassifierConfig:
     attention_resolutions: list[int] = _f(factory=lambda: [4])
     num_heads: int = _f(4, lo=1)
     norm_num_groups: int = _f(8, lo=1)
+    augment: bool = _f(True, doc="per-sample flips and 90-degree rotations of latents")
+    eval_every: int = _f(0, lo=0, doc="validation scoring interval for model selection; 0 = max_steps // 10")
+    eval_samples: int = _f(512, lo=1, doc="validation latents scored at each evaluation")
     train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05))
 
 
@@ -160,14 +164,18 @@ class SamplingConfig:
     num_inference_steps: int = _f(25, lo=1)
     eta: float = _f(1.0, lo=0.0, hi=1.0)
     batch_size: int = _f(64, lo=1)
-    candidates_factor: float = _f(2.0, lo=1.0, doc="candidates generated per synthetic image needed")
-    sweep_per_class: int = _f(8, lo=1)
+    max_candidates_factor: float = _f(4.0, lo=1.0, doc="cap: candidates per class <= factor x its quota")
+    sweep_per_class: int = _f(8, lo=1, doc="samples per class per setting when choosing scale and adaptation")
+    select_on_validation: bool = _f(True, doc="choose guidance scale and adaptation on the validation split")
 
 
 @dataclass
 class FilteringConfig:
     tau: float = _f(0.5, lo=0.0, hi=1.0, doc="minimum baseline-classifier confidence for the target class")
-    delta: float = _f(0.02, lo=0.0, doc="near-copy threshold (feature distance to nearest real training image)")
+    delta: float = _f(-1.0, lo=-1.0, doc="near-copy threshold (feature distance to the nearest real training "
+                                          "image); -1 = calibrated per class from real data")
+    delta_percentile: float = _f(1.0, lo=0.0, hi=100.0, doc="calibration: percentile of validation-to-train "
+                                                              "nearest-neighbour distances per class")
 
 
 @dataclass

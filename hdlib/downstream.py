@@ -227,7 +227,20 @@ class HistologyAugment(nn.Module):
 # Training
 # ---------------------------------------------------------------------------
 
-def _check_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str) -> None:
+def _is_dataset(x) -> bool:
+    return isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor)
+
+
+def _check_images(images, labels: torch.Tensor, num_classes: int, name: str) -> None:
+    if _is_dataset(images):  # streamed from disk: check the labels and the first item
+        if len(images) != len(labels):
+            raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+        if len(images) == 0:
+            raise DataError(f"{name}: no images")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise DataError(f"{name}: labels outside [0, {num_classes}) (min {int(labels.min())}, "
+                            f"max {int(labels.max())})")
+        images, labels = images[0][0][None], labels[:1]
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
             or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -262,7 +275,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
                      balanced: bool = False, synthetic_images: torch.Tensor | None = None,
                      synthetic_labels: torch.Tensor | None = None, synthetic_per_real: float = 0.0,
                      eval_every: int | None = None, pretrained_weights: str | Path | None = None,
-                     model_kwargs: dict | None = None, out_dir: str | Path | None = None,
+                     model_kwargs: dict | None = None, out_dir: str | Path | None = None, num_workers: int = 0,
                      progress: bool = True, device: str | None = None) -> tuple[ImageClassifier, pd.DataFrame]:
     """Train a timm classifier on uint8 images with the study's one Trainer (accelerate,
     mixed precision, gradient clipping, EMA where set, atomic checkpoints and resume in
@@ -301,12 +314,23 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     eval_every = max(1, int(eval_every or steps_per_epoch))
     warmup = int(round(0.05 * total)) if warmup_steps is None else int(warmup_steps)
 
-    images, labels = train_images, train_labels
     groups = [(torch.arange(n), train_labels, batch)]
     if n_syn:
-        images = torch.cat([train_images, synthetic_images])
-        labels = torch.cat([train_labels, synthetic_labels])
-        groups.append((torch.arange(n, len(images)), synthetic_labels, n_syn))
+        groups.append((torch.arange(n, n + len(synthetic_labels)), synthetic_labels, n_syn))
+    streaming = _is_dataset(train_images) or (n_syn and _is_dataset(synthetic_images))
+    if streaming:  # decoded on the fly by DataLoader workers; nothing held in memory
+        from .datasets import StreamingSource
+
+        parts = [train_images if _is_dataset(train_images) else _Items(train_images, train_labels)]
+        if n_syn:
+            parts.append(synthetic_images if _is_dataset(synthetic_images) else _Items(synthetic_images,
+                                                                                     synthetic_labels))
+        source = StreamingSource(torch.utils.data.ConcatDataset(parts), num_workers,
+                                 transform=lambda b: (b[0], torch.as_tensor(b[1], dtype=torch.long)))
+    else:
+        images = torch.cat([train_images, synthetic_images]) if n_syn else train_images
+        labels = torch.cat([train_labels, synthetic_labels]) if n_syn else train_labels
+        source = TensorBatchSource(images, labels)
     plan = GroupPlan(seed, groups, balanced=balanced)
     model = build_classifier(backbone, num_classes, pretrained_weights, seed=seed, **(model_kwargs or {}))
     augmenter = HistologyAugment() if augment else None
@@ -332,7 +356,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
                          ema_decay=ema_decay or None, mixed_precision=mixed_precision,
                          checkpointing_steps=int(checkpointing_steps or total), checkpoints_total_limit=1,
                          log_every=1, seed=int(seed), progress=progress)
-        trainer = Trainer(model, loss_fn, TensorBatchSource(images, labels), tc, plan=plan, evaluate=evaluate_fn,
+        trainer = Trainer(model, loss_fn, source, tc, plan=plan, evaluate=evaluate_fn,
                           eval_every=eval_every, select=lambda r: (r["val_balanced_accuracy"], -r["val_loss"]))
         trainer.train()
         history = pd.read_csv(Path(out_dir) / "eval.csv")
@@ -352,24 +376,46 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     return best.eval(), history
 
 
+class _Items(torch.utils.data.Dataset):
+    """In-memory (images, labels) as a per-item dataset, to join a streamed one."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
 # ---------------------------------------------------------------------------
 # Inference
 # ---------------------------------------------------------------------------
 
-def _check_inference_input(images: torch.Tensor, name: str) -> None:
+def _check_inference_input(images, name: str) -> None:
+    if _is_dataset(images):
+        return
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise DataError(f"{name}: expected images (N, 3, H, W), got {shape}")
 
 
 @torch.no_grad()
-def _run_batches(fn, model: nn.Module, images: torch.Tensor, batch_size: int, device: str, progress: bool,
-                 desc: str) -> torch.Tensor:
+def _run_batches(fn, model: nn.Module, images, batch_size: int, device: str, progress: bool,
+                 desc: str, num_workers: int = 0) -> torch.Tensor:
+    """fn over the images in batches: a uint8 tensor, or a dataset streamed from disk."""
     was_training = model.training
     model.eval()
     model.to(device)
-    out = [fn(chunk.to(device)).float().cpu()
-           for chunk in tqdm(images.split(batch_size), desc=desc, disable=not progress, leave=False)]
+    if _is_dataset(images):
+        from .datasets import loader
+
+        chunks = (x for x, _ in loader(images, batch_size, num_workers, progress=progress, desc=desc))
+    else:
+        chunks = tqdm(images.split(batch_size), desc=desc, disable=not progress, leave=False)
+    with torch.no_grad():
+        out = [fn(chunk.to(device)).float().cpu() for chunk in chunks]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 

@@ -35,6 +35,9 @@ class FilterResult:
     distance: np.ndarray      # float [N]: distance to the centroid of its target class
     nearest_class: np.ndarray  # int [N]: class of the nearest centroid
     summary: pd.DataFrame     # per class: candidates, kept and the count per rejection reason
+    nn_distance: np.ndarray | None = None  # float [N]: distance to the nearest real training image
+    nn_index: np.ndarray | None = None     # int [N]: which training image that is
+    near_copy: np.ndarray | None = None    # bool [N]: nn_distance < delta of its class (any candidate)
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -73,9 +76,14 @@ def _pairwise_distance(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0))
 
 
-def _nearest_distance(a: np.ndarray, b: np.ndarray, metric: str, chunk: int = 4096) -> np.ndarray:
-    """Distance from each row of a to its nearest row of b, in chunks to bound memory."""
-    return np.concatenate([_pairwise_distance(a[i:i + chunk], b, metric).min(1) for i in range(0, len(a), chunk)])
+def _nearest(a: np.ndarray, b: np.ndarray, metric: str, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(distance to, index of) the nearest row of b for each row of a."""
+    d, i = [], []
+    for k in range(0, len(a), chunk):
+        m = _pairwise_distance(a[k:k + chunk], b, metric)
+        i.append(m.argmin(1))
+        d.append(m[np.arange(len(m)), i[-1]])
+    return (np.concatenate(d), np.concatenate(i)) if d else (np.empty(0), np.empty(0, dtype=np.int64))
 
 
 def _per_class_quota(quota, quota_ratio, real_counts: np.ndarray, num_classes: int) -> np.ndarray:
@@ -115,7 +123,8 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
     probability of the target class). quota: one count for every class, or {class: count}
     (classes left out are unlimited); quota_ratio: quota = floor(ratio x real count of the
     class). train_features + delta: near-copy check against real training features
-    (euclidean or cosine distance, on L2-normalised features when normalize=True)."""
+    (euclidean or cosine distance, on L2-normalised features when normalize=True); delta is
+    one number or one per class (`calibrate_delta`)."""
     real = _features(real_features, "real_features")
     syn = _features(syn_features, "syn_features")
     if len(syn) == 0:
@@ -156,11 +165,15 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
     reason = np.full(len(syn), "kept", dtype=object)
     reason[nearest != syn_y] = "wrong_centroid"
     reason[(reason == "kept") & (conf < tau)] = "low_confidence"
+    nn_distance = nn_index = near_copy = None
     if train is not None:
-        passing = np.flatnonzero(reason == "kept")
-        if len(passing):
-            near = _nearest_distance(syn[passing], train, near_copy_metric) < delta
-            reason[passing[near]] = "near_copy"
+        deltas = np.broadcast_to(np.asarray(delta, dtype=np.float64), (num_classes,)) if np.ndim(delta) == 0 \
+            else np.asarray(delta, dtype=np.float64)
+        if deltas.shape != (num_classes,):
+            raise DataError(f"delta needs one value or one per class ({num_classes}), got shape {deltas.shape}")
+        nn_distance, nn_index = _nearest(syn, train, near_copy_metric)
+        near_copy = nn_distance < deltas[syn_y]
+        reason[(reason == "kept") & near_copy] = "near_copy"
 
     rank = np.full(len(syn), -1, dtype=np.int64)
     for c in range(num_classes):
@@ -178,7 +191,30 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
         row.update({r: int(((reason == r) & in_c).sum()) for r in REASONS[1:]})
         rows.append(row)
     return FilterResult(keep=keep, rank=rank, reason=reason.astype(str), distance=distance, nearest_class=nearest,
-                        summary=pd.DataFrame(rows))
+                        summary=pd.DataFrame(rows), nn_distance=nn_distance, nn_index=nn_index, near_copy=near_copy)
 
 
-__all__ = ["filter_synthetic", "FilterResult", "REASONS"]
+def calibrate_delta(train_features, train_labels, val_features, val_labels, num_classes: int,
+                    percentile: float = 1.0, normalize: bool = True, metric: str = "euclidean") -> np.ndarray:
+    """Near-copy threshold per class from real data: the `percentile` of the distances from
+    each real validation image of the class to its nearest real training image. A synthetic
+    image closer to a training image than nearly every real image of its class is a copy.
+    Per class, because some classes (near-empty background) are alike by nature.
+    A class with no validation image gets the median of the other classes' thresholds."""
+    train, val = _features(train_features, "train_features"), _features(val_features, "val_features")
+    _labels(train_labels, "train_labels", len(train), num_classes)  # checked; any class may be nearest
+    vy = _labels(val_labels, "val_labels", len(val), num_classes)
+    if normalize:
+        train, val = _l2_normalise(train), _l2_normalise(val)
+    out = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        v = val[vy == c]
+        if len(v):
+            out[c] = np.percentile(_nearest(v, train, metric)[0], percentile)
+    if np.isnan(out).all():
+        raise DataError("calibrate_delta: no validation image in any class")
+    out[np.isnan(out)] = np.nanmedian(out)
+    return out
+
+
+__all__ = ["filter_synthetic", "calibrate_delta", "FilterResult", "REASONS"]

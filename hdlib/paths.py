@@ -61,21 +61,26 @@ def frac_tag(fraction: float) -> str:
     return f"f{float(fraction):g}"
 
 
-def model_name(task: str, fraction: float | None = None, adaptation: str | None = None) -> str:
-    """Folder name under models/ of each trainable model."""
+def model_name(task: str, fraction: float | None = None, adaptation: str | None = None,
+               draw: int | None = None) -> str:
+    """Folder name under models/ of each trainable model. Models that learn from a labeled
+    subset carry its fraction and label draw (`_s<draw>`: each downstream seed re-draws it)."""
+    suffix = "" if draw is None else f"_s{int(draw)}"
     if task in ("autoencoder", "denoiser_pretrained", "reference_classifier"):
         return task
     if task == "denoiser_adapted":
-        return f"denoiser_adapted_{adaptation}" + (f"_{frac_tag(fraction)}" if adaptation == "labeled" else "")
+        if adaptation == "labeled":
+            return f"denoiser_adapted_labeled_{frac_tag(fraction)}{suffix}"
+        return f"denoiser_adapted_{adaptation}"
     if task in ("denoiser_scratch", "denoiser_classifier_free", "latent_classifier", "baseline_classifier"):
         if fraction is None:
             raise HDLibError(f"model {task}: a label fraction is required")
-        return f"{task}_{frac_tag(fraction)}"
+        return f"{task}_{frac_tag(fraction)}{suffix}"
     raise HDLibError(f"unknown model {task!r}")
 
 
-def synthetic_set_name(generator: str, fraction: float, tag: str = "") -> str:
-    return f"{generator}_{frac_tag(fraction)}" + (f"_{tag}" if tag else "")
+def synthetic_set_name(generator: str, fraction: float, draw: int | None = None, tag: str = "") -> str:
+    return f"{generator}_{frac_tag(fraction)}" + ("" if draw is None else f"_s{int(draw)}") + (f"_{tag}" if tag else "")
 
 
 def task_seed(cfg: Config, *parts) -> int:

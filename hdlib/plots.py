@@ -227,25 +227,6 @@ def latent_classifier_accuracy(acc: pd.DataFrame, num_classes: int,
     return fig
 
 
-def guidance_sweep(sweep: pd.DataFrame, num_classes: int, default_scale: float | None = None, title: str = ""):
-    """Class accuracy and mean target-class probability (columns guidance_scale,
-    class_accuracy, mean_target_prob) against the guidance scale s."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    sweep = sweep.sort_values("guidance_scale")
-    ax.plot(sweep["guidance_scale"], sweep["class_accuracy"], marker="o", label="class accuracy (reference classifier)")
-    ax.plot(sweep["guidance_scale"], sweep["mean_target_prob"], marker="s", label="mean p(intended class)")
-    ax.axhline(1 / num_classes, color="grey", ls="--", label="chance")
-    if default_scale is not None:
-        ax.axvline(default_scale, color="black", ls=":", lw=1, label=f"study's scale s = {default_scale:g}")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("guidance scale s (0 = unguided)"), ax.set_ylabel("fraction / probability")
-    ax.set_title(title or "Guidance scale sweep")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def ratio_sweep(summary: pd.DataFrame, metric_label: str = "test accuracy", title: str = ""):
     """Mean and 95% CI (columns training_set, ratio, mean, ci_low, ci_high) against the
     synthetic-to-real ratio; real-only is the grey line and band."""
@@ -265,6 +246,29 @@ def ratio_sweep(summary: pd.DataFrame, metric_label: str = "test accuracy", titl
     ax.set_xlabel("synthetic images added, % of the real labeled images"), ax.set_ylabel(metric_label)
     ax.set_title(title or f"{metric_label} vs synthetic-to-real ratio (mean and 95% CI over seeds)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def guidance_selection(table: pd.DataFrame, num_classes: int, chosen: float | None = None, title: str = ""):
+    """Validation agreement (circles, the choice criterion) and the reference classifier's class
+    accuracy (squares, reported only) against the guidance scale, one colour per adaptation."""
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    for i, (adaptation, g) in enumerate(table.sort_values("guidance_scale").groupby("adaptation", sort=False)):
+        color = f"C{i}"
+        ax.plot(g["guidance_scale"], g["validation_agreement"], marker="o", color=color,
+                label=f"{adaptation}: validation agreement")
+        if "reference_class_accuracy" in g:
+            ax.plot(g["guidance_scale"], g["reference_class_accuracy"], marker="s", ls="--", color=color,
+                    alpha=0.7, label=f"{adaptation}: reference accuracy")
+    ax.axhline(1 / num_classes, color="grey", ls="--", lw=1, label="chance")
+    if chosen is not None:
+        ax.axvline(chosen, color="black", ls=":", lw=1, label=f"chosen s = {chosen:g}")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("guidance scale s (0 = unguided)"), ax.set_ylabel("share of samples of the intended class")
+    ax.set_title(title or "Choosing guidance on the validation split")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -91,10 +91,18 @@ def sample_images(unet, scheduler, vae, scale: float, n: int, steps: int, seed: 
     return decode_latents(vae, lat, scale, device=device)
 
 
+def holdout_images(cfg: Config) -> torch.Tensor:
+    """The pool's held-out tiles (never trained on): the judge's real reference."""
+    from .stages.data import load_split_images, split_images
+
+    return load_split_images(cfg, "pool_holdout", range(len(split_images(cfg, "pool_holdout"))))[0]
+
+
 def run_pretrain(cfg: Config) -> dict:
     """Train (or resume) and evaluate; export when `pretrain.export_dir` is set."""
     from .stages.autoencoder import autoencoder_stage, load_autoencoder
-    from .stages.data import load_pool, prepare_data
+    from .stages.autoencoder import latent_dir
+    from .stages.data import prepare_data
     from .stages.diffusion import load_denoiser, noise_scheduler
     from .train import train_task
 
@@ -104,15 +112,15 @@ def run_pretrain(cfg: Config) -> dict:
     if p.threads:
         torch.set_num_threads(p.threads)
     t0 = time.time()
-    if not paths.pool_cache.exists():
+    if not paths.manifest("pool").exists():
         prepare_data(cfg)
     train_task(cfg, "autoencoder")
-    if not paths.latents_cache.exists():
+    if not (latent_dir(cfg) / "latents.json").exists():
         autoencoder_stage(cfg)
     vae = load_autoencoder(cfg)
     scale = float(json.loads(paths.metrics("01_autoencoder").read_text())["scale_factor"])
     judge = RandomResNetJudge()
-    real_feats = judge(load_pool(cfg)["holdout_images"])
+    real_feats = judge(holdout_images(cfg))
     sched = noise_scheduler(cfg)
 
     eval_path = paths.metrics_dir / "pretrain_eval.csv"
@@ -144,7 +152,6 @@ def run_pretrain(cfg: Config) -> dict:
 def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
     """Quality of the finished model at the card's sample count and DDIM steps (cached by step)."""
     from .stages.autoencoder import load_autoencoder
-    from .stages.data import load_pool
     from .stages.diffusion import load_denoiser, noise_scheduler
 
     p, paths = cfg.pretrain, StudyPaths(cfg)
@@ -155,7 +162,7 @@ def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
         return json.loads(path.read_text())
     judge = judge or RandomResNetJudge()
     if real_feats is None:
-        real_feats = judge(load_pool(cfg)["holdout_images"])
+        real_feats = judge(holdout_images(cfg))
     vae = load_autoencoder(cfg)
     scale = float(json.loads(paths.metrics("01_autoencoder").read_text())["scale_factor"])
     t = time.time()
@@ -176,7 +183,6 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     from . import plots
     from .pretrained import export_pretrained
     from .stages.autoencoder import load_autoencoder, training_log
-    from .stages.data import load_pool
     from .stages.diffusion import load_denoiser, noise_scheduler
 
     paths = StudyPaths(cfg)
@@ -215,7 +221,7 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     fig = plots.pretrain_curves(unet_log, evals)
     plots.save(fig, cfg, "pretrain_curves")
     samples = torch.load(paths.cache / "final_samples.pt")
-    holdout = load_pool(cfg)["holdout_images"]
+    holdout = holdout_images(cfg)
     real = holdout[torch.randperm(len(holdout), generator=torch.Generator().manual_seed(0))[:16]]
     fig = plots.image_rows({"samples": samples[:16], "more samples": samples[16:32], "real holdout": real},
                            n=16, title="Unconditional samples (EMA, DDIM eta=1) and real held-out pool tiles")

@@ -29,10 +29,14 @@ TASKS = ("autoencoder", "denoiser_pretrained", "denoiser_adapted", "denoiser_scr
 class TaskSpec:
     model: torch.nn.Module
     loss_fn: Callable
-    tensors: tuple
+    dataset: object              # TensorBatchSource, LatentSource or StreamingSource
     train: TrainingConfig
     name: str
     seed: int
+    evaluate: Callable | None = None   # model selection on the validation split (classifiers)
+    select: Callable | None = None
+    eval_every: int = 0
+    plan: object = None
 
 
 def _per_sample_uniform(seeds: torch.Tensor, salt: int) -> torch.Tensor:
@@ -40,24 +44,60 @@ def _per_sample_uniform(seeds: torch.Tensor, salt: int) -> torch.Tensor:
                         for s in seeds])
 
 
-def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None) -> TaskSpec:
-    """Model, loss and training tensors of one task, from the study's cached inputs."""
+def augment_latents(z: torch.Tensor, seeds: torch.Tensor, salt: int = 31_337) -> torch.Tensor:
+    """Per-sample flips and 90-degree rotations of latents (tissue has no orientation; the
+    autoencoder is convolutional, so a rotated image's latent is close to the rotated latent)."""
+    k = (_per_sample_uniform(seeds, salt) * 8).long().clamp(max=7).tolist()
+    out = []
+    for zi, ki in zip(z, k):
+        zi = torch.rot90(zi, ki % 4, dims=(-2, -1))
+        out.append(zi.flip(-1) if ki >= 4 else zi)
+    return torch.stack(out)
+
+
+LATENT_CLASSIFIER_EVAL_T = (25, 100, 200, 300, 400, 500, 600, 700, 800, 900)
+
+
+def latent_classifier_scores(model, z0: torch.Tensor, labels: torch.Tensor, scheduler, seed: int = 0) -> dict:
+    """Validation accuracy on z_t at fixed t (one fixed noise draw per t): per t, the mean
+    over t < 500 (where guidance decides what a class looks like) and over all t."""
+    dev = next(model.parameters()).device
+    acc = {}
+    for i, t in enumerate(LATENT_CLASSIFIER_EVAL_T):
+        g = torch.Generator().manual_seed(seed * 1009 + i)
+        noise = torch.randn(z0.shape, generator=g)
+        tt = torch.full((len(z0),), t, dtype=torch.long)
+        zt = scheduler.add_noise(z0, noise, tt)
+        pred = torch.cat([model(zt[j:j + 256].to(dev), tt[j:j + 256].to(dev)).argmax(-1).cpu()
+                          for j in range(0, len(z0), 256)])
+        acc[t] = float((pred == labels).float().mean())
+    low = [v for t, v in acc.items() if t < 500]
+    return {"val_acc_t_lt_500": sum(low) / len(low), "val_acc_all_t": sum(acc.values()) / len(acc),
+            **{f"val_acc_t{t}": v for t, v in acc.items()}}
+
+
+def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
+               draw: int | None = None) -> TaskSpec:
+    """Model, loss and (streaming) training data of one task, from what earlier stages wrote.
+    Models that learn from a labeled subset use label draw `draw` (default: the first seed)."""
+    from .datasets import StreamingSource, posterior_sample
     from .diffusion import diffusion_loss, draw_noise_and_timesteps
     from .latent_classifier import classifier_loss
     from .models import autoencoder_loss, build_autoencoder, build_latent_classifier
-    from .stages.autoencoder import load_latents
-    from .stages.data import fraction_indices, load_pool
+    from .stages.autoencoder import latent_store
+    from .stages.data import fraction_indices, split_images
     from .stages.diffusion import build_denoiser, load_denoiser, noise_scheduler, uses_pretrained_unet
 
     if task not in TASKS:
         raise HDLibError(f"unknown training task {task!r} (tasks: {', '.join(TASKS)})")
-    needs_fraction = task in ("denoiser_scratch", "denoiser_classifier_free", "latent_classifier") or (
+    labeled = task in ("denoiser_scratch", "denoiser_classifier_free", "latent_classifier") or (
         task == "denoiser_adapted" and adaptation == "labeled")
-    if needs_fraction and fraction is None:
+    if labeled and fraction is None:
         raise HDLibError(f"task {task}: --fraction is required")
     if task == "denoiser_adapted" and adaptation not in ("labeled", "target_unlabeled"):
         raise HDLibError(f"task denoiser_adapted: --adaptation must be labeled or target_unlabeled, got {adaptation!r}")
-    name = model_name(task, fraction, adaptation)
+    draw = (cfg.downstream.seeds[0] if draw is None else int(draw)) if labeled else None
+    name = model_name(task, fraction, adaptation, draw)
     seed = task_seed(cfg, name)
 
     if (task == "autoencoder" and cfg.pretrained.path) or (task == "denoiser_pretrained" and uses_pretrained_unet(cfg)):
@@ -65,72 +105,84 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
                           "loaded, not trained; clear pretrained.path to train it")
     if task == "autoencoder":
         a = cfg.autoencoder
-        x = load_pool(cfg)["images"].float() / 127.5 - 1.0
 
         def ae_loss(model, batch, seeds):
             return autoencoder_loss(model, batch[0], seeds, a.kl_weight, a.ssim_weight)
 
-        return TaskSpec(build_autoencoder(a), ae_loss, (x,), a.train, name, seed)
+        pool = StreamingSource(split_images(cfg, "pool"), cfg.data.num_workers,
+                               transform=lambda b: (b[0].float() / 127.5 - 1.0,))
+        return TaskSpec(build_autoencoder(a), ae_loss, pool, a.train, name, seed)
 
-    lat = load_latents(cfg)
+    store = latent_store(cfg)
     d = cfg.diffusion
     scheduler = noise_scheduler(cfg)
-    shape = tuple(lat["pool"].shape[1:])
+    shape = store.shape
     C, S = shape[0], shape[-1]
     K = len(cfg.data.classes)
 
     def denoise_loss(model, batch, seeds):
+        z0 = posterior_sample(batch[0], batch[1], seeds)  # a fresh posterior draw every time
         noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps)
-        return diffusion_loss(model, batch[0], noise.to(batch[0].device), t.to(batch[0].device), scheduler,
-                              loss_type=d.loss)
+        return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss)
 
     if task == "denoiser_pretrained":
-        return TaskSpec(build_denoiser(cfg), denoise_loss, (lat["pool"],), d.pretrain, name, seed)
+        return TaskSpec(build_denoiser(cfg), denoise_loss, store.source("pool"), d.pretrain, name, seed)
 
-    if task == "denoiser_adapted" and adaptation == "target_unlabeled":
-        z, y = lat["train"], lat["train_labels"]
-    else:
-        idx = fraction_indices(cfg, fraction) if fraction is not None else slice(None)
-        z, y = lat["train"][idx], lat["train_labels"][idx]
+    rows = None if not labeled else fraction_indices(cfg, fraction, draw)
+    data = store.source("target_train", rows, labels=True)
 
     if task == "denoiser_adapted":
         unet = load_denoiser(cfg, "denoiser_pretrained").requires_grad_(True).train()
-        return TaskSpec(unet, denoise_loss, (z,), d.adapt, name, seed)
+        return TaskSpec(unet, denoise_loss, data, d.adapt, name, seed)
 
     if task == "denoiser_scratch":
-        return TaskSpec(build_denoiser(cfg), denoise_loss, (z,), d.scratch, name, seed)
+        return TaskSpec(build_denoiser(cfg), denoise_loss, data, d.scratch, name, seed)
 
     if task == "denoiser_classifier_free":
         p_drop = d.classifier_free_label_dropout
 
         def classifier_free_loss(model, batch, seeds):
-            z0, labels = batch
+            z0, labels = posterior_sample(batch[0], batch[1], seeds), batch[2]
             drop = _per_sample_uniform(seeds, salt=7919).to(labels.device) < p_drop
             labels = torch.where(drop, torch.full_like(labels, K), labels)  # K = the null label
             noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps)
             return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
                                   class_labels=labels)
 
-        return TaskSpec(build_denoiser(cfg, conditional=True), classifier_free_loss, (z, y), d.classifier_free, name, seed)
+        return TaskSpec(build_denoiser(cfg, conditional=True), classifier_free_loss, data, d.classifier_free,
+                        name, seed)
 
-    # latent_classifier: noise-aware, trained on z_t at uniformly random t, conditioned on t
-    clf = build_latent_classifier(cfg.latent_classifier, C, S, K)
+    # latent_classifier: noise-aware (z_t at uniformly random t, conditioned on t), flip/rot90
+    # augmentation of latents, class-balanced batches, selected on validation accuracy by t
+    lc = cfg.latent_classifier
+    clf = build_latent_classifier(lc, C, S, K)
 
     def clf_loss(model, batch, seeds):
-        z0, labels = batch
+        z0, labels = posterior_sample(batch[0], batch[1], seeds), batch[2]
+        if lc.augment:
+            z0 = augment_latents(z0, seeds)
         noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps)
         loss, _ = classifier_loss(model, z0, labels, noise.to(z0.device), t.to(z0.device), scheduler)
         return loss
 
-    return TaskSpec(clf, clf_loss, (z, y), cfg.latent_classifier.train, name, seed)
+    from .trainer import GroupPlan
+
+    val_rows = torch.randperm(len(store.mean("target_val")), generator=torch.Generator().manual_seed(0))
+    val_rows = val_rows[:lc.eval_samples].sort().values.numpy()
+    vz, vy = store.means("target_val", val_rows), store.labels("target_val")[torch.from_numpy(val_rows)]
+    plan = GroupPlan(seed, [(torch.arange(len(data)), data.label_values, lc.train.batch_size)], balanced=True)
+    return TaskSpec(clf, clf_loss, data, lc.train, name, seed, plan=plan,
+                    evaluate=lambda m: latent_classifier_scores(m, vz, vy, scheduler),
+                    select=lambda r: (r["val_acc_t_lt_500"], r["val_acc_all_t"]),
+                    eval_every=lc.eval_every or max(1, lc.train.max_steps // 10))
 
 
 def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
-               progress: bool | None = None):
+               draw: int | None = None, progress: bool | None = None):
     """Train one task in this process (resumes from its latest checkpoint)."""
-    from .trainer import TensorBatchSource, TrainConfig, Trainer
+    from .trainer import TrainConfig, Trainer
 
-    spec = build_task(cfg, task, fraction, adaptation)
+    spec = build_task(cfg, task, fraction, adaptation, draw)
     t = spec.train
     tc = TrainConfig(
         out_dir=str(StudyPaths(cfg).model(spec.name)),
@@ -147,14 +199,15 @@ def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation
         seed=spec.seed,
         progress=cfg.study.progress if progress is None else progress,
     )
-    return Trainer(spec.model, spec.loss_fn, TensorBatchSource(*spec.tensors), tc).train()
+    return Trainer(spec.model, spec.loss_fn, spec.dataset, tc, plan=spec.plan, evaluate=spec.evaluate,
+                   eval_every=spec.eval_every, select=spec.select).train()
 
 
 def launch_task(cfg: Config, params_file: str, overrides: list[str], task: str, fraction: float | None = None,
-                adaptation: str | None = None):
+                adaptation: str | None = None, draw: int | None = None):
     """Train in-process on one device, or in `study.num_processes` processes (one per GPU)."""
     if cfg.study.num_processes <= 1:
-        return train_task(cfg, task, fraction, adaptation)
+        return train_task(cfg, task, fraction, adaptation, draw)
     from .launch import launch
 
     args = ["-m", "hdlib", "train", task, str(params_file)]
@@ -162,5 +215,7 @@ def launch_task(cfg: Config, params_file: str, overrides: list[str], task: str, 
         args += ["--fraction", repr(fraction)]
     if adaptation is not None:
         args += ["--adaptation", adaptation]
+    if draw is not None:
+        args += ["--draw", str(draw)]
     launch(args + list(overrides), cfg.study.num_processes)
     return None

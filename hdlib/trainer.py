@@ -237,7 +237,7 @@ class GroupPlan:
             pos = cum.get(start, np.zeros(len(g["streams"]), dtype=np.int64)).copy()
             for t in range(start, step):
                 pos += self._counts(g, t)
-            if len(cum) > 4:
+            if len(cum) > 256:  # a streaming loader asks a few steps ahead of training
                 cum.pop(min(cum))
             cum[step] = pos
         return cum[step]
@@ -409,7 +409,9 @@ class Trainer:
     """Train `model` by minimising `loss_fn(model, batch, sample_seeds, **extra_modules)`.
 
     dataset: `len()` and `dataset[LongTensor idx] -> batch` (a tensor, tuple or dict of
-    tensors), e.g. TensorBatchSource.
+    tensors), e.g. TensorBatchSource or a LatentSource; or a streaming source with
+    `batches(index_lists)` (hdlib.datasets.StreamingSource: items decoded by DataLoader
+    workers). Under several processes each rank reads only its slice of the global batch.
     loss_fn returns the scalar mean loss over its micro-batch, drawing any randomness
     from the per-sample int64 seeds. extra_modules: {name: module} trained jointly with
     the model (trainable parameters join the optimizer; frozen ones just follow the
@@ -464,6 +466,7 @@ class Trainer:
         if evaluate is not None and (select is None or eval_every < 1):
             raise ConfigError("evaluate needs select and eval_every >= 1")
         self.evaluate, self.eval_every, self.select = evaluate, int(eval_every), select
+        self._stream = None
 
         self._unwrapped = _LossModule(model, loss_fn, extra)
         trainable = [p for p in self._unwrapped.parameters() if p.requires_grad]
@@ -664,7 +667,18 @@ class Trainer:
     def _batch(self, idx: torch.Tensor):
         from accelerate.utils import send_to_device
 
+        if self._stream is not None:  # a per-item dataset: the loader already fetched these rows
+            return send_to_device(next(self._stream), self.accelerator.device)
         return send_to_device(self.dataset[idx], self.accelerator.device)
+
+    def _index_lists(self, start: int):
+        """This process's micro-batch row lists of every step from `start`, for a streaming
+        source's DataLoader (so its workers fetch ahead while the model trains)."""
+        lo = self.accelerator.process_index * self.per_process_batch
+        for step in range(start, self.config.max_steps):
+            idx = self.plan.indices(step)[lo:lo + self.per_process_batch]
+            for m in range(self.accumulation_steps):
+                yield idx[m * self.micro_batch_size:(m + 1) * self.micro_batch_size].tolist()
 
     def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the global batch of `step`; returns (loss, grad_norm) as
@@ -715,6 +729,8 @@ class Trainer:
                 shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
         acc.wait_for_everyone()
 
+        self._stream = iter(self.dataset.batches(self._index_lists(start))) if hasattr(self.dataset, "batches") \
+            else None
         prog = self.progress_state
         prog.loss_sum = prog.loss_sum.to(acc.device)
         prog.grad_norm_sum = prog.grad_norm_sum.to(acc.device)

@@ -1,5 +1,7 @@
 """Stage 01: the autoencoder (trained here, or loaded from `pretrained.path`), the
-latent scale (1/std of pool latents), the latent cache, reconstruction quality."""
+latent cache (every split encoded once, in a streaming pass, into memory-mapped
+arrays; sharded across processes when `study.num_processes` > 1), the latent
+scale (1/std of the pool's posterior means) and reconstruction quality."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import pandas as pd
 import torch
 
 from ..config import Config
-from ..io import atomic_torch_save, atomic_write_csv
-from ..paths import StudyPaths
-from .common import device, require, write_metrics
-from .data import load_pool, load_target
+from ..io import atomic_write_csv, atomic_write_json
+from ..paths import REPO_ROOT, StudyPaths
+from .common import device, read_metrics, require, write_metrics
+from .data import load_split_images, split_images, split_labels, split_sources
+
+LATENT_SPLITS = ("pool", "target_train", "target_val", "target_test")
 
 
 def load_autoencoder(cfg: Config):
@@ -29,62 +33,125 @@ def load_autoencoder(cfg: Config):
     return vae.eval().requires_grad_(False)
 
 
-def latent_scale(cfg: Config, raw_pool_latents: torch.Tensor | None = None) -> float:
-    """1/std of the raw pool latents; a pre-trained model brings its own (measured on its pool)."""
+def latent_dir(cfg: Config):
+    return StudyPaths(cfg).cache / "latents"
+
+
+def _latent_shape_of(vae, image_size: int) -> tuple:
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (int(vae.config.latent_channels), image_size // down, image_size // down)
+
+
+@torch.no_grad()
+def encode_shard(cfg: Config, rank: int = 0, world: int = 1, dev: str | None = None) -> None:
+    """Encode this process's shard of every split into the preallocated memory maps
+    (raw posterior mean and std, unscaled)."""
+    from ..datasets import LatentWriter, loader
+    from ..models import images_to_model_range
+    from ..sampling import shard
+
+    vae = load_autoencoder(cfg).to(dev or device(cfg))
+    shape = _latent_shape_of(vae, cfg.data.image_size)
+    for split in LATENT_SPLITS:
+        ds = split_images(cfg, split)
+        rows = np.asarray(list(shard(len(ds), rank, world)), dtype=np.int64)
+        if not len(rows):
+            continue
+        writer = LatentWriter(latent_dir(cfg), split, len(ds), shape, create=False)
+        done = 0
+        for x, _ in loader(ds.subset(rows), 64, cfg.data.num_workers, progress=cfg.study.progress and rank == 0,
+                           desc=f"encode {split}"):
+            post = vae.encode(images_to_model_range(x).to(next(vae.parameters()).device)).latent_dist
+            writer.write(rows[done:done + len(x)], post.mean, post.std)
+            done += len(x)
+        writer.flush()
+
+
+def encode_latents(cfg: Config, params_file: str | None = None) -> dict:
+    """The latent cache: preallocate, encode (in-process, or one shard per process under the
+    launcher), then scale every split by 1/std of the pool means (or the pre-trained scale)."""
+    from ..datasets import LatentWriter
+
+    root = latent_dir(cfg)
+    vae = load_autoencoder(cfg)
+    shape = _latent_shape_of(vae, cfg.data.image_size)
+    sizes = {s: len(split_images(cfg, s)) for s in LATENT_SPLITS}
+    for split, n in sizes.items():
+        LatentWriter(root, split, n, shape, create=True)
+    if cfg.study.num_processes > 1:
+        from ..launch import launch
+
+        launch(["-m", "hdlib", "encode", "--study-dir", str(cfg.results_dir)], cfg.study.num_processes, cwd=REPO_ROOT)
+    else:
+        encode_shard(cfg)
+    # scale: 1/std of the pool's raw posterior means, accumulated chunk by chunk
+    pool = np.load(root / "pool.mean.npy.part", mmap_mode="r")
+    s1 = s2 = 0.0
+    for i in range(0, len(pool), 4096):
+        chunk = np.asarray(pool[i:i + 4096], dtype=np.float64)
+        s1, s2 = s1 + chunk.sum(), s2 + (chunk ** 2).sum()
+    count = pool.size
+    raw_std = float(np.sqrt(max(s2 / count - (s1 / count) ** 2, 1e-12)))
     if cfg.pretrained.path:
         from ..pretrained import read_latent_info
 
-        return float(read_latent_info(cfg.pretrained.path)["scaling_factor"])
-    return 1.0 / float(raw_pool_latents.std())
+        scale = float(read_latent_info(cfg.pretrained.path)["scaling_factor"])
+    else:
+        scale = 1.0 / raw_std
+    for split, n in sizes.items():
+        w = LatentWriter(root, split, n, shape, create=False)
+        for i in range(0, n, 4096):  # in place, chunk by chunk: memory stays flat
+            w.mean[i:i + 4096] = (np.asarray(w.mean[i:i + 4096], dtype=np.float32) * scale).astype(w.mean.dtype)
+            w.std[i:i + 4096] = (np.asarray(w.std[i:i + 4096], dtype=np.float32) * scale).astype(w.std.dtype)
+        w.finish(split_labels(cfg, split).numpy())
+    meta = {"scale": scale, "raw_pool_std": raw_std, "shape": list(shape), "counts": sizes,
+            "dtype": "float16", "stores": "posterior mean and std, scaled"}
+    atomic_write_json(root / "latents.json", meta)
+    return meta
+
+
+def latent_store(cfg: Config):
+    from ..datasets import LatentStore
+
+    return LatentStore(latent_dir(cfg))
 
 
 def autoencoder_stage(cfg: Config) -> dict:
-    """Encode every split once (posterior means) and evaluate reconstructions on held-out
-    pool tiles per source and on the target's validation split."""
+    """Encode every split once and evaluate reconstructions on held-out pool tiles per source
+    and on the target's validation split."""
     from ..models import decode_latents, encode_images, psnr_ssim
 
     dev, paths = device(cfg), StudyPaths(cfg)
+    meta = encode_latents(cfg)
     vae = load_autoencoder(cfg)
-    pool, target = load_pool(cfg), load_target(cfg)
-    raw_pool = encode_images(vae, pool["images"], 1.0, device=dev, progress=cfg.study.progress)
-    scale = latent_scale(cfg, raw_pool)
-    enc = lambda x: encode_images(vae, x, scale, device=dev)  # noqa: E731
-    latents = {
-        "scale": scale, "classes": target["classes"],
-        "pool": raw_pool * scale, "pool_source_ids": pool["source_ids"],
-        "train": enc(target["train_images"]), "train_labels": target["train_labels"],
-        "val": enc(target["val_images"]), "val_labels": target["val_labels"],
-        "test": enc(target["test_images"]), "test_labels": target["test_labels"],
-    }
-    atomic_torch_save(latents, paths.latents_cache)
-
     rows = []
-    sets = [(name, pool["holdout_images"][pool["holdout_source_ids"] == i]) for i, name in enumerate(pool["sources"])]
-    sets.append(("target (val)", target["val_images"]))
-    for name, imgs in sets:
-        if len(imgs) == 0:
+    hold_src = np.array(split_sources(cfg, "pool_holdout"))
+    sets = [(name, np.flatnonzero(hold_src == name), "pool_holdout") for name in dict.fromkeys(hold_src)]
+    n_val = len(split_images(cfg, "target_val"))
+    sets.append(("target (val)", np.arange(min(n_val, 256)), "target_val"))
+    for name, idx, split in sets:
+        if len(idx) == 0:
             continue
+        imgs, _ = load_split_images(cfg, split, idx)
         rec = decode_latents(vae, encode_images(vae, imgs, 1.0, device=dev), 1.0, device=dev)
         psnr, ssim = psnr_ssim(imgs, rec)
         rows.append({"source": name, "n": len(imgs), "psnr_db": float(psnr.mean()), "psnr_std": float(psnr.std()),
                      "ssim": float(ssim.mean())})
     atomic_write_csv(pd.DataFrame(rows), paths.table("autoencoder_reconstruction"))
-    lat = latents["pool"]
+    store = latent_store(cfg)
+    sample = store.means("pool", np.arange(min(len(store.mean("pool")), 4096)))
     pool_rows = [r for r in rows if r["source"] != "target (val)"]
     metrics = {
         "pretrained": cfg.pretrained.path or None,
-        "latent_shape": list(lat.shape[1:]), "scale_factor": scale, "raw_latent_std": float(raw_pool.std()),
-        "scaled_latent_mean": float(lat.mean()), "scaled_latent_std": float(lat.std()),
-        "per_channel_std": [float(v) for v in lat.transpose(0, 1).flatten(1).std(1)],
+        "latent_shape": meta["shape"], "scale_factor": meta["scale"], "raw_latent_std": meta["raw_pool_std"],
+        "latent_counts": meta["counts"],
+        "scaled_latent_mean": float(sample.mean()), "scaled_latent_std": float(sample.std()),
+        "per_channel_std": [float(v) for v in sample.transpose(0, 1).flatten(1).std(1)],
         "reconstruction": rows,
         "heldout_pool_psnr_db": float(np.average([r["psnr_db"] for r in pool_rows], weights=[r["n"] for r in pool_rows])),
     }
     write_metrics(cfg, "01_autoencoder", metrics)
     return metrics
-
-
-def load_latents(cfg: Config) -> dict:
-    return torch.load(require(StudyPaths(cfg).latents_cache, "latent cache"), weights_only=False)
 
 
 def training_log(cfg: Config, name: str) -> pd.DataFrame:
@@ -97,14 +164,23 @@ def reconstruction_examples(cfg: Config, n: int = 6) -> dict[str, torch.Tensor]:
     from ..models import decode_latents, encode_images
 
     vae, dev = load_autoencoder(cfg), device(cfg)
-    pool, target = load_pool(cfg), load_target(cfg)
+    hold_src = np.array(split_sources(cfg, "pool_holdout"))
+    sets = [(name, np.flatnonzero(hold_src == name)[:n], "pool_holdout") for name in dict.fromkeys(hold_src)]
+    n_val = len(split_images(cfg, "target_val"))
+    sets.append(("target", np.arange(0, n_val, max(1, n_val // n))[:n], "target_val"))
     rows = {}
-    sets = [(n_, pool["holdout_images"][pool["holdout_source_ids"] == i]) for i, n_ in enumerate(pool["sources"])]
-    sets.append(("target", target["val_images"][:: max(1, len(target["val_images"]) // n)]))
-    for name, imgs in sets:
-        imgs = imgs[:n]
-        if len(imgs) == 0:
+    for name, idx, split in sets:
+        if len(idx) == 0:
             continue
+        imgs, _ = load_split_images(cfg, split, idx)
         rows[name] = imgs
         rows[f"{name} (recon)"] = decode_latents(vae, encode_images(vae, imgs, 1.0, device=dev), 1.0, device=dev)
     return rows
+
+
+def latent_scale(cfg: Config) -> float:
+    return float(read_metrics(cfg, "01_autoencoder")["scale_factor"])
+
+
+__all__ = ["load_autoencoder", "encode_latents", "encode_shard", "latent_store", "autoencoder_stage",
+           "training_log", "reconstruction_examples", "latent_scale"]

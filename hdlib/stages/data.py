@@ -14,7 +14,7 @@ import torch
 from .. import data as D
 from ..config import Config
 from ..errors import DataError, HDLibError
-from ..io import atomic_torch_save, atomic_write_csv
+from ..io import atomic_write_csv
 from ..paths import StudyPaths, frac_tag
 from .common import require, write_metrics
 
@@ -95,24 +95,33 @@ def pool_source_records(cfg: Config, src) -> list:
     return out
 
 
-def _load_labeled(cfg: Config, recs, what: str):
-    """Decode a labeled split; unreadable images are skipped and returned as (split, record, reason)."""
-    imgs, kept, bad = D.load_images(recs, cfg.data.image_size, max_bad_fraction=1.0, progress=cfg.study.progress)
-    return imgs, kept, [(what, r, why) for r, why in bad]
+def _scan(cfg: Config, recs, what: str) -> tuple[list, list]:
+    """Decode every image once (streaming, nothing kept): (readable records, [(split, record, reason)])."""
+    from ..datasets import scan_readable
+
+    bad = scan_readable(recs, cfg.data.image_size, num_workers=cfg.data.num_workers, progress=cfg.study.progress)
+    bad_ids = {id(r) for r, _ in bad}
+    return [r for r in recs if id(r) not in bad_ids], [(what, r, why) for r, why in bad]
 
 
-def _check_bad_labeled(cfg: Config, bad: list, n_total: int) -> None:
-    """Skipped labeled images are tolerated up to data.max_bad_fraction of all labeled
-    images; past it, a one-line error naming the first file. The user's data is never touched."""
+def _check_bad(cfg: Config, bad: list, n_total: int, what: str) -> None:
+    """Skipped images are tolerated up to data.max_bad_fraction; past it, a one-line error
+    naming the first file. The user's data is never touched."""
     allowed = int(np.floor(cfg.data.max_bad_fraction * n_total + 1e-9))
     if len(bad) > allowed:
         split, rec, why = bad[0]
-        raise DataError(f"{split}: {len(bad)} of {n_total} labeled images unreadable (data.max_bad_fraction="
+        raise DataError(f"{what}: {len(bad)} of {n_total} images unreadable (data.max_bad_fraction="
                         f"{cfg.data.max_bad_fraction} allows {allowed}), first {rec.path} ({why})")
 
 
+def draw_seed(cfg: Config, draw: int) -> int:
+    """Seed of label draw `draw`: each downstream seed re-draws the labeled subset."""
+    return int(hashlib.sha1(repr((cfg.study.seed, "labels", int(draw))).encode()).hexdigest()[:8], 16)
+
+
 def prepare_data(cfg: Config) -> dict:
-    """Stage 00. Returns a summary (also written to metrics/00_data.json)."""
+    """Stage 00: manifests only (the index every later stage streams from); no image is kept
+    in memory. Returns a summary (also metrics/00_data.json)."""
     c, seed, paths = cfg.data, cfg.study.seed, StudyPaths(cfg)
     train_recs, test_recs = target_records(cfg)
     labels = np.array([r.label for r in train_recs])
@@ -122,14 +131,15 @@ def prepare_data(cfg: Config) -> dict:
         labels = labels[keep]
     tr_idx, va_idx = D.stratified_split(labels, c.val_fraction, seed, class_names=c.classes)
 
-    # Decode the labeled splits first: unreadable images are dropped before fractions are drawn,
-    # so every manifest row is an image the study really uses.
-    tr_x, train, bad_tr = _load_labeled(cfg, [train_recs[i] for i in tr_idx], "target_train")
-    va_x, val, bad_va = _load_labeled(cfg, [train_recs[i] for i in va_idx], "target_val")
-    te_x, test, bad_te = _load_labeled(cfg, test_recs, "target_test")
-    _check_bad_labeled(cfg, bad_tr + bad_va + bad_te, len(train_recs) + len(test_recs))
-    fractions = D.nested_label_fractions(np.array([r.label for r in train]), c.label_fractions, seed,
-                                         class_names=c.classes)
+    # Unreadable labeled images are dropped before fractions are drawn, so every manifest
+    # row is an image the study really uses.
+    train, bad_tr = _scan(cfg, [train_recs[i] for i in tr_idx], "target_train")
+    val, bad_va = _scan(cfg, [train_recs[i] for i in va_idx], "target_val")
+    test, bad_te = _scan(cfg, test_recs, "target_test")
+    _check_bad(cfg, bad_tr + bad_va + bad_te, len(train_recs) + len(test_recs), "labeled target")
+    train_labels = np.array([r.label for r in train])
+    draws = {d: D.nested_label_fractions(train_labels, c.label_fractions, draw_seed(cfg, d), class_names=c.classes)
+             for d in cfg.downstream.seeds}
 
     sources = []
     for src in c.pool_sources:
@@ -147,52 +157,42 @@ def prepare_data(cfg: Config) -> dict:
         trainable.append(D.PoolSource(s.name, [s.records[i] for i in order[n_hold:]], s.weight))
     pool, pool_summary = D.build_pool(trainable, train_recs + test_recs, c.pool_size, seed,
                                       progress=cfg.study.progress)
-    po_x, po_kept, po_bad = D.load_images(pool, c.image_size, max_bad_fraction=c.max_bad_fraction,
-                                          progress=cfg.study.progress)
-    ho_x, ho_kept, ho_bad = D.load_images(holdout, c.image_size, max_bad_fraction=c.max_bad_fraction,
-                                          progress=cfg.study.progress)
+    pool, bad_po = _scan(cfg, pool, "pool")
+    holdout, bad_ho = _scan(cfg, holdout, "pool_holdout")
+    _check_bad(cfg, bad_po + bad_ho, len(pool) + len(holdout) + len(bad_po) + len(bad_ho), "pool")
 
     for name, recs in [("target_train", train), ("target_val", val), ("target_test", test),
-                       ("pool", po_kept), ("pool_holdout", ho_kept)]:
+                       ("pool", pool), ("pool_holdout", holdout)]:
         D.write_manifest(recs, paths.manifest(name), classes=c.classes, progress=cfg.study.progress)
-    unreadable = bad_tr + bad_va + bad_te + [("pool", r, w) for r, w in po_bad] + \
-        [("pool_holdout", r, w) for r, w in ho_bad]
+    unreadable = bad_tr + bad_va + bad_te + bad_po + bad_ho
     atomic_write_csv(pd.DataFrame([{"split": s, "path": str(r.path), "key": r.key, "reason": w}
                                    for s, r, w in unreadable], columns=["split", "path", "key", "reason"]),
                      paths.manifest("unreadable"))
     frac_df = pd.DataFrame({"train_index": np.arange(len(train))})
-    for f, idx in fractions.items():
-        col = np.zeros(len(train), dtype=bool)
-        col[idx] = True
-        frac_df[frac_tag(f)] = col
+    for d, fractions in draws.items():
+        for f, idx in fractions.items():
+            col = np.zeros(len(train), dtype=bool)
+            col[idx] = True
+            frac_df[fraction_column(f, d)] = col
     atomic_write_csv(frac_df, paths.fractions_csv)
 
     names = [s.name for s in c.pool_sources]
-    atomic_torch_save({
-        "classes": list(c.classes),
-        "train_images": tr_x, "train_labels": torch.tensor([r.label for r in train]),
-        "val_images": va_x, "val_labels": torch.tensor([r.label for r in val]),
-        "test_images": te_x, "test_labels": torch.tensor([r.label for r in test]),
-    }, paths.target_cache)
-    atomic_torch_save({
-        "sources": names,
-        "images": po_x, "source_ids": torch.tensor([names.index(r.source) for r in po_kept]),
-        "holdout_images": ho_x, "holdout_source_ids": torch.tensor([names.index(r.source) for r in ho_kept]),
-    }, paths.pool_cache)
 
     def counts(recs):
         return {cls: int(sum(r.label == k for r in recs)) for k, cls in enumerate(c.classes)}
 
+    first = draws[cfg.downstream.seeds[0]]
     summary = {
         "classes": list(c.classes),
         "counts": {"train": counts(train), "val": counts(val), "test": counts(test)},
         "fractions": {f"{f:g}": {cls: int(sum(train[i].label == k for i in idx)) for k, cls in enumerate(c.classes)}
-                      for f, idx in fractions.items()},
-        "pool": {n: int(sum(r.source == n for r in po_kept)) for n in names},
+                      for f, idx in first.items()},
+        "label_draws": list(cfg.downstream.seeds),
+        "pool": {n: int(sum(r.source == n for r in pool)) for n in names},
         "pool_available": {s.name: len(s.records) for s in trainable},
-        "pool_holdout": {n: int(sum(r.source == n for r in ho_kept)) for n in names},
+        "pool_holdout": {n: int(sum(r.source == n for r in holdout)) for n in names},
         "unreadable": {"target_train": len(bad_tr), "target_val": len(bad_va), "target_test": len(bad_te),
-                       "pool": len(po_bad), "pool_holdout": len(ho_bad)},
+                       "pool": len(bad_po), "pool_holdout": len(bad_ho)},
         "pool_summary": pool_summary,
         "image_size": c.image_size,
     }
@@ -200,34 +200,65 @@ def prepare_data(cfg: Config) -> dict:
     return summary
 
 
-def load_target(cfg: Config) -> dict:
-    return torch.load(require(StudyPaths(cfg).target_cache, "target image cache"), weights_only=False)
+SPLITS = ("target_train", "target_val", "target_test", "pool", "pool_holdout")
 
 
-def load_pool(cfg: Config) -> dict:
-    return torch.load(require(StudyPaths(cfg).pool_cache, "pool image cache"), weights_only=False)
+def split_images(cfg: Config, split: str, rows=None):
+    """A split's images as a streaming dataset (decoded on the fly from its manifest)."""
+    from ..datasets import ManifestImages
+
+    if split not in SPLITS:
+        raise HDLibError(f"unknown split {split!r} (splits: {', '.join(SPLITS)})")
+    return ManifestImages(require(StudyPaths(cfg).manifest(split), f"manifest {split}"), cfg.data.image_size, rows)
 
 
-def fraction_indices(cfg: Config, fraction: float) -> np.ndarray:
-    """Indices into the target training split of one nested label fraction."""
+def split_labels(cfg: Config, split: str) -> torch.Tensor:
+    df = pd.read_csv(require(StudyPaths(cfg).manifest(split), f"manifest {split}"), usecols=["label"])
+    return torch.tensor(pd.to_numeric(df["label"]).fillna(-1).astype(int).to_numpy(), dtype=torch.long)
+
+
+def split_sources(cfg: Config, split: str) -> list[str]:
+    return pd.read_csv(require(StudyPaths(cfg).manifest(split), f"manifest {split}"), usecols=["source"])["source"].tolist()
+
+
+def load_split_images(cfg: Config, split: str, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, labels) of a few rows of a split, in memory (figures, small subsets)."""
+    from ..datasets import load_into_memory
+
+    return load_into_memory(split_images(cfg, split, rows), num_workers=cfg.data.num_workers)
+
+
+def fraction_column(fraction: float, draw: int) -> str:
+    return f"{frac_tag(fraction)}_s{int(draw)}"
+
+
+def fraction_indices(cfg: Config, fraction: float, draw: int | None = None) -> np.ndarray:
+    """Rows of target_train in label draw `draw` (default: the first downstream seed) of one
+    nested label fraction."""
+    draw = cfg.downstream.seeds[0] if draw is None else draw
     df = pd.read_csv(require(StudyPaths(cfg).fractions_csv, "label-fraction manifest"))
-    col = frac_tag(fraction)
+    col = fraction_column(fraction, draw)
     if col not in df:
-        raise HDLibError(f"label fraction {fraction:g} is not in data.label_fractions "
-                         f"({', '.join(c[1:] for c in df.columns if c.startswith('f'))})")
+        raise HDLibError(f"label fraction {fraction:g}, draw {draw} is not in {StudyPaths(cfg).fractions_csv} "
+                         f"(data.label_fractions x downstream.seeds)")
     return df.loc[df[col], "train_index"].to_numpy().copy()  # writable, for torch indexing
 
 
-def manifest_hash(cfg: Config, split: str, fraction: float | None = None) -> str:
+def fraction_labels(cfg: Config, fraction: float, draw: int | None = None) -> torch.Tensor:
+    return split_labels(cfg, "target_train")[fraction_indices(cfg, fraction, draw)]
+
+
+def manifest_hash(cfg: Config, split: str, fraction: float | None = None, draw: int | None = None) -> str:
     """Content key of a labeled subset: sha1 over its manifest rows (file hashes included)."""
     df = pd.read_csv(require(StudyPaths(cfg).manifest(split), f"manifest {split}"))
     if fraction is not None:
-        df = df.iloc[fraction_indices(cfg, fraction)]
+        df = df.iloc[fraction_indices(cfg, fraction, draw)]
     return hashlib.sha1(df.to_csv(index=False).encode()).hexdigest()
 
 
 def grid_fractions(cfg: Config) -> list[float]:
-    """Label fractions whose models and synthetic sets the downstream grid needs:
-    `downstream.fractions` plus the ratio-sweep fraction (which need not be one of them)."""
-    ds = cfg.downstream
-    return sorted(set(ds.fractions) | ({ds.ratio_sweep_fraction} if ds.ratio_sweep and ds.ratio_sweep_sets else set()))
+    """Label fractions the study trains and generates for: the grid's and the ratio sweep's."""
+    fr = list(cfg.downstream.fractions)
+    if cfg.downstream.ratio_sweep and cfg.downstream.ratio_sweep_fraction not in fr:
+        fr.append(cfg.downstream.ratio_sweep_fraction)
+    return sorted(fr)

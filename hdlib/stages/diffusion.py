@@ -8,9 +8,7 @@ import torch
 
 from ..config import Config
 from ..paths import StudyPaths, model_name
-from .autoencoder import load_latents
 from .common import read_metrics, require
-from .data import load_pool
 
 
 def uses_pretrained_unet(cfg: Config) -> bool:
@@ -82,15 +80,20 @@ def latent_fingerprint_features(latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.flatten(2).mean(2), z.flatten(2).std(2), (gx + gy).sqrt()], dim=1)
 
 
-def per_source_realism(cfg: Config, sample_latents: dict[str, torch.Tensor]) -> pd.DataFrame:
+def per_source_realism(cfg: Config, sample_latents: dict[str, torch.Tensor], per_source: int = 512) -> pd.DataFrame:
     """Frechet distance between latent statistics of samples and of each real source
-    (pool sources and the target). Lower = closer; it says which data a model imitates."""
-    from ..metrics import feature_stats, frechet_distance
+    (pool sources and the target; up to `per_source` latents each). Lower = closer; it
+    says which data a model imitates."""
+    import numpy as np
 
-    lat = load_latents(cfg)
-    names = load_pool(cfg)["sources"]
-    real = {n: lat["pool"][lat["pool_source_ids"] == i] for i, n in enumerate(names)}
-    real["target"] = lat["train"]
+    from ..metrics import feature_stats, frechet_distance
+    from .autoencoder import latent_store
+    from .data import split_sources
+
+    store = latent_store(cfg)
+    src = np.array(split_sources(cfg, "pool"))
+    real = {n: store.means("pool", np.flatnonzero(src == n)[:per_source]) for n in dict.fromkeys(src)}
+    real["target"] = store.means("target_train", np.arange(min(per_source, len(store.mean("target_train")))))
     stats = {n: feature_stats(latent_fingerprint_features(z).numpy()) for n, z in real.items() if len(z) > 2}
     rows = []
     for model, z in sample_latents.items():
@@ -107,12 +110,12 @@ def unconditional_samples(cfg: Config, models: list[str], n: int, tag: str, prog
     from ..models import decode_latents
     from ..paths import request_seeds
     from ..sampling import guided_ddim_sample
-    from .autoencoder import load_autoencoder
+    from .autoencoder import latent_scale, load_autoencoder
     from .common import device
 
     s, dev = cfg.sampling, device(cfg)
     vae, sched = load_autoencoder(cfg), noise_scheduler(cfg)
-    scale = float(read_metrics(cfg, "01_autoencoder")["scale_factor"])
+    scale = latent_scale(cfg)
     seeds = torch.as_tensor(request_seeds(cfg, tag, n))
     out = {}
     for name in models:

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 
+import numpy as np
+
 from ..config import Config
 from ..paths import REPO_ROOT, StudyPaths
 from .common import config_from_results
-from .data import fraction_indices, load_target, manifest_hash
+from .data import fraction_indices, manifest_hash, split_images, split_labels
 from .synthesis import fit_image_classifier, synthetic_training_images
 
 ID_KEYS = ["fraction", "training_set", "ratio", "seed"]
@@ -26,23 +28,30 @@ def _settings_key(cfg: Config) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def cell_inputs_key(cfg: Config, training_set: str, fraction: float, ratio: float) -> str:
+def cell_inputs_key(cfg: Config, training_set: str, fraction: float, ratio: float, draw: int) -> str:
     """Content key of everything a cell learns from and is judged on."""
-    _, _, syn_key = synthetic_training_images(cfg, training_set, fraction, ratio)
-    parts = [manifest_hash(cfg, "target_train", fraction), manifest_hash(cfg, "target_val"),
+    _, _, syn_key = synthetic_training_images(cfg, training_set, fraction, ratio, draw)
+    parts = [manifest_hash(cfg, "target_train", fraction, draw), manifest_hash(cfg, "target_val"),
              manifest_hash(cfg, "target_test"), syn_key, _settings_key(cfg)]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
+ABLATION_SETS = ("scratch", "classifier_free")  # generated at the smallest fraction only (CPU budget)
+
+
 def downstream_cells(cfg: Config) -> list[dict]:
+    """Every cell: seed (= label draw: the labeled subset, latent classifier and synthetic
+    images are all re-drawn per seed) x fraction x training set x ratio."""
     ds = cfg.downstream
-    cells, keys = [], {}
+    f0 = min(ds.fractions)
+    cells = []
 
     def add(f, s, r, seed):
+        if s in ABLATION_SETS and f != f0:
+            return
         r = 0.0 if s == "real" else r
-        if (f, s, r) not in keys:
-            keys[(f, s, r)] = cell_inputs_key(cfg, s, f, r)
-        cell = {"fraction": f, "training_set": s, "ratio": r, "seed": seed, "inputs": keys[(f, s, r)]}
+        cell = {"fraction": f, "training_set": s, "ratio": r, "seed": seed,
+                "inputs": cell_inputs_key(cfg, s, f, r, seed)}
         if cell not in cells:
             cells.append(cell)
 
@@ -57,27 +66,30 @@ def downstream_cells(cfg: Config) -> list[dict]:
 
 
 def run_downstream_cell(cell: dict) -> dict:
-    """One grid cell (runs in a worker process)."""
+    """One grid cell (runs in a worker process): real labeled subset of the cell's draw
+    (+ synthetic images of the same draw), class-balanced batches, the same passes over the
+    real images in every cell, model selection on validation, test evaluated once."""
     from ..downstream import evaluate
 
     os.chdir(REPO_ROOT)
     cfg = config_from_results(cell["study_dir"])
     cfg.study.progress = False
-    t = load_target(cfg)
-    idx = fraction_indices(cfg, cell["fraction"])
-    x, y = t["train_images"][idx], t["train_labels"][idx]
-    sx, sy, _ = synthetic_training_images(cfg, cell["training_set"], cell["fraction"], cell["ratio"])
+    f, draw = cell["fraction"], int(cell["seed"])
+    idx = fraction_indices(cfg, f, draw)
+    x, y = split_images(cfg, "target_train", idx), split_labels(cfg, "target_train")[idx]
+    sx, sy, _ = synthetic_training_images(cfg, cell["training_set"], f, cell["ratio"], draw)
     n_syn = 0 if sx is None else len(sx)
     ds = cfg.downstream
-    # every cell sees the real images equally often; synthetic ones come on top (ratio per real image)
-    model, _ = fit_image_classifier(cfg, ds.backbone, ds.train, x, y, t["val_images"], t["val_labels"],
-                                    seed=1000 + int(cell["seed"]), progress=False,
+    vx, vy = split_images(cfg, "target_val"), split_labels(cfg, "target_val")
+    model, _ = fit_image_classifier(cfg, ds.backbone, ds.train, x, y, vx, vy, seed=1000 + draw, progress=False,
                                     synthetic=(sx, sy) if n_syn else None, synthetic_per_real=cell["ratio"])
     names = list(cfg.data.classes)
-    test = evaluate(model, t["test_images"], t["test_labels"], num_classes=len(names), class_names=names)
-    val = evaluate(model, t["val_images"], t["val_labels"], num_classes=len(names), class_names=names)
-    return {"n_real": int(len(idx)), "n_synthetic": n_syn, "test": test,
-            "val_balanced_accuracy": val["balanced_accuracy"], "val_accuracy": val["accuracy"]}
+    test = evaluate(model, split_images(cfg, "target_test"), split_labels(cfg, "target_test"),
+                    num_classes=len(names), class_names=names)
+    val = evaluate(model, vx, vy, num_classes=len(names), class_names=names)
+    per_class_real = np.bincount(y.numpy(), minlength=len(names))
+    return {"n_real": int(len(idx)), "n_synthetic": n_syn, "labels_per_class": int(per_class_real.min()),
+            "test": test, "val_balanced_accuracy": val["balanced_accuracy"], "val_accuracy": val["accuracy"]}
 
 
 def run_downstream_grid(cfg: Config):

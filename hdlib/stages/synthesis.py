@@ -1,16 +1,24 @@
 """Stage 04: class-specific synthesis and selective filtering.
 
-`Generation` loads a study's autoencoder, denoisers and latent classifiers once
-and makes latents or images of any generator (`hdlib.paths.GENERATORS`).
-`synthesize` writes a synthetic set (PNGs, manifest.csv, a tensor cache keyed by
-the request and by the content of the weights it used); `filter_candidates`
-applies selective filtering once per set and caches its decision and features.
+- `Generation` loads a study's autoencoder, denoisers and latent classifiers once and
+  makes latents or images of any generator (`hdlib.paths.GENERATORS`).
+- `SelectiveFilter` is the paper's filter for one labeled subset: the real-only
+  baseline classifier's features and confidence, class centroids of the real images,
+  and a near-copy threshold calibrated per class on real validation images.
+- `synthesize` fills a per-class quota exactly: it generates candidates in rounds,
+  judges each round, and stops when every class has its quota of accepted images or
+  hit the cap (a shortfall is recorded, never hidden). Images go to disk as PNGs with
+  a manifest (the set is streamed from there later); a killed run resumes at the
+  last finished round. A set is reused only if its request and the content of every
+  model it used are unchanged.
+- `choose_guidance` picks the guidance scale and the adaptation on the validation
+  split (never on test).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -18,13 +26,13 @@ import torch
 
 from ..config import Config, TrainingConfig
 from ..errors import HDLibError
-from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json, files_sha1
-from ..paths import (GENERATORS, REPO_ROOT, StudyPaths, frac_tag, is_filtered, model_name, request_seeds,
-                     synthetic_set_name, training_set_generator)
-from .autoencoder import load_autoencoder
-from .common import device, read_metrics, require
-from .data import fraction_indices, load_target, manifest_hash
-from .diffusion import grid_denoiser_name, latent_shape, load_denoiser, noise_scheduler
+from ..io import atomic_write_csv, atomic_write_json, files_sha1
+from ..paths import (GENERATORS, REPO_ROOT, StudyPaths, is_filtered, model_name, request_seeds, synthetic_set_name,
+                     training_set_generator)
+from .autoencoder import latent_scale, load_autoencoder
+from .common import device, require
+from .data import fraction_indices, fraction_labels, grid_fractions, manifest_hash, split_images, split_labels
+from .diffusion import latent_shape, load_denoiser, noise_scheduler
 from .guidance import load_latent_classifier
 
 
@@ -40,29 +48,36 @@ def weights_key(cfg: Config, name: str) -> str:
 
 
 class Generation:
-    """A study's generators, with every model loaded at most once."""
+    """A study's generators, with every model loaded at most once.
+    `adaptation` overrides `diffusion.grid_adaptation` (used when choosing it)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, adaptation: str | None = None):
         self.cfg = cfg
+        self.adaptation = adaptation or cfg.diffusion.grid_adaptation
         self.device = device(cfg)
         self.scheduler = noise_scheduler(cfg)
         self.latent_shape = latent_shape(cfg)
-        self.scale = float(read_metrics(cfg, "01_autoencoder")["scale_factor"])
+        self.scale = latent_scale(cfg)
         self._vae = None
         self._models: dict[str, torch.nn.Module] = {}
 
-    # -- which models a generator uses -------------------------------------------------
-    def models_of(self, generator: str, fraction: float) -> dict[str, str]:
+    def denoiser_name(self, fraction: float, draw: int) -> str:
+        a = self.adaptation
+        if a == "none":
+            return "denoiser_pretrained"
+        return model_name("denoiser_adapted", fraction, a, draw if a == "labeled" else None)
+
+    def models_of(self, generator: str, fraction: float, draw: int) -> dict:
         """{"denoiser": model name, "classifier": model name or None} of a generator."""
-        clf = model_name("latent_classifier", fraction)
+        clf = model_name("latent_classifier", fraction, draw=draw)
         if generator == "histodiffusion":
-            return {"denoiser": grid_denoiser_name(self.cfg, fraction), "classifier": clf}
+            return {"denoiser": self.denoiser_name(fraction, draw), "classifier": clf}
         if generator == "pretrained":
-            return {"denoiser": grid_denoiser_name(self.cfg, fraction), "classifier": None}
+            return {"denoiser": self.denoiser_name(fraction, draw), "classifier": None}
         if generator == "scratch":
-            return {"denoiser": model_name("denoiser_scratch", fraction), "classifier": clf}
+            return {"denoiser": model_name("denoiser_scratch", fraction, draw=draw), "classifier": clf}
         if generator == "classifier_free":
-            return {"denoiser": model_name("denoiser_classifier_free", fraction), "classifier": None}
+            return {"denoiser": model_name("denoiser_classifier_free", fraction, draw=draw), "classifier": None}
         if generator.startswith("denoiser_"):  # any named unconditional denoiser, unguided
             return {"denoiser": generator, "classifier": None}
         raise HDLibError(f"unknown generator {generator!r} (known: {', '.join(GENERATORS)})")
@@ -72,20 +87,19 @@ class Generation:
         s = self.cfg.sampling
         if generator == "classifier_free":
             return s.classifier_free_scale if override is None else float(override)
-        if self.models_of(generator, 0.0)["classifier"] is None:
+        if generator in ("pretrained",) or generator.startswith("denoiser_"):
             return 0.0
         return s.guidance_scale if override is None else float(override)
 
-    def inputs_key(self, generator: str, fraction: float) -> dict:
+    def inputs_key(self, generator: str, fraction: float, draw: int) -> dict:
         """Content keys of every model a generator's samples depend on."""
-        used = self.models_of(generator, fraction)
+        used = self.models_of(generator, fraction, draw)
         keys = {"autoencoder": weights_key(self.cfg, "autoencoder"),
                 "denoiser": weights_key(self.cfg, used["denoiser"])}
         if used["classifier"] and self.guidance_scale(generator) > 0:
             keys["classifier"] = weights_key(self.cfg, used["classifier"])
         return keys
 
-    # -- loading -------------------------------------------------------------------------
     def _model(self, name: str, loader):
         if name not in self._models:
             self._models[name] = loader().to(self.device)
@@ -97,17 +111,17 @@ class Generation:
             self._vae = load_autoencoder(self.cfg).to(self.device)
         return self._vae
 
-    # -- sampling ------------------------------------------------------------------------
     def latents(self, generator: str, fraction: float, labels, seeds, guidance_scale: float | None = None,
-                progress: bool | None = None) -> torch.Tensor:
+                draw: int | None = None, progress: bool | None = None) -> torch.Tensor:
         from ..sampling import cfg_ddim_sample, guided_ddim_sample, guided_ddpm_sample
 
         s, cfg = self.cfg.sampling, self.cfg
+        draw = cfg.downstream.seeds[0] if draw is None else draw
         labels = torch.as_tensor(labels, dtype=torch.long)
         seeds = torch.as_tensor(seeds, dtype=torch.long)
         kw = dict(latent_shape=self.latent_shape, batch_size=s.batch_size, device=self.device,
                   progress=cfg.study.progress if progress is None else progress)
-        used = self.models_of(generator, fraction)
+        used = self.models_of(generator, fraction, draw)
         scale = self.guidance_scale(generator, guidance_scale)
         if generator == "classifier_free":
             unet = self._model(used["denoiser"], lambda: load_denoiser(cfg, used["denoiser"], conditional=True))
@@ -116,7 +130,7 @@ class Generation:
         unet = self._model(used["denoiser"], lambda: load_denoiser(cfg, used["denoiser"]))
         clf = None
         if used["classifier"] and scale > 0:
-            clf = self._model(used["classifier"], lambda: load_latent_classifier(cfg, fraction))
+            clf = self._model(used["classifier"], lambda: load_latent_classifier(cfg, fraction, draw))
         sampler = guided_ddim_sample if s.method == "ddim" else guided_ddpm_sample
         extra = {"eta": s.eta} if s.method == "ddim" else {}
         return sampler(unet, self.scheduler, labels, seeds, classifier=clf, guidance_scale=scale if clf else 0.0,
@@ -136,7 +150,8 @@ def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y,
                          progress: bool | None = None, out_dir=None, synthetic=None, synthetic_per_real: float = 0.0):
     """Train a downstream-style image classifier with the study's one Trainer (every
     TrainingConfig field applies); class-balanced batches; model selection on (vx, vy) only.
-    `synthetic` = (images, labels) added at `synthetic_per_real` synthetic images per real one."""
+    Images may be uint8 tensors or datasets streamed from disk. `synthetic` = (images,
+    labels) added at `synthetic_per_real` synthetic images per real one."""
     from ..downstream import train_classifier
 
     sx, sy = synthetic if synthetic is not None else (None, None)
@@ -148,13 +163,14 @@ def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y,
         checkpointing_steps=tcfg.checkpointing_steps, balanced=True, synthetic_images=sx, synthetic_labels=sy,
         synthetic_per_real=synthetic_per_real, eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5),
         seed=seed, augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None, out_dir=out_dir,
-        progress=cfg.study.progress if progress is None else progress)
+        num_workers=cfg.data.num_workers, progress=cfg.study.progress if progress is None else progress)
 
 
 def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg: TrainingConfig, data_key: str):
     """Train once with `fit()`; the cache is keyed by the training settings and by the
     content of the labeled images it learns from (`data_key`)."""
     from ..downstream import build_classifier
+    from ..io import atomic_torch_save
 
     folder = StudyPaths(cfg).model(name)
     key = {"backbone": backbone, "train": vars(tcfg), "seed": cfg.study.seed, "eval_every": cfg.downstream.eval_every,
@@ -172,27 +188,76 @@ def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg: Trainin
 
 
 def reference_classifier(cfg: Config):
-    """Trained once on ALL the target's training labels (model selection on val):
-    the independent judge of sample class and the feature space for FID/KID."""
-    t, ds = load_target(cfg), cfg.downstream
+    """Trained once on ALL the target's training labels (model selection on val): the
+    independent judge of sample class and the feature space for FID/KID. It reports;
+    it never chooses anything."""
+    ds = cfg.downstream
     data_key = manifest_hash(cfg, "target_train") + manifest_hash(cfg, "target_val")
     return _cached_classifier(cfg, model_name("reference_classifier"), ds.reference_backbone, lambda: fit_image_classifier(
-        cfg, ds.reference_backbone, ds.reference_train, t["train_images"], t["train_labels"], t["val_images"],
-        t["val_labels"], seed=cfg.study.seed), ds.reference_train, data_key)
+        cfg, ds.reference_backbone, ds.reference_train, split_images(cfg, "target_train"),
+        split_labels(cfg, "target_train"), split_images(cfg, "target_val"), split_labels(cfg, "target_val"),
+        seed=cfg.study.seed), ds.reference_train, data_key)
 
 
-def baseline_classifier(cfg: Config, fraction: float):
-    """Real-only classifier on the labeled fraction: its features and confidence drive filtering."""
-    t, ds = load_target(cfg), cfg.downstream
-    idx = fraction_indices(cfg, fraction)
-    data_key = manifest_hash(cfg, "target_train", fraction) + manifest_hash(cfg, "target_val")
-    return _cached_classifier(cfg, model_name("baseline_classifier", fraction), ds.backbone, lambda: fit_image_classifier(
-        cfg, ds.backbone, ds.train, t["train_images"][idx], t["train_labels"][idx], t["val_images"],
-        t["val_labels"], seed=cfg.study.seed), ds.train, data_key)
+def baseline_classifier(cfg: Config, fraction: float, draw: int):
+    """Real-only classifier on one labeled subset: its features and confidence drive filtering."""
+    ds = cfg.downstream
+    idx = fraction_indices(cfg, fraction, draw)
+    data_key = manifest_hash(cfg, "target_train", fraction, draw) + manifest_hash(cfg, "target_val")
+    return _cached_classifier(cfg, model_name("baseline_classifier", fraction, draw=draw), ds.backbone,
+                              lambda: fit_image_classifier(
+                                  cfg, ds.backbone, ds.train, split_images(cfg, "target_train", idx),
+                                  split_labels(cfg, "target_train")[idx], split_images(cfg, "target_val"),
+                                  split_labels(cfg, "target_val"), seed=cfg.study.seed + int(draw)),
+                              ds.train, data_key)
+
+
+class SelectiveFilter:
+    """The paper's selective filter for one labeled subset (fraction, draw): nearest real
+    class centroid = target class, baseline confidence >= tau, and no near copy of a
+    labeled training image (threshold per class, calibrated on real validation images)."""
+
+    def __init__(self, cfg: Config, fraction: float, draw: int):
+        from ..downstream import extract_features
+        from ..filtering import calibrate_delta
+
+        self.cfg, self.fraction, self.draw = cfg, fraction, draw
+        self.model, self.device = baseline_classifier(cfg, fraction, draw), device(cfg)
+        idx = fraction_indices(cfg, fraction, draw)
+        self.train_idx = idx
+        self.real_f = extract_features(self.model, split_images(cfg, "target_train", idx), batch_size=128,
+                                       device=self.device)
+        self.real_y = split_labels(cfg, "target_train")[idx]
+        K = len(cfg.data.classes)
+        if cfg.filtering.delta >= 0:
+            self.delta = np.full(K, cfg.filtering.delta)
+        else:
+            val_f = extract_features(self.model, split_images(cfg, "target_val"), batch_size=128, device=self.device)
+            self.delta = calibrate_delta(self.real_f.numpy(), self.real_y.numpy(), val_f.numpy(),
+                                         split_labels(cfg, "target_val").numpy(), K,
+                                         percentile=cfg.filtering.delta_percentile)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> pd.DataFrame:
+        """Per image: accepted (before the per-class quota), reason, distance to its class
+        centroid, confidence, distance to and index of the nearest labeled training image."""
+        from ..downstream import extract_features, predict
+        from ..filtering import filter_synthetic
+
+        syn_f = extract_features(self.model, images, batch_size=128, device=self.device)
+        probs, _ = predict(self.model, images, batch_size=128, device=self.device)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        conf = probs[torch.arange(len(probs)), labels].numpy()
+        res = filter_synthetic(self.real_f.numpy(), self.real_y.numpy(), syn_f.numpy(), labels.numpy(), conf,
+                               num_classes=len(self.cfg.data.classes), tau=self.cfg.filtering.tau,
+                               train_features=self.real_f.numpy(), delta=self.delta,
+                               class_names=list(self.cfg.data.classes))
+        return pd.DataFrame({"accepted": res.reason == "kept", "reason": res.reason, "distance": res.distance,
+                             "confidence": conf, "nn_distance": res.nn_distance,
+                             "nn_train_index": self.train_idx[res.nn_index], "near_copy": res.near_copy})
 
 
 # ---------------------------------------------------------------------------
-# synthetic sets
+# synthetic sets: quota filling, on disk, resumable
 # ---------------------------------------------------------------------------
 
 def generators_needed(cfg: Config) -> list[str]:
@@ -201,66 +266,140 @@ def generators_needed(cfg: Config) -> list[str]:
     return [g for g in GENERATORS if any(training_set_generator(s) == g for s in sets)]
 
 
-def candidates_per_class(cfg: Config, fraction: float) -> int:
+def quota_per_class(cfg: Config, fraction: float, draw: int) -> np.ndarray:
+    """Synthetic images each class needs: the largest ratio used at this fraction x its real count."""
     ds = cfg.downstream
     ratio = max([ds.ratio] + (list(ds.ratio_sweep) if fraction == ds.ratio_sweep_fraction else []))
-    labels = load_target(cfg)["train_labels"][fraction_indices(cfg, fraction)].numpy()
-    n_real = int(np.bincount(labels).max())
-    n = math.ceil(ratio * n_real * cfg.sampling.candidates_factor)
-    if fraction == min(ds.fractions):  # the quality stage evaluates the smallest fraction
-        n = max(n, cfg.quality.samples_per_class)
-    return max(n, 1)
+    counts = np.bincount(fraction_labels(cfg, fraction, draw).numpy(), minlength=len(cfg.data.classes))
+    return np.ceil(ratio * counts - 1e-9).astype(np.int64)
 
 
-def synthesize(gen: Generation, generator: str, fraction: float, per_class: int, guidance_scale: float | None = None,
-               tag: str = "") -> dict:
-    """Generate `per_class` images per class, write PNGs + manifest.csv, cache the tensors.
-    An existing set is reused only if its request and the content of its models match."""
+def _class_seeds(cfg: Config, name: str, c: int, start: int, n: int) -> np.ndarray:
+    """Seeds of candidates start..start+n of class c: candidate k of a class always gets the same seed."""
+    return request_seeds(cfg, f"{name}/class{c}", start + n)[start:]
+
+
+def synthesize(gen: Generation, generator: str, fraction: float, draw: int, quota, judge=None,
+               guidance_scale: float | None = None, tag: str = "") -> pd.DataFrame:
+    """Fill `quota` (an int or one per class) with `generator`'s images for label draw `draw`.
+
+    With a `judge` (SelectiveFilter) candidates are generated in rounds until each class has
+    its quota of accepted images or reached sampling.max_candidates_factor x quota candidates;
+    the accepted images closest to their class centroid are kept. Without one, exactly the
+    quota is generated and kept. Returns the set's manifest (one row per candidate, decision
+    included); PNGs and manifest.csv are in synthetic/<name>/."""
     from PIL import Image
 
-    cfg = gen.cfg
-    name = synthetic_set_name(generator, fraction, tag)
-    out = StudyPaths(cfg).synthetic(name)
+    cfg, s = gen.cfg, gen.cfg.sampling
     K = len(cfg.data.classes)
-    labels = np.repeat(np.arange(K), per_class)
-    seeds = request_seeds(cfg, name, len(labels))
+    quota = np.broadcast_to(np.asarray(quota, dtype=np.int64), (K,)).copy()
+    name = synthetic_set_name(generator, fraction, draw, tag)
+    folder = StudyPaths(cfg).synthetic(name)
     scale = gen.guidance_scale(generator, guidance_scale)
-    request = {"generator": generator, "fraction": fraction, "per_class": per_class, "guidance_scale": scale,
-               "sampling": vars(cfg.sampling), "seeds_first": int(seeds[0]),
-               "inputs": gen.inputs_key(generator, fraction)}
-    cached = out / "images.pt"
-    if cached.exists():
-        blob = torch.load(cached, weights_only=False)
-        if blob.get("request") == request:
-            return blob
-    if cfg.study.num_processes > 1:
-        z, images = _synthesize_sharded(cfg, generator, fraction, per_class, name, guidance_scale)
-    else:
-        z = gen.latents(generator, fraction, labels, seeds, guidance_scale=guidance_scale)
-        images = gen.decode(z)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    request = {"generator": generator, "fraction": fraction, "draw": draw, "quota": quota.tolist(),
+               "guidance_scale": scale, "adaptation": gen.adaptation, "sampling": vars(s),
+               "filtering": vars(cfg.filtering) if judge is not None else None,
+               "labeled": manifest_hash(cfg, "target_train", fraction, draw) if judge is not None else None,
+               "inputs": gen.inputs_key(generator, fraction, draw)}
+    request = json.loads(json.dumps(request, default=str))
+    manifest_path, request_path = folder / "manifest.csv", folder / "request.json"
     rows = []
-    for i, (img, y, sd) in enumerate(zip(images, labels, seeds)):
-        fname = f"{cfg.data.classes[y]}_{i:05d}.png"
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(out / fname)
-        rows.append({"file": fname, "class_id": int(y), "class_name": cfg.data.classes[y], "seed": int(sd),
-                     "guidance_scale": scale, "model": generator, "fraction": fraction})
-    atomic_write_csv(pd.DataFrame(rows), out / "manifest.csv")
-    blob = {"request": request, "images": images, "latents": z, "labels": torch.as_tensor(labels),
-            "seeds": torch.as_tensor(seeds), "content_key": files_sha1([out / "manifest.csv"]) + str(request)}
-    atomic_torch_save(blob, cached)
-    return blob
+    if request_path.exists() and json.loads(request_path.read_text()).get("request") == request:
+        state = json.loads(request_path.read_text())
+        if manifest_path.exists():
+            rows = pd.read_csv(manifest_path).to_dict("records")
+        if state.get("complete"):
+            return pd.DataFrame(rows)
+    else:  # another request, or none: start over (old PNGs removed so nothing stale is read)
+        for old in folder.glob("*.png"):
+            old.unlink()
+        manifest_path.unlink(missing_ok=True)
+    atomic_write_json(request_path, {"request": request, "complete": False})
+    cap = np.maximum(np.ceil(quota * (s.max_candidates_factor if judge is not None else 1.0)), quota).astype(int)
+
+    def counts(key):
+        out = np.zeros(K, dtype=np.int64)
+        for r in rows:
+            if key is None or r[key]:
+                out[int(r["label"])] += 1
+        return out
+
+    round_no = max([int(r["round"]) for r in rows], default=-1) + 1
+    while True:
+        made, accepted = counts(None), counts("accepted")
+        short = (accepted < quota) & (made < cap)
+        if not short.any():
+            break
+        # ask for what is missing, scaled by the acceptance seen so far (at least half a quota)
+        rate = np.where(made > 0, np.maximum(accepted / np.maximum(made, 1), 0.2), 1.0 if judge is None else 0.5)
+        want = np.where(short, np.ceil((quota - accepted) / rate), 0).astype(np.int64)
+        want = np.minimum(np.maximum(want, np.where(short, np.ceil(quota / 2), 0).astype(np.int64)), cap - made)
+        labels = np.repeat(np.arange(K), want)
+        index = np.concatenate([made[c] + np.arange(want[c]) for c in range(K)]).astype(np.int64)
+        seeds = np.concatenate([_class_seeds(cfg, name, c, int(made[c]), int(want[c])) for c in range(K)])
+        if cfg.study.num_processes > 1:
+            images = _images_sharded(gen, generator, fraction, draw, labels, seeds, guidance_scale, folder)
+        else:
+            images = gen.decode(gen.latents(generator, fraction, labels, seeds, guidance_scale=guidance_scale,
+                                            draw=draw))
+        verdict = judge(images, torch.as_tensor(labels)) if judge is not None else None
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (img, y, k, sd) in enumerate(zip(images, labels, index, seeds)):
+            fname = f"{cfg.data.classes[y]}_{k:05d}.png"
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / fname)
+            row = {"path": str(folder / fname), "key": "", "label": int(y), "class_name": cfg.data.classes[y],
+                   "source": generator, "index": int(k), "seed": int(sd), "round": round_no, "guidance_scale": scale,
+                   "model": gen.models_of(generator, fraction, draw)["denoiser"], "fraction": fraction, "draw": draw}
+            if verdict is not None:
+                row.update({c: (v.item() if hasattr(v, "item") else v) for c, v in verdict.iloc[i].items()})
+            else:
+                row.update({"accepted": True, "reason": "kept", "distance": np.nan, "confidence": np.nan,
+                            "nn_distance": np.nan, "nn_train_index": -1, "near_copy": False})
+            rows.append(row)
+        atomic_write_csv(pd.DataFrame(rows), manifest_path)  # a killed run resumes after this round
+        round_no += 1
+
+    df = pd.DataFrame(rows)
+    df["kept"], df["rank"] = False, -1
+    for c in range(K):
+        acc = df[(df["label"] == c) & df["accepted"]]
+        order = acc.sort_values(["distance", "index"]).index if judge is not None else acc.sort_values("index").index
+        df.loc[order, "rank"] = np.arange(len(order))
+        df.loc[order[:quota[c]], "kept"] = True
+    df["decision"] = np.where(df["kept"], "kept", np.where(df["accepted"], "over_quota", df["reason"]))
+    df = df.sort_values(["label", "index"]).reset_index(drop=True)
+    atomic_write_csv(df, manifest_path)
+    atomic_write_json(request_path, {"request": request, "complete": True,
+                                     "content_key": files_sha1([manifest_path])})
+    return df
 
 
-def load_synthetic(cfg: Config, name: str) -> dict:
-    return torch.load(require(StudyPaths(cfg).synthetic(name) / "images.pt", f"synthetic set {name}"),
-                      weights_only=False)
+def _images_sharded(gen: Generation, generator, fraction, draw, labels, seeds, guidance_scale, folder):
+    """One round's images generated by `study.num_processes` processes (`hdlib sample` under
+    the launcher), each a contiguous shard of the request, merged back in request order."""
+    from ..io import atomic_torch_save
+    from ..launch import launch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    req = folder / "round_request.pt"
+    atomic_torch_save({"labels": torch.as_tensor(labels), "seeds": torch.as_tensor(seeds)}, req)
+    for old in folder.glob("shard-*.pt"):
+        old.unlink()
+    args = ["-m", "hdlib", "sample", "--study-dir", str(gen.cfg.results_dir), "--generator", generator,
+            "--fraction", repr(fraction), "--draw", str(draw), "--request", str(req),
+            "--adaptation", gen.adaptation]
+    if guidance_scale is not None:
+        args += ["--guidance-scale", repr(guidance_scale)]
+    launch(args, gen.cfg.study.num_processes, cwd=REPO_ROOT)
+    shards = sorted(folder.glob("shard-*.pt"))
+    _, images = merge_shards(shards)
+    for p in shards + [req]:
+        p.unlink()
+    return images
 
 
 def merge_shards(paths) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shards written by `hdlib.sample` -> (latents, images) in request order."""
+    """Shards written by `hdlib sample` -> (latents, images) in request order."""
     parts = [torch.load(p, weights_only=False) for p in paths]
     order = torch.cat([p["index"] for p in parts])
     if not torch.equal(order, torch.arange(len(order))):
@@ -268,136 +407,178 @@ def merge_shards(paths) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p["latents"] for p in parts]), torch.cat([p["images"] for p in parts])
 
 
-def _synthesize_sharded(cfg: Config, generator, fraction, per_class, name, guidance_scale):
-    """One shard per device (`hdlib.sample` under the launcher), merged in request order."""
-    from ..launch import launch
-
-    out = StudyPaths(cfg).synthetic(name)
-    for old in out.glob("shard-*.pt"):
-        old.unlink()
-    args = ["-m", "hdlib", "sample", "--study-dir", str(cfg.results_dir), "--generator", generator,
-            "--fraction", repr(fraction), "--per-class", str(per_class), "--name", name]
-    if guidance_scale is not None:
-        args += ["--guidance-scale", repr(guidance_scale)]
-    launch(args, cfg.study.num_processes, cwd=REPO_ROOT)
-    shards = sorted(out.glob("shard-*.pt"))
-    z, images = merge_shards(shards)
-    for p in shards:
-        p.unlink()
-    return z, images
+def load_set(cfg: Config, name: str) -> pd.DataFrame:
+    return pd.read_csv(require(StudyPaths(cfg).synthetic(name) / "manifest.csv", f"synthetic set {name}"))
 
 
-# ---------------------------------------------------------------------------
-# filtering
-# ---------------------------------------------------------------------------
-
-def filter_candidates(cfg: Config, fraction: float, blob: dict, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Selective filtering with the baseline classifier's features (centroid rule,
-    confidence >= tau, near-copy check), computed once per synthetic set and its inputs.
-    Writes synthetic/<name>/filter.csv, filter_summary.csv and features.pt."""
-    from ..downstream import extract_features, predict
-    from ..filtering import filter_synthetic
-
-    folder = StudyPaths(cfg).synthetic(name)
-    key = {"set": blob["content_key"], "filtering": vars(cfg.filtering),
-           "labeled": manifest_hash(cfg, "target_train", fraction), "backbone": cfg.downstream.backbone,
-           "train": vars(cfg.downstream.train)}
-    key_path = folder / "filter_key.json"
-    if key_path.exists() and json.loads(key_path.read_text()) == json.loads(json.dumps(key, default=str)):
-        return pd.read_csv(folder / "filter.csv"), pd.read_csv(folder / "filter_summary.csv")
-    t = load_target(cfg)
-    idx = fraction_indices(cfg, fraction)
-    model, dev = baseline_classifier(cfg, fraction), device(cfg)
-    real_x, real_y = t["train_images"][idx], t["train_labels"][idx]
-    real_f = extract_features(model, real_x, batch_size=128, device=dev)
-    syn_f = extract_features(model, blob["images"], batch_size=128, device=dev)
-    probs, _ = predict(model, blob["images"], batch_size=128, device=dev)
-    conf = probs[torch.arange(len(probs)), blob["labels"]]
-    res = filter_synthetic(real_f.numpy(), real_y.numpy(), syn_f.numpy(), blob["labels"].numpy(), conf.numpy(),
-                           num_classes=len(cfg.data.classes), tau=cfg.filtering.tau, train_features=real_f.numpy(),
-                           delta=cfg.filtering.delta, class_names=list(cfg.data.classes))
-    df = pd.DataFrame({"index": np.arange(len(res.keep)), "class_id": blob["labels"].numpy(),
-                       "keep": res.keep, "rank": res.rank, "reason": res.reason, "confidence": conf.numpy()})
-    summary = res.summary.copy()
-    summary.insert(0, "set", name)
-    atomic_write_csv(df, folder / "filter.csv")
-    atomic_write_csv(summary, folder / "filter_summary.csv")
-    atomic_torch_save({"real": real_f, "synthetic": syn_f}, folder / "features.pt")
-    atomic_write_json(key_path, json.loads(json.dumps(key, default=str)))
-    return df, summary
+def set_content_key(cfg: Config, name: str) -> str:
+    state = json.loads(require(StudyPaths(cfg).synthetic(name) / "request.json", f"synthetic set {name}").read_text())
+    if not state.get("complete"):
+        raise HDLibError(f"synthetic set {name} is incomplete; re-run stage 04")
+    return state["content_key"]
 
 
-def filter_features(cfg: Config, name: str) -> dict:
-    """Baseline-classifier features of the real fraction and of a filtered set (for plots)."""
-    return torch.load(require(StudyPaths(cfg).synthetic(name) / "features.pt", f"filter features of {name}"),
-                      weights_only=False)
+def set_images(cfg: Config, frame: pd.DataFrame):
+    """A synthetic set's rows as a dataset streamed from its PNGs."""
+    from ..datasets import ManifestImages
+
+    return ManifestImages(frame.reset_index(drop=True), cfg.data.image_size)
 
 
-def synthetic_training_images(cfg: Config, training_set: str, fraction: float, ratio: float):
-    """The synthetic images added to the real labeled fraction for one grid cell: per class,
-    ratio x (real count of that class) images (filtered sets: best-ranked kept images).
-    Returns (images, labels, content key of the chosen set) or (None, None, "") for real only."""
-    gen = training_set_generator(training_set)
-    if gen is None or ratio == 0:
-        return None, None, ""
-    name = synthetic_set_name(gen, fraction)
-    blob = load_synthetic(cfg, name)
-    real_counts = np.bincount(load_target(cfg)["train_labels"][fraction_indices(cfg, fraction)].numpy(),
-                              minlength=len(cfg.data.classes))
-    labels = blob["labels"].numpy()
-    chosen = []
-    if not is_filtered(training_set):
-        for k, n_real in enumerate(real_counts):
-            chosen += list(np.flatnonzero(labels == k)[: int(round(ratio * n_real))])
-    else:
-        filt = pd.read_csv(require(StudyPaths(cfg).synthetic(name) / "filter.csv", f"filter result of {name}"))
-        kept = filt[filt["keep"]].sort_values(["class_id", "rank"])
-        for k, n_real in enumerate(real_counts):
-            chosen += list(kept.loc[kept["class_id"] == k, "index"].to_numpy()[: int(round(ratio * n_real))])
-    chosen = np.array(sorted(chosen), dtype=np.int64)
-    import hashlib
-
-    key = hashlib.sha1((blob["content_key"] + ",".join(map(str, chosen))).encode()).hexdigest()
-    return blob["images"][chosen], blob["labels"][chosen], key
-
-
-__all__ = ["Generation", "request_seeds", "synthesize", "filter_candidates", "synthetic_training_images",
-           "reference_classifier", "baseline_classifier", "candidates_per_class", "generators_needed", "frac_tag"]
-
-
-def guidance_sweep(gen: Generation, fraction: float, judge, scales=None, per_class: int | None = None) -> pd.DataFrame:
-    """HistoDiffusion samples at each guidance scale (default `sampling.guidance_sweep`,
-    `sampling.sweep_per_class` images per class), judged by `judge` (the reference
-    classifier): the share predicted as the intended class, and the mean probability of
-    the intended class. Each scale's set is cached like any synthetic set."""
-    from ..downstream import predict
-
-    cfg = gen.cfg
-    scales = cfg.sampling.guidance_sweep if scales is None else scales
-    per_class = cfg.sampling.sweep_per_class if per_class is None else per_class
+def accounting(cfg: Config, frame: pd.DataFrame, quota, set_name: str) -> pd.DataFrame:
+    """Requested vs achieved kept images per class (and candidates generated)."""
+    K = len(cfg.data.classes)
+    quota = np.broadcast_to(np.asarray(quota), (K,))
     rows = []
-    for s in scales:
-        b = synthesize(gen, "histodiffusion", fraction, per_class, guidance_scale=float(s), tag=f"sweep_s{float(s):g}")
-        probs, preds = predict(judge, b["images"], batch_size=128, device=gen.device)
-        rows.append({"guidance_scale": float(s), "n": int(len(preds)),
-                     "class_accuracy": float((preds == b["labels"]).float().mean()),
-                     "mean_target_prob": float(probs[torch.arange(len(probs)), b["labels"]].mean())})
+    for c in range(K):
+        g = frame[frame["label"] == c]
+        rows.append({"set": set_name, "class": cfg.data.classes[c], "requested": int(quota[c]),
+                     "achieved": int(g["kept"].sum()), "candidates": len(g),
+                     "shortfall": int(max(0, quota[c] - g["kept"].sum())),
+                     "near_copies": int(g["near_copy"].astype(bool).sum())})
     return pd.DataFrame(rows)
 
 
-def filter_embedding(cfg: Config, name: str) -> tuple[np.ndarray, list[str]]:
-    """2-D t-SNE of the baseline-classifier features that filtering used (cached by
-    `filter_candidates`; nothing is re-filtered): the real labeled fraction and every
-    candidate of set `name`. Returns (points (N, 2), group per point: 'real (labeled
-    fraction)', 'synthetic kept' or 'synthetic rejected: <reason>')."""
-    from sklearn.manifold import TSNE
+def synthetic_training_images(cfg: Config, training_set: str, fraction: float, ratio: float, draw: int):
+    """The synthetic images added to one labeled subset for a grid cell: per class, the first
+    round(ratio x real count) kept images (best ranked) of a filtered set, or the first
+    candidates of an unfiltered one. Returns (dataset, labels, content key) or (None, None, "")."""
+    gen = training_set_generator(training_set)
+    if gen is None or ratio == 0:
+        return None, None, ""
+    name = synthetic_set_name(gen, fraction, draw)
+    df = load_set(cfg, name)
+    real_counts = np.bincount(fraction_labels(cfg, fraction, draw).numpy(), minlength=len(cfg.data.classes))
+    parts = []
+    for c, n_real in enumerate(real_counts):
+        n = int(round(ratio * n_real))
+        g = df[df["label"] == c]
+        g = g[g["kept"]].sort_values("rank") if is_filtered(training_set) else g.sort_values("index")
+        parts.append(g.head(n))
+    chosen = pd.concat(parts).reset_index(drop=True)
+    key = hashlib.sha1((set_content_key(cfg, name) + ",".join(chosen["path"])).encode()).hexdigest()
+    return set_images(cfg, chosen), torch.tensor(chosen["label"].to_numpy(), dtype=torch.long), key
 
-    feats = filter_features(cfg, name)
-    filt = pd.read_csv(require(StudyPaths(cfg).synthetic(name) / "filter.csv", f"filter result of {name}"))
-    real, syn = feats["real"].numpy(), feats["synthetic"].numpy()
-    x = np.concatenate([real, syn])
-    groups = ["real (labeled fraction)"] * len(real) + [
-        "synthetic kept" if r == "kept" else f"synthetic rejected: {r.replace('_', ' ')}" for r in filt["reason"]]
-    perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3)))
-    points = TSNE(n_components=2, random_state=cfg.study.seed, init="pca", perplexity=perplexity).fit_transform(x)
-    return points, groups
+
+# ---------------------------------------------------------------------------
+# choosing the guidance scale and the adaptation on the validation split
+# ---------------------------------------------------------------------------
+
+def validation_agreement(judge: SelectiveFilter, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of samples whose nearest validation-class centroid (baseline features) is their
+    target class: class faithfulness judged by the validation split only."""
+    from ..downstream import extract_features
+
+    if not hasattr(judge, "_val_centroids"):
+        vf = extract_features(judge.model, split_images(judge.cfg, "target_val"), batch_size=128, device=judge.device)
+        vf = torch.nn.functional.normalize(vf, dim=1)
+        vy = split_labels(judge.cfg, "target_val")
+        judge._val_centroids = torch.stack([vf[vy == c].mean(0) for c in range(len(judge.cfg.data.classes))])
+    f = torch.nn.functional.normalize(extract_features(judge.model, images, batch_size=128, device=judge.device), dim=1)
+    return float((torch.cdist(f, judge._val_centroids).argmin(1) == torch.as_tensor(labels)).float().mean())
+
+
+def choose_guidance(cfg: Config, fraction: float, draw: int, judge: SelectiveFilter,
+                    reference=None) -> tuple[dict, pd.DataFrame]:
+    """Guidance scale and adaptation with the best validation agreement (ties within 0.02:
+    the smaller scale, then no adaptation). Returns (choice, table of every setting tried,
+    with the reference classifier's accuracy for the report only)."""
+    from ..downstream import predict
+
+    s = cfg.sampling
+    rows = []
+    for adaptation in cfg.diffusion.adaptations:
+        gen = Generation(cfg, adaptation)
+        for scale in s.guidance_sweep:
+            df = synthesize(gen, "histodiffusion", fraction, draw, s.sweep_per_class, guidance_scale=scale,
+                            tag=f"select_{adaptation}_s{scale:g}")
+            imgs, labels = _in_memory(cfg, df)
+            row = {"adaptation": adaptation, "guidance_scale": scale, "n": len(df),
+                   "validation_agreement": validation_agreement(judge, imgs, labels)}
+            if reference is not None:
+                _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
+                row["reference_class_accuracy"] = float((pred == labels).float().mean())
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    best = table["validation_agreement"].max()
+    near = table[table["validation_agreement"] >= best - 0.02].copy()
+    near["pref"] = near["adaptation"].map(lambda a: 0 if a == "none" else 1)
+    pick = near.sort_values(["guidance_scale", "pref"]).iloc[0]
+    return {"adaptation": pick["adaptation"], "guidance_scale": float(pick["guidance_scale"]),
+            "validation_agreement": float(pick["validation_agreement"])}, table
+
+
+def _in_memory(cfg: Config, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..datasets import load_into_memory
+
+    return load_into_memory(set_images(cfg, frame), num_workers=cfg.data.num_workers)
+
+
+# ---------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------
+
+def synthesis_stage(cfg: Config, train_model=None) -> dict:
+    """Choose guidance on validation, then fill every (generator, fraction, draw) set.
+    `train_model(task, fraction, adaptation, draw)` trains a model the choice needs that
+    stage 02 did not (adapted denoisers of other fractions and draws).
+    Returns the metrics for metrics/04_synthesis.json."""
+    from ..downstream import predict
+
+    paths = StudyPaths(cfg)
+    draws, fractions = list(cfg.downstream.seeds), grid_fractions(cfg)
+    f0, d0 = min(cfg.downstream.fractions), draws[0]
+    reference = reference_classifier(cfg)
+    choice, sweep = None, pd.DataFrame()
+    if cfg.sampling.select_on_validation:
+        choice, sweep = choose_guidance(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference)
+        atomic_write_csv(sweep, paths.table("guidance_selection"))
+        cfg.sampling.guidance_scale = choice["guidance_scale"]
+        cfg.diffusion.grid_adaptation = choice["adaptation"]
+    if cfg.diffusion.grid_adaptation == "labeled" and train_model is not None:
+        for draw in draws:
+            for f in fractions:
+                train_model("denoiser_adapted", f, "labeled", draw)
+    atomic_write_json(paths.metrics_dir / "04_choice.json",
+                      {"guidance_scale": cfg.sampling.guidance_scale, "adaptation": cfg.diffusion.grid_adaptation,
+                       "chosen_on": "validation" if choice else "params", "selection": choice})
+    gen = Generation(cfg)
+    acct, frames = [], {}
+    for draw in draws:
+        for f in fractions:
+            judge = SelectiveFilter(cfg, f, draw)
+            quota = quota_per_class(cfg, f, draw)
+            for g in generators_needed(cfg):
+                if g in ("scratch", "classifier_free") and f != f0:
+                    continue  # ablation generators at the smallest fraction only (CPU budget; see README)
+                name = synthetic_set_name(g, f, draw)
+                df = synthesize(gen, g, f, draw, quota, judge=judge)
+                frames[name] = df
+                acct.append(accounting(cfg, df, quota, name).assign(generator=g, fraction=f, draw=draw))
+    # the unguided pre-trained model, for the quality comparison only (its class label is the request's)
+    n_quality = int(quota_per_class(cfg, f0, d0).max())
+    synthesize(gen, "pretrained", f0, d0, n_quality)
+    accounting_table = pd.concat(acct, ignore_index=True)
+    atomic_write_csv(accounting_table, paths.table("synthesis_accounting"))
+
+    # class faithfulness of the chosen setting, judged by the independent reference classifier
+    hd = frames[synthetic_set_name("histodiffusion", f0, d0)]
+    per_class = max(1, min(int(hd.groupby("label").size().min()), 64))
+    first = hd.sort_values("index").groupby("label").head(per_class)
+    imgs, labels = _in_memory(cfg, first)
+    _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
+    guided_acc = float((pred == labels).float().mean())
+    near = {g: float(accounting_table[accounting_table["generator"] == g]["near_copies"].sum()
+                     / max(1, accounting_table[accounting_table["generator"] == g]["candidates"].sum()))
+            for g in accounting_table["generator"].unique()}
+    metrics = {"guidance_scale": cfg.sampling.guidance_scale, "adaptation": cfg.diffusion.grid_adaptation,
+               "selection": choice, "selection_table": sweep.to_dict(orient="records"),
+               "guided_class_accuracy": guided_acc, "guided_class_accuracy_n": int(len(first)),
+               "accounting": accounting_table.to_dict(orient="records"),
+               "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile}
+    return metrics
+
+
+__all__ = ["Generation", "SelectiveFilter", "request_seeds", "synthesize", "synthetic_training_images",
+           "reference_classifier", "baseline_classifier", "quota_per_class", "generators_needed",
+           "choose_guidance", "synthesis_stage", "load_set", "set_images", "accounting", "merge_shards"]
