@@ -560,7 +560,11 @@ for _, r in picks.iterrows():
     "macro_f1": tables["test.macro_f1"][0].to_dict(orient="records"),
     "ratio_sweep": ratio_summary.to_dict(orient="records"),
     "ratio_sweep_vs_real": ratio_comps.to_dict(orient="records"),
-    "cells": int(n_cells), "cells_computed": len(computed), "cells_stale_recomputed": len(stale)})'''),
+    "cells": int(n_cells), "cells_computed": len(computed), "cells_stale_recomputed": len(stale),
+    # the issue's headline: filtered HistoDiffusion vs real-only at the smallest fraction, paired over seeds
+    "smallest_fraction_histodiffusion_vs_real": next(
+        (r for r in tables["test.accuracy"][1].to_dict(orient="records") if r["fraction"] == f0
+         and r["training_set"] == "histodiffusion" and r["ratio"] == cfg.downstream.ratio), None)})'''),
     ],
 )
 

@@ -7,12 +7,13 @@ import hashlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from hdlib.config import load_config
 from hdlib.errors import DataError
 from hdlib.paths import StudyPaths
-from hdlib.stages.data import fraction_indices, load_target, prepare_data
+from hdlib.stages.data import fraction_indices, prepare_data, split_images
 
 CLASSES = ["A", "B", "C"]
 
@@ -64,9 +65,11 @@ def test_bad_labeled_image_is_skipped_counted_and_listed(dataset):
     assert sum(summary["unreadable"].values()) == 1
     used = pd.concat([pd.read_csv(paths.manifest(s)) for s in ("target_train", "target_val")])
     assert str(bad) not in set(used["path"]) and len(used) == 3 * 12 - 1
-    t = load_target(cfg)  # the image cache agrees with the manifests, row for row
-    assert len(t["train_images"]) == len(pd.read_csv(paths.manifest("target_train")))
-    assert fraction_indices(cfg, 0.5).max() < len(t["train_images"])
+    train = split_images(cfg, "target_train")  # streamed from the manifest, row for row
+    assert len(train) == len(pd.read_csv(paths.manifest("target_train")))
+    assert fraction_indices(cfg, 0.5).max() < len(train)
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and 0 <= y < 3
     assert _tree_hash(dataset / "train") == before  # the user's data is never modified
 
 
