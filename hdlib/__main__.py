@@ -5,6 +5,8 @@
     python -m hdlib sample --study-dir results/X --generator G --fraction F --draw D --request R.pt
     python -m hdlib encode --study-dir results/X     # one shard of the latent cache (under a launcher)
     python -m hdlib pretrain params/pretrain_demo.yaml [key=value ...]
+    python -m hdlib export results/X OUT           # diffusers folder + latent classifiers + filters
+    python -m hdlib augment SOURCE OUT --per-class N   # OUT/<class>/*.png + manifest.csv
     python -m hdlib config params/X.yaml [key=value ...]
     python -m hdlib readme params/default.yaml      # refresh README.md's results block
 
@@ -55,6 +57,20 @@ def _parser() -> argparse.ArgumentParser:
 
     en = sub.add_parser("encode", help="one shard of the latent cache per process (under the launcher)")
     en.add_argument("--study-dir", required=True)
+
+    ex = sub.add_parser("export", help="a study's models as a diffusers folder (+ latent classifiers, filters)")
+    ex.add_argument("study_dir")
+    ex.add_argument("out")
+
+    au = sub.add_parser("augment", help="a filtered synthetic class-folder dataset from a study or export")
+    au.add_argument("source", help="results/<study> or an exported folder")
+    au.add_argument("out")
+    au.add_argument("--per-class", type=int, required=True)
+    au.add_argument("--fraction", type=float)
+    au.add_argument("--draw", type=int)
+    au.add_argument("--guidance-scale", type=float)
+    au.add_argument("--no-filter", action="store_true", help="keep the first N candidates per class unfiltered")
+    au.add_argument("--device", default="auto")
 
     pre = sub.add_parser("pretrain", help="train the autoencoder and unconditional LDM on the pool (resumable)")
     pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
@@ -114,6 +130,16 @@ def main(argv=None) -> int:
         encode_shard(config_from_results(args.study_dir), state.process_index, state.num_processes,
                      dev=str(state.device))
         state.wait_for_everyone()
+    elif args.command == "export":
+        from .export import export_study
+
+        print(export_study(args.study_dir, args.out))
+    elif args.command == "augment":
+        from .config import resolve_device
+        from .export import augment_dataset
+
+        print(augment_dataset(args.source, args.out, args.per_class, args.fraction, args.draw, args.guidance_scale,
+                              filtered=not args.no_filter, device=resolve_device(args.device)))
     elif args.command == "pretrain":
         from .pretrain import main as pretrain_main
 

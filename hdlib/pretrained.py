@@ -180,10 +180,11 @@ def export_pretrained(out: str | Path, vae, unet=None, scheduler=None, scaling_f
     tmp.mkdir(parents=True)
     if scaling_factor is not None:
         vae.register_to_config(scaling_factor=float(scaling_factor))
-    dtype = torch.float16 if half else torch.float32
-    vae.to(dtype).save_pretrained(str(tmp / "vae"), safe_serialization=True)
+    if half:
+        vae, unet = vae.to(torch.float16), (unet.to(torch.float16) if unet is not None else None)
+    vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
     if unet is not None:
-        unet.to(dtype).save_pretrained(str(tmp / "unet"), safe_serialization=True)
+        unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
     if scheduler is not None:
         scheduler.save_pretrained(str(tmp / "scheduler"))
     for name, text in (extra_files or {}).items():

@@ -87,43 +87,48 @@ def test_target_never_in_pool(study):
 
 @pytest.mark.slow
 def test_target_absent_from_every_pretraining_batch(study):
-    """Every batch the autoencoder and the pre-training denoiser can draw comes from the
-    pool tensors; none of their rows equals a target image (or its latent)."""
-    from hdlib.stages.autoencoder import load_latents
-    from hdlib.stages.data import load_target
+    """Every batch the autoencoder and the pre-training denoiser can draw comes from the pool;
+    no pool row is a target image, and no pool latent equals a target latent."""
+    from hdlib.stages.autoencoder import latent_store
+    from hdlib.stages.data import split_images
     from hdlib.train import build_task
 
     cfg, _, _ = study
-    target = load_target(cfg)
-    tgt = torch.cat([target["train_images"], target["val_images"], target["test_images"]]).flatten(1)
+    target = torch.cat([torch.stack([ds[i][0] for i in range(len(ds))])
+                        for ds in (split_images(cfg, s) for s in ("target_train", "target_val", "target_test"))]).flatten(1)
     ae = build_task(cfg, "autoencoder")
-    pool_imgs = ((ae.tensors[0] + 1) * 127.5).round().to(torch.uint8).flatten(1)
-    assert len(ae.tensors) == 1 and len(pool_imgs) == cfg.data.pool_size
-    assert not any((tgt == row).all(1).any() for row in pool_imgs)
-    lat = load_latents(cfg)
+    pool = ae.dataset.dataset
+    assert len(pool) == cfg.data.pool_size and all(not r.source.startswith("target") for r in pool.records)
+    pool_imgs = torch.stack([pool[i][0] for i in range(len(pool))]).flatten(1)
+    assert not any((target == row).all(1).any() for row in pool_imgs)
+    store = latent_store(cfg)
     pre = build_task(cfg, "denoiser_pretrained")
-    assert len(pre.tensors) == 1 and torch.equal(pre.tensors[0], lat["pool"])
-    tz = torch.cat([lat["train"], lat["val"], lat["test"]]).flatten(1)
-    assert torch.cdist(pre.tensors[0].flatten(1), tz).min() > 0
+    assert len(pre.dataset) == len(store.mean("pool"))
+    mean, _ = pre.dataset[torch.arange(len(pre.dataset))]
+    tz = torch.cat([store.means(s) for s in ("target_train", "target_val", "target_test")]).flatten(1)
+    assert torch.cdist(mean.flatten(1), tz).min() > 0
 
 
 @pytest.mark.slow
 def test_sharded_sampling_on_two_processes_matches_one(study):
-    """Synthesis split over 2 processes (the launcher, gloo on the CPU) gives the images of
-    a 1-process run: each image has its own seed, whatever its shard."""
+    """A sampling round split over 2 processes (the launcher, gloo on the CPU) gives the
+    latents of a 1-process run: each image has its own seed, whatever its shard."""
+    from hdlib.paths import StudyPaths
     from hdlib.stages.common import config_from_results
-    from hdlib.stages.synthesis import Generation, _synthesize_sharded, request_seeds
+    from hdlib.stages.synthesis import Generation, _sharded
 
     cfg, _, _ = study
     two = config_from_results(cfg.results_dir)
     two.study.num_processes = 2
-    f = min(cfg.downstream.fractions)
-    z2, _ = _synthesize_sharded(two, "histodiffusion", f, 2, "shard_check", None)
+    f, d = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
     labels = torch.arange(len(cfg.data.classes)).repeat_interleave(2)
-    seeds = torch.as_tensor(request_seeds(two, "shard_check", len(labels)))
-    z1 = Generation(config_from_results(cfg.results_dir)).latents("histodiffusion", f, labels, seeds, progress=False)
+    seeds = torch.arange(len(labels)) + 12345
+    z2, _ = _sharded(Generation(two), "histodiffusion", f, d, labels, seeds, None,
+                     StudyPaths(two).synthetic("shard_check"))
+    z1 = Generation(config_from_results(cfg.results_dir)).latents("histodiffusion", f, labels, seeds, draw=d,
+                                                                  progress=False)
     # batch composition differs between the runs, so agreement is to float tolerance, not bitwise
-    assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-4 * z1.abs().max().item())
+    assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-4 * max(1.0, z1.abs().max().item()))
 
 
 @pytest.mark.slow
@@ -131,6 +136,7 @@ def test_changed_synthetic_set_reruns_exactly_its_grid_cells(study, tmp_path):
     """Grid cells are keyed by the content of their inputs: replace one upstream synthetic
     set (as a re-run of stage 04 with other weights would) and only the cells trained on
     it are recomputed; every other cell is reused untouched."""
+    import json
     import shutil
 
     from hdlib.paths import synthetic_set_name
@@ -144,20 +150,50 @@ def test_changed_synthetic_set_reruns_exactly_its_grid_cells(study, tmp_path):
     first = run_downstream_grid(mine)
     assert first.attrs["computed"] == [] and first.attrs["stale_recomputed"] == []
 
-    f = min(cfg.downstream.fractions)
-    blob_path = copy / cfg.study.name / "synthetic" / synthetic_set_name("histodiffusion", f) / "images.pt"
-    blob = torch.load(blob_path, weights_only=False)
-    blob["images"] = 255 - blob["images"]
-    blob["content_key"] = blob["content_key"] + "-regenerated"
-    torch.save(blob, blob_path)
+    f, d = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+    req = copy / cfg.study.name / "synthetic" / synthetic_set_name("histodiffusion", f, d) / "request.json"
+    state = json.loads(req.read_text())
+    state["content_key"] += "-regenerated"
+    req.write_text(json.dumps(state))
     grid = copy / cfg.study.name / "grid"
     mtimes = {p.name: p.stat().st_mtime_ns for p in grid.glob("*.json")}
 
     second = run_downstream_grid(mine)
-    expected = sorted(second.loc[(second["fraction"] == f) & second["training_set"].isin(
+    expected = sorted(second.loc[(second["fraction"] == f) & (second["seed"] == d) & second["training_set"].isin(
         ["histodiffusion", "histodiffusion_unfiltered"]), "id"].unique())
     assert expected and sorted(second.attrs["stale_recomputed"]) == expected
     assert sorted(second.attrs["computed"]) == expected
     for p in grid.glob("*.json"):
         if p.stem not in expected:
             assert p.stat().st_mtime_ns == mtimes[p.name], p.name
+
+
+@pytest.mark.slow
+def test_export_and_augment_give_imagefolder_datasets(study, tmp_path):
+    """`export` writes a diffusers folder plain diffusers loads; `augment` (from the study and
+    from the export) writes OUT/<class>/*.png that torchvision's ImageFolder reads, with a
+    manifest of every candidate; a second call is a no-op (resumable / reused)."""
+    from diffusers import AutoencoderKL, UNet2DModel
+    from torchvision.datasets import ImageFolder
+
+    from hdlib.export import augment_dataset, export_study
+
+    cfg, _, _ = study
+    exported = export_study(cfg.results_dir, tmp_path / "export")
+    AutoencoderKL.from_pretrained(exported / "vae", use_safetensors=True)
+    UNet2DModel.from_pretrained(exported / "unet", use_safetensors=True)
+    assert list((exported / "latent_classifier").iterdir()) and list((exported / "filter").iterdir())
+    for source, out in ((cfg.results_dir, tmp_path / "from_study"), (exported, tmp_path / "from_export")):
+        augment_dataset(source, out, per_class=2, filtered=False)
+        ds = ImageFolder(out)
+        assert ds.classes == sorted(cfg.data.classes) and len(ds) == 2 * len(cfg.data.classes)
+        manifest = pd.read_csv(out / "manifest.csv")
+        assert {"class", "seed", "guidance_scale", "model", "decision", "score"} <= set(manifest.columns)
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+        augment_dataset(source, out, per_class=2, filtered=False)
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    filtered = augment_dataset(cfg.results_dir, tmp_path / "filtered", per_class=1)
+    manifest = pd.read_csv(filtered / "manifest.csv")
+    kept = manifest[manifest["decision"] == "kept"]
+    assert len(ImageFolder(filtered, allow_empty=True)) == len(kept)
+    assert set(manifest["decision"]) <= {"kept", "over_quota", "wrong_centroid", "low_confidence", "near_copy"}

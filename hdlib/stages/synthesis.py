@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from ..config import Config, TrainingConfig
+from ..augment import FeatureFilter, fill_quota
 from ..errors import HDLibError
 from ..io import atomic_write_csv, atomic_write_json, files_sha1
 from ..paths import (GENERATORS, REPO_ROOT, StudyPaths, is_filtered, model_name, request_seeds, synthetic_set_name,
@@ -212,7 +213,7 @@ def baseline_classifier(cfg: Config, fraction: float, draw: int):
                               ds.train, data_key)
 
 
-class SelectiveFilter:
+class SelectiveFilter(FeatureFilter):
     """The paper's selective filter for one labeled subset (fraction, draw): nearest real
     class centroid = target class, baseline confidence >= tau, and no near copy of a
     labeled training image (threshold per class, calibrated on real validation images)."""
@@ -222,38 +223,20 @@ class SelectiveFilter:
         from ..filtering import calibrate_delta
 
         self.cfg, self.fraction, self.draw = cfg, fraction, draw
-        self.model, self.device = baseline_classifier(cfg, fraction, draw), device(cfg)
+        model, dev = baseline_classifier(cfg, fraction, draw), device(cfg)
         idx = fraction_indices(cfg, fraction, draw)
-        self.train_idx = idx
-        self.real_f = extract_features(self.model, split_images(cfg, "target_train", idx), batch_size=128,
-                                       device=self.device)
-        self.real_y = split_labels(cfg, "target_train")[idx]
+        real_f = extract_features(model, split_images(cfg, "target_train", idx), batch_size=128, device=dev)
+        real_y = split_labels(cfg, "target_train")[idx]
         K = len(cfg.data.classes)
         if cfg.filtering.delta >= 0:
-            self.delta = np.full(K, cfg.filtering.delta)
+            delta = np.full(K, cfg.filtering.delta)
         else:
-            val_f = extract_features(self.model, split_images(cfg, "target_val"), batch_size=128, device=self.device)
-            self.delta = calibrate_delta(self.real_f.numpy(), self.real_y.numpy(), val_f.numpy(),
-                                         split_labels(cfg, "target_val").numpy(), K,
-                                         percentile=cfg.filtering.delta_percentile)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> pd.DataFrame:
-        """Per image: accepted (before the per-class quota), reason, distance to its class
-        centroid, confidence, distance to and index of the nearest labeled training image."""
-        from ..downstream import extract_features, predict
-        from ..filtering import filter_synthetic
-
-        syn_f = extract_features(self.model, images, batch_size=128, device=self.device)
-        probs, _ = predict(self.model, images, batch_size=128, device=self.device)
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        conf = probs[torch.arange(len(probs)), labels].numpy()
-        res = filter_synthetic(self.real_f.numpy(), self.real_y.numpy(), syn_f.numpy(), labels.numpy(), conf,
-                               num_classes=len(self.cfg.data.classes), tau=self.cfg.filtering.tau,
-                               train_features=self.real_f.numpy(), delta=self.delta,
-                               class_names=list(self.cfg.data.classes))
-        return pd.DataFrame({"accepted": res.reason == "kept", "reason": res.reason, "distance": res.distance,
-                             "confidence": conf, "nn_distance": res.nn_distance,
-                             "nn_train_index": self.train_idx[res.nn_index], "near_copy": res.near_copy})
+            val_f = extract_features(model, split_images(cfg, "target_val"), batch_size=128, device=dev)
+            delta = calibrate_delta(real_f.numpy(), real_y.numpy(), val_f.numpy(),
+                                    split_labels(cfg, "target_val").numpy(), K,
+                                    percentile=cfg.filtering.delta_percentile)
+        super().__init__(model, real_f, real_y, delta, cfg.filtering.tau, cfg.data.classes, train_index=idx,
+                         device=dev)
 
 
 # ---------------------------------------------------------------------------
@@ -274,108 +257,40 @@ def quota_per_class(cfg: Config, fraction: float, draw: int) -> np.ndarray:
     return np.ceil(ratio * counts - 1e-9).astype(np.int64)
 
 
-def _class_seeds(cfg: Config, name: str, c: int, start: int, n: int) -> np.ndarray:
-    """Seeds of candidates start..start+n of class c: candidate k of a class always gets the same seed."""
-    return request_seeds(cfg, f"{name}/class{c}", start + n)[start:]
-
-
 def synthesize(gen: Generation, generator: str, fraction: float, draw: int, quota, judge=None,
                guidance_scale: float | None = None, tag: str = "") -> pd.DataFrame:
-    """Fill `quota` (an int or one per class) with `generator`'s images for label draw `draw`.
-
-    With a `judge` (SelectiveFilter) candidates are generated in rounds until each class has
-    its quota of accepted images or reached sampling.max_candidates_factor x quota candidates;
-    the accepted images closest to their class centroid are kept. Without one, exactly the
-    quota is generated and kept. Returns the set's manifest (one row per candidate, decision
-    included); PNGs and manifest.csv are in synthetic/<name>/."""
-    from PIL import Image
-
+    """Fill `quota` (an int or one per class) with `generator`'s images for label draw `draw`
+    (`hdlib.augment.fill_quota`: rounds until every class has its quota of accepted images or
+    reached sampling.max_candidates_factor x quota candidates; without a judge exactly the
+    quota). Returns the set's manifest (one row per candidate, decision included); PNGs and
+    manifest.csv are in synthetic/<name>/. Reused only when the request and the content of
+    every model it used are unchanged; resumes after a kill at the last finished round."""
     cfg, s = gen.cfg, gen.cfg.sampling
-    K = len(cfg.data.classes)
-    quota = np.broadcast_to(np.asarray(quota, dtype=np.int64), (K,)).copy()
     name = synthetic_set_name(generator, fraction, draw, tag)
     folder = StudyPaths(cfg).synthetic(name)
     scale = gen.guidance_scale(generator, guidance_scale)
-    request = {"generator": generator, "fraction": fraction, "draw": draw, "quota": quota.tolist(),
-               "guidance_scale": scale, "adaptation": gen.adaptation, "sampling": vars(s),
+    request = {"generator": generator, "fraction": fraction, "draw": draw, "guidance_scale": scale,
+               "adaptation": gen.adaptation, "sampling": vars(s),
                "filtering": vars(cfg.filtering) if judge is not None else None,
                "labeled": manifest_hash(cfg, "target_train", fraction, draw) if judge is not None else None,
                "inputs": gen.inputs_key(generator, fraction, draw)}
-    request = json.loads(json.dumps(request, default=str))
-    manifest_path, request_path = folder / "manifest.csv", folder / "request.json"
-    rows = []
-    if request_path.exists() and json.loads(request_path.read_text()).get("request") == request:
-        state = json.loads(request_path.read_text())
-        if manifest_path.exists():
-            rows = pd.read_csv(manifest_path).to_dict("records")
-        if state.get("complete"):
-            return pd.DataFrame(rows)
-    else:  # another request, or none: start over (old PNGs removed so nothing stale is read)
-        for old in folder.glob("*.png"):
-            old.unlink()
-        manifest_path.unlink(missing_ok=True)
-    atomic_write_json(request_path, {"request": request, "complete": False})
-    cap = np.maximum(np.ceil(quota * (s.max_candidates_factor if judge is not None else 1.0)), quota).astype(int)
 
-    def counts(key):
-        out = np.zeros(K, dtype=np.int64)
-        for r in rows:
-            if key is None or r[key]:
-                out[int(r["label"])] += 1
-        return out
-
-    round_no = max([int(r["round"]) for r in rows], default=-1) + 1
-    while True:
-        made, accepted = counts(None), counts("accepted")
-        short = (accepted < quota) & (made < cap)
-        if not short.any():
-            break
-        # ask for what is missing, scaled by the acceptance seen so far (at least half a quota)
-        rate = np.where(made > 0, np.maximum(accepted / np.maximum(made, 1), 0.2), 1.0 if judge is None else 0.5)
-        want = np.where(short, np.ceil((quota - accepted) / rate), 0).astype(np.int64)
-        want = np.minimum(np.maximum(want, np.where(short, np.ceil(quota / 2), 0).astype(np.int64)), cap - made)
-        labels = np.repeat(np.arange(K), want)
-        index = np.concatenate([made[c] + np.arange(want[c]) for c in range(K)]).astype(np.int64)
-        seeds = np.concatenate([_class_seeds(cfg, name, c, int(made[c]), int(want[c])) for c in range(K)])
+    def sample(labels, seeds):
         if cfg.study.num_processes > 1:
-            images = _images_sharded(gen, generator, fraction, draw, labels, seeds, guidance_scale, folder)
-        else:
-            images = gen.decode(gen.latents(generator, fraction, labels, seeds, guidance_scale=guidance_scale,
-                                            draw=draw))
-        verdict = judge(images, torch.as_tensor(labels)) if judge is not None else None
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (img, y, k, sd) in enumerate(zip(images, labels, index, seeds)):
-            fname = f"{cfg.data.classes[y]}_{k:05d}.png"
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / fname)
-            row = {"path": str(folder / fname), "key": "", "label": int(y), "class_name": cfg.data.classes[y],
-                   "source": generator, "index": int(k), "seed": int(sd), "round": round_no, "guidance_scale": scale,
-                   "model": gen.models_of(generator, fraction, draw)["denoiser"], "fraction": fraction, "draw": draw}
-            if verdict is not None:
-                row.update({c: (v.item() if hasattr(v, "item") else v) for c, v in verdict.iloc[i].items()})
-            else:
-                row.update({"accepted": True, "reason": "kept", "distance": np.nan, "confidence": np.nan,
-                            "nn_distance": np.nan, "nn_train_index": -1, "near_copy": False})
-            rows.append(row)
-        atomic_write_csv(pd.DataFrame(rows), manifest_path)  # a killed run resumes after this round
-        round_no += 1
+            return _sharded(gen, generator, fraction, draw, labels, seeds, guidance_scale, folder)[1]
+        return gen.decode(gen.latents(generator, fraction, labels, seeds, guidance_scale=guidance_scale, draw=draw))
 
-    df = pd.DataFrame(rows)
-    df["kept"], df["rank"] = False, -1
-    for c in range(K):
-        acc = df[(df["label"] == c) & df["accepted"]]
-        order = acc.sort_values(["distance", "index"]).index if judge is not None else acc.sort_values("index").index
-        df.loc[order, "rank"] = np.arange(len(order))
-        df.loc[order[:quota[c]], "kept"] = True
-    df["decision"] = np.where(df["kept"], "kept", np.where(df["accepted"], "over_quota", df["reason"]))
-    df = df.sort_values(["label", "index"]).reset_index(drop=True)
-    atomic_write_csv(df, manifest_path)
-    atomic_write_json(request_path, {"request": request, "complete": True,
-                                     "content_key": files_sha1([manifest_path])})
-    return df
+    def seeds_of(c, start, n):  # candidate k of a class always gets the same seed
+        return request_seeds(cfg, f"{name}/class{c}", start + n)[start:]
+
+    meta = {"source": generator, "guidance_scale": scale, "model": gen.models_of(generator, fraction, draw)["denoiser"],
+            "fraction": fraction, "draw": draw}
+    return fill_quota(folder, list(cfg.data.classes), quota, sample, seeds_of, request, judge=judge,
+                      cap_factor=s.max_candidates_factor, meta=meta)
 
 
-def _images_sharded(gen: Generation, generator, fraction, draw, labels, seeds, guidance_scale, folder):
-    """One round's images generated by `study.num_processes` processes (`hdlib sample` under
+def _sharded(gen: Generation, generator, fraction, draw, labels, seeds, guidance_scale, folder):
+    """(latents, images) of one round generated by `study.num_processes` processes (`hdlib sample` under
     the launcher), each a contiguous shard of the request, merged back in request order."""
     from ..io import atomic_torch_save
     from ..launch import launch
@@ -392,10 +307,10 @@ def _images_sharded(gen: Generation, generator, fraction, draw, labels, seeds, g
         args += ["--guidance-scale", repr(guidance_scale)]
     launch(args, gen.cfg.study.num_processes, cwd=REPO_ROOT)
     shards = sorted(folder.glob("shard-*.pt"))
-    _, images = merge_shards(shards)
+    z, images = merge_shards(shards)
     for p in shards + [req]:
         p.unlink()
-    return images
+    return z, images
 
 
 def merge_shards(paths) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,157 @@
+"""Synthetic sets with exact per-class quotas, filtered, on disk, resumable.
+
+- `FeatureFilter`: the paper's selective filter as an object (a baseline image classifier,
+  the real labeled features and labels, tau and a per-class near-copy threshold); it can
+  be saved with `save` and read back with `FeatureFilter.load` (safetensors + JSON).
+- `fill_quota`: generate candidates in rounds until every class has its quota of accepted
+  images or reached the cap; keep the best-ranked; PNGs + manifest.csv; resumes after a
+  kill at the last finished round.
+Used by stage 04 and by `hdlib.export` (`python -m hdlib export` / `augment`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .io import atomic_write_csv, atomic_write_json, files_sha1
+
+
+class FeatureFilter:
+    """Centroid rule + confidence >= tau + near-copy check, in a baseline classifier's features."""
+
+    def __init__(self, model, real_features: torch.Tensor, real_labels: torch.Tensor, delta, tau: float,
+                 classes: Sequence[str], train_index=None, device: str = "cpu"):
+        self.model, self.real_f, self.real_y = model.eval(), real_features.float(), torch.as_tensor(real_labels)
+        self.delta = np.broadcast_to(np.asarray(delta, dtype=np.float64), (len(classes),)).copy()
+        self.tau, self.classes, self.device = float(tau), list(classes), device
+        self.train_idx = np.arange(len(self.real_f)) if train_index is None else np.asarray(train_index)
+
+    def __call__(self, images, labels) -> pd.DataFrame:
+        from .downstream import extract_features, predict
+        from .filtering import filter_synthetic
+
+        syn_f = extract_features(self.model, images, batch_size=128, device=self.device)
+        probs, _ = predict(self.model, images, batch_size=128, device=self.device)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        conf = probs[torch.arange(len(probs)), labels].numpy()
+        res = filter_synthetic(self.real_f.numpy(), self.real_y.numpy(), syn_f.numpy(), labels.numpy(), conf,
+                               num_classes=len(self.classes), tau=self.tau, train_features=self.real_f.numpy(),
+                               delta=self.delta, class_names=self.classes)
+        return pd.DataFrame({"accepted": res.reason == "kept", "reason": res.reason, "distance": res.distance,
+                             "confidence": conf, "nn_distance": res.nn_distance,
+                             "nn_train_index": self.train_idx[res.nn_index], "near_copy": res.near_copy})
+
+    def save(self, folder: str | Path, backbone: str, image_size: int) -> None:
+        from safetensors.torch import save_file, save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(folder / "classifier.safetensors"))  # handles timm's shared weights
+        save_file({"real_features": self.real_f.contiguous(), "real_labels": self.real_y.contiguous(),
+                   "delta": torch.from_numpy(self.delta)}, str(folder / "reference.safetensors"))
+        atomic_write_json(folder / "config.json", {"backbone": backbone, "classes": self.classes, "tau": self.tau,
+                                                   "image_size": int(image_size)})
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu") -> "FeatureFilter":
+        from safetensors.torch import load_file, load_model
+
+        from .downstream import build_classifier
+
+        folder = Path(folder)
+        c = json.loads((folder / "config.json").read_text())
+        model = build_classifier(c["backbone"], num_classes=len(c["classes"]))
+        load_model(model, str(folder / "classifier.safetensors"))
+        ref = load_file(str(folder / "reference.safetensors"))
+        return cls(model, ref["real_features"], ref["real_labels"], ref["delta"].numpy(), c["tau"], c["classes"],
+                   device=device)
+
+
+def fill_quota(folder: str | Path, classes: Sequence[str], quota, sample: Callable, seeds_of: Callable,
+               request: dict, judge=None, cap_factor: float = 4.0, meta: dict | None = None) -> pd.DataFrame:
+    """Fill a per-class `quota` of kept images in `folder` (PNGs + manifest.csv + request.json).
+
+    sample(labels, seeds) -> uint8 images; seeds_of(class, start, n) -> the seeds of candidates
+    start..start+n of a class (candidate k of a class always gets the same seed). With a
+    `judge` (FeatureFilter) candidates come in rounds, each sized by the acceptance seen so
+    far, until each class has its quota of accepted images or cap_factor x quota candidates;
+    the accepted images closest to their class centroid are kept. Without one, exactly the
+    quota is generated and kept. A shortfall is recorded (fewer `kept` than `quota`), never
+    hidden. A different `request` starts over; the same one resumes after the last round."""
+    from PIL import Image
+
+    folder, K = Path(folder), len(classes)
+    quota = np.broadcast_to(np.asarray(quota, dtype=np.int64), (K,)).copy()
+    request = json.loads(json.dumps({**request, "quota": quota.tolist(), "cap_factor": cap_factor,
+                                     "filtered": judge is not None}, default=str))
+    manifest_path, request_path = folder / "manifest.csv", folder / "request.json"
+    rows = []
+    if request_path.exists() and json.loads(request_path.read_text()).get("request") == request:
+        state = json.loads(request_path.read_text())
+        if manifest_path.exists():
+            rows = pd.read_csv(manifest_path).to_dict("records")
+        if state.get("complete"):
+            return pd.DataFrame(rows)
+    else:  # another request, or none: start over (old PNGs removed so nothing stale is read)
+        for old in folder.glob("*.png"):
+            old.unlink()
+        manifest_path.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(request_path, {"request": request, "complete": False})
+    cap = np.maximum(np.ceil(quota * (cap_factor if judge is not None else 1.0)), quota).astype(np.int64)
+
+    def counts(key=None):
+        out = np.zeros(K, dtype=np.int64)
+        for r in rows:
+            if key is None or r[key]:
+                out[int(r["label"])] += 1
+        return out
+
+    round_no = max([int(r["round"]) for r in rows], default=-1) + 1
+    while True:
+        made, accepted = counts(), counts("accepted")
+        short = (accepted < quota) & (made < cap)
+        if not short.any():
+            break
+        # ask for what is missing, scaled by the acceptance seen so far (at least half a quota)
+        rate = np.where(made > 0, np.maximum(accepted / np.maximum(made, 1), 0.2), 1.0 if judge is None else 0.5)
+        want = np.where(short, np.ceil((quota - accepted) / rate), 0).astype(np.int64)
+        want = np.minimum(np.maximum(want, np.where(short, np.ceil(quota / 2), 0).astype(np.int64)), cap - made)
+        labels = np.repeat(np.arange(K), want)
+        index = np.concatenate([made[c] + np.arange(want[c]) for c in range(K)]).astype(np.int64)
+        seeds = np.concatenate([np.asarray(seeds_of(c, int(made[c]), int(want[c])), dtype=np.int64)
+                                for c in range(K)])
+        images = sample(labels, seeds)
+        verdict = judge(images, torch.as_tensor(labels)) if judge is not None else None
+        for i, (img, y, k, sd) in enumerate(zip(images, labels, index, seeds)):
+            fname = f"{classes[y]}_{k:05d}.png"
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / fname)
+            row = {"path": str(folder / fname), "key": "", "label": int(y), "class_name": classes[y],
+                   "index": int(k), "seed": int(sd), "round": round_no, **(meta or {})}
+            if verdict is not None:
+                row.update({c: (v.item() if hasattr(v, "item") else v) for c, v in verdict.iloc[i].items()})
+            else:
+                row.update({"accepted": True, "reason": "kept", "distance": np.nan, "confidence": np.nan,
+                            "nn_distance": np.nan, "nn_train_index": -1, "near_copy": False})
+            rows.append(row)
+        atomic_write_csv(pd.DataFrame(rows), manifest_path)  # a killed run resumes after this round
+        round_no += 1
+
+    df = pd.DataFrame(rows)
+    df["kept"], df["rank"] = False, -1
+    for c in range(K):
+        acc = df[(df["label"] == c) & df["accepted"]]
+        order = acc.sort_values(["distance", "index"]).index if judge is not None else acc.sort_values("index").index
+        df.loc[order, "rank"] = np.arange(len(order))
+        df.loc[order[:quota[c]], "kept"] = True
+    df["decision"] = np.where(df["kept"], "kept", np.where(df["accepted"], "over_quota", df["reason"]))
+    df = df.sort_values(["label", "index"]).reset_index(drop=True)
+    atomic_write_csv(df, manifest_path)
+    atomic_write_json(request_path, {"request": request, "complete": True, "content_key": files_sha1([manifest_path])})
+    return df

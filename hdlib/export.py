@@ -1,0 +1,190 @@
+"""Models and synthetic datasets out of a study.
+
+    python -m hdlib export results/<study> OUT
+        the study's models as a diffusers folder (vae/, unet/, scheduler/, MANIFEST.sha256),
+        plus latent_classifier/<name>/ (safetensors + config.json) and filter/<fraction>_s<draw>/
+        (the selective filter: baseline classifier, real features, thresholds) for augment.
+    python -m hdlib augment SOURCE OUT --per-class N [--fraction F] [--draw D] [--guidance-scale S]
+        SOURCE is a study folder or an exported folder. Generates, filters and writes
+        OUT/<class>/*.png (readable by torchvision.datasets.ImageFolder) and OUT/manifest.csv
+        (class, seed, guidance scale, model, filter decision and score of every candidate).
+        Resumable: work happens in OUT.partial/ and a re-run continues after the last round.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .augment import FeatureFilter, fill_quota
+from .errors import ConfigError
+from .io import atomic_write_csv, atomic_write_json
+
+EXPORT_INFO = "hdlib_export.json"
+
+
+def export_study(study_dir: str | Path, out: str | Path) -> Path:
+    """A study's trained models as a diffusers folder (vae/, unet/, scheduler/) plus
+    latent_classifier/<name>/ (weights + config) and filter/<fraction>_s<draw>/ for augment."""
+    from safetensors.torch import save_model
+
+    from .paths import StudyPaths, model_name
+    from .pretrained import export_pretrained
+    from .stages.autoencoder import latent_scale, load_autoencoder
+    from .stages.common import config_from_results, read_metrics
+    from .stages.data import grid_fractions
+    from .stages.diffusion import latent_shape, load_denoiser, noise_scheduler
+    from .stages.guidance import load_latent_classifier
+    from .stages.synthesis import Generation, SelectiveFilter
+
+    cfg = config_from_results(study_dir)
+    d4 = read_metrics(cfg, "04_synthesis", missing_ok=True)
+    cfg.sampling.guidance_scale = d4.get("guidance_scale", cfg.sampling.guidance_scale)
+    cfg.diffusion.grid_adaptation = d4.get("adaptation", cfg.diffusion.grid_adaptation)
+    out = Path(out)
+    f0, d0 = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+    gen = Generation(cfg)
+    unet = load_denoiser(cfg, gen.denoiser_name(f0, d0))
+    info = {"study": str(study_dir), "classes": list(cfg.data.classes), "image_size": cfg.data.image_size,
+            "latent_shape": list(latent_shape(cfg)), "guidance_scale": cfg.sampling.guidance_scale,
+            "sampling": vars(cfg.sampling), "denoiser": gen.denoiser_name(f0, d0), "latent_classifiers": [],
+            "filters": []}
+    export_pretrained(out, load_autoencoder(cfg), unet.cpu(), noise_scheduler(cfg), scaling_factor=latent_scale(cfg))
+    C, _, S = latent_shape(cfg)
+    for draw in cfg.downstream.seeds:
+        for f in grid_fractions(cfg):
+            name = model_name("latent_classifier", f, draw=draw)
+            if not (StudyPaths(cfg).model(name) / "final").exists():
+                continue
+            clf = load_latent_classifier(cfg, f, draw)
+            folder = out / "latent_classifier" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_model(clf, str(folder / "model.safetensors"))
+            atomic_write_json(folder / "config.json", {**vars(cfg.latent_classifier), "train": None,
+                                                       "in_channels": C, "sample_size": S,
+                                                       "classes": list(cfg.data.classes), "fraction": f,
+                                                       "draw": draw})
+            info["latent_classifiers"].append(name)
+            judge = SelectiveFilter(cfg, f, draw)
+            judge.save(out / "filter" / f"{f:g}_s{draw}", cfg.downstream.backbone, cfg.data.image_size)
+            info["filters"].append(f"{f:g}_s{draw}")
+    atomic_write_json(out / EXPORT_INFO, info)
+    from .pretrained import MANIFEST, file_hashes
+
+    (out / MANIFEST).write_text("".join(f"{v}  {k}\n" for k, v in file_hashes(out).items()))
+    return out
+
+
+def _export_sampler(source: Path, fraction: float, draw: int, guidance_scale: float | None, device: str):
+    """(sample(labels, seeds) -> images, judge, description) from an exported folder."""
+    from safetensors.torch import load_model
+
+    from .config import LatentClassifierConfig
+    from .models import build_latent_classifier, decode_latents
+    from .pretrained import load_scheduler, load_unet, load_vae, read_latent_info
+    from .sampling import guided_ddim_sample
+
+    info = json.loads((source / EXPORT_INFO).read_text())
+    name = f"latent_classifier_f{fraction:g}_s{draw}"
+    if name not in info["latent_classifiers"]:
+        raise ConfigError(f"{source}: no latent classifier for fraction {fraction:g}, draw {draw} "
+                          f"(exported: {', '.join(info['latent_classifiers'])})")
+    c = json.loads((source / "latent_classifier" / name / "config.json").read_text())
+    lc = LatentClassifierConfig(**{k: v for k, v in c.items() if k in LatentClassifierConfig.__dataclass_fields__
+                                   and k != "train"})
+    clf = build_latent_classifier(lc, c["in_channels"], c["sample_size"], len(c["classes"]))
+    load_model(clf, str(source / "latent_classifier" / name / "model.safetensors"))
+    vae, unet, sched = load_vae(source).to(device), load_unet(source).to(device), load_scheduler(source)
+    scale = read_latent_info(source)["scaling_factor"]
+    s = info["sampling"]
+    gs = info["guidance_scale"] if guidance_scale is None else guidance_scale
+
+    def sample(labels, seeds):
+        z = guided_ddim_sample(unet, sched, labels, seeds, classifier=clf.to(device).eval(), guidance_scale=gs,
+                               num_inference_steps=s["num_inference_steps"], eta=s["eta"],
+                               latent_shape=tuple(info["latent_shape"]), batch_size=s["batch_size"], device=device)
+        return decode_latents(vae, z, scale, device=device)
+
+    judge = FeatureFilter.load(source / "filter" / f"{fraction:g}_s{draw}", device=device)
+    return sample, judge, {"model": str(source), "guidance_scale": gs}, info["classes"]
+
+
+def augment_dataset(source: str | Path, out: str | Path, per_class: int, fraction: float | None = None,
+            draw: int | None = None, guidance_scale: float | None = None, filtered: bool = True,
+            device: str = "cpu") -> Path:
+    """A class-folder dataset of `per_class` filtered synthetic images per class:
+    OUT/<class>/*.png and OUT/manifest.csv (class, seed, guidance scale, model, filter
+    decision and score, for every candidate). Resumable: generation works in OUT.partial/."""
+    import hashlib
+
+    source, out = Path(source), Path(out)
+    if per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {per_class}")
+    if (source / EXPORT_INFO).exists():
+        info = json.loads((source / EXPORT_INFO).read_text())
+        first = info["latent_classifiers"][0] if info["latent_classifiers"] else ""
+        fraction = fraction if fraction is not None else float(first.split("_f")[1].split("_s")[0])
+        draw = draw if draw is not None else int(first.rsplit("_s", 1)[1])
+        sample, judge, meta, classes = _export_sampler(source, fraction, draw, guidance_scale, device)
+        seed_tag = f"augment/{source.resolve().name}"
+    elif (source / "config.json").exists():
+        from .stages.common import config_from_results, read_metrics
+        from .stages.synthesis import Generation, SelectiveFilter
+
+        cfg = config_from_results(source)
+        d4 = read_metrics(cfg, "04_synthesis", missing_ok=True)
+        cfg.sampling.guidance_scale = d4.get("guidance_scale", cfg.sampling.guidance_scale)
+        cfg.diffusion.grid_adaptation = d4.get("adaptation", cfg.diffusion.grid_adaptation)
+        fraction = min(cfg.downstream.fractions) if fraction is None else fraction
+        draw = cfg.downstream.seeds[0] if draw is None else draw
+        gen = Generation(cfg)
+        judge = SelectiveFilter(cfg, fraction, draw)
+        classes = list(cfg.data.classes)
+
+        def sample(labels, seeds):
+            return gen.decode(gen.latents("histodiffusion", fraction, labels, seeds, guidance_scale=guidance_scale,
+                                          draw=draw))
+        meta = {"model": gen.models_of("histodiffusion", fraction, draw)["denoiser"],
+                "guidance_scale": gen.guidance_scale("histodiffusion", guidance_scale)}
+        seed_tag = f"augment/{cfg.study.name}"
+    else:
+        raise ConfigError(f"{source}: neither a study folder (config.json) nor an exported folder ({EXPORT_INFO})")
+    request = {"source": str(source.resolve()), "fraction": fraction, "draw": draw, **meta}
+    request = json.loads(json.dumps({**request, "per_class": per_class, "filtered": filtered}, default=str))
+    done = out / "request.json"
+    if (out / "manifest.csv").exists() and done.exists() and json.loads(done.read_text()).get("request") == request:
+        return out  # already written for exactly this request
+    work = out.parent / f"{out.name}.partial"  # outside OUT: ImageFolder treats every sub-folder as a class
+    base = int(hashlib.sha1(seed_tag.encode()).hexdigest()[:8], 16)
+
+    def seeds_of(c, start, n):  # candidate k of class c always gets the same seed
+        return (base * 1_000_003 + c * 10_000_019 + start + np.arange(n)) % 2**62
+
+    df = fill_quota(work, classes, per_class, sample, seeds_of, request, judge=judge if filtered else None,
+                    meta={"fraction": fraction, "draw": draw, **meta})
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for c in classes:
+        (out / c).mkdir()
+    files = []
+    for _, r in df.iterrows():
+        dest = ""
+        if r["kept"]:
+            dest = str(Path(r["class_name"]) / Path(r["path"]).name)
+            shutil.copy2(r["path"], out / dest)
+        files.append(dest)
+    manifest = df.assign(file=files, score=df["distance"])[
+        ["file", "class_name", "seed", "guidance_scale", "model", "decision", "score", "confidence", "nn_distance",
+         "fraction", "draw"]].rename(columns={"class_name": "class"})
+    atomic_write_csv(manifest, out / "manifest.csv")
+    shortfall = {c: int(per_class - df[(df["class_name"] == c) & df["kept"]].shape[0]) for c in classes}
+    atomic_write_json(done, {"request": request, "shortfall": {k: v for k, v in shortfall.items() if v > 0}})
+    shutil.rmtree(work, ignore_errors=True)
+    if any(shortfall.values()):  # written and reported, never padded
+        print(f"{out}: short of {per_class} kept images in: "
+              + ", ".join(f"{k} (-{v})" for k, v in shortfall.items() if v > 0) + " (cap reached; see manifest.csv)")
+    return out
