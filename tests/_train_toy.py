@@ -51,6 +51,24 @@ def toy_config(out, max_steps=20, global_batch=8, micro=None, ckpt_every=5, log_
                        log_every=log_every, **kw)
 
 
+class LoggingItems(torch.utils.data.Dataset):
+    """Per-item dataset (read like images from disk) that appends '<rank> <index>' per read."""
+
+    def __init__(self, data: TensorBatchSource, log: str):
+        self.x, self.y = data.tensors
+        self.log = log
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        import os
+
+        with open(self.log, "a") as fh:
+            fh.write(f"{os.environ.get('RANK', '0')} {i}\n")
+        return self.x[i], self.y[i]
+
+
 def main(argv=None) -> int:
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
@@ -62,9 +80,15 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--ema", type=float)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--stream-log", help="read items one by one through a DataLoader, logging each read")
     a = ap.parse_args(argv)
     cfg = toy_config(a.out, a.max_steps, a.global_batch, a.micro, a.ckpt_every, a.log_every, a.ema)
-    trainer = Trainer(toy_model(), toy_loss(a.sleep), toy_data(), cfg)
+    data = toy_data()
+    if a.stream_log:
+        from hdlib.datasets import StreamingSource
+
+        data = StreamingSource(LoggingItems(data, a.stream_log), num_workers=0)
+    trainer = Trainer(toy_model(), toy_loss(a.sleep), data, cfg)
     trainer.train()
     if trainer.accelerator.num_processes > 1:
         trainer.accelerator.end_training()

@@ -221,3 +221,20 @@ def test_extra_modules_train_jointly_and_are_exported(tmp_path):
     assert torch.equal(load_final(torch.nn.Linear(1, 1), tmp_path, module="head").weight, head.weight)
     with pytest.raises(ConfigError, match="'model'"):
         Trainer(toy_model(), loss_fn, toy_data(), toy_config(tmp_path / "x"), extra_modules={"model": head})
+
+
+def test_streaming_loader_shards_across_two_processes(tmp_path):
+    """A per-item (streaming) dataset under 2 gloo processes: each rank reads only its part of
+    every global batch, the two parts are disjoint, and together they read every item exactly
+    once per epoch (48 items, global batch 8: 6 steps = 1 epoch, 12 steps = 2 epochs)."""
+    log = tmp_path / "reads.txt"
+    launch([str(TOY), "--out", str(tmp_path / "run"), "--max-steps", "12", "--ckpt-every", "100",
+            "--stream-log", str(log)], num_processes=2, backend="gloo", env={"PYTHONPATH": str(ROOT)},
+           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    reads = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    by_rank = {r: [i for rr, i in reads if rr == r] for r in (0, 1)}
+    assert len(by_rank[0]) == len(by_rank[1]) == 12 * 4
+    for epoch in range(2):
+        part = [by_rank[r][epoch * 24:(epoch + 1) * 24] for r in (0, 1)]
+        assert not set(part[0]) & set(part[1])
+        assert sorted(part[0] + part[1]) == list(range(48))
