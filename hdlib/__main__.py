@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="train the autoencoder and unconditional LDM on the pool (resumable)")
     pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
     pre.add_argument("overrides", nargs="*")
+    pre.add_argument("--compare", metavar="PARAMS", help="also pre-train this recipe and compare (model card)")
 
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("params")
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     elif args.command == "pretrain":
         from .pretrain import main as pretrain_main
 
-        return pretrain_main(args.params, overrides)
+        return pretrain_main(args.params, overrides, compare=args.compare)
     elif args.command == "readme":
         from .config import load_config
         from .stages.report import readme_path, sync_readme

@@ -98,8 +98,8 @@ def holdout_images(cfg: Config) -> torch.Tensor:
     return load_split_images(cfg, "pool_holdout", range(len(split_images(cfg, "pool_holdout"))))[0]
 
 
-def run_pretrain(cfg: Config) -> dict:
-    """Train (or resume) and evaluate; export when `pretrain.export_dir` is set."""
+def run_pretrain(cfg: Config, export: bool = True) -> dict:
+    """Train (or resume) and evaluate; export when `pretrain.export_dir` is set (and `export`)."""
     from .stages.autoencoder import autoencoder_stage, load_autoencoder
     from .stages.autoencoder import latent_dir
     from .stages.data import prepare_data
@@ -144,7 +144,7 @@ def run_pretrain(cfg: Config) -> dict:
     cfg.diffusion.pretrain.max_steps = total
     summary = {"eval": rows, "wall_s_this_call": time.time() - t0}
     atomic_write_json(paths.metrics("pretrain_summary"), summary)
-    if p.export_dir:
+    if p.export_dir and export:
         export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=real_feats)
     return summary
 
@@ -171,7 +171,7 @@ def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
     out = {"key": key, **pool_quality(judge(imgs), real_feats), "holdout": int(len(real_feats)),
            "sampling_s": time.time() - t}
     atomic_write_json(path, out)
-    torch.save(imgs[:64].clone(), paths.cache / "final_samples.pt")
+    torch.save(imgs.clone(), paths.cache / "final_samples.pt")  # reused by the comparison
     return out
 
 
@@ -213,6 +213,8 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
                          | {"samples": final["key"]["samples"], "ddim_steps": final["key"]["ddim_steps"],
                             "holdout_tiles": final["holdout"]},
         "quality_during_training": evals.to_dict("records"),
+        "comparison_with_in_study_pretraining": (json.loads(paths.metrics("pretrain_comparison").read_text())
+                                                 if paths.metrics("pretrain_comparison").exists() else None),
         "judge": "untrained ResNet-18, seed 0, 128 px input, 512-d pooled features (hdlib.pretrain.RandomResNetJudge)",
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
     }
@@ -229,12 +231,55 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     extra = {"card.json": json.dumps(card, indent=2, default=float), "MODEL_CARD.md": model_card_text(card)}
     out = export_pretrained(out, vae, unet, noise_scheduler(cfg), scaling_factor=d1["scale_factor"],
                             extra_files=extra)
-    for name in ("pretrain_curves", "pretrain_samples"):
-        (out / f"{name}.png").write_bytes(paths.figure(name).read_bytes())
+    for name in ("pretrain_curves", "pretrain_samples", "pretrain_comparison"):
+        if paths.figure(name).exists():
+            (out / f"{name}.png").write_bytes(paths.figure(name).read_bytes())
     # the manifest must cover the figures too: rewrite it
     from .pretrained import MANIFEST, file_hashes
 
     atomic_write_text(out / MANIFEST, "".join(f"{v}  {k}\n" for k, v in file_hashes(out).items()))
+    return out
+
+
+def compare_pretraining(cfg: Config, baseline: Config) -> dict:
+    """The shipped model against another pre-training (the in-study recipe of the old default
+    study), judged alike: the same untrained-ResNet features, the same number of samples and
+    DDIM steps, the same seeds, against the held-out pool tiles of the sources both saw.
+    Writes metrics/pretrain_comparison.json and figures/pretrain_comparison.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import plots
+    from .stages.autoencoder import load_autoencoder
+    from .stages.data import load_split_images, split_sources
+    from .stages.diffusion import load_denoiser, noise_scheduler
+
+    p, paths = cfg.pretrain, StudyPaths(cfg)
+    shared = set(split_sources(baseline, "pool_holdout"))
+    src = split_sources(cfg, "pool_holdout")
+    rows = [i for i, s_ in enumerate(src) if s_ in shared]
+    real = load_split_images(cfg, "pool_holdout", rows)[0]
+    judge = RandomResNetJudge()
+    real_f = judge(real)
+    final_quality(cfg, judge)  # samples the shipped model once (cached)
+    ours = torch.load(paths.cache / "final_samples.pt")
+    bvae = load_autoencoder(baseline)
+    bscale = float(json.loads(StudyPaths(baseline).metrics("01_autoencoder").read_text())["scale_factor"])
+    t = time.time()
+    theirs = sample_images(load_denoiser(baseline, "denoiser_pretrained"), noise_scheduler(baseline), bvae, bscale,
+                           len(ours), p.final_inference_steps, progress=cfg.study.progress)
+    out = {"reference": f"{len(real)} held-out pool tiles of the sources both models saw: {sorted(shared)}",
+           "samples": len(ours), "ddim_steps": p.final_inference_steps, "judge": "untrained ResNet-18 (seed 0)",
+           "shipped": pool_quality(judge(ours), real_f), "in_study": pool_quality(judge(theirs), real_f),
+           "in_study_recipe": {"autoencoder": baseline.autoencoder.block_out_channels,
+                               "denoiser": baseline.diffusion.block_out_channels,
+                               "steps": baseline.diffusion.pretrain.max_steps, "pool": baseline.data.pool_size},
+           "in_study_sampling_s": time.time() - t}
+    atomic_write_json(paths.metrics("pretrain_comparison"), out)
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:12]
+    fig = plots.image_rows({"shipped model": ours[:12], "in-study model (before)": theirs[:12], "real holdout": real[pick]},
+                           n=12, title="Unconditional samples, same seeds: shipped vs in-study pre-training")
+    plots.save(fig, cfg, "pretrain_comparison")
     return out
 
 
@@ -290,14 +335,46 @@ During training (fewer samples and DDIM steps per point, so values sit above the
 
 ![samples](pretrain_samples.png)
 
+{_comparison_text(card)}
 ## Files
 `MANIFEST.sha256` lists the sha256 of every file in this folder; `pretrained.sha256` in a params file pins
 the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
 """
 
 
-def main(params: str, overrides=()) -> int:
+def _comparison_text(card: dict) -> str:
+    c = card.get("comparison_with_in_study_pretraining")
+    if not c:
+        return ""
+    a, b = c["shipped"], c["in_study"]
+    r = c["in_study_recipe"]
+    return f"""## Before and after: against the in-study pre-training
+The default study used to pre-train inside every run (autoencoder {r['autoencoder']}, denoiser {r['denoiser']},
+{r['steps']} steps on a {r['pool']}-tile pool). Both models, judged alike ({c['samples']} samples each, DDIM
+{c['ddim_steps']} steps, same seeds, {c['judge']}) against {c['reference']}:
+
+| model | FID | KID | precision | recall |
+|---|---|---|---|---|
+| this model | {a['fid']:.2f} | {a['kid_mean']:.4f} | {a['precision']:.3f} | {a['recall']:.3f} |
+| in-study pre-training (before) | {b['fid']:.2f} | {b['kid_mean']:.4f} | {b['precision']:.3f} | {b['recall']:.3f} |
+
+![shipped vs in-study samples](pretrain_comparison.png)
+"""
+
+
+def main(params: str, overrides=(), compare: str | None = None) -> int:
+    """Pre-train (resumable); with `compare`, also pre-train that params file's recipe and
+    put the before/after comparison into the exported model card."""
     from .config import load_config
 
-    run_pretrain(load_config(params, list(overrides)))
+    cfg = load_config(params, list(overrides))
+    run_pretrain(cfg, export=compare is None)
+    if compare:
+        # the baseline lives beside this run: the same study.* overrides (results_root, data_root, ...)
+        baseline = load_config(compare, [o for o in overrides if o.startswith("study.") and "study.name" not in o])
+        baseline.pretrain.export_dir = ""
+        run_pretrain(baseline)
+        compare_pretraining(cfg, baseline)
+        if cfg.pretrain.export_dir:
+            export_study_pretrained(cfg, cfg.pretrain.export_dir)
     return 0

@@ -237,9 +237,11 @@ if "labeled" in cfg.diffusion.adaptations:
     train.launch_task(cfg, params_file, overrides, "denoiser_adapted", fraction=f0, adaptation="labeled", draw=d0)
 if "target_unlabeled" in cfg.diffusion.adaptations:
     train.launch_task(cfg, params_file, overrides, "denoiser_adapted", adaptation="target_unlabeled")
-# the from-scratch ablation: smallest fraction, every label draw
-for d in cfg.downstream.seeds:
-    train.launch_task(cfg, params_file, overrides, "denoiser_scratch", fraction=f0, draw=d)'''),
+# the from-scratch ablation (when the grid uses it): smallest fraction, every label draw
+needed = set(cfg.downstream.training_sets) | set(cfg.downstream.ratio_sweep_sets)
+if "scratch" in needed:
+    for d in cfg.downstream.seeds:
+        train.launch_task(cfg, params_file, overrides, "denoiser_scratch", fraction=f0, draw=d)'''),
         md("## Figure: denoiser training loss\n\n"
            "Training loss (log scale, smoothed) of each denoiser trained here, at the smallest label fraction, "
            "named as in `models/`: `denoiser_pretrained` (pool), `denoiser_adapted_*` (fine-tuned on the "
@@ -252,7 +254,8 @@ if "labeled" in cfg.diffusion.adaptations:
     models.append(model_name("denoiser_adapted", f0, "labeled", draw=d0))
 if "target_unlabeled" in cfg.diffusion.adaptations:
     models.append(model_name("denoiser_adapted", adaptation="target_unlabeled"))
-models.append(model_name("denoiser_scratch", f0, draw=d0))
+if "scratch" in needed:
+    models.append(model_name("denoiser_scratch", f0, draw=d0))
 trained_here = [m for m in models if not (m == "denoiser_pretrained" and uses_pretrained_unet(cfg))]
 fig = plots.loss_curves({m: training_log(cfg, m) for m in trained_here}, title="Latent denoiser training loss")
 plots.save(fig, cfg, "diffusion_loss")'''),
@@ -304,10 +307,12 @@ from hdlib.stages.data import grid_fractions
 from hdlib.stages.guidance import accuracy_by_t''',
     [
         code('''fractions, f0, d0 = grid_fractions(cfg), min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+needed = set(cfg.downstream.training_sets) | set(cfg.downstream.ratio_sweep_sets)
 for d in cfg.downstream.seeds:  # each seed re-draws the labeled subset, so its own classifiers
     for f in fractions:
         train.launch_task(cfg, params_file, overrides, "latent_classifier", fraction=f, draw=d)
-    train.launch_task(cfg, params_file, overrides, "denoiser_classifier_free", fraction=f0, draw=d)'''),
+    if "classifier_free" in needed:  # the classifier-free baseline, when the grid uses it
+        train.launch_task(cfg, params_file, overrides, "denoiser_classifier_free", fraction=f0, draw=d)'''),
         md("## Table: model selection of the latent classifiers\n\n"
            "Each latent classifier is scored on validation latents noised to fixed t during training, and the "
            "weights with the best mean accuracy over t < 500 are kept (early stopping by t). One row per "
@@ -345,7 +350,8 @@ plots.save(fig, cfg, "latent_classifier_accuracy_by_t")'''),
            "classifier has memorised its few training latents; the validation accuracy above shows whether it "
            "still generalises."),
         code('''names = [model_name("latent_classifier", f, draw=d0) for f in fractions]
-names.append(model_name("denoiser_classifier_free", f0, draw=d0))
+if "classifier_free" in needed:
+    names.append(model_name("denoiser_classifier_free", f0, draw=d0))
 logs = {n: training_log(cfg, n) for n in names}
 fig = plots.loss_curves(logs, title="Latent classifier and classifier-free denoiser training loss")
 plots.save(fig, cfg, "guidance_loss")'''),
