@@ -198,7 +198,7 @@ def measured_run(a) -> None:
         f"data.image_size={a.image_size}", f"data.pool_size={a.pool_size}", "data.num_workers=0",
         f"data.pool_sources=[{{name: pool, kind: folder, path: {data / 'pool'}}}]",
         f"study.results_root={work / 'results'}", f"study.data_root={work / 'data'}", f"study.name={a.label}",
-        "study.progress=false", f"study.device={a.device}", f"pretrained.path={pretrained}"])
+        "study.progress=false", f"study.device={a.device}", f"pretrained.path={pretrained}", *a.set])
 
     t0 = time.perf_counter()
     summary = prepare_data(cfg)
@@ -239,6 +239,8 @@ def main() -> int:
     p.add_argument("--compression", default="none", choices=("none", "zlib", "lzw"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-ratio", type=float, default=1.2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for both runs (e.g. data.label_fractions=[0.5,1.0] for a tiny --n)")
     p.add_argument("--tracemalloc", action="store_true", help="list the largest live Python allocation sites per part")
     p.add_argument("--_build", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_run", action="store_true", help=argparse.SUPPRESS)
@@ -283,7 +285,8 @@ def main() -> int:
         print(f"measuring N={n} in a fresh process", flush=True)
         rc = run_child([*base, "--_run", "--label", label, "--data", str(data), "--work", str(work),
                         "--pool-size", str(n - min(pool_holdout, max(1, n // 5))), "--image-size", str(a.image_size),
-                        "--device", a.device, "--out", str(out)] + (["--tracemalloc"] if a.tracemalloc else []))
+                        "--device", a.device, "--out", str(out), *[f"--set={kv}" for kv in a.set]]
+                       + (["--tracemalloc"] if a.tracemalloc else []))
         if rc:
             print(f"measured run N={n} failed (exit {rc})", file=sys.stderr)
             return 2
@@ -299,7 +302,7 @@ def main() -> int:
     print(f"data: NCT-CRC layout, {TILE} px .tif (compression {a.compression}), 9 classes, test "
           f"{a.test_per_class}/class; image_size {a.image_size}; data.num_workers 0; untrained autoencoder "
           f"{small['autoencoder']} (latents {small['latent_shape']} float16)")
-    print(f"dataset build: {build_s:.0f} s (0 when reused)")
+    print(f"dataset build: {build_s:.0f} s (0 when reused)" + (f"; config overrides {a.set}" if a.set else ""))
     print()
     print("| run | train+val | test | pool | imports s | prepare_data s | save AE s | encode_latents s | total s "
           "| RSS after imports MB | peak RSS MB (ru_maxrss) | VmHWM MB |")
