@@ -75,7 +75,7 @@ class ManifestImages(torch.utils.data.Dataset):
         except Exception as e:  # noqa: BLE001 - one line naming the file
             raise DataError(f"{rec.record_id}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
         label = -1 if rec.label is None else rec.label
-        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1), label
+        return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1), label  # writable copy
 
 
 def _is_slide_tile(rec: ImageRecord) -> bool:

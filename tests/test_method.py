@@ -1,0 +1,126 @@
+"""The method's accounting: exact per-class quotas (with a cap and an honest shortfall),
+resumable quota filling, label subsets re-drawn per seed yet nested across fractions, and the
+near-copy threshold calibrated per class from real data."""
+
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hdlib.augment import fill_quota
+from hdlib.filtering import calibrate_delta, filter_synthetic
+
+CLASSES = ["A", "B", "C"]
+
+
+def fake_sample(labels, seeds):
+    """A stand-in generator: image content encodes the seed (so a judge can decide on it)."""
+    out = torch.zeros(len(labels), 3, 8, 8, dtype=torch.uint8)
+    for i, s in enumerate(seeds):
+        out[i] = int(s) % 251
+    return out
+
+
+class ParityJudge:
+    """Accepts class-A images always, class-B images with an even seed, class-C never."""
+
+    def __call__(self, images, labels):
+        seeds = images[:, 0, 0, 0].long()
+        ok = [(y == 0) or (y == 1 and int(s) % 2 == 0) for s, y in zip(seeds, labels.tolist())]
+        return pd.DataFrame({"accepted": ok, "reason": ["kept" if o else "low_confidence" for o in ok],
+                             "distance": seeds.float().numpy() / 251, "confidence": 0.9, "nn_distance": 1.0,
+                             "nn_train_index": 0, "near_copy": False})
+
+
+def seeds_of(c, start, n):
+    return c * 1000 + start + np.arange(n)
+
+
+def test_quota_is_filled_exactly_with_a_cap_and_an_honest_shortfall(tmp_path):
+    df = fill_quota(tmp_path / "set", CLASSES, [5, 4, 3], fake_sample, seeds_of, {"r": 1}, judge=ParityJudge(),
+                    cap_factor=4.0)
+    kept = df[df["kept"]].groupby("label").size().reindex(range(3), fill_value=0).tolist()
+    assert kept == [5, 4, 0]  # A and B exactly their quota; C never accepted
+    made = df.groupby("label").size().tolist()
+    assert made[2] == 12  # C stopped at the cap (4 x quota 3), not more
+    assert made[1] >= 8 and (df[df["label"] == 1]["seed"] % 2 == 0).sum() >= 4  # more rounds until B was full
+    assert set(df["decision"]) <= {"kept", "over_quota", "low_confidence"}
+    b = df[(df["label"] == 1) & df["accepted"]].sort_values("distance")
+    assert b["kept"].tolist() == [True] * 4 + [False] * (len(b) - 4)  # the closest accepted ones are kept
+    assert len(list((tmp_path / "set").glob("*.png"))) == len(df)
+
+
+def test_unfiltered_quota_is_exact_and_a_rerun_is_reused(tmp_path):
+    df = fill_quota(tmp_path / "u", CLASSES, 3, fake_sample, seeds_of, {"r": 2})
+    assert df.groupby("label")["kept"].sum().tolist() == [3, 3, 3] and len(df) == 9
+    mtime = (tmp_path / "u" / "manifest.csv").stat().st_mtime_ns
+    again = fill_quota(tmp_path / "u", CLASSES, 3, fake_sample, seeds_of, {"r": 2})
+    assert again.equals(pd.read_csv(tmp_path / "u" / "manifest.csv"))
+    assert (tmp_path / "u" / "manifest.csv").stat().st_mtime_ns == mtime
+    other = fill_quota(tmp_path / "u", CLASSES, 2, fake_sample, seeds_of, {"r": 2})  # another request: redone
+    assert len(other) == 6 and len(list((tmp_path / "u").glob("*.png"))) == 6
+
+
+def test_quota_filling_resumes_after_a_kill(tmp_path):
+    calls = []
+
+    def dying_sample(labels, seeds):
+        calls.append(len(labels))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second round
+        return fake_sample(labels, seeds)
+
+    with pytest.raises(KeyboardInterrupt):
+        fill_quota(tmp_path / "k", CLASSES, [5, 4, 3], dying_sample, seeds_of, {"r": 3}, judge=ParityJudge())
+    first_round = pd.read_csv(tmp_path / "k" / "manifest.csv")
+    assert set(first_round["round"]) == {0}
+    resumed = fill_quota(tmp_path / "k", CLASSES, [5, 4, 3], fake_sample, seeds_of, {"r": 3}, judge=ParityJudge())
+    fresh = fill_quota(tmp_path / "fresh", CLASSES, [5, 4, 3], fake_sample, seeds_of, {"r": 3}, judge=ParityJudge())
+    cols = ["label", "index", "seed", "round", "accepted", "kept", "decision"]
+    assert resumed[cols].equals(fresh[cols])  # the same candidates and decisions as an unbroken run
+
+
+def test_label_subsets_are_redrawn_per_seed_and_nested_across_fractions(tmp_path):
+    from tests.test_stage_data import _cfg, _png  # noqa: F401 - shared dataset builder
+
+    for split, n in (("train", 20), ("test", 3)):
+        for k, c in enumerate(CLASSES):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                _png(tmp_path / split / c / f"{c}_{i}.png", zlib.crc32(f"{split}{k}{i}".encode()))
+    (tmp_path / "pool").mkdir()
+    for i in range(30):
+        _png(tmp_path / "pool" / f"p{i}.png", 10_000 + i)
+    from hdlib.stages.data import fraction_indices, prepare_data
+
+    cfg = _cfg(tmp_path, "data.label_fractions=[0.25,0.5,1.0]", "downstream.fractions=[0.25,0.5]",
+               "downstream.seeds=[0,1,2]")
+    prepare_data(cfg)
+    subsets = {(f, d): set(fraction_indices(cfg, f, d)) for f in (0.25, 0.5, 1.0) for d in (0, 1, 2)}
+    for d in (0, 1, 2):
+        assert subsets[(0.25, d)] < subsets[(0.5, d)] < subsets[(1.0, d)]  # nested within a draw
+    assert len({frozenset(subsets[(0.25, d)]) for d in (0, 1, 2)}) == 3  # each seed re-draws
+    assert len({len(subsets[(0.25, d)]) for d in (0, 1, 2)}) == 1  # the same size every draw
+
+
+def test_near_copy_threshold_is_calibrated_per_class():
+    rng = np.random.default_rng(0)
+    d = 16
+    # class 0: near-empty background, all alike; class 1: varied tissue
+    train0 = np.ones((10, d)) + 0.01 * rng.standard_normal((10, d))
+    train1 = rng.standard_normal((10, d)) * 3
+    val0 = np.ones((10, d)) + 0.01 * rng.standard_normal((10, d))
+    val1 = rng.standard_normal((10, d)) * 3
+    train = np.concatenate([train0, train1])
+    ty = np.repeat([0, 1], 10)
+    delta = calibrate_delta(train, ty, np.concatenate([val0, val1]), np.repeat([0, 1], 10), 2, percentile=5)
+    assert delta[0] < delta[1] / 10  # alike-by-nature class gets a far smaller threshold
+    # a copy of a class-1 training image is flagged; a fresh class-0 background tile is not
+    syn = np.stack([train1[3] + 1e-4, np.ones(d) + 0.01 * rng.standard_normal(d)])
+    res = filter_synthetic(train, ty, syn, [1, 0], [1.0, 1.0], num_classes=2, train_features=train, delta=delta)
+    assert res.near_copy.tolist() == [True, False]
+    one = filter_synthetic(train, ty, syn, [1, 0], [1.0, 1.0], num_classes=2, train_features=train,
+                           delta=float(delta[1]))
+    assert one.near_copy.tolist() == [True, True]  # one global threshold would flag the background tile
