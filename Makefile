@@ -7,7 +7,7 @@ PARAMS  ?= params/default.yaml
 ARGS    ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv data study smoke test bench lab clean-results
+.PHONY: venv data study smoke test bench lab clean-results dryrun
 
 venv: $(STAMP)
 
@@ -37,3 +37,16 @@ bench: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+# Paper-size dry run on the CPU: params/nct_crc.yaml end to end (stages 00-07) with the paper's
+# model sizes on a tiny dataset in the real layout (NCT-CRC-HE-100K / CRC-VAL-HE-7K class folders
+# of 224 px .tif, a folder pool source and a pyramidal slide). The overrides, listed in ONE place
+# (hdlib.paper_layout.dryrun_overrides; print them with the --print-overrides line below), change
+# only step counts, sample counts, seeds, the grid and paths/device: no model size.
+DRYRUN_DATA    ?= data/paper_layout
+DRYRUN_RESULTS ?= data/dryrun-results
+DRYRUN_LAYOUT  ?= --n-train 3 --n-test 1 --n-pool 12
+
+dryrun: $(STAMP)
+	$(BIN)/python -m hdlib.paper_layout $(DRYRUN_DATA) $(DRYRUN_LAYOUT)
+	eval "$(BIN)/python -m hdlib run params/nct_crc.yaml $$($(BIN)/python -m hdlib.paper_layout $(DRYRUN_DATA) --print-overrides --results-root $(DRYRUN_RESULTS)) $(ARGS)"

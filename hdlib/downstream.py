@@ -232,22 +232,12 @@ def _is_dataset(x) -> bool:
 
 
 def _check_images(images, labels: torch.Tensor, num_classes: int, name: str) -> None:
-    if _is_dataset(images):  # streamed from disk: check the labels and the first item
-        if len(images) != len(labels):
-            raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
-        if len(images) == 0:
-            raise DataError(f"{name}: no images")
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise DataError(f"{name}: labels outside [0, {num_classes}) (min {int(labels.min())}, "
-                            f"max {int(labels.max())})")
-        images, labels = images[0][0][None], labels[:1]
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
-            or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise DataError(f"{name}: expected uint8 images (N, 3, H, W), got "
-                        f"{getattr(images, 'dtype', '?')} {shape}")
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype != torch.int64:
         raise DataError(f"{name}: labels must be a 1-D int64 tensor")
+    first = images[0][0][None] if _is_dataset(images) and len(images) else images  # streamed: check one item
+    if not isinstance(first, torch.Tensor) or first.dtype != torch.uint8 or first.ndim != 4 or first.shape[1] != 3:
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__
+        raise DataError(f"{name}: expected uint8 images (N, 3, H, W), got {getattr(first, 'dtype', '?')} {shape}")
     if len(images) != len(labels):
         raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
     if len(images) == 0:

@@ -259,7 +259,7 @@ def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[st
     ov = [
         # where and how: the CPU, full precision, one worker, a scratch results folder
         "study.name=nct_crc_dryrun", f"study.results_root={results_root}", "study.device=cpu",
-        "study.mixed_precision=no", "study.workers=1",
+        "study.mixed_precision='no'", "study.workers=1",
         # paths: the layout
         f"data.train_path={lay.train}", f"data.test_path={lay.test}", f"data.pool_sources={sources}",
         # samples: the whole (tiny) pool, one held-out tile per source; label fractions of the grid
@@ -293,12 +293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-pool", type=int, default=12, help="unlabeled pool tiles (besides the slide)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--print-overrides", action="store_true",
-                    help="print the dry run's overrides for an existing layout (shell-quoted, one per line)")
+                    help="print the dry run's overrides for an existing layout (shell-quoted, one per line, for eval)")
     ap.add_argument("--results-root", default="data/dryrun-results", help="with --print-overrides")
     a = ap.parse_args(argv)
     try:
         if a.print_overrides:
-            print("\n".join(shlex.quote(o) for o in dryrun_overrides(a.root, a.results_root)))
+            # one per line, shell-quoted, joined by line continuations: fit for `eval`
+            print(" \\\n".join(shlex.quote(o) for o in dryrun_overrides(a.root, a.results_root)))
         else:
             lay = write_paper_layout(a.root, a.n_train, a.n_test, a.n_pool, a.seed)
             print(f"{lay.root}: {a.n_train}+{a.n_test} tiles per class, {a.n_pool} pool tiles, "

@@ -132,6 +132,16 @@ def _step_noise(gens, shape, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
+def _ddim_for(scheduler, num_inference_steps: int, eta: float, device):
+    """(prediction type, DDIM step rule, alphas_cumprod on `device`) from the training scheduler.
+    The guided quantity is epsilon, so the step rule always receives epsilon."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    ddim = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    ddim.set_timesteps(num_inference_steps)  # timesteps stay on the CPU: they index CPU tables
+    return scheduler.config.prediction_type, ddim, ddim.alphas_cumprod.to(device)
+
+
 def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guidance_scale: float = 0.0,
                        num_inference_steps: int = 50, eta: float = 1.0, latent_shape, batch_size: int = 64,
                        device: str = "cpu", progress: bool = True) -> torch.Tensor:
@@ -148,13 +158,7 @@ def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
         raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
     if guided and hasattr(classifier, "num_classes"):
         _check_class_range(labels, classifier.num_classes, "latent classifier classes")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    prediction_type = scheduler.config.prediction_type
-    # the guided quantity is epsilon, so the step rule always receives epsilon
-    ddim = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
-    ddim.set_timesteps(num_inference_steps)  # timesteps stay on the CPU: they index CPU tables
-    alphas_cumprod = ddim.alphas_cumprod.to(device)
+    prediction_type, ddim, alphas_cumprod = _ddim_for(scheduler, num_inference_steps, eta, device)
 
     def chain(z, y, gens, bar):
         for t in ddim.timesteps.tolist():
@@ -234,12 +238,7 @@ def cfg_ddim_sample(cond_unet, scheduler, labels, seeds, *, null_label: int, cfg
     if not 0 <= null_label < n_embeds:
         raise ValueError(f"null_label {null_label} is outside the UNet's class ids 0..{n_embeds - 1}")
     _check_class_range(labels, n_embeds, "class-conditional UNet classes")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    prediction_type = scheduler.config.prediction_type
-    ddim = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
-    ddim.set_timesteps(num_inference_steps)  # timesteps stay on the CPU: they index CPU tables
-    alphas_cumprod = ddim.alphas_cumprod.to(device)
+    prediction_type, ddim, alphas_cumprod = _ddim_for(scheduler, num_inference_steps, eta, device)
 
     def chain(z, y, gens, bar):
         y_both = torch.cat([y, torch.full_like(y, null_label)])
