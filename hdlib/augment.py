@@ -66,7 +66,7 @@ class FeatureFilter:
 
         folder = Path(folder)
         c = json.loads((folder / "config.json").read_text())
-        model = build_classifier(c["backbone"], num_classes=len(c["classes"]))
+        model = build_classifier(c["backbone"], num_classes=len(c["classes"]), image_size=c["image_size"])
         load_model(model, str(folder / "classifier.safetensors"))
         ref = load_file(str(folder / "reference.safetensors"))
         return cls(model, ref["real_features"], ref["real_labels"], ref["delta"].numpy(), c["tau"], c["classes"],

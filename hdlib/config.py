@@ -318,14 +318,17 @@ def _build(cls, data: dict, label: str, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _set_dotted(d: dict, dotted: str, value, label: str) -> None:
-    """Put an override into the raw mapping; unknown sections/keys are errors."""
+def _set_dotted(d: dict, dotted: str, value, label: str, raw: str | None = None) -> None:
+    """Put an override into the raw mapping; unknown sections/keys are errors. A string field
+    gets the text as typed (`raw`) when YAML read it as a bool or number (`no`, `on`, `123`)."""
     parts, node, cls = dotted.split("."), d, Config
     for i, part in enumerate(parts):
         known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
         if part not in known:
             raise ConfigError(f"{label}: {'.'.join(parts[:i + 1])}: unknown key")
         if i == len(parts) - 1:
+            if typing.get_type_hints(cls)[part] is str and isinstance(value, (bool, int, float)) and raw is not None:
+                value = raw
             node[part] = value
             return
         cls = typing.get_type_hints(cls)[part]
@@ -363,7 +366,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for ov in overrides:
         key, value = parse_override(ov)
-        _set_dotted(data, key, value, f"{label} (override {ov!r})")
+        _set_dotted(data, key, value, f"{label} (override {ov!r})", raw=ov.split("=", 1)[1])
     cfg = _build(Config, data, label)
     if not cfg.study.name:
         cfg.study.name = path.stem if path is not None else "default"

@@ -123,12 +123,15 @@ def _load_backbone_weights(net: nn.Module, path: Path) -> None:
 
 
 def build_classifier(name: str = "resnet18", num_classes: int = 9, pretrained_weights: str | Path | None = None,
-                     *, seed: int = 0, **kwargs) -> ImageClassifier:
-    """A timm model `name` (never downloaded; ViTs take `img_size=`) wrapped to take uint8
-    images; weights from a local `pretrained_weights` file if given (head may differ).
+                     *, seed: int = 0, image_size: int | None = None, **kwargs) -> ImageClassifier:
+    """A timm model `name` (never downloaded) wrapped to take uint8 images; weights from a
+    local `pretrained_weights` file if given (head may differ). Models with a fixed input size
+    (ViTs) are built for `image_size` (e.g. ViT-S/16 on the paper's 256 px tiles).
     Initialisation is seeded by `seed` without touching the caller's RNG."""
     import timm
 
+    if image_size and any(k in name for k in ("vit", "deit", "swin", "eva")):
+        kwargs.setdefault("img_size", int(image_size))
     if not timm.is_model(name):
         raise DataError(f"build_classifier: unknown timm model {name!r}")
     if num_classes < 1:
@@ -322,7 +325,9 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
         labels = torch.cat([train_labels, synthetic_labels]) if n_syn else train_labels
         source = TensorBatchSource(images, labels)
     plan = GroupPlan(seed, groups, balanced=balanced)
-    model = build_classifier(backbone, num_classes, pretrained_weights, seed=seed, **(model_kwargs or {}))
+    image_size = int(train_images[0][0].shape[-1]) if _is_dataset(train_images) else int(train_images.shape[-1])
+    model = build_classifier(backbone, num_classes, pretrained_weights, seed=seed, image_size=image_size,
+                             **(model_kwargs or {}))
     augmenter = HistologyAugment() if augment else None
 
     def loss_fn(m, b, seeds):
@@ -355,7 +360,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
         history.insert(1, "train_loss", [log.loss.loc[a + 1:b].mean() for a, b in zip(prev, history["step"])])
         history.insert(1, "lr", [log.lr.loc[b] for b in history["step"]])
         selected = json.loads((Path(out_dir) / "final" / "best" / "selection.json").read_text())["step"]
-        best = build_classifier(backbone, num_classes, seed=seed, **(model_kwargs or {}))
+        best = build_classifier(backbone, num_classes, seed=seed, image_size=image_size, **(model_kwargs or {}))
         load_final(best, out_dir, module="best")
     finally:
         if tmp is not None:

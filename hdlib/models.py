@@ -97,7 +97,7 @@ def model_range_to_images(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae: AutoencoderKL, images_uint8: torch.Tensor, scale: float = 1.0, batch_size: int = 64,
+def encode_images(vae: AutoencoderKL, images_uint8: torch.Tensor, scale: float = 1.0, batch_size: int = 16,
                   device: str = "cpu", progress: bool = False) -> torch.Tensor:
     """Posterior means (deterministic latents), multiplied by the latent scale."""
     from tqdm.auto import tqdm
@@ -111,7 +111,7 @@ def encode_images(vae: AutoencoderKL, images_uint8: torch.Tensor, scale: float =
 
 
 @torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scale: float = 1.0, batch_size: int = 64,
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scale: float = 1.0, batch_size: int = 16,
                    device: str = "cpu") -> torch.Tensor:
     """Scaled latents -> uint8 images."""
     vae = vae.to(device).eval()

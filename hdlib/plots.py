@@ -231,6 +231,11 @@ def ratio_sweep(summary: pd.DataFrame, metric_label: str = "test accuracy", titl
     """Mean and 95% CI (columns training_set, ratio, mean, ci_low, ci_high) against the
     synthetic-to-real ratio; real-only is the grey line and band."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if summary.empty or "training_set" not in summary:  # no ratio sweep in this study
+        ax.text(0.5, 0.5, "no ratio sweep in this study (downstream.ratio_sweep is empty)", ha="center",
+                va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
     real = summary[summary["training_set"] == "real"]
     if len(real):
         r = real.iloc[0]

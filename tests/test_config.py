@@ -99,3 +99,9 @@ def test_cli_bad_params_one_line_exit_2():
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_string_override_keeps_the_text_yaml_would_read_as_bool_or_number():
+    cfg = load_config(None, ["study.mixed_precision=no", "study.name=2024"])
+    assert cfg.study.mixed_precision == "no" and cfg.study.name == "2024"
+    assert load_config(None, ["study.progress=no"]).study.progress is False  # a bool field still gets a bool

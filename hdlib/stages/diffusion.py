@@ -103,10 +103,10 @@ def per_source_realism(cfg: Config, sample_latents: dict[str, torch.Tensor], per
     return pd.DataFrame(rows)
 
 
-def unconditional_samples(cfg: Config, models: list[str], n: int, tag: str, progress: bool = False
-                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{model name: (latents, uint8 images)}: n unguided samples of each named denoiser,
-    the same seeds (request `tag`) for every model, so rows are comparable."""
+def unconditional_samples(cfg: Config, models: list[str], n: int, tag: str, progress: bool = False,
+                          decode: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{model name: (latents, uint8 images or None without `decode`)}: n unguided samples of
+    each named denoiser, the same seeds (request `tag`) for every model, so rows are comparable."""
     from ..models import decode_latents
     from ..paths import request_seeds
     from ..sampling import guided_ddim_sample
@@ -122,5 +122,5 @@ def unconditional_samples(cfg: Config, models: list[str], n: int, tag: str, prog
         z = guided_ddim_sample(load_denoiser(cfg, name), sched, torch.zeros(n, dtype=torch.long), seeds,
                                num_inference_steps=s.num_inference_steps, eta=s.eta, latent_shape=latent_shape(cfg),
                                batch_size=s.batch_size, device=dev, progress=progress)
-        out[name] = (z, decode_latents(vae, z, scale, device=dev))
+        out[name] = (z, decode_latents(vae, z, scale, device=dev) if decode else None)
     return out

@@ -177,7 +177,7 @@ def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg: Trainin
     key = {"backbone": backbone, "train": vars(tcfg), "seed": cfg.study.seed, "eval_every": cfg.downstream.eval_every,
            "weights": cfg.downstream.pretrained_weights, "image_size": cfg.data.image_size, "data": data_key}
     key_path, path = folder / "settings.json", folder / "model.pt"
-    model = build_classifier(backbone, num_classes=len(cfg.data.classes))
+    model = build_classifier(backbone, num_classes=len(cfg.data.classes), image_size=cfg.data.image_size)
     if path.exists() and key_path.exists() and json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
