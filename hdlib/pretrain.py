@@ -266,11 +266,22 @@ def compare_pretraining(cfg: Config, baseline: Config) -> dict:
     bvae = load_autoencoder(baseline)
     bscale = float(json.loads(StudyPaths(baseline).metrics("01_autoencoder").read_text())["scale_factor"])
     t = time.time()
-    theirs = sample_images(load_denoiser(baseline, "denoiser_pretrained"), noise_scheduler(baseline), bvae, bscale,
-                           len(ours), p.final_inference_steps, progress=cfg.study.progress)
+    cached = StudyPaths(baseline).cache / "final_samples.pt"
+    if cached.exists() and len(torch.load(cached)) == len(ours):
+        theirs = torch.load(cached)
+    else:
+        theirs = sample_images(load_denoiser(baseline, "denoiser_pretrained"), noise_scheduler(baseline), bvae,
+                               bscale, len(ours), p.final_inference_steps, progress=cfg.study.progress)
+        torch.save(theirs, cached)
+    full = holdout_images(cfg)
+    full_f = judge(full)
+    ours_f, theirs_f = judge(ours), judge(theirs)
     out = {"reference": f"{len(real)} held-out pool tiles of the sources both models saw: {sorted(shared)}",
+           "reference_full": f"all {len(full)} held-out tiles of the shipped model's pool (including its "
+                             "fourth stain style, which the in-study model never saw)",
            "samples": len(ours), "ddim_steps": p.final_inference_steps, "judge": "untrained ResNet-18 (seed 0)",
-           "shipped": pool_quality(judge(ours), real_f), "in_study": pool_quality(judge(theirs), real_f),
+           "shipped": pool_quality(ours_f, real_f), "in_study": pool_quality(theirs_f, real_f),
+           "shipped_full": pool_quality(ours_f, full_f), "in_study_full": pool_quality(theirs_f, full_f),
            "in_study_recipe": {"autoencoder": baseline.autoencoder.block_out_channels,
                                "denoiser": baseline.diffusion.block_out_channels,
                                "steps": baseline.diffusion.pretrain.max_steps, "pool": baseline.data.pool_size},
@@ -342,6 +353,16 @@ the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
 """
 
 
+def _verdict(c: dict) -> str:
+    a, b = c["shipped"]["fid"], c["in_study"]["fid"]
+    if a < b:
+        return f"On the shared holdout this model's FID is lower ({a:.2f} vs {b:.2f})."
+    return (f"**On the shared holdout this model's FID is not lower** ({a:.2f} vs {b:.2f}): by this judge the "
+            "small in-study model matches its own three-style pool more closely. Part of the gap is that a quarter "
+            "of this model's samples are in a fourth stain style absent from the shared holdout; on the full "
+            "holdout the order is as the second table shows.")
+
+
 def _comparison_text(card: dict) -> str:
     c = card.get("comparison_with_in_study_pretraining")
     if not c:
@@ -357,6 +378,15 @@ The default study used to pre-train inside every run (autoencoder {r['autoencode
 |---|---|---|---|---|
 | this model | {a['fid']:.2f} | {a['kid_mean']:.4f} | {a['precision']:.3f} | {a['recall']:.3f} |
 | in-study pre-training (before) | {b['fid']:.2f} | {b['kid_mean']:.4f} | {b['precision']:.3f} | {b['recall']:.3f} |
+
+Against {c.get('reference_full', 'the full holdout')}:
+
+| model | FID | KID | precision | recall |
+|---|---|---|---|---|
+| this model | {c['shipped_full']['fid']:.2f} | {c['shipped_full']['kid_mean']:.4f} | {c['shipped_full']['precision']:.3f} | {c['shipped_full']['recall']:.3f} |
+| in-study pre-training (before) | {c['in_study_full']['fid']:.2f} | {c['in_study_full']['kid_mean']:.4f} | {c['in_study_full']['precision']:.3f} | {c['in_study_full']['recall']:.3f} |
+
+{_verdict(c)}
 
 ![shipped vs in-study samples](pretrain_comparison.png)
 """
