@@ -78,9 +78,10 @@ def per_class(total: int) -> list[int]:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -296,7 +297,7 @@ def main() -> int:
     ratio = large["maxrss_mb"] / small["maxrss_mb"]
     ok = ratio <= a.max_ratio
     print()
-    print(f"memory benchmark: stage 00 prepare_data + stage 01 encode_latents, one fresh process per size")
+    print("memory benchmark: stage 00 prepare_data + stage 01 encode_latents, one fresh process per size")
     print(f"machine: {cpu_name()}, {threads()} thread(s) (OMP_NUM_THREADS; torch uses {small['torch_threads']}), "
           f"device {a.device}; torch {small['torch']}; {sys.platform}")
     print(f"data: NCT-CRC layout, {TILE} px .tif (compression {a.compression}), 9 classes, test "

@@ -269,28 +269,37 @@ def posterior_sample(mean: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
 
 
 class LatentWriter:
-    """Writes one split's latents into preallocated memory maps, shard by shard: process
-    `rank` of `world` writes rows shard(n, rank, world); `finish` (rank 0, after all
-    shards) records the split in latents.json."""
+    """Writes one split's latents into preallocated .npy files, shard by shard: process `rank`
+    of `world` writes rows shard(n, rank, world); `finish` (rank 0, after all shards) renames
+    them into place. Each write maps the file only for that write: a map kept open for the whole
+    split would keep every written page counted in the process's memory (it grows with N)."""
 
     def __init__(self, root: str | Path, split: str, n: int, shape: Sequence[int], create: bool):
         self.root, self.split, self.n = Path(root), split, int(n)
         self.root.mkdir(parents=True, exist_ok=True)
-        mode = "w+" if create else "r+"
-        self.mean = np.lib.format.open_memmap(self.root / f"{split}.mean.npy.part", mode=mode, dtype=LATENT_DTYPE,
-                                              shape=(self.n, *shape)) if create else \
-            np.load(self.root / f"{split}.mean.npy.part", mmap_mode=mode)
-        self.std = np.lib.format.open_memmap(self.root / f"{split}.std.npy.part", mode=mode, dtype=LATENT_DTYPE,
-                                             shape=(self.n, *shape)) if create else \
-            np.load(self.root / f"{split}.std.npy.part", mmap_mode=mode)
+        self.paths = {k: self.root / f"{split}.{k}.npy.part" for k in ("mean", "std")}
+        if create:
+            for path in self.paths.values():
+                np.lib.format.open_memmap(path, mode="w+", dtype=LATENT_DTYPE, shape=(self.n, *shape)).flush()
+
+    def _map(self, kind: str) -> np.ndarray:
+        return np.load(self.paths[kind], mmap_mode="r+")
 
     def write(self, rows: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.mean[rows] = mean.float().cpu().numpy().astype(LATENT_DTYPE)
-        self.std[rows] = std.float().cpu().numpy().astype(LATENT_DTYPE)
+        for kind, values in (("mean", mean), ("std", std)):
+            m = self._map(kind)
+            m[rows] = values.float().cpu().numpy().astype(LATENT_DTYPE)
+            m.flush()
+            del m
 
-    def flush(self) -> None:
-        self.mean.flush()
-        self.std.flush()
+    def scale(self, factor: float, chunk: int = 4096) -> None:
+        """Multiply every stored value by `factor`, chunk by chunk (memory stays flat)."""
+        for kind in ("mean", "std"):
+            for i in range(0, self.n, chunk):
+                m = self._map(kind)
+                m[i:i + chunk] = (np.asarray(m[i:i + chunk], dtype=np.float32) * factor).astype(LATENT_DTYPE)
+                m.flush()
+                del m
 
     def finish(self, labels: np.ndarray) -> None:
         """Rename the parts into place (atomic per file) and save the labels."""
@@ -298,8 +307,7 @@ class LatentWriter:
 
         from .io import atomic_path
 
-        self.flush()
         with atomic_path(self.root / f"{self.split}.labels.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.asarray(labels, dtype=np.int64))
-        for kind in ("mean", "std"):
-            os.replace(self.root / f"{self.split}.{kind}.npy.part", self.root / f"{self.split}.{kind}.npy")
+        for kind, path in self.paths.items():
+            os.replace(path, self.root / f"{self.split}.{kind}.npy")

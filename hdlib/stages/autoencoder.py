@@ -64,7 +64,6 @@ def encode_shard(cfg: Config, rank: int = 0, world: int = 1, dev: str | None = N
             post = vae.encode(images_to_model_range(x).to(next(vae.parameters()).device)).latent_dist
             writer.write(rows[done:done + len(x)], post.mean, post.std)
             done += len(x)
-        writer.flush()
 
 
 def encode_latents(cfg: Config, params_file: str | None = None) -> dict:
@@ -85,12 +84,13 @@ def encode_latents(cfg: Config, params_file: str | None = None) -> dict:
     else:
         encode_shard(cfg)
     # scale: 1/std of the pool's raw posterior means, accumulated chunk by chunk
-    pool = np.load(root / "pool.mean.npy.part", mmap_mode="r")
     s1 = s2 = 0.0
-    for i in range(0, len(pool), 4096):
+    for i in range(0, sizes["pool"], 4096):  # the map is opened per chunk: memory stays flat
+        pool = np.load(root / "pool.mean.npy.part", mmap_mode="r")
         chunk = np.asarray(pool[i:i + 4096], dtype=np.float64)
         s1, s2 = s1 + chunk.sum(), s2 + (chunk ** 2).sum()
-    count = pool.size
+        del pool
+    count = sizes["pool"] * int(np.prod(shape))
     raw_std = float(np.sqrt(max(s2 / count - (s1 / count) ** 2, 1e-12)))
     if cfg.pretrained.path:
         from ..pretrained import read_latent_info
@@ -100,9 +100,7 @@ def encode_latents(cfg: Config, params_file: str | None = None) -> dict:
         scale = 1.0 / raw_std
     for split, n in sizes.items():
         w = LatentWriter(root, split, n, shape, create=False)
-        for i in range(0, n, 4096):  # in place, chunk by chunk: memory stays flat
-            w.mean[i:i + 4096] = (np.asarray(w.mean[i:i + 4096], dtype=np.float32) * scale).astype(w.mean.dtype)
-            w.std[i:i + 4096] = (np.asarray(w.std[i:i + 4096], dtype=np.float32) * scale).astype(w.std.dtype)
+        w.scale(scale)
         w.finish(split_labels(cfg, split).numpy())
     meta = {"scale": scale, "raw_pool_std": raw_std, "shape": list(shape), "counts": sizes,
             "dtype": "float16", "stores": "posterior mean and std, scaled"}
