@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import CRC_CLASSES
+from .io import atomic_dir
 from .errors import ConfigError, DataError
 
 # Bump when the renderer changes, so cached demo folders are rebuilt.
@@ -820,21 +821,9 @@ def build_demo_data(root, *, image_size: int = 64, n_train_per_class: int = 200,
         return _demo_paths(root, params)
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f"{root.name}.tmp-"))
-    os.chmod(tmp, _DIR_MODE)
-    try:
+    with atomic_dir(root) as tmp:
         files = _render_all(tmp, params, wheel_images or {}, progress)
         _atomic_write_json(tmp / _MANIFEST, {"params": params, "files": files})
-        if root.exists():
-            old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f"{root.name}.old-"))
-            os.replace(root, old / "d")
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return _demo_paths(root, params)
 
 

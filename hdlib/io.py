@@ -88,3 +88,29 @@ def files_sha1(paths) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def atomic_dir(root: str | Path):
+    """Yield a temporary folder beside `root` to build in; on success it replaces `root` in
+    one rename (a killed build never leaves a half-written folder under the final name)."""
+    import shutil
+
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f"{root.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a build folder gets the usual mode
+    try:
+        yield tmp
+        if root.exists():
+            old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f"{root.name}.old-"))
+            os.replace(root, old / "d")
+            os.replace(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

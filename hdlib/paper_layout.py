@@ -29,7 +29,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .io import atomic_dir
 from .demo_data import CRC_CLASSES, GENERATOR_VERSION, render_tile, tile_rng
 from .errors import ConfigError, DataError
 
@@ -123,25 +123,13 @@ def write_paper_layout(root, n_train_per_class: int, n_test_per_class: int, n_po
     root.parent.mkdir(parents=True, exist_ok=True)
     for stale in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f"{root.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # leftovers of killed builds (our naming only)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f"{root.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
+    with atomic_dir(root) as tmp:
         files = _write_all(tmp, args)
         params = {**args, "slide_tiles": _count_slide_tiles(tmp / "pool" / "slides" / "slide.tif"),
                   "classes": list(CRC_CLASSES), "target_style": TARGET_STYLE, "pool_styles": list(POOL_STYLES),
                   "slide_style": SLIDE_STYLE}
         (tmp / MARKER).write_text(json.dumps({"args": args, "params": params, "files": files},
                                              indent=1, sort_keys=True) + "\n")
-        if root.exists():
-            old = Path(tempfile.mkdtemp(dir=root.parent, prefix=f"{root.name}.old-"))
-            os.replace(root, old / "d")
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return _paths(root, params)
 
 
