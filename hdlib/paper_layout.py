@@ -38,7 +38,7 @@ import numpy as np
 
 from .io import atomic_dir
 from .demo_data import CRC_CLASSES, GENERATOR_VERSION, render_tile, tile_rng
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, one_line_errors
 
 LAYOUT_VERSION = 1
 MARKER = "paper_layout.json"
@@ -275,6 +275,7 @@ def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[st
     return ov
 
 
+@one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hdlib.paper_layout", description=__doc__.split("\n\n")[0])
     ap.add_argument("root")
@@ -286,17 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="print the dry run's overrides for an existing layout (shell-quoted, one per line, for eval)")
     ap.add_argument("--results-root", default="data/dryrun-results", help="with --print-overrides")
     a = ap.parse_args(argv)
-    try:
-        if a.print_overrides:
-            # one per line, shell-quoted, joined by line continuations: fit for `eval`
-            print(" \\\n".join(shlex.quote(o) for o in dryrun_overrides(a.root, a.results_root)))
-        else:
-            lay = write_paper_layout(a.root, a.n_train, a.n_test, a.n_pool, a.seed)
-            print(f"{lay.root}: {a.n_train}+{a.n_test} tiles per class, {a.n_pool} pool tiles, "
-                  f"slide with {lay.slide_tiles} tissue tiles")
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.print_overrides:
+        # one per line, shell-quoted, joined by line continuations: fit for `eval`
+        print(" \\\n".join(shlex.quote(o) for o in dryrun_overrides(a.root, a.results_root)))
+    else:
+        lay = write_paper_layout(a.root, a.n_train, a.n_test, a.n_pool, a.seed)
+        print(f"{lay.root}: {a.n_train}+{a.n_test} tiles per class, {a.n_pool} pool tiles, "
+              f"slide with {lay.slide_tiles} tissue tiles")
     return 0
 
 
