@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
     pre.add_argument("overrides", nargs="*")
     pre.add_argument("--compare", metavar="PARAMS", help="also pre-train this recipe and compare (model card)")
+    pre.add_argument("--sweep", action="store_true",
+                     help="only run the recipe sweep (pretrain.recipe_sweep, short runs on the same latents)")
 
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("params")
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     elif args.command == "pretrain":
         from .pretrain import main as pretrain_main
 
-        return pretrain_main(args.params, overrides, compare=args.compare)
+        return pretrain_main(args.params, overrides, compare=args.compare, sweep=args.sweep)
     elif args.command == "readme":
         from .config import load_config
         from .stages.report import readme_path, sync_readme

@@ -131,6 +131,7 @@ class DiffusionConfig:
     num_train_timesteps: int = _f(1000, lo=10)
     prediction_type: str = _f("epsilon", choices=("epsilon", "v_prediction"))
     loss: str = _f("l1", choices=("l1", "l2"))
+    snr_gamma: float = _f(0.0, lo=0.0, doc="min-SNR-gamma loss weighting (e.g. 5); 0 = unweighted (the paper)")
     adaptations: list[str] = _f(factory=lambda: ["none", "labeled"], choices=("none", "labeled", "target_unlabeled"))
     grid_adaptation: str = _f("none", choices=("none", "labeled", "target_unlabeled"),
                               doc="which denoiser the downstream grid samples from")
@@ -221,6 +222,14 @@ class PretrainConfig:
     final_inference_steps: int = _f(50, lo=1)
     threads: int = _f(0, lo=0, doc="torch CPU threads; 0 = torch's default")
     export_dir: str = _f("", doc="diffusers-format output folder (e.g. models/demo-pool); empty = no export")
+    sweep_steps: int = _f(400, lo=1, doc="denoiser steps per recipe variant in `pretrain --sweep`")
+    recipe_sweep: list[str] = _f(factory=lambda: [
+        "configured:",
+        "v_prediction: diffusion.prediction_type=v_prediction",
+        "min_snr_5: diffusion.snr_gamma=5",
+        "cosine_schedule: diffusion.schedule=cosine",
+        "width_96: diffusion.block_out_channels=[96,192,192]",
+    ], doc="'name: key=value ...' recipe variants, each trained sweep_steps on the same latents and judged alike")
 
 
 @dataclass

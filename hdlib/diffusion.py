@@ -57,10 +57,23 @@ def diffusion_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, timesteps
     raise ValueError(f"unsupported prediction_type {kind!r}; expected one of {PREDICTION_TYPES}")
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v targets, so that low-noise steps stop dominating the loss."""
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = abar / (1.0 - abar)
+    clipped = torch.clamp(snr, max=float(gamma))
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped / snr
+
+
 def diffusion_loss(unet, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
-                   loss_type: str = "l1", class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                   loss_type: str = "l1", class_labels: torch.Tensor | None = None,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
     """Mean L1 (paper) or L2 error between the denoiser output on z_t = add_noise(z0, noise, t)
-    and the epsilon / v target. `class_labels` feeds a class-conditional UNet."""
+    and the epsilon / v target, per sample weighted by min-SNR-gamma when `snr_gamma` > 0.
+    `class_labels` feeds a class-conditional UNet."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if noise.shape != z0.shape:
@@ -70,9 +83,12 @@ def diffusion_loss(unet, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch
     z_t = scheduler.add_noise(z0, noise, timesteps)
     pred = unet(z_t, timesteps, class_labels=class_labels).sample
     target = diffusion_target(scheduler, z0, noise, timesteps)
-    if loss_type == "l1":
-        return F.l1_loss(pred.float(), target.float())
-    return F.mse_loss(pred.float(), target.float())
+    err = (pred.float() - target.float())
+    err = err.abs() if loss_type == "l1" else err.square()
+    per_sample = err.flatten(1).mean(1)
+    if snr_gamma > 0:
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma).to(per_sample.device)
+    return per_sample.mean()
 
 
 def draw_noise_and_timesteps(seeds, latent_shape: Sequence[int], num_train_timesteps: int
@@ -92,5 +108,5 @@ def draw_noise_and_timesteps(seeds, latent_shape: Sequence[int], num_train_times
     return noise, timesteps
 
 
-__all__ = ["make_noise_scheduler", "diffusion_target", "diffusion_loss", "draw_noise_and_timesteps",
+__all__ = ["make_noise_scheduler", "diffusion_target", "diffusion_loss", "min_snr_weights", "draw_noise_and_timesteps",
            "PREDICTION_TYPES", "LOSS_TYPES"]

@@ -13,6 +13,7 @@ results/<study>/models/<model name>/.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -123,7 +124,8 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
     def denoise_loss(model, batch, seeds):
         z0 = posterior_sample(batch[0], batch[1], seeds)  # a fresh posterior draw every time
         noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps)
-        return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss)
+        return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
+                              snr_gamma=d.snr_gamma)
 
     if task == "denoiser_pretrained":
         return TaskSpec(build_denoiser(cfg), denoise_loss, store.source("pool"), d.pretrain, name, seed)
@@ -147,7 +149,7 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
             labels = torch.where(drop, torch.full_like(labels, K), labels)  # K = the null label
             noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps)
             return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
-                                  class_labels=labels)
+                                  class_labels=labels, snr_gamma=d.snr_gamma)
 
         return TaskSpec(build_denoiser(cfg, conditional=True), classifier_free_loss, data, d.classifier_free,
                         name, seed)
@@ -178,14 +180,15 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
 
 
 def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
-               draw: int | None = None, progress: bool | None = None):
-    """Train one task in this process (resumes from its latest checkpoint)."""
+               draw: int | None = None, progress: bool | None = None, out_dir: str | Path | None = None):
+    """Train one task in this process (resumes from its latest checkpoint). `out_dir` replaces
+    the task's model folder (recipe sweeps train variants of one task side by side)."""
     from .trainer import TrainConfig, Trainer
 
     spec = build_task(cfg, task, fraction, adaptation, draw)
     t = spec.train
     tc = TrainConfig(
-        out_dir=str(StudyPaths(cfg).model(spec.name)),
+        out_dir=str(out_dir or StudyPaths(cfg).model(spec.name)),
         max_steps=t.max_steps,
         global_batch_size=t.batch_size,
         micro_batch_size=t.micro_batch_size or None,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hdlib.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
+from hdlib.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler, min_snr_weights
 from hdlib.errors import DataError
 from hdlib.latent_classifier import NoiseAwareLatentClassifier, accuracy_by_timestep_bucket, classifier_loss
 
@@ -85,6 +85,28 @@ def test_diffusion_loss_targets(kind):
     assert diffusion_loss(OracleUNet(z0, noise, abar, other), z0, noise, t, sched, "l1") > 0.1
     with pytest.raises(ValueError, match="'huber'"):
         diffusion_loss(OracleUNet(z0, noise, abar, kind), z0, noise, t, sched, "huber")
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_downweights_only_low_noise_steps(kind):
+    sched = make_noise_scheduler("paper", prediction_type=kind)
+    abar = sched.alphas_cumprod.double()
+    snr = abar / (1 - abar)
+    t = torch.tensor([0, 50, 500, 999])
+    w = min_snr_weights(sched, t, gamma=5.0).double()
+    expect = snr[t].clamp(max=5.0) / (snr[t] if kind == "epsilon" else snr[t] + 1)
+    torch.testing.assert_close(w, expect, rtol=1e-4, atol=0)
+    assert w[0] < 0.05  # t=0: SNR ~ 600, so the nearly-clean step is weighted ~gamma/SNR
+    if kind == "epsilon":
+        assert w[-1] == pytest.approx(1.0)  # high noise (SNR < gamma): unchanged
+    # in the loss: the per-sample error is scaled by exactly these weights
+    z0 = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    off = OracleUNet(z0, noise, abar.float(), kind, offset=0.5)
+    plain = diffusion_loss(off, z0, noise, t, sched, "l1")
+    weighted = diffusion_loss(off, z0, noise, t, sched, "l1", snr_gamma=5.0)
+    assert plain.item() == pytest.approx(0.5, abs=1e-5)
+    assert weighted.item() == pytest.approx(0.5 * w.mean().item(), rel=1e-4)
 
 
 def test_diffusion_loss_trains_a_real_unet_with_class_labels(tiny_unet):

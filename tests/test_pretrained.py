@@ -125,6 +125,8 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     ov = [f"study.results_root={tmp_path / 'results'}", "study.data_root=data", *tiny,
           "diffusion.pretrain.max_steps=4", f"pretrain.export_dir={tmp_path / 'model'}"]
     smoke_path = ROOT / "params" / "smoke.yaml"
+    sweep = ["pretrain.sweep_steps=2", 'pretrain.recipe_sweep=["configured:", "min_snr: diffusion.snr_gamma=5"]']
+    main(str(smoke_path), ov + sweep, sweep=True)  # the recipe sweep, on the run's own latents
     main(str(smoke_path), ov, compare=str(baseline))
     cfg = load_config(smoke_path, ov)
     evals = pd.read_csv(cfg.results_dir / "metrics" / "pretrain_eval.csv")
@@ -137,6 +139,13 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     comp = card["comparison_with_in_study_pretraining"]
     assert comp["shipped"]["fid"] > 0 and comp["in_study"]["fid"] > 0
     assert "in-study pre-training (before)" in (model / "MODEL_CARD.md").read_text()
+    rows = card["recipe_sweep"]  # the configured recipe judged with EMA and raw weights, then each variant
+    assert [(r["variant"], r["weights"]) for r in rows] == [("configured", "ema"), ("configured", "raw"),
+                                                            ("min_snr", "ema")]
+    assert all(r["fid"] > 0 and r["steps"] == 2 for r in rows)
+    assert "How the recipe was chosen" in (model / "MODEL_CARD.md").read_text()
+    with pytest.raises(ConfigError, match="recipe_sweep"):
+        main(str(smoke_path), ov + ['pretrain.recipe_sweep=["no name here"]'], sweep=True)
     log = cfg.results_dir / "models" / "denoiser_pretrained" / "log.csv"
     before = log.stat().st_mtime_ns
     main(str(smoke_path), ov)
