@@ -144,6 +144,10 @@ class DiffusionConfig:
 
 @dataclass
 class LatentClassifierConfig:
+    backbone: str = _f("scratch", choices=("scratch", "pretrained_unet"),
+                       doc="scratch: guided-diffusion EncoderUNet trained on the labels alone; pretrained_unet: "
+                           "the frozen encoder half of the pre-trained denoiser with a trained MLP head")
+    head_width: int = _f(256, lo=1, doc="hidden width of the pretrained_unet backbone's MLP head")
     width: int = _f(32, lo=1)
     depth: int = _f(1, lo=1)
     channel_mult: list[int] = _f(factory=lambda: [1, 2, 2])

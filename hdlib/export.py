@@ -95,7 +95,9 @@ def _export_sampler(source: Path, fraction: float, draw: int, guidance_scale: fl
     c = json.loads((source / "latent_classifier" / name / "config.json").read_text())
     lc = LatentClassifierConfig(**{k: v for k, v in c.items() if k in LatentClassifierConfig.__dataclass_fields__
                                    and k != "train"})
-    clf = build_latent_classifier(lc, c["in_channels"], c["sample_size"], len(c["classes"]))
+    # its own denoiser instance: loading the classifier's weights must not touch the sampler's
+    skeleton = load_unet(source) if lc.backbone == "pretrained_unet" else None
+    clf = build_latent_classifier(lc, c["in_channels"], c["sample_size"], len(c["classes"]), encoder_unet=skeleton)
     load_model(clf, str(source / "latent_classifier" / name / "model.safetensors"))
     vae, unet, sched = load_vae(source).to(device), load_unet(source).to(device), load_scheduler(source)
     scale = read_latent_info(source)["scaling_factor"]

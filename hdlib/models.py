@@ -71,9 +71,19 @@ def build_unet(cfg: DiffusionConfig, in_channels: int, sample_size: int, num_cla
     )
 
 
-def build_latent_classifier(cfg: LatentClassifierConfig, in_channels: int, sample_size: int, num_classes: int):
-    from .latent_classifier import NoiseAwareLatentClassifier
+def build_latent_classifier(cfg: LatentClassifierConfig, in_channels: int, sample_size: int, num_classes: int,
+                            encoder_unet=None):
+    """The configured latent classifier; `encoder_unet` (the pre-trained denoiser, whose
+    encoder half it reuses frozen) is required by backbone `pretrained_unet`."""
+    from .latent_classifier import NoiseAwareLatentClassifier, PretrainedEncoderClassifier
 
+    if cfg.backbone == "pretrained_unet":
+        if encoder_unet is None:
+            raise ValueError("latent_classifier.backbone=pretrained_unet needs the pre-trained denoiser")
+        if (encoder_unet.config.in_channels, encoder_unet.config.sample_size) != (in_channels, sample_size):
+            raise ValueError(f"denoiser latents {encoder_unet.config.in_channels}x{encoder_unet.config.sample_size} "
+                             f"differ from the classifier's {in_channels}x{sample_size}")
+        return PretrainedEncoderClassifier(encoder_unet, num_classes, cfg.head_width)
     return NoiseAwareLatentClassifier(
         in_channels=in_channels,
         num_classes=num_classes,

@@ -157,7 +157,8 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
     # latent_classifier: noise-aware (z_t at uniformly random t, conditioned on t), flip/rot90
     # augmentation of latents, class-balanced batches, selected on validation accuracy by t
     lc = cfg.latent_classifier
-    clf = build_latent_classifier(lc, C, S, K)
+    encoder = load_denoiser(cfg, "denoiser_pretrained") if lc.backbone == "pretrained_unet" else None
+    clf = build_latent_classifier(lc, C, S, K, encoder_unet=encoder)
 
     def clf_loss(model, batch, seeds):
         z0, labels = posterior_sample(batch[0], batch[1], seeds), batch[2]

@@ -295,7 +295,11 @@ NOTEBOOKS["03_guidance"] = notebook(
     "Guidance steers the unconditional model towards a tissue class. For each label fraction, a latent "
     "classifier learns to recognise the class from *noised* latents z_t at random noise levels t, "
     "conditioned on t (noise-aware; the authors' release trained it on clean latents only and queried it at "
-    "every t). During sampling its gradient pushes each denoising step towards the requested class. For the "
+    "every t). With `latent_classifier.backbone: pretrained_unet` (the default study) the classifier is the "
+    "frozen encoder half of the pre-trained denoiser with a small trained head: features learned without "
+    "labels on the whole pool make it far more accurate from a few labels than one trained from scratch "
+    "(`scratch`, guided-diffusion's EncoderUNet shape). During sampling its gradient pushes each denoising step "
+    "towards the requested class. For the "
     "classifier-free-guidance baseline (`classifier_free`), a class-conditional denoiser is trained on the "
     "labeled fraction, with the label dropped at random (`diffusion.classifier_free_label_dropout`).",
     '''from hdlib import plots, train

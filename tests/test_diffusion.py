@@ -194,3 +194,40 @@ def test_classifier_loss_decreases_and_accuracy_by_bucket(tiny_classifier):
         accuracy_by_timestep_bucket(clf, zt[:2], torch.tensor([0, 7]), sched)
     with pytest.raises(DataError, match="class id 2"):
         classifier_loss(clf, z0[:2], torch.tensor([2, 0]), noise[:2], t[:2], sched)
+
+
+def test_pretrained_encoder_classifier_trains_only_its_head_and_guides(tiny_unet):
+    """backbone=pretrained_unet: the denoiser's encoder stays frozen (its weights do not move,
+    it has no optimizer state), the head learns the toy classes, and the logits have a
+    gradient with respect to z_t (what guidance needs)."""
+    from hdlib.config import LatentClassifierConfig
+    from hdlib.models import build_latent_classifier
+
+    unet = tiny_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    lc = LatentClassifierConfig(backbone="pretrained_unet", head_width=32)
+    clf = build_latent_classifier(lc, 4, 8, 2, encoder_unet=unet).train()
+    assert not any(p.requires_grad for p in clf.encoder.parameters()) and not clf.encoder.training
+    assert "up_blocks" not in "".join(n for n, _ in clf.named_parameters())  # decoder half not kept
+    sched = make_noise_scheduler("paper")
+    z0, labels = toy_latents(32)
+    noise, t = draw_noise_and_timesteps(torch.arange(32), (4, 8, 8), 1000)
+    t = t // 3
+    opt = torch.optim.Adam([p for p in clf.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = classifier_loss(clf, z0, labels, noise, t, sched)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    clf.eval()(z, torch.tensor([100, 100])).log_softmax(-1)[:, 0].sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the pre-trained denoiser"):
+        build_latent_classifier(lc, 4, 8, 2)
+    with pytest.raises(ValueError, match="differ"):
+        build_latent_classifier(lc, 4, 16, 2, encoder_unet=unet)

@@ -11,7 +11,7 @@ from ..config import Config
 from ..paths import StudyPaths, model_name
 from .autoencoder import latent_store
 from .common import require
-from .diffusion import latent_shape, noise_scheduler
+from .diffusion import build_denoiser, latent_shape, noise_scheduler
 
 
 def load_latent_classifier(cfg: Config, fraction: float, draw: int | None = None):
@@ -21,7 +21,8 @@ def load_latent_classifier(cfg: Config, fraction: float, draw: int | None = None
 
     draw = cfg.downstream.seeds[0] if draw is None else draw
     C, _, S = latent_shape(cfg)
-    clf = build_latent_classifier(cfg.latent_classifier, C, S, len(cfg.data.classes))
+    skeleton = build_denoiser(cfg) if cfg.latent_classifier.backbone == "pretrained_unet" else None  # weights below
+    clf = build_latent_classifier(cfg.latent_classifier, C, S, len(cfg.data.classes), encoder_unet=skeleton)
     folder = require(StudyPaths(cfg).model(model_name("latent_classifier", fraction, draw=draw)), "latent classifier")
     load_final(clf, folder, module="best" if (folder / "final" / "best").is_dir() else "model")
     return clf.eval().requires_grad_(False)
