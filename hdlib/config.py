@@ -133,6 +133,8 @@ class DiffusionConfig:
     loss: str = _f("l1", choices=("l1", "l2"))
     snr_gamma: float = _f(0.0, lo=0.0, doc="min-SNR-gamma loss weighting (e.g. 5); 0 = unweighted (the paper)")
     adaptations: list[str] = _f(factory=lambda: ["none", "labeled"], choices=("none", "labeled", "target_unlabeled"))
+    preview_samples: int = _f(10, lo=1, doc="unconditional samples per model in stage 02's figure")
+    realism_samples: int = _f(64, lo=2, doc="unconditional samples per model in stage 02's realism table")
     grid_adaptation: str = _f("none", choices=("none", "labeled", "target_unlabeled"),
                               doc="which denoiser the downstream grid samples from")
     pretrain: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=3000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
@@ -162,7 +164,8 @@ class LatentClassifierConfig:
 
 @dataclass
 class SamplingConfig:
-    method: str = _f("ddim", choices=("ddim", "ddpm"))
+    method: str = _f("ddim", choices=("ddim", "ddpm", "dpm_solver"),
+                     doc="ddim (the paper), ddpm (ancestral) or dpm_solver (DPM-Solver++ 2M, for fewer steps)")
     guidance_scale: float = _f(10.0, lo=0.0)
     guidance_sweep: list[float] = _f(factory=lambda: [0.0, 1.0, 3.0, 10.0, 30.0], lo=0.0)
     classifier_free_scale: float = _f(3.0, lo=0.0)
@@ -172,6 +175,8 @@ class SamplingConfig:
     max_candidates_factor: float = _f(4.0, lo=1.0, doc="cap: candidates per class <= factor x its quota")
     sweep_per_class: int = _f(8, lo=1, doc="samples per class per setting when choosing scale and adaptation")
     select_on_validation: bool = _f(True, doc="choose guidance scale and adaptation on the validation split")
+    fast_sampler_steps: int = _f(0, lo=0, doc="also run the chosen guidance with DPM-Solver++ in this many steps "
+                                              "and compare it with the configured sampler (04); 0 = skip")
 
 
 @dataclass

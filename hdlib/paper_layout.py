@@ -255,6 +255,8 @@ def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[st
         f"data.pool_size={pool_size}", f"data.pool_holdout={hold}", "data.label_fractions=[0.5,1.0]",
         # latent classifier: validation latents scored per evaluation
         "latent_classifier.eval_samples=9",
+        # stage 02's sample figure and realism table (each sample is a paper-size U-Net chain)
+        "diffusion.preview_samples=2", "diffusion.realism_samples=4",
         # sampling: steps and sample counts (guidance scale 10 and eta 1 stay)
         "sampling.num_inference_steps=2", "sampling.guidance_sweep=[0.0,10.0]", "sampling.sweep_per_class=1",
         "sampling.batch_size=4", "sampling.max_candidates_factor=1.0",

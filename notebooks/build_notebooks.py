@@ -267,7 +267,7 @@ plots.save(fig, cfg, "diffusion_loss")'''),
            "pre-trained model gives varied, realistic histology in the pool's stain; adapted models move "
            "towards the target's look; a from-scratch model trained on few images tends to give blurry tiles "
            "or near-copies of its training images."),
-        code('''n = 10
+        code('''n = cfg.diffusion.preview_samples
 samples = {m: images for m, (_, images) in unconditional_samples(cfg, models, n, "uncond").items()}
 pick = torch.randperm(len(split_images(cfg, "target_train")), generator=torch.Generator().manual_seed(cfg.study.seed))[:n]
 samples["real target"] = load_split_images(cfg, "target_train", pick.numpy())[0]
@@ -275,11 +275,11 @@ fig = plots.image_rows(samples, n=n, title="Unconditional samples (same seeds in
 plots.save(fig, cfg, "diffusion_samples")'''),
         md("## Table: which data each model imitates\n\n"
            "Frechet distance between simple latent statistics (per-channel mean, std and gradient energy) of "
-           "64 samples of each model (rows) and of each real source (columns: the pool sources and the "
+           "`diffusion.realism_samples` samples of each model (rows) and of each real source (columns: the pool sources and the "
            "target). Lower is closer. **How to read:** in each row, the smallest value names the data the "
            "model's samples resemble most; adapted models should be closer to `target` than the pre-trained "
            "one. A coarse check, not an image-quality metric (FID and KID follow in 06_quality)."),
-        code('''n_check = 64
+        code('''n_check = cfg.diffusion.realism_samples
 check = {m: z for m, (z, _) in unconditional_samples(cfg, models, n_check, "realism").items()}
 realism = per_source_realism(cfg, check).pivot(index="model", columns="source", values="frechet").round(3)
 atomic_write_csv(realism.reset_index(), paths.table("diffusion_realism"))
@@ -423,6 +423,17 @@ if len(sel):
     fig = plots.guidance_selection(sel, num_classes=len(cfg.data.classes), chosen=metrics["guidance_scale"])
     plots.save(fig, cfg, "guidance_sweep")
 sel.round(3)'''),
+        md("## Table: a faster sampler with the same guidance\n\n"
+           "When `sampling.fast_sampler_steps` is set, the chosen guidance (scale, adaptation, latent "
+           "classifier) is run by the configured sampler and by DPM-Solver++ (2nd-order multistep) in that "
+           "many steps, on the same request (`sampling.sweep_per_class` per class, same seeds). Columns: "
+           "validation agreement, the reference classifier's class accuracy, the Frechet distance to the "
+           "validation images in the baseline classifier's features (lower is closer; biased upwards at this "
+           "sample size, so compare rows, not studies) and seconds per image. **Good:** DPM-Solver++ matches "
+           "the first row's accuracy and distance at a fraction of its time; then it is worth switching "
+           "(`sampling.method: dpm_solver`)."),
+        code('''comparison = pd.DataFrame(metrics["sampler_comparison"])
+comparison.round(3) if len(comparison) else Markdown("(not run: `sampling.fast_sampler_steps` is 0)")'''),
         md("## Table: requested vs achieved synthetic images\n\n"
            "Per generator, fraction and label draw: the images requested (the largest synthetic-to-real ratio "
            "used at that fraction x each class's real count), the images kept, the candidates generated, the "

@@ -9,13 +9,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from hdlib.diffusion import make_noise_scheduler
 from hdlib.errors import DataError
-from hdlib.sampling import cfg_ddim_sample, classifier_log_prob_grad, guided_ddim_sample, guided_ddpm_sample, shard
+from hdlib.sampling import (cfg_ddim_sample, classifier_log_prob_grad, guided_ddim_sample, guided_ddpm_sample,
+                            guided_dpm_solver_sample, shard)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPE = (4, 8, 8)
 STEPS = 8
-SAMPLERS = {"ddim": guided_ddim_sample, "ddpm": guided_ddpm_sample}
+SAMPLERS = {"ddim": guided_ddim_sample, "ddpm": guided_ddpm_sample, "dpm_solver": guided_dpm_solver_sample}
 
 # Guarantee (b) of hdlib.sampling: another batch size, order, set of batch-mates or
 # sharding changes an image only by float rounding, because the CPU conv/matmul kernels
@@ -96,6 +97,21 @@ def test_unguided_ddpm_matches_ddpm_pipeline(tiny_unet):
     np.testing.assert_allclose(images, ours_01, rtol=0, atol=1e-6)
 
 
+def test_unguided_dpm_solver_matches_the_diffusers_scheduler_loop(tiny_unet):
+    from diffusers import DPMSolverMultistepScheduler
+
+    unet, sched = tiny_unet(), make_noise_scheduler("paper")
+    out = guided_dpm_solver_sample(unet, sched, torch.zeros(3, dtype=torch.long), SEEDS[:3],
+                                   num_inference_steps=STEPS, latent_shape=SHAPE, batch_size=3, progress=False)
+    dpm = DPMSolverMultistepScheduler.from_config(sched.config, algorithm_type="dpmsolver++", solver_order=2)
+    dpm.set_timesteps(STEPS)
+    z = randn_tensor((3, *SHAPE), generator=[torch.Generator().manual_seed(int(s)) for s in SEEDS[:3]])
+    with torch.no_grad():
+        for t in dpm.timesteps:
+            z = dpm.step(unet(z, t).sample, t, z).prev_sample
+    torch.testing.assert_close(out, z, rtol=1e-5, atol=1e-5)
+
+
 def test_guidance_gradient_matches_finite_differences(tiny_classifier):
     clf = tiny_classifier().double()
     g = torch.Generator().manual_seed(3)
@@ -150,7 +166,7 @@ def _mean_log_p(clf, z, labels):
         return clf(z, torch.zeros(len(z), dtype=torch.long)).log_softmax(-1).gather(1, labels[:, None]).mean().item()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver"])
 def test_guidance_raises_class_log_probability(sampler, tiny_unet):
     unet, sched, clf = tiny_unet(), make_noise_scheduler("paper"), MeanSignClassifier()
     labels = torch.tensor([0, 1] * 4)
@@ -169,7 +185,7 @@ def _guided_kw(sampler, clf):
     return {**kw, "eta": 1.0} if sampler == "ddim" else kw
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver"])
 def test_same_request_and_batch_size_is_bit_identical(sampler, tiny_unet, tiny_classifier):
     """Guarantee (a): the same request with the same batch size gives the same bits."""
     unet, sched, clf, fn = tiny_unet(), make_noise_scheduler("paper"), tiny_classifier(), SAMPLERS[sampler]
@@ -178,7 +194,7 @@ def test_same_request_and_batch_size_is_bit_identical(sampler, tiny_unet, tiny_c
     assert torch.equal(first, fn(unet, sched, LABELS, SEEDS, batch_size=3, **kw))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver"])
 def test_batch_composition_changes_images_only_by_rounding(sampler, tiny_unet, tiny_classifier):
     """Guarantee (b): batch size, order, batch-mates and sharding change nothing but rounding."""
     unet, sched, clf, fn = tiny_unet(), make_noise_scheduler("paper"), tiny_classifier(), SAMPLERS[sampler]

@@ -114,7 +114,7 @@ class Generation:
 
     def latents(self, generator: str, fraction: float, labels, seeds, guidance_scale: float | None = None,
                 draw: int | None = None, progress: bool | None = None) -> torch.Tensor:
-        from ..sampling import cfg_ddim_sample, guided_ddim_sample, guided_ddpm_sample
+        from ..sampling import cfg_ddim_sample, guided_ddim_sample, guided_ddpm_sample, guided_dpm_solver_sample
 
         s, cfg = self.cfg.sampling, self.cfg
         draw = cfg.downstream.seeds[0] if draw is None else draw
@@ -132,7 +132,8 @@ class Generation:
         clf = None
         if used["classifier"] and scale > 0:
             clf = self._model(used["classifier"], lambda: load_latent_classifier(cfg, fraction, draw))
-        sampler = guided_ddim_sample if s.method == "ddim" else guided_ddpm_sample
+        sampler = {"ddim": guided_ddim_sample, "ddpm": guided_ddpm_sample,
+                   "dpm_solver": guided_dpm_solver_sample}[s.method]
         extra = {"eta": s.eta} if s.method == "ddim" else {}
         return sampler(unet, self.scheduler, labels, seeds, classifier=clf, guidance_scale=scale if clf else 0.0,
                        num_inference_steps=s.num_inference_steps, **extra, **kw)
@@ -423,6 +424,46 @@ def choose_guidance(cfg: Config, fraction: float, draw: int, judge: SelectiveFil
             "validation_agreement": float(pick["validation_agreement"])}, table
 
 
+def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFilter, reference,
+                     samplers=(("ddim", None), ("dpm_solver", 10))) -> pd.DataFrame:
+    """The chosen guidance (scale, adaptation) run by each (method, steps) sampler on one
+    request (sampling.sweep_per_class per class, the same seeds for every sampler): validation
+    agreement, the reference classifier's class accuracy, the Frechet distance to the
+    validation images in the baseline classifier's feature space, and seconds per image.
+    `None` steps = sampling.num_inference_steps. The samples are not kept."""
+    import time
+
+    from ..downstream import extract_features, predict
+    from ..metrics import feature_stats, frechet_distance
+
+    s = cfg.sampling
+    K = len(cfg.data.classes)
+    labels = torch.arange(K).repeat_interleave(s.sweep_per_class)
+    seeds = torch.as_tensor(request_seeds(cfg, f"sampler_comparison_f{fraction:g}_s{draw}", len(labels)))
+    val = extract_features(judge.model, split_images(cfg, "target_val"), batch_size=128, device=judge.device)
+    saved = (s.method, s.num_inference_steps)
+    rows = []
+    try:
+        for method, steps in samplers:
+            s.method, s.num_inference_steps = method, steps or saved[1]
+            gen = Generation(cfg)
+            t = time.time()
+            imgs = gen.decode(gen.latents("histodiffusion", fraction, labels, seeds, draw=draw, progress=False))
+            took = time.time() - t
+            _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
+            feats = extract_features(judge.model, imgs, batch_size=128, device=judge.device)
+            rows.append({"method": method, "steps": s.num_inference_steps, "n": len(labels),
+                         "guidance_scale": s.guidance_scale, "adaptation": cfg.diffusion.grid_adaptation,
+                         "validation_agreement": validation_agreement(judge, imgs, labels),
+                         "reference_class_accuracy": float((pred == labels).float().mean()),
+                         "frechet_to_validation": frechet_distance(*feature_stats(feats.double().numpy()),
+                                                                   *feature_stats(val.double().numpy())),
+                         "seconds_per_image": took / len(labels)})
+    finally:
+        s.method, s.num_inference_steps = saved
+    return pd.DataFrame(rows)
+
+
 def _in_memory(cfg: Config, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
     from ..datasets import load_into_memory
 
@@ -457,6 +498,12 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     atomic_write_json(paths.metrics_dir / "04_choice.json",
                       {"guidance_scale": cfg.sampling.guidance_scale, "adaptation": cfg.diffusion.grid_adaptation,
                        "chosen_on": "validation" if choice else "params", "selection": choice})
+    comparison = pd.DataFrame()
+    if cfg.sampling.fast_sampler_steps:  # DPM-Solver++ in fewer steps vs the configured sampler, same guidance
+        comparison = compare_samplers(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference,
+                                      samplers=((cfg.sampling.method, None),
+                                                ("dpm_solver", cfg.sampling.fast_sampler_steps)))
+        atomic_write_csv(comparison, paths.table("sampler_comparison"))
     gen = Generation(cfg)
     acct, frames = [], {}
     for draw in draws:
@@ -490,10 +537,11 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
                "selection": choice, "selection_table": sweep.to_dict(orient="records"),
                "guided_class_accuracy": guided_acc, "guided_class_accuracy_n": int(len(first)),
                "accounting": accounting_table.to_dict(orient="records"),
-               "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile}
+               "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile,
+               "sampler_comparison": comparison.to_dict(orient="records")}
     return metrics
 
 
 __all__ = ["Generation", "SelectiveFilter", "request_seeds", "synthesize", "synthetic_training_images",
            "reference_classifier", "baseline_classifier", "quota_per_class", "generators_needed",
-           "choose_guidance", "synthesis_stage", "load_set", "set_images", "accounting", "merge_shards"]
+           "choose_guidance", "compare_samplers", "synthesis_stage", "load_set", "set_images", "accounting", "merge_shards"]
