@@ -175,8 +175,8 @@ class SamplingConfig:
     max_candidates_factor: float = _f(4.0, lo=1.0, doc="cap: candidates per class <= factor x its quota")
     sweep_per_class: int = _f(8, lo=1, doc="samples per class per setting when choosing scale and adaptation")
     select_on_validation: bool = _f(True, doc="choose guidance scale and adaptation on the validation split")
-    fast_sampler_steps: int = _f(0, lo=0, doc="also run the chosen guidance with DPM-Solver++ in this many steps "
-                                              "and compare it with the configured sampler (04); 0 = skip")
+    sampler_comparison: list[str] = _f(factory=list, doc="'method:steps' samplers (e.g. ddim:25, dpm_solver:10) "
+                                       "that stage 04 also runs with the chosen guidance, to compare; [] = skip")
 
 
 @dataclass
@@ -392,8 +392,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def parse_samplers(items, label: str = "sampling.sampler_comparison") -> list[tuple[str, int]]:
+    """['ddim:25', 'dpm_solver:10'] -> [('ddim', 25), ('dpm_solver', 10)]."""
+    methods = SamplingConfig.__dataclass_fields__["method"].metadata["choices"]
+    out = []
+    for item in items:
+        method, _, steps = str(item).partition(":")
+        if method not in methods or not steps.isdigit() or int(steps) < 1:
+            raise ConfigError(f"{label}: bad entry {item!r} (expected 'method:steps', method one of "
+                              f"{', '.join(methods)})")
+        out.append((method, int(steps)))
+    return out
+
+
 def _check_consistency(cfg: Config, label: str) -> None:
     """Cross-field rules that a single field's range cannot express."""
+    parse_samplers(cfg.sampling.sampler_comparison, f"{label}: sampling.sampler_comparison")
     fr = set(cfg.data.label_fractions)
     for f in cfg.downstream.fractions:
         if f not in fr:

@@ -424,16 +424,16 @@ if len(sel):
     plots.save(fig, cfg, "guidance_sweep")
 sel.round(3)'''),
         md("## Table: a faster sampler with the same guidance\n\n"
-           "When `sampling.fast_sampler_steps` is set, the chosen guidance (scale, adaptation, latent "
-           "classifier) is run by the configured sampler and by DPM-Solver++ (2nd-order multistep) in that "
-           "many steps, on the same request (`sampling.sweep_per_class` per class, same seeds). Columns: "
+           "The chosen guidance (scale, adaptation, latent classifier) run by each sampler of "
+           "`sampling.sampler_comparison` (`method:steps`; DDIM, or DPM-Solver++ 2nd-order multistep) on the "
+           "same request (`sampling.sweep_per_class` per class, same seeds). Columns: "
            "validation agreement, the reference classifier's class accuracy, the Frechet distance to the "
            "validation images in the baseline classifier's features (lower is closer; biased upwards at this "
-           "sample size, so compare rows, not studies) and seconds per image. **Good:** DPM-Solver++ matches "
-           "the first row's accuracy and distance at a fraction of its time; then it is worth switching "
-           "(`sampling.method: dpm_solver`)."),
+           "sample size, so compare rows, not studies) and seconds per image. **Good:** DPM-Solver++ in few "
+           "steps matches DDIM's accuracy and distance at a fraction of its time (then `sampling.method: "
+           "dpm_solver` is worth it)."),
         code('''comparison = pd.DataFrame(metrics["sampler_comparison"])
-comparison.round(3) if len(comparison) else Markdown("(not run: `sampling.fast_sampler_steps` is 0)")'''),
+comparison.round(3) if len(comparison) else Markdown("(not run: `sampling.sampler_comparison` is empty)")'''),
         md("## Table: requested vs achieved synthetic images\n\n"
            "Per generator, fraction and label draw: the images requested (the largest synthetic-to-real ratio "
            "used at that fraction x each class's real count), the images kept, the candidates generated, the "

@@ -105,3 +105,12 @@ def test_string_override_keeps_the_text_yaml_would_read_as_bool_or_number():
     cfg = load_config(None, ["study.mixed_precision=no", "study.name=2024"])
     assert cfg.study.mixed_precision == "no" and cfg.study.name == "2024"
     assert load_config(None, ["study.progress=no"]).study.progress is False  # a bool field still gets a bool
+
+
+def test_sampler_comparison_entries_are_checked_when_loading():
+    from hdlib.config import parse_samplers
+
+    assert parse_samplers(["ddim:25", "dpm_solver:10"]) == [("ddim", 25), ("dpm_solver", 10)]
+    for bad in ("ddim", "euler:10", "ddim:0", "ddim:x"):
+        with pytest.raises(ConfigError, match=f"bad entry '{bad}'"):
+            load_config(ROOT / "params" / "smoke.yaml", [f"sampling.sampler_comparison=['{bad}']"])

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config, TrainingConfig
+from ..config import Config, TrainingConfig, parse_samplers
 from ..augment import FeatureFilter, fill_quota
 from ..errors import HDLibError
 from ..io import atomic_write_csv, atomic_write_json, files_sha1
@@ -425,12 +425,12 @@ def choose_guidance(cfg: Config, fraction: float, draw: int, judge: SelectiveFil
 
 
 def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFilter, reference,
-                     samplers=(("ddim", None), ("dpm_solver", 10))) -> pd.DataFrame:
+                     samplers=(("ddim", 25), ("dpm_solver", 10))) -> pd.DataFrame:
     """The chosen guidance (scale, adaptation) run by each (method, steps) sampler on one
     request (sampling.sweep_per_class per class, the same seeds for every sampler): validation
     agreement, the reference classifier's class accuracy, the Frechet distance to the
     validation images in the baseline classifier's feature space, and seconds per image.
-    `None` steps = sampling.num_inference_steps. The samples are not kept."""
+    The samples are not kept."""
     import time
 
     from ..downstream import extract_features, predict
@@ -445,7 +445,7 @@ def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFi
     rows = []
     try:
         for method, steps in samplers:
-            s.method, s.num_inference_steps = method, steps or saved[1]
+            s.method, s.num_inference_steps = method, steps
             gen = Generation(cfg)
             t = time.time()
             imgs = gen.decode(gen.latents("histodiffusion", fraction, labels, seeds, draw=draw, progress=False))
@@ -499,10 +499,9 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
                       {"guidance_scale": cfg.sampling.guidance_scale, "adaptation": cfg.diffusion.grid_adaptation,
                        "chosen_on": "validation" if choice else "params", "selection": choice})
     comparison = pd.DataFrame()
-    if cfg.sampling.fast_sampler_steps:  # DPM-Solver++ in fewer steps vs the configured sampler, same guidance
+    if cfg.sampling.sampler_comparison:  # e.g. DPM-Solver++ in few steps vs DDIM, the same guidance
         comparison = compare_samplers(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference,
-                                      samplers=((cfg.sampling.method, None),
-                                                ("dpm_solver", cfg.sampling.fast_sampler_steps)))
+                                      samplers=parse_samplers(cfg.sampling.sampler_comparison, "sampling.sampler_comparison"))
         atomic_write_csv(comparison, paths.table("sampler_comparison"))
     gen = Generation(cfg)
     acct, frames = [], {}
