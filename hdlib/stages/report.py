@@ -15,6 +15,8 @@ from ..paths import REPO_ROOT, StudyPaths
 from .common import read_metrics
 
 
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm_solver": "DPM-Solver++ (2M)"}
+
 def _read(cfg: Config, stage: str) -> dict:
     return read_metrics(cfg, stage, missing_ok=True)
 
@@ -176,7 +178,12 @@ def build_report(cfg: Config) -> Path:
                  f"{ds.train.batch_size} real images (class-balanced) plus ratio x {ds.train.batch_size} synthetic "
                  "ones, so every setting sees the real images equally often; model selection on the validation "
                  "split, test set evaluated once.\n"
-                 f"- Guidance: DDIM {cfg.sampling.num_inference_steps} steps, eta {cfg.sampling.eta}; scale and "
+                 f"- Latent classifier: "
+                 + ("the pre-trained denoiser's frozen encoder with a trained head" if cfg.latent_classifier.backbone
+                    == "pretrained_unet" else "guided-diffusion's EncoderUNet trained from scratch")
+                 + f", {cfg.latent_classifier.train.max_steps} steps, selected on validation accuracy at t < 500.\n"
+                 f"- Guidance: {SAMPLER_NAMES[cfg.sampling.method]} {cfg.sampling.num_inference_steps} steps"
+                 + (f", eta {cfg.sampling.eta}" if cfg.sampling.method == "ddim" else "") + "; scale and "
                  f"adaptation {'chosen on the validation split (below)' if cfg.sampling.select_on_validation else 'from the parameters'}. "
                  f"Filtering: centroid rule, confidence >= {cfg.filtering.tau}, near copies dropped "
                  + ("(threshold per class: percentile "
@@ -205,6 +212,10 @@ def build_report(cfg: Config) -> Path:
     parts.append(_fig(cfg, "downstream_confusion_histodiffusion", "Confusion matrix, HistoDiffusion, smallest fraction"))
 
     parts.append("## Synthesis: choice, accounting, filtering\n")
+    if d4.get("sampler_comparison"):
+        parts.append("Samplers with the chosen guidance (same request, `sampling.sampler_comparison`; Frechet "
+                     "distance in the baseline classifier's features, lower is closer):\n\n"
+                     + _md(pd.DataFrame(d4["sampler_comparison"])) + "\n")
     if d4.get("selection_table"):
         parts.append(f"Chosen on the validation split: guidance scale **{d4['guidance_scale']:g}**, adaptation "
                      f"**`{d4['adaptation']}`** (validation agreement "
