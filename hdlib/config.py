@@ -237,7 +237,7 @@ class PretrainConfig:
         "v_prediction: diffusion.prediction_type=v_prediction",
         "min_snr_5: diffusion.snr_gamma=5",
         "cosine_schedule: diffusion.schedule=cosine",
-        "width_96: diffusion.block_out_channels=[96,192,192]",
+        "width_32: diffusion.block_out_channels=[32,64,64]",
     ], doc="'name: key=value ...' recipe variants, each trained sweep_steps on the same latents and judged alike")
 
 
