@@ -279,7 +279,9 @@ def compare_pretraining(cfg: Config, baseline: Config) -> dict:
     full = holdout_images(cfg)
     full_f = judge(full)
     ours_f, theirs_f = judge(ours), judge(theirs)
-    out = {"reference": f"{len(real)} held-out pool tiles of the sources both models saw: {sorted(shared)}",
+    # the judge's noise floor: FID between the two halves of the reference (same distribution)
+    split_half = pool_quality(real_f[0::2], real_f[1::2])
+    out = {"reference_split_half": {k: split_half[k] for k in ("fid", "kid_mean", "precision", "recall")},"reference": f"{len(real)} held-out pool tiles of the sources both models saw: {sorted(shared)}",
            "reference_full": f"all {len(full)} held-out tiles of the shipped model's pool (including sources "
                              "the in-study model never saw)", "shared_is_full": len(real) == len(full),
            "samples": len(ours), "ddim_steps": p.final_inference_steps, "judge": "untrained ResNet-18 (seed 0)",
@@ -438,6 +440,12 @@ def _sweep_text(card: dict) -> str:
                       f"{r['fid']:.2f} | {r['kid_mean']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} |"
                       for r in rows)
     r0 = rows[0]
+    ema = [r for r in rows if r["weights"] == "ema"]
+    best = min(ema, key=lambda r: r["fid"])
+    ranking = (f"By FID, `{best['variant']}` ranked first ({best['fid']:.2f} vs {r0['fid']:.2f} for the configured "
+               "recipe, which this model was trained with); weigh it against precision and recall before "
+               "adopting it." if best["variant"] != r0["variant"] else
+               "By FID the configured recipe, which this model was trained with, ranked first.")
     return f"""
 ### How the recipe was chosen
 `python -m hdlib pretrain params/pretrain_demo.yaml --sweep`: every variant trained {r0['steps']} steps from
@@ -448,15 +456,20 @@ tenths of FID are within the noise of {r0['samples']} samples.
 | variant | overrides | weights | parameters | FID | KID | precision | recall |
 |---|---|---|---|---|---|---|---|
 {lines}
+
+{ranking}
 """
 
 
 def _verdict(c: dict) -> str:
     a, b = c["shipped"]["fid"], c["in_study"]["fid"]
+    half = c.get("reference_split_half", {}).get("fid")
+    floor = (f" For scale: the two halves of the holdout itself are at FID {half:.2f} from each other by this "
+             "judge, so differences of that size are within its sampling noise." if half is not None else "")
     if a < b:
-        return f"**On the shared holdout this model's FID is lower: {a:.2f} vs {b:.2f}** ({a / b:.2f}x)."
+        return f"**On the shared holdout this model's FID is lower: {a:.2f} vs {b:.2f}** ({a / b:.2f}x).{floor}"
     return (f"**On the shared holdout this model's FID is not lower** ({a:.2f} vs {b:.2f}): by this judge the "
-            "small in-study model matches the holdout more closely.")
+            f"small in-study model matches the holdout more closely.{floor}")
 
 
 def _full_table(c: dict) -> str:
