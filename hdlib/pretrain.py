@@ -86,6 +86,22 @@ def judge_sensitivity(judge, real_images: torch.Tensor, real_feats: torch.Tensor
     return out
 
 
+def matched_size_fid(fake_feats: torch.Tensor, ref_feats: torch.Tensor, n: int, draws: int = 5,
+                     seed: int = 0) -> dict:
+    """FID of `draws` random subsets of n generated samples against one fixed reference set:
+    the same sample sizes as the split-half noise floor, so the two are on one footing
+    (FID's bias depends on the sample sizes). Returns mean, sd and the draws."""
+    from .metrics import fid_kid
+
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(draws):
+        pick = torch.randperm(len(fake_feats), generator=g)[:n]
+        vals.append(fid_kid(ref_feats.numpy(), fake_feats[pick].numpy(), kid_subset_size=min(100, n))["fid"])
+    t = torch.tensor(vals, dtype=torch.float64)
+    return {"mean": float(t.mean()), "sd": float(t.std()) if draws > 1 else 0.0, "n": n, "draws": vals}
+
+
 def pool_quality(fake_features: torch.Tensor, real_features: torch.Tensor, k: int = 3) -> dict:
     """FID, KID (subsets of up to 100) and precision/recall between two feature sets."""
     from .metrics import fid_kid, precision_recall
@@ -300,7 +316,11 @@ def compare_pretraining(cfg: Config, baseline: Config) -> dict:
     # the judge's noise floor: FID between the two halves of the reference (same distribution)
     split_half = pool_quality(real_f[0::2], real_f[1::2])
     out = {"reference_split_half": {k: split_half[k] for k in ("fid", "kid_mean", "precision", "recall")},
-           "judge_sensitivity": judge_sensitivity(judge, real, real_f), "reference": f"{len(real)} held-out pool tiles of the sources both models saw: {sorted(shared)}",
+           "judge_sensitivity": judge_sensitivity(judge, real, real_f),
+           # every model at the split-half's sample sizes, against the same second half of the holdout
+           "matched_size": {"shipped": matched_size_fid(ours_f, real_f[1::2], len(real_f[0::2])),
+                            "in_study": matched_size_fid(theirs_f, real_f[1::2], len(real_f[0::2]))},
+           "reference": f"{len(real)} held-out pool tiles of the sources both models saw: {sorted(shared)}",
            "reference_full": f"all {len(full)} held-out tiles of the shipped model's pool (including sources "
                              "the in-study model never saw)", "shared_is_full": len(real) == len(full),
            "samples": len(ours), "ddim_steps": p.final_inference_steps, "judge": "untrained ResNet-18 (seed 0)",
@@ -490,6 +510,13 @@ def _verdict(c: dict) -> str:
         floor += (" Blurring one half of the holdout moves it to FID " +
                   ", ".join(f"{v:.2f} (sigma {k} px)" for k, v in blur.items()) +
                   " from the other: the judge sees loss of texture, not only colour.")
+    m = c.get("matched_size")
+    if m:
+        sm, im = m["shipped"], m["in_study"]
+        floor += (f"\n\nAt equal sample sizes ({sm['n']} samples against the same {sm['n']} held-out tiles, "
+                  f"{len(sm['draws'])} random draws of the samples; FID's bias depends on the sample sizes): "
+                  f"real half {half:.2f}, this model {sm['mean']:.2f} ± {sm['sd']:.2f}, in-study model "
+                  f"{im['mean']:.2f} ± {im['sd']:.2f}.")
     if a < b:
         return f"**On the shared holdout this model's FID is lower: {a:.2f} vs {b:.2f}** ({a / b:.2f}x).{floor}"
     return (f"**On the shared holdout this model's FID is not lower** ({a:.2f} vs {b:.2f}): by this judge the "

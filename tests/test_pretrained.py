@@ -168,3 +168,15 @@ def test_judge_is_fixed_and_sees_blur():
     s = judge_sensitivity(judge, images, sigmas=(0.7, 1.5))
     assert s["blur_fid"]["0.7"] > 2 * s["split_half_fid"]
     assert s["blur_fid"]["1.5"] > s["blur_fid"]["0.7"]
+
+
+def test_matched_size_fid_ranks_a_shifted_set_above_a_same_distribution_set():
+    from hdlib.pretrain import matched_size_fid
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    same = torch.randn(600, 16, generator=g, dtype=torch.float64)
+    shifted = same + 0.5
+    a, b = matched_size_fid(same, ref, 200, draws=4), matched_size_fid(shifted, ref, 200, draws=4)
+    assert len(a["draws"]) == 4 and a["n"] == 200 and a["sd"] > 0
+    assert b["mean"] > a["mean"] + 2  # 16 dims x 0.5^2 = 4 from the mean shift alone
