@@ -315,7 +315,17 @@ def compare_pretraining(cfg: Config, baseline: Config) -> dict:
     ours_f, theirs_f = judge(ours), judge(theirs)
     # the judge's noise floor: FID between the two halves of the reference (same distribution)
     split_half = pool_quality(real_f[0::2], real_f[1::2])
-    out = {"reference_split_half": {k: split_half[k] for k in ("fid", "kid_mean", "precision", "recall")},
+    others = {}
+    for label, folder in (parse_other_run(x) for x in p.other_runs):
+        samples = torch.load(Path(folder) / "cache" / "final_samples.pt")
+        final = json.loads((Path(folder) / "metrics" / "pretrain_final.json").read_text())
+        if len(samples) != len(ours):
+            raise ConfigError(f"pretrain.other_runs: {folder} has {len(samples)} final samples, not {len(ours)}")
+        f = judge(samples)
+        others[label] = {"folder": str(folder), "steps": final["key"]["step"], **pool_quality(f, real_f),
+                         "matched_size": matched_size_fid(f, real_f[1::2], len(real_f[0::2]))}
+    out = {"other_runs": others,
+           "reference_split_half": {k: split_half[k] for k in ("fid", "kid_mean", "precision", "recall")},
            "judge_sensitivity": judge_sensitivity(judge, real, real_f),
            # every model at the split-half's sample sizes, against the same second half of the holdout
            "matched_size": {"shipped": matched_size_fid(ours_f, real_f[1::2], len(real_f[0::2])),
@@ -336,6 +346,16 @@ def compare_pretraining(cfg: Config, baseline: Config) -> dict:
                            n=12, title="Unconditional samples, same seeds: shipped vs in-study pre-training")
     plots.save(fig, cfg, "pretrain_comparison")
     return out
+
+
+def parse_other_run(text: str) -> tuple[str, Path]:
+    """'label: results folder' -> (label, folder); the folder must hold a finished pre-training run."""
+    label, sep, folder = text.partition(":")
+    path = Path(folder.strip())
+    if not sep or not label.strip() or not (path / "metrics" / "pretrain_final.json").exists():
+        raise ConfigError(f"pretrain.other_runs: {text!r} is not 'label: folder of a finished pre-training run' "
+                          "(make that run first; the params file says how, or set pretrain.other_runs=[])")
+    return label.strip(), path
 
 
 def parse_recipe_variant(text: str) -> tuple[str, list[str]]:
@@ -516,11 +536,21 @@ def _verdict(c: dict) -> str:
         floor += (f"\n\nAt equal sample sizes ({sm['n']} samples against the same {sm['n']} held-out tiles, "
                   f"{len(sm['draws'])} random draws of the samples; FID's bias depends on the sample sizes): "
                   f"real half {half:.2f}, this model {sm['mean']:.2f} ± {sm['sd']:.2f}, in-study model "
-                  f"{im['mean']:.2f} ± {im['sd']:.2f}.")
+                  f"{im['mean']:.2f} ± {im['sd']:.2f}" +
+                  "".join(f", {k} {v['matched_size']['mean']:.2f} ± {v['matched_size']['sd']:.2f}"
+                          for k, v in (c.get("other_runs") or {}).items()) + ".")
+        gap, spread = sm["mean"] - im["mean"], max(sm["sd"], im["sd"], 1e-9)
+        floor += (f" The gap between the two, {abs(gap):.2f}, is {abs(gap) / spread:.1f} times the larger spread over "
+                  f"draws: by this judge the {'in-study' if gap > 0 else 'shipped'} model is the closer to real tiles.")
     if a < b:
         return f"**On the shared holdout this model's FID is lower: {a:.2f} vs {b:.2f}** ({a / b:.2f}x).{floor}"
     return (f"**On the shared holdout this model's FID is not lower** ({a:.2f} vs {b:.2f}): by this judge the "
             f"small in-study model matches the holdout more closely.{floor}")
+
+
+def _other_rows(c: dict) -> str:
+    return "".join(f"| {k} (not shipped; {v['steps']} steps) | {v['fid']:.2f} | {v['kid_mean']:.4f} | "
+                   f"{v['precision']:.3f} | {v['recall']:.3f} |\n" for k, v in (c.get("other_runs") or {}).items())
 
 
 def _full_table(c: dict) -> str:
@@ -552,7 +582,7 @@ The default study used to pre-train inside every run (autoencoder {r['autoencode
 |---|---|---|---|---|
 | this model | {a['fid']:.2f} | {a['kid_mean']:.4f} | {a['precision']:.3f} | {a['recall']:.3f} |
 | in-study pre-training (before) | {b['fid']:.2f} | {b['kid_mean']:.4f} | {b['precision']:.3f} | {b['recall']:.3f} |
-
+{_other_rows(c)}
 {_full_table(c)}{_verdict(c)}
 
 ![shipped vs in-study samples](pretrain_comparison.png)
@@ -569,6 +599,9 @@ def main(params: str, overrides=(), compare: str | None = None, sweep: bool = Fa
         print(recipe_sweep(params, overrides).to_string(index=False))
         return 0
     cfg = load_config(params, list(overrides))
+    if compare:
+        for x in cfg.pretrain.other_runs:  # before hours of training, not after
+            parse_other_run(x)
     run_pretrain(cfg, export=compare is None)
     if compare:
         # the baseline lives beside this run: the same study.* overrides (results_root, data_root, ...)

@@ -180,3 +180,13 @@ def test_matched_size_fid_ranks_a_shifted_set_above_a_same_distribution_set():
     a, b = matched_size_fid(same, ref, 200, draws=4), matched_size_fid(shifted, ref, 200, draws=4)
     assert len(a["draws"]) == 4 and a["n"] == 200 and a["sd"] > 0
     assert b["mean"] > a["mean"] + 2  # 16 dims x 0.5^2 = 4 from the mean shift alone
+
+
+def test_other_run_must_be_a_finished_pretraining_folder(tmp_path):
+    from hdlib.pretrain import parse_other_run
+
+    with pytest.raises(ConfigError, match="other_runs"):
+        parse_other_run(f"v-prediction: {tmp_path}")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "pretrain_final.json").write_text("{}")
+    assert parse_other_run(f"v-prediction: {tmp_path}") == ("v-prediction", tmp_path)
