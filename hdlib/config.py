@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+
+# numbers YAML 1.1 leaves as strings (`4e-4`: an exponent without a dot)
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _f(default=dataclasses.MISSING, *, lo=None, hi=None, choices=None, factory=None, doc=""):
@@ -306,6 +310,8 @@ def _coerce(value, tp, label: str, key: str, meta: dict):
         if isinstance(value, bool) or not isinstance(value, int):
             fail(f"expected an integer, got {value!r}")
     elif tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads `4e-4` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(f"expected a number, got {value!r}")
         value = float(value)

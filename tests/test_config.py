@@ -32,6 +32,15 @@ def test_overrides_are_typed():
     assert cfg.study.progress is True and cfg.filtering.tau == 0.9
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads `4e-4` as a string; a float key takes it as the number it means."""
+    p = _write(tmp_path, "diffusion:\n  pretrain:\n    lr: 4e-4\n")
+    assert load_config(p).diffusion.pretrain.lr == 4e-4
+    assert load_config(ROOT / "params/smoke.yaml", ["diffusion.adapt.lr=2e-4"]).diffusion.adapt.lr == 2e-4
+    with pytest.raises(ConfigError, match="diffusion.pretrain.lr"):
+        load_config(_write(tmp_path, "diffusion:\n  pretrain:\n    lr: 4e-4x\n"))
+
+
 def _write(tmp_path, text):
     p = tmp_path / "study.yaml"
     p.write_text(text)
