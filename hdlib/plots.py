@@ -278,6 +278,27 @@ def guidance_selection(table: pd.DataFrame, num_classes: int, chosen: float | No
     return fig
 
 
+def guided_faithfulness(table: pd.DataFrame, title: str = "Guided samples of their target class, per class"):
+    """Per target class: the reference classifier's accuracy on guided samples and the share the
+    guiding latent classifier gives their target class (rows of stages.synthesis.guided_faithfulness)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(table) + 1.5), 3.6))
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, table["reference_accuracy"], width=0.4, color="tab:blue", label="reference classifier")
+    ax.bar(x + 0.2, table["latent_classifier_agreement"], width=0.4, color="tab:orange",
+           label="latent classifier (re-encoded, t = 0)")
+    for i, r in enumerate(table.itertuples()):
+        if r.reference_most_frequent_other:
+            ax.text(i - 0.2, r.reference_accuracy + 0.02, f"→{r.reference_most_frequent_other}", ha="center",
+                    va="bottom", fontsize=6, rotation=90)
+    ax.axhline(0.8, color="grey", ls=":", lw=1, label="aim 0.80")
+    ax.set_xticks(x, table["class"])
+    ax.set_ylim(0, 1.15), ax.set_ylabel("share of the class's guided samples")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper right", ncol=3)
+    fig.tight_layout()
+    return fig
+
+
 def filtering_outcomes(summary: pd.DataFrame, title: str = "Filtering outcome per class"):
     """Stacked bars per class (columns class_name and one count per outcome: kept,
     wrong_centroid, low_confidence, near_copy, over_quota): the full bar is all candidates."""

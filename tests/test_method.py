@@ -124,3 +124,33 @@ def test_near_copy_threshold_is_calibrated_per_class():
     one = filter_synthetic(train, ty, syn, [1, 0], [1.0, 1.0], num_classes=2, train_features=train,
                            delta=float(delta[1]))
     assert one.near_copy.tolist() == [True, True]  # one global threshold would flag the background tile
+
+
+def test_guided_faithfulness_per_class_shares():
+    """Per class: the reference's accuracy and most frequent other call, and the guiding latent
+    classifier's agreement on the re-encoded images (here a stub that always calls class 0)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from hdlib.stages.synthesis import guided_faithfulness
+
+    vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+
+    class AlwaysClassZero(torch.nn.Module):
+        def forward(self, z, t):
+            assert z.shape[1] == 4 and (t == 0).all()
+            return torch.tensor([5.0, 0.0, 0.0]).expand(len(z), 3)
+
+    cfg = SimpleNamespace(data=SimpleNamespace(classes=["ADI", "LYM", "TUM"]))
+    gen = SimpleNamespace(vae=vae, scale=1.0, device="cpu")
+    labels = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2])
+    ref = torch.tensor([0, 2, 2, 2, 2, 1, 2, 2])
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    rows = {r["class"]: r for r in guided_faithfulness(cfg, images, labels, ref, AlwaysClassZero(), gen)}
+    assert rows["ADI"]["reference_accuracy"] == 0.5 and rows["ADI"]["reference_most_frequent_other"] == "TUM"
+    assert rows["LYM"]["reference_accuracy"] == 0.25 and rows["LYM"]["reference_most_frequent_other"] == "TUM"
+    assert rows["LYM"]["reference_most_frequent_other_share"] == 0.75
+    assert rows["TUM"]["reference_accuracy"] == 1.0 and rows["TUM"]["reference_most_frequent_other"] == ""
+    assert rows["ADI"]["latent_classifier_agreement"] == 1.0 and rows["LYM"]["latent_classifier_agreement"] == 0.0

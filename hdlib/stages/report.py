@@ -103,6 +103,12 @@ def chain_section(cfg: Config) -> str:
     if "guided_class_accuracy" in d4:
         lines.append(f"| guided samples of their target class (reference classifier, s = {d4['guidance_scale']:g}) | "
                      f"{d4['guided_class_accuracy']:.3f} | >= 0.80 |")
+    per_class = d4.get("guided_class_faithfulness") or []
+    if per_class:
+        weak = sorted(per_class, key=lambda r: r["reference_accuracy"])[:3]
+        lines.append("| weakest classes: reference accuracy (most frequent other call) / latent classifier agreement | "
+                     + ", ".join(f"{r['class']} {r['reference_accuracy']:.2f} ({r['reference_most_frequent_other'] or '-'}) / "
+                                 f"{r['latent_classifier_agreement']:.2f}" for r in weak) + " | both high |")
     acc = pd.DataFrame(d4.get("accounting", []))
     if len(acc):
         hd = acc[(acc["generator"] == "histodiffusion") & (acc["fraction"] == f0)]

@@ -464,6 +464,35 @@ def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFi
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def guided_faithfulness(cfg: Config, images: torch.Tensor, labels: torch.Tensor, reference_pred: torch.Tensor,
+                        latent_classifier, gen: "Generation") -> list[dict]:
+    """Per target class: the share of guided samples the reference classifier gives their target
+    class, its most frequent other call, and the share the latent classifier that guided them
+    gives their target class (on the re-encoded image, at t = 0). Where the latent classifier
+    agrees and the reference does not, guidance satisfied the latent classifier without
+    producing the class's appearance: the break is the latent classifier, not the sampler."""
+    from ..models import encode_images
+
+    z = encode_images(gen.vae, images, gen.scale, device=gen.device)
+    t0 = torch.zeros(len(z), dtype=torch.long, device=gen.device)
+    latent_pred = latent_classifier.to(gen.device)(z.to(gen.device), t0).argmax(1).cpu()
+    labels, reference_pred = torch.as_tensor(labels), torch.as_tensor(reference_pred)
+    rows = []
+    for c, name in enumerate(cfg.data.classes):
+        m = labels == c
+        if not m.any():
+            continue
+        wrong = reference_pred[m & (reference_pred != c)]
+        top = int(torch.mode(wrong).values) if len(wrong) else None
+        rows.append({"class": name, "n": int(m.sum()),
+                     "reference_accuracy": float((reference_pred[m] == c).float().mean()),
+                     "reference_most_frequent_other": cfg.data.classes[top] if top is not None else "",
+                     "reference_most_frequent_other_share": float((wrong == top).float().sum() / m.sum()) if top is not None else 0.0,
+                     "latent_classifier_agreement": float((latent_pred[m] == c).float().mean())})
+    return rows
+
+
 def _in_memory(cfg: Config, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
     from ..datasets import load_into_memory
 
@@ -529,12 +558,17 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     imgs, labels = _in_memory(cfg, first)
     _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
     guided_acc = float((pred == labels).float().mean())
+    from .guidance import load_latent_classifier
+
+    faithfulness = guided_faithfulness(cfg, imgs, labels, pred, load_latent_classifier(cfg, f0, d0), gen)
+    atomic_write_csv(pd.DataFrame(faithfulness), paths.table("guided_class_faithfulness"))
     near = {g: float(accounting_table[accounting_table["generator"] == g]["near_copies"].sum()
                      / max(1, accounting_table[accounting_table["generator"] == g]["candidates"].sum()))
             for g in accounting_table["generator"].unique()}
     metrics = {"guidance_scale": cfg.sampling.guidance_scale, "adaptation": cfg.diffusion.grid_adaptation,
                "selection": choice, "selection_table": sweep.to_dict(orient="records"),
                "guided_class_accuracy": guided_acc, "guided_class_accuracy_n": int(len(first)),
+               "guided_class_faithfulness": faithfulness,
                "accounting": accounting_table.to_dict(orient="records"),
                "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile,
                "sampler_comparison": comparison.to_dict(orient="records")}
@@ -543,4 +577,4 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
 
 __all__ = ["Generation", "SelectiveFilter", "request_seeds", "synthesize", "synthetic_training_images",
            "reference_classifier", "baseline_classifier", "quota_per_class", "generators_needed",
-           "choose_guidance", "compare_samplers", "synthesis_stage", "load_set", "set_images", "accounting", "merge_shards"]
+           "choose_guidance", "compare_samplers", "guided_faithfulness", "synthesis_stage", "load_set", "set_images", "accounting", "merge_shards"]
