@@ -280,6 +280,13 @@ def build_report(cfg: Config) -> Path:
                           "peak memory so far (MB)": [memory.get(k, float("nan")) for k in timings]})
         t.loc[len(t)] = ["total", t["seconds"].sum(), max(memory.values(), default=float("nan"))]
         parts.append(_md(t, ".0f") + "\n")
+    d5 = _read(cfg, "05_downstream")
+    if "cells" in d5 and d5.get("cells_computed", d5["cells"]) < d5["cells"]:
+        parts.append(f"05_downstream trained {d5['cells_computed']} of its {d5['cells']} grid cells; the other "
+                     f"{d5['cells'] - d5['cells_computed']} were reused from the grid's cache, whose keys are the "
+                     "content of each cell's inputs (labeled subset, the weights and request behind its synthetic images, "
+                     "settings), so only cells "
+                     "with identical inputs are reused. A run that changes them pays for the cells again.\n")
     text = "\n".join(p for p in parts if p)
     path = StudyPaths(cfg).report
     atomic_write_text(path, text)
