@@ -142,6 +142,7 @@ def _ddim_for(scheduler, num_inference_steps: int, eta: float, device):
     return scheduler.config.prediction_type, ddim, ddim.alphas_cumprod.to(device)
 
 
+@torch.no_grad()
 def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guidance_scale: float = 0.0,
                        num_inference_steps: int = 50, eta: float = 1.0, latent_shape, batch_size: int = 64,
                        device: str = "cpu", progress: bool = True) -> torch.Tensor:
