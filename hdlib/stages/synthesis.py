@@ -476,7 +476,9 @@ def guided_faithfulness(cfg: Config, images: torch.Tensor, labels: torch.Tensor,
 
     z = encode_images(gen.vae, images, gen.scale, device=gen.device)
     t0 = torch.zeros(len(z), dtype=torch.long, device=gen.device)
-    latent_pred = latent_classifier.to(gen.device)(z.to(gen.device), t0).argmax(1).cpu()
+    latent_classifier = latent_classifier.to(gen.device)
+    latent_pred = torch.cat([latent_classifier(z[i:i + 64].to(gen.device), t0[i:i + 64]).argmax(1).cpu()
+                             for i in range(0, len(z), 64)])  # batches: paper-size latents are 64x64
     labels, reference_pred = torch.as_tensor(labels), torch.as_tensor(reference_pred)
     rows = []
     for c, name in enumerate(cfg.data.classes):
