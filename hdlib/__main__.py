@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--compare", metavar="PARAMS", help="also pre-train this recipe and compare (model card)")
     pre.add_argument("--sweep", action="store_true",
                      help="only run the recipe sweep (pretrain.recipe_sweep, short runs on the same latents)")
+    pre.add_argument("--assess", metavar="PARAMS",
+                     help="no training: judge the exported model (pretrain.export_dir) and this baseline recipe with "
+                          "the provenance-trained judge, and add the result to the model card")
 
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("params")
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
     elif args.command == "pretrain":
         from .pretrain import main as pretrain_main
 
-        return pretrain_main(args.params, overrides, compare=args.compare, sweep=args.sweep)
+        return pretrain_main(args.params, overrides, compare=args.compare, sweep=args.sweep, assess=args.assess)
     elif args.command == "readme":
         from .config import load_config
         from .stages.report import readme_path, sync_readme

@@ -19,6 +19,7 @@ Two kinds of data, both built deterministically on first use:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -736,6 +737,34 @@ def _pool_labels(n: int, seed: int, style: str) -> np.ndarray:
     """Balanced, shuffled class ids for an unlabeled pool (never written to disk)."""
     labels = np.arange(n) % len(CRC_CLASSES)
     return np.random.default_rng([int(seed), SPLIT_IDS["pool"], _style_id(style), 999_999]).permutation(labels)
+
+
+_PARAMS_CACHE: dict[Path, dict | None] = {}
+
+
+def pool_tile_class(path) -> str | None:
+    """The tissue class the generator drew for a procedural pool tile of a built demo dataset
+    (<root>/pool/procedural_<style>/<index>.png), re-derived from the build's seed; None for any
+    other file. For judging generators (hdlib.pool_judge), never for training the study."""
+    p = Path(path)
+    if not (p.parent.name.startswith("procedural_") and p.parent.parent.name == "pool" and p.stem.isdigit()):
+        return None
+    root = p.parent.parent.parent
+    if root not in _PARAMS_CACHE:
+        try:
+            _PARAMS_CACHE[root] = json.loads((root / _MANIFEST).read_text())["params"]
+        except (OSError, ValueError, KeyError):
+            _PARAMS_CACHE[root] = None
+    params = _PARAMS_CACHE[root]
+    style = p.parent.name.removeprefix("procedural_")
+    if params is None or style not in params["pool_styles"] or int(p.stem) >= params["n_pool_per_style"]:
+        return None
+    return CRC_CLASSES[int(_pool_labels_cached(params["n_pool_per_style"], params["seed"], style)[int(p.stem)])]
+
+
+@functools.lru_cache(maxsize=16)
+def _pool_labels_cached(n: int, seed: int, style: str) -> np.ndarray:
+    return _pool_labels(n, seed, style)
 
 
 def _demo_params(image_size, n_train_per_class, n_test_per_class, n_pool_per_style, pool_styles, target_style,

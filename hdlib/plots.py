@@ -351,3 +351,20 @@ def pretrain_curves(log: pd.DataFrame, evals: pd.DataFrame, smooth: int = 20,
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def mixture_bars(groups: list[str], shares: dict[str, list[float]], title: str = ""):
+    """Grouped bars: the share of each group (tissue class or source) in each set; the first set is
+    the reference, drawn in grey."""
+    x = np.arange(len(groups))
+    w = 0.8 / max(len(shares), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(groups) + 2), 3.4))
+    for i, (label, vals) in enumerate(shares.items()):
+        ax.bar(x + (i - (len(shares) - 1) / 2) * w, vals, w, label=label, color="0.6" if i == 0 else None)
+    ax.set_xticks(x, groups, rotation=45, ha="right")
+    ax.set_ylabel("share of the set")
+    ax.legend(frameon=False, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

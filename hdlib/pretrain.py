@@ -252,6 +252,8 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
                          if (paths.metrics_dir / "pretrain_recipe_sweep.csv").exists() else None),
         "comparison_with_in_study_pretraining": (json.loads(paths.metrics("pretrain_comparison").read_text())
                                                  if paths.metrics("pretrain_comparison").exists() else None),
+        "pool_judge": (json.loads(paths.metrics("pretrain_pool_judge").read_text())
+                       if paths.metrics("pretrain_pool_judge").exists() else None),
         "judge": "untrained ResNet-18, seed 0, 128 px input, 512-d pooled features (hdlib.pretrain.RandomResNetJudge)",
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
     }
@@ -268,7 +270,7 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     extra = {"card.json": json.dumps(card, indent=2, default=float), "MODEL_CARD.md": model_card_text(card)}
     out = export_pretrained(out, vae, unet, noise_scheduler(cfg), scaling_factor=d1["scale_factor"],
                             extra_files=extra)
-    for name in ("pretrain_curves", "pretrain_samples", "pretrain_comparison"):
+    for name in ("pretrain_curves", "pretrain_samples", "pretrain_comparison", "pretrain_mixture"):
         if paths.figure(name).exists():
             (out / f"{name}.png").write_bytes(paths.figure(name).read_bytes())
     # the manifest must cover the figures too: rewrite it
@@ -473,6 +475,7 @@ During training (fewer samples and DDIM steps per point, so values sit above the
 ![samples](pretrain_samples.png)
 
 {_comparison_text(card)}
+{_pool_judge_text(card)}
 ## Files
 `MANIFEST.sha256` lists the sha256 of every file in this folder; `pretrained.sha256` in a params file pins
 the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
@@ -589,26 +592,289 @@ The default study used to pre-train inside every run (autoencoder {r['autoencode
 """
 
 
-def main(params: str, overrides=(), compare: str | None = None, sweep: bool = False) -> int:
+def main(params: str, overrides=(), compare: str | None = None, sweep: bool = False,
+         assess: str | None = None) -> int:
     """Pre-train (resumable); with `compare`, also pre-train that params file's recipe and
-    put the before/after comparison into the exported model card. With `sweep`, only run the
-    recipe sweep (its table goes into the card of the next export)."""
+    put the before/after comparison, by both judges, into the exported model card. With `sweep`,
+    only run the recipe sweep (its table goes into the card of the next export). With `assess`,
+    train nothing of this recipe: judge the already exported model against that baseline recipe
+    with the provenance-trained judge and add the result to its card."""
     from .config import load_config
 
     if sweep:
         print(recipe_sweep(params, overrides).to_string(index=False))
         return 0
     cfg = load_config(params, list(overrides))
+
+    def baseline_of(path):
+        # the baseline lives beside this run: the same study.* overrides (results_root, data_root, ...)
+        b = load_config(path, [o for o in overrides if o.startswith("study.") and "study.name" not in o])
+        b.pretrain.export_dir = ""
+        return b
+
+    if assess:
+        from .pretrained import verify
+        from .stages.data import prepare_data
+
+        if not cfg.pretrain.export_dir:
+            raise ConfigError("pretrain --assess: pretrain.export_dir is empty (the exported model to judge)")
+        verify(cfg.pretrain.export_dir)  # before any compute
+        baseline = baseline_of(assess)
+        if cfg.pretrain.threads:
+            torch.set_num_threads(cfg.pretrain.threads)
+        if not StudyPaths(cfg).manifest("pool").exists():
+            prepare_data(cfg)
+        run_pretrain(baseline)
+        _assess_into_card(cfg, baseline)
+        return 0
     if compare:
         for x in cfg.pretrain.other_runs:  # before hours of training, not after
             parse_other_run(x)
     run_pretrain(cfg, export=compare is None)
     if compare:
-        # the baseline lives beside this run: the same study.* overrides (results_root, data_root, ...)
-        baseline = load_config(compare, [o for o in overrides if o.startswith("study.") and "study.name" not in o])
-        baseline.pretrain.export_dir = ""
+        baseline = baseline_of(compare)
         run_pretrain(baseline)
         compare_pretraining(cfg, baseline)
         if cfg.pretrain.export_dir:
             export_study_pretrained(cfg, cfg.pretrain.export_dir)
+            _assess_into_card(cfg, baseline)
     return 0
+
+
+def _assess_into_card(cfg: Config, baseline: Config) -> None:
+    out = assess_with_pool_judge(cfg, baseline, cfg.pretrain.export_dir)
+    update_card(cfg.pretrain.export_dir, "pool_judge", out,
+                {"pretrain_mixture.png": StudyPaths(cfg).figure("pretrain_mixture")})
+    s, b = out["models"]["shipped"], out["models"]["in_study"]
+    print(f"[pretrain] provenance-trained judge (holdout accuracy {out['judge']['holdout_accuracy']:.3f}): "
+          f"FID shipped {s['fid']:.2f} vs in-study {b['fid']:.2f}; split-half {out['split_half']['fid']:.2f}; "
+          f"mixture TV {s['mixture_tv']:.3f} vs {b['mixture_tv']:.3f}; copying {_pct(s['copying_rate'])} vs "
+          f"{_pct(b['copying_rate'])}", flush=True)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+# --------------------------------------------------------------------------- second judge
+POOL_JUDGE_DIR = "pool_judge"
+
+
+def pool_judge(cfg: Config, progress: bool = False):
+    """The provenance-trained judge of this pool (hdlib.pool_judge), trained once on the pool's
+    training split and cached in the study's cache, keyed by the pool manifest's content."""
+    from .pool_judge import JudgeTraining, load_judge, provenance_labels, save_judge, train_pool_judge
+    from .pretrained import _sha256
+    from .stages.data import split_images
+
+    paths = StudyPaths(cfg)
+    settings = JudgeTraining(epochs=cfg.pretrain.judge_epochs)
+    key = {"pool_manifest_sha256": _sha256(paths.manifest("pool")), "training": vars(settings)}
+    folder = paths.cache / POOL_JUDGE_DIR
+    if (folder / "judge.json").exists() and json.loads((folder / "judge.json").read_text()).get("key") == key:
+        return load_judge(folder)
+    ds = split_images(cfg, "pool")
+    labels = provenance_labels([ds.record(i) for i in range(len(ds))])
+    t = time.time()
+    judge, log = train_pool_judge(ds, labels, settings, progress=progress)
+    info = {"key": key, "train_tiles": len(ds), "steps": log["steps"], "final_loss": log["final_loss"],
+            "train_s": time.time() - t}
+    save_judge(judge, folder, info)
+    return judge, {"classes": judge.classes, **info}
+
+
+def exported_model_samples(cfg: Config, model_dir: str | Path, n: int, steps: int) -> torch.Tensor:
+    """n unconditional samples (the card's seeds) of a diffusers-format folder, cached by its content."""
+    from .pretrained import folder_sha256, load_scheduler, load_unet, load_vae, read_latent_info
+
+    digest = folder_sha256(model_dir)
+    cached = StudyPaths(cfg).cache / f"exported_samples_{digest[:16]}_{n}_{steps}.pt"
+    if cached.exists():
+        return torch.load(cached)
+    imgs = sample_images(load_unet(model_dir), load_scheduler(model_dir), load_vae(model_dir),
+                         read_latent_info(model_dir)["scaling_factor"], n, steps, progress=cfg.study.progress)
+    from .io import atomic_torch_save
+
+    atomic_torch_save(imgs, cached)
+    return imgs
+
+
+def baseline_samples(cfg: Config, baseline: Config, n: int) -> torch.Tensor:
+    """n samples of the baseline (in-study) run, the same seeds and DDIM steps (cached in its folder)."""
+    from .io import atomic_torch_save
+    from .stages.autoencoder import load_autoencoder
+    from .stages.diffusion import load_denoiser, noise_scheduler
+
+    cached = StudyPaths(baseline).cache / "final_samples.pt"
+    if cached.exists() and len(torch.load(cached)) == n:
+        return torch.load(cached)
+    scale = float(json.loads(StudyPaths(baseline).metrics("01_autoencoder").read_text())["scale_factor"])
+    imgs = sample_images(load_denoiser(baseline, "denoiser_pretrained"), noise_scheduler(baseline),
+                         load_autoencoder(baseline), scale, n, cfg.pretrain.final_inference_steps,
+                         progress=cfg.study.progress)
+    atomic_torch_save(imgs, cached)
+    return imgs
+
+
+def _tissue_group(label: str) -> str:
+    return label.split(":", 1)[1] if ":" in label else label
+
+
+def assess_with_pool_judge(cfg: Config, baseline: Config, model_dir: str | Path) -> dict:
+    """The exported model and the baseline run, judged by the provenance-trained judge against the
+    holdout tiles of the sources both saw: quality, mixture of provenance classes and copying.
+    Writes metrics/pretrain_pool_judge.json and figures/pretrain_mixture.png."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    from . import plots
+    from .pool_judge import copying_rate, mixture, provenance_labels, total_variation
+    from .stages.data import load_split_images, split_images, split_sources
+
+    paths, p = StudyPaths(cfg), cfg.pretrain
+    judge, info = pool_judge(cfg, progress=cfg.study.progress)
+    K = len(judge.classes)
+    # the holdout of the sources both models saw, and the judge's accuracy on it
+    shared = set(split_sources(baseline, "pool_holdout"))
+    hold = split_images(cfg, "pool_holdout")
+    rows = [i for i, s_ in enumerate(split_sources(cfg, "pool_holdout")) if s_ in shared]
+    real = load_split_images(cfg, "pool_holdout", rows)[0]
+    truth = provenance_labels([hold.record(i) for i in rows])
+    real_f, real_c = judge.features_and_calls(real)
+    called = [judge.classes[i] for i in real_c.tolist()]
+    acc = float(np.mean([a == b for a, b in zip(called, truth)]))
+    tissue_acc = float(np.mean([_tissue_group(a) == _tissue_group(b) for a, b in zip(called, truth)]))
+    n_unknown = sum(t not in judge.classes for t in truth)
+
+    n, steps = p.final_eval_samples, p.final_inference_steps
+    samples = {"shipped": exported_model_samples(cfg, model_dir, n, steps), "in_study": baseline_samples(cfg, baseline, n)}
+    random_judge = RandomResNetJudge()
+    random_real = random_judge(real)
+    # copying: each model's own training tiles vs as many held-out tiles it never saw (by content)
+    pool_sha = {"shipped": _manifest_column(cfg, "pool", "sha1"), "in_study": _manifest_column(baseline, "pool", "sha1")}
+    hold_sha = _manifest_column(cfg, "pool_holdout", "sha1")
+    g = torch.Generator().manual_seed(0)
+    out = {"judge": {"architecture": "ResNet-18 (timm), trained from scratch on the pool's training split",
+                     "classes": judge.classes, "train_tiles": info["train_tiles"], "steps": info["steps"],
+                     "final_loss": info["final_loss"], "holdout_accuracy": acc, "holdout_tissue_accuracy": tissue_acc,
+                     "holdout_tiles": len(rows), "holdout_tiles_of_unseen_class": n_unknown},
+           "reference": f"{len(rows)} held-out pool tiles of the sources both models saw",
+           "samples": n, "ddim_steps": steps, "model_dir": str(model_dir),
+           "split_half": pool_quality(real_f[0::2], real_f[1::2]),
+           "real_mixture": mixture(real_c, K).tolist(), "models": {}}
+    for name, imgs in samples.items():
+        f, c = judge.features_and_calls(imgs)
+        mine = set(pool_sha[name])
+        unseen_rows = [i for i, r in enumerate(rows) if hold_sha[r] not in mine]
+        own = _manifest_rows_sample(cfg if name == "shipped" else baseline, len(unseen_rows), g)
+        own_imgs = load_split_images(cfg if name == "shipped" else baseline, "pool", own)[0]
+        own_f = judge.features_and_calls(own_imgs)[0]
+        mix = mixture(c, K)
+        out["models"][name] = {
+            **pool_quality(f, real_f),
+            "matched_size": matched_size_fid(f, real_f[1::2], len(real_f[0::2])),
+            "mixture": mix.tolist(), "mixture_tv": total_variation(mix, out["real_mixture"]),
+            "copying_rate": copying_rate(f, own_f, real_f[unseen_rows]) if unseen_rows else None,
+            "copying_reference_tiles": len(unseen_rows),
+            "random_judge_fid": pool_quality(random_judge(imgs), random_real)["fid"]}
+    atomic_write_json(paths.metrics("pretrain_pool_judge"), out)
+    groups = sorted({_tissue_group(c) for c in judge.classes})
+
+    def grouped(mix):
+        return [float(sum(m for c, m in zip(judge.classes, mix) if _tissue_group(c) == gname)) for gname in groups]
+
+    fig = plots.mixture_bars(groups, {"real holdout": grouped(out["real_mixture"]),
+                                      "shipped model": grouped(out["models"]["shipped"]["mixture"]),
+                                      "in-study model (before)": grouped(out["models"]["in_study"]["mixture"])},
+                             title="What the samples are, as the provenance-trained judge calls them")
+    plots.save(fig, cfg, "pretrain_mixture")
+    return out
+
+
+def _manifest_column(cfg: Config, split: str, column: str) -> list:
+    return pd.read_csv(StudyPaths(cfg).manifest(split), usecols=[column])[column].tolist()
+
+
+def _manifest_rows_sample(cfg: Config, n: int, g: torch.Generator) -> list[int]:
+    total = len(pd.read_csv(StudyPaths(cfg).manifest("pool"), usecols=["sha1"]))
+    return sorted(torch.randperm(total, generator=g)[:n].tolist())
+
+
+def _pool_judge_text(card: dict) -> str:
+    a = card.get("pool_judge")
+    if not a:
+        return ""
+    j, ms = a["judge"], a["models"]
+    names = {"shipped": "this model", "in_study": "in-study pre-training (before)"}
+    half = a["split_half"]
+    rows = (f"| real held-out tiles, one half vs the other | {half['fid']:.2f} | - | {half['kid_mean']:.4f} | "
+            f"{half['precision']:.3f} | {half['recall']:.3f} | - | - | - |\n")
+    for k, m in ms.items():
+        rows += (f"| {names.get(k, k)} | {m['fid']:.2f} | {m['matched_size']['mean']:.2f} ± {m['matched_size']['sd']:.2f} | "
+                 f"{m['kid_mean']:.4f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mixture_tv']:.3f} | "
+                 f"{_pct(m['copying_rate'])} | {m['random_judge_fid']:.2f} |\n")
+    s, b = ms["shipped"], ms["in_study"]
+    gap = b["matched_size"]["mean"] - s["matched_size"]["mean"]
+    spread = max(s["matched_size"]["sd"], b["matched_size"]["sd"], 1e-9)
+    closer = "this model" if gap > 0 else "the in-study model"
+    verdict = (f"**By this judge this model's FID is {'lower' if s['fid'] < b['fid'] else 'not lower'}: "
+               f"{s['fid']:.2f} vs {b['fid']:.2f}.** At equal sample sizes the gap, {abs(gap):.2f}, is "
+               f"{abs(gap) / spread:.1f} times the larger spread over draws; {closer} is the closer to real tiles.")
+    classes = card["pool_judge"]["judge"]["classes"]
+    groups = sorted({_tissue_group(c) for c in classes})
+
+    def grouped(mix):
+        return {g: sum(m for c, m in zip(classes, mix) if _tissue_group(c) == g) for g in groups}
+
+    real, mine, theirs = grouped(a["real_mixture"]), grouped(s["mixture"]), grouped(b["mixture"])
+    short = sorted(groups, key=lambda g: mine[g] - real[g])[:3]
+    short_text = ", ".join(f"{g} {mine[g]:.0%} (real {real[g]:.0%}, in-study {theirs[g]:.0%})" for g in short)
+    return f"""## A second judge, trained on the pool's provenance
+The untrained ResNet-18 above needs nothing but sees mostly colour and low-level texture. This judge
+is the same architecture trained from scratch ({j['steps']} steps) on this pool's {j['train_tiles']} training
+tiles to name what made each tile: for a procedural tile its stain style and the tissue class the
+generator drew (re-derived from the generator's seed, never stored), for a real tile its source
+image; {len(classes)} classes. Like Inception for ImageNet FIDs, its features weigh what tells tissue types
+apart. It needs none of the target's labels (the target's stain style is not in the pool) and has never
+seen the holdout: on the {j['holdout_tiles']} held-out tiles it names the exact class of {j['holdout_accuracy']:.0%} and the
+tissue class (or real source) of {j['holdout_tissue_accuracy']:.0%}. Made by `make pretrain` (or, for a model already
+exported, `python -m hdlib pretrain params/pretrain_demo.yaml --assess params/in_study_baseline.yaml`);
+{a['samples']} samples per model, DDIM {a['ddim_steps']} steps, the seeds of the table above, against {a['reference']}.
+
+| set | FID | FID at equal sizes | KID | precision | recall | mixture TV | copying | FID, untrained judge |
+|---|---|---|---|---|---|---|---|---|
+{rows}
+- *FID at equal sizes*: {ms['shipped']['matched_size']['n']} samples (5 draws) against the same held-out half as the first row.
+- *mixture TV*: total variation distance between the mix of classes among the samples and among the
+  real held-out tiles, both as the judge calls them (0 = the same mix, 1 = disjoint).
+- *copying*: the share of samples whose nearest neighbour (judge features), among equally many of the
+  model's own training tiles and of held-out tiles it never saw, is a training tile (50% = no copying).
+- *FID, untrained judge*: these same samples, re-measured by the first judge.
+
+{verdict} Where this model falls short of the real mix most: {short_text}.
+
+![mixture of samples](pretrain_mixture.png)
+"""
+
+
+def update_card(model_dir: str | Path, key: str, value: dict, figures: dict[str, Path]) -> None:
+    """Add `key` to an exported model's card.json, re-render MODEL_CARD.md, copy `figures` in and
+    rewrite MANIFEST.sha256. The model files (vae/, unet/, scheduler/) are left as they are, so a
+    pinned sha256 still holds (checked)."""
+    from .pretrained import MANIFEST, file_hashes, folder_sha256
+
+    model_dir = Path(model_dir)
+    before = folder_sha256(model_dir)
+    card = json.loads((model_dir / "card.json").read_text())
+    card[key] = value
+    from .io import atomic_path
+
+    for name, src in figures.items():
+        with atomic_path(model_dir / name) as tmp:
+            tmp.write_bytes(Path(src).read_bytes())
+    atomic_write_text(model_dir / "card.json", json.dumps(card, indent=2, default=float))
+    atomic_write_text(model_dir / "MODEL_CARD.md", model_card_text(card))
+    atomic_write_text(model_dir / MANIFEST, "".join(f"{v}  {k}\n" for k, v in file_hashes(model_dir).items()))
+    if folder_sha256(model_dir) != before:
+        raise RuntimeError(f"{model_dir}: model files changed while updating the card")

@@ -113,11 +113,12 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     import pandas as pd
 
     from hdlib.config import load_config
-    from hdlib.pretrain import main
+    from hdlib.pretrain import main, update_card
 
     tiny = ["study.progress=false", "diffusion.pretrain.checkpointing_steps=2", "pretrain.eval_every=2",
             "pretrain.eval_samples=8", "pretrain.eval_inference_steps=2", "pretrain.final_eval_samples=8",
-            "pretrain.final_inference_steps=2", "autoencoder.train.max_steps=3", "data.pool_holdout=4"]
+            "pretrain.final_inference_steps=2", "autoencoder.train.max_steps=3", "data.pool_holdout=4",
+            "pretrain.judge_epochs=1"]
     smoke = (ROOT / "params" / "smoke.yaml").read_text()
     baseline = tmp_path / "baseline.yaml"
     baseline.write_text(smoke + "pretrain: {eval_every: 2, eval_samples: 8, eval_inference_steps: 2, "
@@ -144,6 +145,20 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
                                                             ("min_snr", "ema")]
     assert all(r["fid"] > 0 and r["steps"] == 2 for r in rows)
     assert "How the recipe was chosen" in (model / "MODEL_CARD.md").read_text()
+    # the second judge, trained on the pool's provenance: in the card, with its figure, weights untouched
+    pj = card["pool_judge"]
+    assert set(pj["models"]) == {"shipped", "in_study"} and pj["split_half"]["fid"] >= 0
+    assert len(pj["judge"]["classes"]) >= 2 and 0 <= pj["judge"]["holdout_accuracy"] <= 1
+    for m in pj["models"].values():
+        assert m["fid"] > 0 and 0 <= m["mixture_tv"] <= 1 and abs(sum(m["mixture"]) - 1) < 1e-9
+    assert "A second judge" in (model / "MODEL_CARD.md").read_text() and (model / "pretrain_mixture.png").exists()
+    digest = verify(model)
+    update_card(model, "pool_judge", None, {})
+    assert "A second judge" not in (model / "MODEL_CARD.md").read_text()
+    main(str(smoke_path), ov, assess=str(baseline))  # judge an exported model again, without training
+    assert json.loads((model / "card.json").read_text())["pool_judge"]["models"]["shipped"]["fid"] == \
+        pj["models"]["shipped"]["fid"]  # the same samples (cached by the model's content), the same judge
+    assert verify(model) == digest
     with pytest.raises(ConfigError, match="recipe_sweep"):
         main(str(smoke_path), ov + ['pretrain.recipe_sweep=["no name here"]'], sweep=True)
     log = cfg.results_dir / "models" / "denoiser_pretrained" / "log.csv"
