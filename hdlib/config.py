@@ -243,6 +243,9 @@ class PretrainConfig:
         "cosine_schedule: diffusion.schedule=cosine",
         "width_32: diffusion.block_out_channels=[32,64,64]",
     ], doc="'name: key=value ...' recipe variants, each trained sweep_steps on the same latents and judged alike")
+    baseline_seeds: list[int] = _f(factory=lambda: [0, 1, 2], doc="study.seed of each run of the baseline recipe "
+                                   "(--compare / --assess) judged by the provenance-trained judge: re-draws its pool, "
+                                   "initialisation and noise")
     judge_epochs: int = _f(4, lo=1, doc="epochs of the provenance-trained judge (hdlib.pool_judge) over the pool's "
                            "training split")
     other_runs: list[str] = _f(factory=list, doc="'label: results folder' of full pre-training runs of other recipes "

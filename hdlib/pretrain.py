@@ -606,9 +606,12 @@ def main(params: str, overrides=(), compare: str | None = None, sweep: bool = Fa
         return 0
     cfg = load_config(params, list(overrides))
 
-    def baseline_of(path):
+    def baseline_of(path, seed=None):
         # the baseline lives beside this run: the same study.* overrides (results_root, data_root, ...)
-        b = load_config(path, [o for o in overrides if o.startswith("study.") and "study.name" not in o])
+        ov = [o for o in overrides if o.startswith("study.") and "study.name" not in o and "study.seed" not in o]
+        b = load_config(path, ov)
+        if seed is not None and seed != b.study.seed:  # another draw of the same recipe, in its own folder
+            b = load_config(path, ov + [f"study.seed={seed}", f"study.name={b.study.name}_seed{seed}"])
         b.pretrain.export_dir = ""
         return b
 
@@ -619,37 +622,40 @@ def main(params: str, overrides=(), compare: str | None = None, sweep: bool = Fa
         if not cfg.pretrain.export_dir:
             raise ConfigError("pretrain --assess: pretrain.export_dir is empty (the exported model to judge)")
         verify(cfg.pretrain.export_dir)  # before any compute
-        baseline = baseline_of(assess)
+        baselines = [baseline_of(assess, s) for s in cfg.pretrain.baseline_seeds]
         if cfg.pretrain.threads:
             torch.set_num_threads(cfg.pretrain.threads)
         if not StudyPaths(cfg).manifest("pool").exists():
             prepare_data(cfg)
-        run_pretrain(baseline)
-        _assess_into_card(cfg, baseline)
+        for b in baselines:
+            run_pretrain(b)
+        _assess_into_card(cfg, baselines)
         return 0
     if compare:
         for x in cfg.pretrain.other_runs:  # before hours of training, not after
             parse_other_run(x)
     run_pretrain(cfg, export=compare is None)
     if compare:
-        baseline = baseline_of(compare)
-        run_pretrain(baseline)
-        compare_pretraining(cfg, baseline)
+        baselines = [baseline_of(compare, s) for s in cfg.pretrain.baseline_seeds]
+        for b in baselines:
+            run_pretrain(b)
+        compare_pretraining(cfg, baselines[0])
         if cfg.pretrain.export_dir:
             export_study_pretrained(cfg, cfg.pretrain.export_dir)
-            _assess_into_card(cfg, baseline)
+            _assess_into_card(cfg, baselines)
     return 0
 
 
-def _assess_into_card(cfg: Config, baseline: Config) -> None:
-    out = assess_with_pool_judge(cfg, baseline, cfg.pretrain.export_dir)
+def _assess_into_card(cfg: Config, baselines: list[Config]) -> None:
+    out = assess_with_pool_judge(cfg, baselines, cfg.pretrain.export_dir)
     update_card(cfg.pretrain.export_dir, "pool_judge", out,
                 {"pretrain_mixture.png": StudyPaths(cfg).figure("pretrain_mixture")})
-    s, b = out["models"]["shipped"], out["models"]["in_study"]
+    s, b = out["models"]["shipped"], out["in_study_over_seeds"]
     print(f"[pretrain] provenance-trained judge (holdout accuracy {out['judge']['holdout_accuracy']:.3f}): "
-          f"FID shipped {s['fid']:.2f} vs in-study {b['fid']:.2f}; split-half {out['split_half']['fid']:.2f}; "
-          f"mixture TV {s['mixture_tv']:.3f} vs {b['mixture_tv']:.3f}; copying {_pct(s['copying_rate'])} vs "
-          f"{_pct(b['copying_rate'])}", flush=True)
+          f"FID shipped {s['fid']:.2f} vs in-study {b['fid']['mean']:.2f} +- {b['fid']['sd']:.2f} "
+          f"({len(b['fid']['values'])} seeds); split-half {out['split_half']['fid']:.2f}; mixture TV "
+          f"{s['mixture_tv']:.3f} vs {b['mixture_tv']['mean']:.3f}; autoencoder ceiling "
+          f"{s['autoencoder_ceiling']['fid']:.2f}", flush=True)
 
 
 def _pct(x) -> str:
@@ -720,23 +726,26 @@ def _tissue_group(label: str) -> str:
     return label.split(":", 1)[1] if ":" in label else label
 
 
-def assess_with_pool_judge(cfg: Config, baseline: Config, model_dir: str | Path) -> dict:
-    """The exported model and the baseline run, judged by the provenance-trained judge against the
-    holdout tiles of the sources both saw: quality, mixture of provenance classes and copying.
-    Writes metrics/pretrain_pool_judge.json and figures/pretrain_mixture.png."""
+def assess_with_pool_judge(cfg: Config, baselines: list[Config], model_dir: str | Path) -> dict:
+    """The exported model and the baseline runs (one recipe, several seeds), judged by the
+    provenance-trained judge against the holdout tiles of the sources all saw: quality, the mixture
+    of provenance classes, copying, and each autoencoder's ceiling (held-out tiles passed through
+    it). Writes metrics/pretrain_pool_judge.json and figures/pretrain_mixture.png."""
     import matplotlib
     import numpy as np
 
     matplotlib.use("Agg")
     from . import plots
     from .pool_judge import copying_rate, mixture, provenance_labels, total_variation
+    from .pretrained import load_vae, read_latent_info
+    from .stages.autoencoder import load_autoencoder
     from .stages.data import load_split_images, split_images, split_sources
 
     paths, p = StudyPaths(cfg), cfg.pretrain
     judge, info = pool_judge(cfg, progress=cfg.study.progress)
     K = len(judge.classes)
-    # the holdout of the sources both models saw, and the judge's accuracy on it
-    shared = set(split_sources(baseline, "pool_holdout"))
+    # the holdout of the sources every model saw, and the judge's accuracy on it
+    shared = set.intersection(*(set(split_sources(b, "pool_holdout")) for b in baselines))
     hold = split_images(cfg, "pool_holdout")
     rows = [i for i, s_ in enumerate(split_sources(cfg, "pool_holdout")) if s_ in shared]
     real = load_split_images(cfg, "pool_holdout", rows)[0]
@@ -745,31 +754,33 @@ def assess_with_pool_judge(cfg: Config, baseline: Config, model_dir: str | Path)
     called = [judge.classes[i] for i in real_c.tolist()]
     acc = float(np.mean([a == b for a, b in zip(called, truth)]))
     tissue_acc = float(np.mean([_tissue_group(a) == _tissue_group(b) for a, b in zip(called, truth)]))
-    n_unknown = sum(t not in judge.classes for t in truth)
-
-    n, steps = p.final_eval_samples, p.final_inference_steps
-    samples = {"shipped": exported_model_samples(cfg, model_dir, n, steps), "in_study": baseline_samples(cfg, baseline, n)}
     random_judge = RandomResNetJudge()
     random_real = random_judge(real)
-    # copying: each model's own training tiles vs as many held-out tiles it never saw (by content)
-    pool_sha = {"shipped": _manifest_column(cfg, "pool", "sha1"), "in_study": _manifest_column(baseline, "pool", "sha1")}
+
+    n, steps = p.final_eval_samples, p.final_inference_steps
+    runs = {"shipped": (cfg, exported_model_samples(cfg, model_dir, n, steps),
+                        (load_vae(model_dir), read_latent_info(model_dir)["scaling_factor"]))}
+    for b in baselines:
+        runs[f"in_study_seed{b.study.seed}"] = (b, baseline_samples(cfg, b, n), (load_autoencoder(b), 1.0))
     hold_sha = _manifest_column(cfg, "pool_holdout", "sha1")
     g = torch.Generator().manual_seed(0)
     out = {"judge": {"architecture": "ResNet-18 (timm), trained from scratch on the pool's training split",
                      "classes": judge.classes, "train_tiles": info["train_tiles"], "steps": info["steps"],
                      "final_loss": info["final_loss"], "holdout_accuracy": acc, "holdout_tissue_accuracy": tissue_acc,
-                     "holdout_tiles": len(rows), "holdout_tiles_of_unseen_class": n_unknown},
-           "reference": f"{len(rows)} held-out pool tiles of the sources both models saw",
+                     "holdout_tiles": len(rows), "holdout_tiles_of_unseen_class": sum(t not in judge.classes for t in truth)},
+           "reference": f"{len(rows)} held-out pool tiles of the sources all models saw",
            "samples": n, "ddim_steps": steps, "model_dir": str(model_dir),
+           "baseline_seeds": [b.study.seed for b in baselines],
            "split_half": pool_quality(real_f[0::2], real_f[1::2]),
+           "split_half_random_judge": pool_quality(random_real[0::2], random_real[1::2])["fid"],
            "real_mixture": mixture(real_c, K).tolist(), "models": {}}
-    for name, imgs in samples.items():
+    for name, (run_cfg, imgs, (vae, scale)) in runs.items():
         f, c = judge.features_and_calls(imgs)
-        mine = set(pool_sha[name])
+        # copying: the run's own training tiles vs as many held-out tiles it never saw (by content)
+        mine = set(_manifest_column(run_cfg, "pool", "sha1"))
         unseen_rows = [i for i, r in enumerate(rows) if hold_sha[r] not in mine]
-        own = _manifest_rows_sample(cfg if name == "shipped" else baseline, len(unseen_rows), g)
-        own_imgs = load_split_images(cfg if name == "shipped" else baseline, "pool", own)[0]
-        own_f = judge.features_and_calls(own_imgs)[0]
+        own = _manifest_rows_sample(run_cfg, len(unseen_rows), g)
+        own_f = judge.features_and_calls(load_split_images(run_cfg, "pool", own)[0])[0]
         mix = mixture(c, K)
         out["models"][name] = {
             **pool_quality(f, real_f),
@@ -777,19 +788,48 @@ def assess_with_pool_judge(cfg: Config, baseline: Config, model_dir: str | Path)
             "mixture": mix.tolist(), "mixture_tv": total_variation(mix, out["real_mixture"]),
             "copying_rate": copying_rate(f, own_f, real_f[unseen_rows]) if unseen_rows else None,
             "copying_reference_tiles": len(unseen_rows),
-            "random_judge_fid": pool_quality(random_judge(imgs), random_real)["fid"]}
+            "random_judge_fid": pool_quality(random_judge(imgs), random_real)["fid"],
+            "autoencoder_ceiling": _autoencoder_ceiling(vae, scale, real, real_f, truth, judge, random_judge,
+                                                        random_real)}
+    seeds = [v for k, v in out["models"].items() if k.startswith("in_study")]
+    out["in_study_over_seeds"] = {
+        key: {"mean": float(np.mean([fn(v) for v in seeds])), "sd": float(np.std([fn(v) for v in seeds], ddof=1))
+              if len(seeds) > 1 else 0.0, "values": [fn(v) for v in seeds]}
+        for key, fn in (("fid", lambda v: v["fid"]), ("matched_size_fid", lambda v: v["matched_size"]["mean"]),
+                        ("mixture_tv", lambda v: v["mixture_tv"]), ("random_judge_fid", lambda v: v["random_judge_fid"]))}
     atomic_write_json(paths.metrics("pretrain_pool_judge"), out)
     groups = sorted({_tissue_group(c) for c in judge.classes})
 
     def grouped(mix):
         return [float(sum(m for c, m in zip(judge.classes, mix) if _tissue_group(c) == gname)) for gname in groups]
 
+    mean_in_study = np.mean([v["mixture"] for v in seeds], axis=0)
     fig = plots.mixture_bars(groups, {"real holdout": grouped(out["real_mixture"]),
                                       "shipped model": grouped(out["models"]["shipped"]["mixture"]),
-                                      "in-study model (before)": grouped(out["models"]["in_study"]["mixture"])},
+                                      f"in-study model (before; mean of {len(seeds)} seeds)": grouped(mean_in_study)},
                              title="What the samples are, as the provenance-trained judge calls them")
     plots.save(fig, cfg, "pretrain_mixture")
     return out
+
+
+@torch.no_grad()
+def _autoencoder_ceiling(vae, scale, real, real_f, truth, judge, random_judge, random_real) -> dict:
+    """Held-out tiles through the autoencoder alone: FID of reconstructions of one half against the
+    other real half (both judges), and per tissue group how often the judge still calls a
+    reconstruction what its original was. No denoiser can do better than its autoencoder."""
+    import numpy as np
+
+    from .models import decode_latents, encode_images
+
+    rec = decode_latents(vae, encode_images(vae, real, scale, batch_size=64), scale, batch_size=64)
+    f, c = judge.features_and_calls(rec)
+    want = [_tissue_group(t) for t in truth]
+    got = [_tissue_group(judge.classes[i]) for i in c.tolist()]
+    per_group = {gname: float(np.mean([a == gname for a, w in zip(got, want) if w == gname]))
+                 for gname in sorted(set(want))}
+    return {"fid": pool_quality(f[0::2], real_f[1::2])["fid"],
+            "random_judge_fid": pool_quality(random_judge(rec)[0::2], random_real[1::2])["fid"],
+            "tissue_kept": float(np.mean([a == w for a, w in zip(got, want)])), "tissue_kept_per_group": per_group}
 
 
 def _manifest_column(cfg: Config, split: str, column: str) -> list:
@@ -805,31 +845,59 @@ def _pool_judge_text(card: dict) -> str:
     a = card.get("pool_judge")
     if not a:
         return ""
-    j, ms = a["judge"], a["models"]
-    names = {"shipped": "this model", "in_study": "in-study pre-training (before)"}
+    j, ms, sd = a["judge"], a["models"], a["in_study_over_seeds"]
+    names = {"shipped": "this model"} | {k: f"in-study pre-training (before), seed {k.removeprefix('in_study_seed')}"
+                                         for k in ms if k.startswith("in_study")}
     half = a["split_half"]
     rows = (f"| real held-out tiles, one half vs the other | {half['fid']:.2f} | - | {half['kid_mean']:.4f} | "
-            f"{half['precision']:.3f} | {half['recall']:.3f} | - | - | - |\n")
+            f"{half['precision']:.3f} | {half['recall']:.3f} | - | - | {a['split_half_random_judge']:.2f} |\n")
     for k, m in ms.items():
-        rows += (f"| {names.get(k, k)} | {m['fid']:.2f} | {m['matched_size']['mean']:.2f} ± {m['matched_size']['sd']:.2f} | "
+        rows += (f"| {names[k]} | {m['fid']:.2f} | {m['matched_size']['mean']:.2f} ± {m['matched_size']['sd']:.2f} | "
                  f"{m['kid_mean']:.4f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['mixture_tv']:.3f} | "
                  f"{_pct(m['copying_rate'])} | {m['random_judge_fid']:.2f} |\n")
-    s, b = ms["shipped"], ms["in_study"]
-    gap = b["matched_size"]["mean"] - s["matched_size"]["mean"]
-    spread = max(s["matched_size"]["sd"], b["matched_size"]["sd"], 1e-9)
-    closer = "this model" if gap > 0 else "the in-study model"
-    verdict = (f"**By this judge this model's FID is {'lower' if s['fid'] < b['fid'] else 'not lower'}: "
-               f"{s['fid']:.2f} vs {b['fid']:.2f}.** At equal sample sizes the gap, {abs(gap):.2f}, is "
-               f"{abs(gap) / spread:.1f} times the larger spread over draws; {closer} is the closer to real tiles.")
-    classes = card["pool_judge"]["judge"]["classes"]
+    n_seeds = len(sd["fid"]["values"])
+    rows += (f"| in-study, mean ± sd over {n_seeds} seeds | {sd['fid']['mean']:.2f} ± {sd['fid']['sd']:.2f} | "
+             f"{sd['matched_size_fid']['mean']:.2f} ± {sd['matched_size_fid']['sd']:.2f} | | | | "
+             f"{sd['mixture_tv']['mean']:.3f} | | {sd['random_judge_fid']['mean']:.2f} ± {sd['random_judge_fid']['sd']:.2f} |\n")
+    s = ms["shipped"]
+    others = [m["matched_size"]["mean"] for k, m in ms.items() if k.startswith("in_study")]
+    spread = max([s["matched_size"]["sd"]] + [m["matched_size"]["sd"] for k, m in ms.items() if k.startswith("in_study")]
+                 + [sd["matched_size_fid"]["sd"]])
+    gap = min(others) - s["matched_size"]["mean"]
+    ratio = gap / max(spread, 1e-9)
+    head = f"{s['fid']:.2f} vs {sd['fid']['mean']:.2f} ± {sd['fid']['sd']:.2f} over {n_seeds} seeds"
+    if gap > 0 and ratio >= 2:
+        verdict = (f"**By this judge this model's FID is clearly below every in-study run's: {head}.** At equal sample "
+                   f"sizes even the closest in-study run is {gap:.2f} further from the real tiles, {ratio:.1f} times the "
+                   "largest spread over sample draws or seeds.")
+    elif s["fid"] < sd["fid"]["mean"]:
+        verdict = (f"**By this judge this model's FID is below the in-study mean, but not clearly below every in-study "
+                   f"run: {head}.** At equal sample sizes the closest in-study run is {abs(gap):.2f} "
+                   f"{'further from' if gap > 0 else 'closer to'} the real tiles, {abs(ratio):.1f} times the largest "
+                   "spread over sample draws or seeds: within the noise.")
+    else:
+        verdict = f"**By this judge this model's FID is not below the in-study runs' ({head}).**"
+    first = (card.get("comparison_with_in_study_pretraining") or {}).get("in_study", {}).get("fid")
+    if first is not None:
+        verdict += (f" The untrained judge's own verdict rests on one draw: the in-study run in the table above "
+                    f"scored {first:.2f} by it, the re-runs here {', '.join(f'{v:.2f}' for v in sd['random_judge_fid']['values'])} "
+                    f"(this model {s['random_judge_fid']:.2f}).")
+    classes = j["classes"]
     groups = sorted({_tissue_group(c) for c in classes})
 
     def grouped(mix):
         return {g: sum(m for c, m in zip(classes, mix) if _tissue_group(c) == g) for g in groups}
 
-    real, mine, theirs = grouped(a["real_mixture"]), grouped(s["mixture"]), grouped(b["mixture"])
+    real, mine = grouped(a["real_mixture"]), grouped(s["mixture"])
     short = sorted(groups, key=lambda g: mine[g] - real[g])[:3]
-    short_text = ", ".join(f"{g} {mine[g]:.0%} (real {real[g]:.0%}, in-study {theirs[g]:.0%})" for g in short)
+    short_text = ", ".join(f"{g} {mine[g]:.0%} of the samples (real {real[g]:.0%})" for g in short)
+    ae_rows = ""
+    for k, m in ms.items():
+        c = m["autoencoder_ceiling"]
+        ae_rows += (f"| {names[k]} | {c['fid']:.2f} | {c['random_judge_fid']:.2f} | {c['tissue_kept']:.0%} | "
+                    + " | ".join(f"{c['tissue_kept_per_group'].get(g, float('nan')):.0%}" for g in groups) + " |\n")
+    ae = s["autoencoder_ceiling"]
+    worst = sorted(ae["tissue_kept_per_group"], key=ae["tissue_kept_per_group"].get)[:3]
     return f"""## A second judge, trained on the pool's provenance
 The untrained ResNet-18 above needs nothing but sees mostly colour and low-level texture. This judge
 is the same architecture trained from scratch ({j['steps']} steps) on this pool's {j['train_tiles']} training
@@ -841,21 +909,49 @@ seen the holdout: on the {j['holdout_tiles']} held-out tiles it names the exact 
 tissue class (or real source) of {j['holdout_tissue_accuracy']:.0%}. Made by `make pretrain` (or, for a model already
 exported, `python -m hdlib pretrain params/pretrain_demo.yaml --assess params/in_study_baseline.yaml`);
 {a['samples']} samples per model, DDIM {a['ddim_steps']} steps, the seeds of the table above, against {a['reference']}.
+The in-study recipe is trained {n_seeds} times (`pretrain.baseline_seeds` {a['baseline_seeds']}: each seed re-draws its
+pool, initialisation and noise).
 
 | set | FID | FID at equal sizes | KID | precision | recall | mixture TV | copying | FID, untrained judge |
 |---|---|---|---|---|---|---|---|---|
 {rows}
-- *FID at equal sizes*: {ms['shipped']['matched_size']['n']} samples (5 draws) against the same held-out half as the first row.
+- *FID at equal sizes*: {s['matched_size']['n']} samples (5 draws) against the same held-out half as the first row.
 - *mixture TV*: total variation distance between the mix of classes among the samples and among the
   real held-out tiles, both as the judge calls them (0 = the same mix, 1 = disjoint).
 - *copying*: the share of samples whose nearest neighbour (judge features), among equally many of the
   model's own training tiles and of held-out tiles it never saw, is a training tile (50% = no copying).
 - *FID, untrained judge*: these same samples, re-measured by the first judge.
 
-{verdict} Where this model falls short of the real mix most: {short_text}.
+{verdict}
+
+Where this model falls short of the real mix most: {short_text}.
 
 ![mixture of samples](pretrain_mixture.png)
+
+### The autoencoder's ceiling
+No denoiser can do better than its autoencoder. Held-out tiles passed through each autoencoder alone
+(encode, decode), one half against the other real half, and how often the judge still calls a
+reconstruction the tissue class (or real source) of its original:
+
+| autoencoder of | FID | FID, untrained judge | tissue kept | {' | '.join(groups)} |
+|---|---|---|---|{'---|' * len(groups)}
+{ae_rows}
+{_ceiling_text(a, ae, worst)}
 """
+
+
+def _ceiling_text(a: dict, ae: dict, worst: list[str]) -> str:
+    half, rand_half = a["split_half"]["fid"], a["split_half_random_judge"]
+    out = []
+    if ae["random_judge_fid"] <= 1.5 * rand_half and ae["fid"] > 2 * half:
+        out.append(f"The untrained judge puts this model's reconstructions about as close to the real tiles as the real "
+                   f"halves are to each other ({ae['random_judge_fid']:.2f} vs {rand_half:.2f}); the trained judge does not "
+                   f"({ae['fid']:.2f} vs {half:.2f}): it sees what the untrained one misses.")
+    kept = ", ".join(f"{g} ({ae['tissue_kept_per_group'][g]:.0%} kept)" for g in worst)
+    share = ae["fid"] / max(a["models"]["shipped"]["fid"], 1e-9)
+    out.append(f"This model's autoencoder keeps least of {kept}; its ceiling alone is {share:.0%} of the FID of "
+               "the model's samples.")
+    return " ".join(out)
 
 
 def update_card(model_dir: str | Path, key: str, value: dict, figures: dict[str, Path]) -> None:

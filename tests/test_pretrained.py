@@ -118,7 +118,7 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     tiny = ["study.progress=false", "diffusion.pretrain.checkpointing_steps=2", "pretrain.eval_every=2",
             "pretrain.eval_samples=8", "pretrain.eval_inference_steps=2", "pretrain.final_eval_samples=8",
             "pretrain.final_inference_steps=2", "autoencoder.train.max_steps=3", "data.pool_holdout=4",
-            "pretrain.judge_epochs=1"]
+            "pretrain.judge_epochs=1", "pretrain.baseline_seeds=[0,1]"]
     smoke = (ROOT / "params" / "smoke.yaml").read_text()
     baseline = tmp_path / "baseline.yaml"
     baseline.write_text(smoke + "pretrain: {eval_every: 2, eval_samples: 8, eval_inference_steps: 2, "
@@ -147,10 +147,13 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     assert "How the recipe was chosen" in (model / "MODEL_CARD.md").read_text()
     # the second judge, trained on the pool's provenance: in the card, with its figure, weights untouched
     pj = card["pool_judge"]
-    assert set(pj["models"]) == {"shipped", "in_study"} and pj["split_half"]["fid"] >= 0
+    assert set(pj["models"]) == {"shipped", "in_study_seed0", "in_study_seed1"} and pj["split_half"]["fid"] >= 0
+    assert pj["in_study_over_seeds"]["fid"]["values"] == [pj["models"][f"in_study_seed{s}"]["fid"] for s in (0, 1)]
+    assert pj["models"]["in_study_seed0"]["fid"] != pj["models"]["in_study_seed1"]["fid"]  # another draw indeed
     assert len(pj["judge"]["classes"]) >= 2 and 0 <= pj["judge"]["holdout_accuracy"] <= 1
     for m in pj["models"].values():
         assert m["fid"] > 0 and 0 <= m["mixture_tv"] <= 1 and abs(sum(m["mixture"]) - 1) < 1e-9
+        assert m["autoencoder_ceiling"]["fid"] > 0 and 0 <= m["autoencoder_ceiling"]["tissue_kept"] <= 1
     assert "A second judge" in (model / "MODEL_CARD.md").read_text() and (model / "pretrain_mixture.png").exists()
     digest = verify(model)
     update_card(model, "pool_judge", None, {})

@@ -18,3 +18,23 @@ def test_readme_results_match_committed_default_study(monkeypatch):
     text = (ROOT / "README.md").read_text()
     block = text[text.index(README_START):text.index(README_END) + len(README_END)]
     assert block == readme_block(cfg), "README results are stale: run `python -m hdlib readme params/default.yaml`"
+
+
+def test_readme_shipped_model_figures_come_from_its_card():
+    """The README's figures about models/demo-pool are the ones its card.json holds (rounded as printed)."""
+    import json
+
+    card = json.loads((ROOT / "models" / "demo-pool" / "card.json").read_text())
+    text = " ".join((ROOT / "README.md").read_text().split())
+    first = card["comparison_with_in_study_pretraining"]
+    pj = card["pool_judge"]
+    seeds = [v for k, v in pj["models"].items() if k.startswith("in_study")]
+    random_fids = [first["in_study"]["fid"]] + [v["random_judge_fid"] for v in seeds]
+    kept = pj["models"]["shipped"]["autoencoder_ceiling"]["tissue_kept_per_group"]
+    for claim in (f"{first['shipped']['fid']:.2f} vs {first['in_study']['fid']:.2f}",
+                  f"{pj['judge']['holdout_accuracy']:.0%} right on held-out tiles",
+                  f"shipped model at FID {pj['models']['shipped']['fid']:.0f}",
+                  ", ".join(f"{v['fid']:.0f}" for v in seeds[:-1]) + f" and {seeds[-1]['fid']:.0f}",
+                  f"{min(random_fids):.2f} to {max(random_fids):.2f}",
+                  f"{kept['LYM']:.0%} and {kept['ADI']:.0%} of held-out LYM and ADI"):
+        assert claim in text, f"README does not say {claim!r} (models/demo-pool/card.json)"
