@@ -7,7 +7,7 @@ PARAMS  ?= params/default.yaml
 ARGS    ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv data study smoke test bench lab clean-results dryrun pretrain
+.PHONY: venv data study smoke test bench lab clean-results dryrun pretrain pretrain-assess
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ study: data
 # before/after comparison against the old in-study pre-training in its model card.
 pretrain: data
 	$(BIN)/python -m hdlib pretrain params/pretrain_demo.yaml --compare params/in_study_baseline.yaml $(ARGS)
+
+# The card's second judge (trained on the pool's provenance) for the committed model, without retraining
+# it: trains the in-study recipe with pretrain.baseline_seeds and the judge (about 50 min on 2 cores).
+pretrain-assess: data
+	$(BIN)/python -m hdlib pretrain params/pretrain_demo.yaml --assess params/in_study_baseline.yaml $(ARGS)
 
 smoke: $(STAMP)
 	$(BIN)/python -m hdlib run params/smoke.yaml $(ARGS)

@@ -924,7 +924,8 @@ pool, initialisation and noise).
 
 {verdict}
 
-Where this model falls short of the real mix most: {short_text}.
+Where this model falls short of the real mix most: {short_text}. The figure shows the mix by tissue class
+(stain styles together) or real source; a good model's bars match the grey ones.
 
 ![mixture of samples](pretrain_mixture.png)
 

@@ -208,3 +208,12 @@ def test_other_run_must_be_a_finished_pretraining_folder(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "pretrain_final.json").write_text("{}")
     assert parse_other_run(f"v-prediction: {tmp_path}") == ("v-prediction", tmp_path)
+
+
+def test_shipped_card_is_rendered_from_its_json():
+    """MODEL_CARD.md says what card.json (written by the pipeline) holds: no hand edits."""
+    from hdlib.pretrain import model_card_text
+
+    card = json.loads((SHIPPED / "card.json").read_text())
+    assert (SHIPPED / "MODEL_CARD.md").read_text() == model_card_text(card)
+    verify(SHIPPED)
