@@ -121,6 +121,10 @@ class AutoencoderConfig:
     norm_num_groups: int = _f(8, lo=1)
     kl_weight: float = _f(1e-6, lo=0.0)
     ssim_weight: float = _f(0.2, lo=0.0, hi=1.0, doc="weight of the (1 - SSIM) structural term")
+    init_from: str = _f("", doc="local diffusers folder (with vae/) whose AutoencoderKL starts training: fine-tune "
+                        "it on the pool (e.g. a Stable Diffusion VAE copied to disk, or models/demo-pool); its "
+                        "architecture replaces block_out_channels, layers_per_block, latent_channels and "
+                        "norm_num_groups; empty = train from scratch")
     train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1000, batch_size=16, lr=1e-3, warmup_steps=50))
 
 

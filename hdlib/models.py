@@ -10,8 +10,14 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from .config import AutoencoderConfig, DiffusionConfig, LatentClassifierConfig
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
-    """KL-regularised VAE; downsampling factor 2**(levels - 1) (paper: 3 levels -> f=4)."""
+def build_autoencoder(cfg: AutoencoderConfig, weights: bool = False) -> AutoencoderKL:
+    """KL-regularised VAE; downsampling factor 2**(levels - 1) (paper: 3 levels -> f=4). With
+    `cfg.init_from`, the architecture of that diffusers VAE, and with `weights` its weights too
+    (safetensors only), so that training fine-tunes it."""
+    if cfg.init_from:
+        from .pretrained import load_vae, vae_like
+
+        return load_vae(cfg.init_from) if weights else vae_like(cfg.init_from)
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -26,6 +32,10 @@ def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
 
 
 def autoencoder_downsampling(cfg: AutoencoderConfig) -> int:
+    if cfg.init_from:
+        from .pretrained import _config, _folder, vae_downsampling
+
+        return vae_downsampling(_config(_folder(cfg.init_from, "vae")))
     return 2 ** (len(cfg.block_out_channels) - 1)
 
 

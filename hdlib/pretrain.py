@@ -232,7 +232,8 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     card = {
         "data": {"pool_sources": d0["pool"], "pool_holdout": d0["pool_holdout"], "image_size": cfg.data.image_size,
                  "pool_manifest_sha256": pool_manifest, "target_excluded": "checked by content hash (stage 00)"},
-        "autoencoder": {"block_out_channels": cfg.autoencoder.block_out_channels,
+        "autoencoder": {"block_out_channels": list(load_autoencoder(cfg).config.block_out_channels),
+                        "init_from": cfg.autoencoder.init_from, "init_from_vae_sha256": _vae_sha256(cfg.autoencoder.init_from),
                         "latent_shape": d1["latent_shape"], "scale_factor": d1["scale_factor"],
                         "heldout_pool_psnr_db": d1["heldout_pool_psnr_db"],
                         "steps": int(ae_log["step"].max()), "wall_s": float(ae_log["elapsed_s"].max())},
@@ -449,7 +450,7 @@ Pool manifest sha256: `{card['data']['pool_manifest_sha256']}`.
 This is demonstration data, not TCGA / PanNuke: the model is for the demo study and for testing pipelines.
 
 ## Recipe
-- Autoencoder: `AutoencoderKL`, channels {a['block_out_channels']}, latent {a['latent_shape']}, L1 + (1-SSIM) + KL
+- Autoencoder: `AutoencoderKL`, channels {a['block_out_channels']}, latent {a['latent_shape']}, L1 + (1-SSIM) + KL{_init_text(a)}
   (no LPIPS / discriminator: their weights cannot be downloaded here); {a['steps']} steps in {a['wall_s'] / 60:.0f} min;
   held-out pool PSNR {a['heldout_pool_psnr_db']:.2f} dB; scaling factor {a['scale_factor']:.4f}.
 - Denoiser: `UNet2DModel`, channels {d['block_out_channels']}, attention {d['attention_levels']},
@@ -484,6 +485,24 @@ the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
 
 SCHEDULE_TEXT = {"paper": "(linear in sqrt(beta), 0.0015-0.0155)", "linear": "(linear in beta)",
                  "cosine": "(squared cosine, Nichol & Dhariwal)"}
+
+
+def _init_text(a: dict) -> str:
+    if not a.get("init_from"):
+        return ""
+    return f", fine-tuned from the vae of `{a['init_from']}` (its files' sha256 `{a['init_from_vae_sha256'][:16]}...`)"
+
+
+def _vae_sha256(path: str) -> str:
+    """One sha256 over a diffusers folder's vae/ files (what autoencoder.init_from starts from)."""
+    if not path:
+        return ""
+    import hashlib
+
+    from .pretrained import file_hashes
+
+    lines = "".join(f"{v}  {k}\n" for k, v in file_hashes(path).items() if k.startswith("vae/"))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _n_styles(card: dict) -> int:

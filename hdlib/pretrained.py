@@ -87,6 +87,25 @@ def load_vae(path: str | Path):
     return AutoencoderKL.from_pretrained(str(_folder(path, "vae")), use_safetensors=True).float()
 
 
+def vae_like(path: str | Path):
+    """A freshly initialised AutoencoderKL with the folder's vae architecture (weights not read)."""
+    from diffusers import AutoencoderKL
+
+    cfg = {k: v for k, v in _config(_folder(path, "vae")).items() if not k.startswith("_")}
+    return AutoencoderKL.from_config(cfg)
+
+
+def check_init_vae(path: str | Path, image_size: int) -> None:
+    """autoencoder.init_from: a diffusers vae/ with safetensors weights whose downsampling divides the image size."""
+    try:
+        down = vae_downsampling(_config(_folder(path, "vae")))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("pretrained.path", "autoencoder.init_from", 1)) from None
+    if image_size % down:
+        raise ConfigError(f"autoencoder.init_from: {path}: data.image_size {image_size} is not divisible by the "
+                          f"autoencoder's downsampling factor {down}")
+
+
 def load_unet(path: str | Path):
     from diffusers import UNet2DModel
 

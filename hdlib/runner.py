@@ -80,11 +80,16 @@ def stage_fingerprints(cfg: Config, stages: list[Stage]) -> dict[str, str]:
 
 
 def _pretrained_key(cfg: Config) -> str:
-    if not cfg.pretrained.path:
-        return ""
-    from .pretrained import folder_sha256
+    """The content of the weights stage 01 starts from: the pre-trained model, or the vae that
+    autoencoder.init_from fine-tunes (same path, new weights: a new fingerprint)."""
+    from .pretrained import file_hashes, folder_sha256
 
-    return folder_sha256(cfg.pretrained.path)
+    if cfg.pretrained.path:
+        return folder_sha256(cfg.pretrained.path)
+    if cfg.autoencoder.init_from:
+        vae = {k: v for k, v in file_hashes(cfg.autoencoder.init_from).items() if k.startswith("vae/")}
+        return "init_from:" + _sha1(json.dumps(vae, sort_keys=True).encode())
+    return ""
 
 
 def _notebook_path_param(params_file: str | Path) -> str:
@@ -203,6 +208,10 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
 
         verify(cfg.pretrained.path, cfg.pretrained.sha256)
         check_compatible(cfg.pretrained.path, cfg.data.image_size)
+    elif cfg.autoencoder.init_from:
+        from .pretrained import check_init_vae
+
+        check_init_vae(cfg.autoencoder.init_from, cfg.data.image_size)
     stages = discover_stages(notebooks_dir)
     prints = stage_fingerprints(cfg, stages)
     selected = _select(stages, only, start)

@@ -112,7 +112,11 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
 
         pool = StreamingSource(split_images(cfg, "pool"), cfg.data.num_workers,
                                transform=lambda b: (b[0].float() / 127.5 - 1.0,))
-        return TaskSpec(build_autoencoder(a), ae_loss, pool, a.train, name, seed)
+        if a.init_from:  # before any compute
+            from .pretrained import check_init_vae
+
+            check_init_vae(a.init_from, cfg.data.image_size)
+        return TaskSpec(build_autoencoder(a, weights=True), ae_loss, pool, a.train, name, seed)
 
     store = latent_store(cfg)
     d = cfg.diffusion

@@ -217,3 +217,31 @@ def test_shipped_card_is_rendered_from_its_json():
     card = json.loads((SHIPPED / "card.json").read_text())
     assert (SHIPPED / "MODEL_CARD.md").read_text() == model_card_text(card)
     verify(SHIPPED)
+
+
+def test_autoencoder_init_from_fine_tunes_an_external_vae(folder, tmp_path):
+    """autoencoder.init_from: training starts from that vae's weights, in its architecture; a
+    bad folder or a downsampling that does not divide the image size is a one-line error; new
+    weights under the same path give stage 01 a new fingerprint."""
+    from hdlib.config import load_config
+    from hdlib.models import autoencoder_downsampling, build_autoencoder
+    from hdlib.pretrained import check_init_vae
+    from hdlib.runner import discover_stages, stage_fingerprints
+
+    cfg = load_config(ROOT / "params" / "smoke.yaml", [f"autoencoder.init_from={folder}"])
+    vae = build_autoencoder(cfg.autoencoder, weights=True)
+    src = load_vae(folder)
+    assert all(torch.equal(p, q) for p, q in zip(vae.state_dict().values(), src.state_dict().values()))
+    fresh = build_autoencoder(cfg.autoencoder)  # the architecture only (what load_autoencoder fills in)
+    assert fresh.config.latent_channels == 3 and list(fresh.config.block_out_channels) == [8, 8]
+    assert autoencoder_downsampling(cfg.autoencoder) == 2
+    check_init_vae(folder, 16)
+    with pytest.raises(ConfigError, match=r"^autoencoder.init_from: .*not divisible"):
+        check_init_vae(folder, 15)
+    with pytest.raises(ConfigError, match=r"^autoencoder.init_from: .*not a folder"):
+        check_init_vae(tmp_path / "nowhere", 16)
+    stages = discover_stages(ROOT / "notebooks")
+    before = stage_fingerprints(cfg, stages)["01_autoencoder"]
+    torch.manual_seed(5)
+    export_pretrained(folder, tiny_vae(), tiny_unet(), DDPMScheduler(num_train_timesteps=50), scaling_factor=0.7)
+    assert stage_fingerprints(cfg, stages)["01_autoencoder"] != before
