@@ -250,6 +250,8 @@ class PretrainConfig:
     baseline_seeds: list[int] = _f(factory=lambda: [0, 1, 2], doc="study.seed of each run of the baseline recipe "
                                    "(--compare / --assess) judged by the provenance-trained judge: re-draws its pool, "
                                    "initialisation and noise")
+    ae_eval_every: int = _f(0, lo=0, doc="autoencoder steps between measurements of its ceiling (held-out tiles "
+                            "through it, judged by the provenance-trained judge) while it trains; 0 = not measured")
     judge_epochs: int = _f(4, lo=1, doc="epochs of the provenance-trained judge (hdlib.pool_judge) over the pool's "
                            "training split")
     other_runs: list[str] = _f(factory=list, doc="'label: results folder' of full pre-training runs of other recipes "

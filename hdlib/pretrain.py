@@ -149,7 +149,7 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
     t0 = time.time()
     if not paths.manifest("pool").exists():
         prepare_data(cfg)
-    train_task(cfg, "autoencoder")
+    train_autoencoder_tracked(cfg)
     if not (latent_dir(cfg) / "latents.json").exists():
         autoencoder_stage(cfg)
     vae = load_autoencoder(cfg)
@@ -182,6 +182,49 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
     if p.export_dir and export:
         export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=real_feats)
     return summary
+
+
+def train_autoencoder_tracked(cfg: Config) -> None:
+    """Train (or resume) the autoencoder in chunks of pretrain.ae_eval_every steps (constant lr after
+    warm-up: the same trajectory); after each chunk, its ceiling by the provenance-trained judge
+    (metrics/pretrain_ae_eval.csv): held-out tiles through it, FID to the other real half and the
+    share of tissue classes kept. With ae_eval_every 0, one go and no measurement."""
+    from .pool_judge import provenance_labels
+    from .stages.autoencoder import load_autoencoder
+    from .stages.data import load_split_images, split_images
+    from .train import train_task
+
+    every, total = cfg.pretrain.ae_eval_every, cfg.autoencoder.train.max_steps
+    if not every:
+        train_task(cfg, "autoencoder")
+        return
+    path = StudyPaths(cfg).metrics_dir / "pretrain_ae_eval.csv"
+    rows = pd.read_csv(path).to_dict("records") if path.exists() else []
+    done = {int(r["step"]) for r in rows}
+    ckpts = StudyPaths(cfg).model("autoencoder") / "checkpoints"
+    reached = max((int(q.name.split("-")[1]) for q in ckpts.glob("step-*") if (q / "COMPLETE").exists()), default=0)
+    # a run already past a target (e.g. trained by the recipe sweep) is measured where it is, not earlier
+    targets = [t for t in sorted(set(range(every, total, every)) | {total}) if t not in done and t >= reached]
+    if not targets:
+        train_task(cfg, "autoencoder")  # nothing left to measure; makes sure it is finished
+        return
+    judge, _ = pool_judge(cfg, progress=cfg.study.progress)
+    hold = split_images(cfg, "pool_holdout")
+    real = load_split_images(cfg, "pool_holdout", range(len(hold)))[0]
+    truth = provenance_labels([hold.record(i) for i in range(len(hold))])
+    real_f = judge.features_and_calls(real)[0]
+    rj = RandomResNetJudge()
+    rr = rj(real)
+    for target in targets:
+        cfg.autoencoder.train.max_steps = target
+        train_task(cfg, "autoencoder")
+        c = _autoencoder_ceiling(load_autoencoder(cfg), 1.0, real, real_f, truth, judge, rj, rr)
+        rows.append({"step": target, "fid": c["fid"], "random_judge_fid": c["random_judge_fid"],
+                     "tissue_kept": c["tissue_kept"], **{f"kept_{k}": v for k, v in c["tissue_kept_per_group"].items()}})
+        atomic_write_csv(pd.DataFrame(rows), path)
+        print(f"[pretrain] autoencoder step {target}: ceiling FID {c['fid']:.2f}, tissue kept {c['tissue_kept']:.3f}",
+              flush=True)
+    cfg.autoencoder.train.max_steps = total
 
 
 def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
@@ -249,6 +292,8 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
                          | {"samples": final["key"]["samples"], "ddim_steps": final["key"]["ddim_steps"],
                             "holdout_tiles": final["holdout"]},
         "quality_during_training": evals.to_dict("records"),
+        "autoencoder_during_training": (pd.read_csv(paths.metrics_dir / "pretrain_ae_eval.csv").to_dict("records")
+                                        if (paths.metrics_dir / "pretrain_ae_eval.csv").exists() else None),
         "recipe_sweep": (pd.read_csv(paths.metrics_dir / "pretrain_recipe_sweep.csv").to_dict("records")
                          if (paths.metrics_dir / "pretrain_recipe_sweep.csv").exists() else None),
         "comparison_with_in_study_pretraining": (json.loads(paths.metrics("pretrain_comparison").read_text())
@@ -459,7 +504,7 @@ This is demonstration data, not TCGA / PanNuke: the model is for the demo study 
   {d['batch_size']}, lr {d['lr']} (constant after warm-up), EMA {d['ema_decay']}; {d['steps']} steps in
   {d['wall_s'] / 3600:.2f} h.
 - Hardware: {card['hardware']}.
-{_sweep_text(card)}
+{_ae_eval_text(card)}{_sweep_text(card)}
 ## Quality
 Judge: {card['judge']}; reference: {q['holdout_tiles']} held-out pool tiles (never trained on). Final:
 {q['samples']} samples, DDIM {q['ddim_steps']} steps, eta 1: **FID {q['fid']:.2f}**, KID {q['kid_mean']:.4f} ± {q['kid_std']:.4f},
@@ -485,6 +530,22 @@ the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
 
 SCHEDULE_TEXT = {"paper": "(linear in sqrt(beta), 0.0015-0.0155)", "linear": "(linear in beta)",
                  "cosine": "(squared cosine, Nichol & Dhariwal)"}
+
+
+def _ae_eval_text(card: dict) -> str:
+    rows = card.get("autoencoder_during_training")
+    if not rows:
+        return ""
+    lines = "\n".join(f"| {int(r['step'])} | {r['fid']:.2f} | {r['random_judge_fid']:.2f} | {r['tissue_kept']:.0%} |"
+                       for r in rows)
+    return f"""
+The autoencoder's ceiling while it trained (held-out tiles through it against the other real half, by the
+provenance-trained judge described below; `pretrain.ae_eval_every`):
+
+| step | FID | FID, untrained judge | tissue kept |
+|---|---|---|---|
+{lines}
+"""
 
 
 def _init_text(a: dict) -> str:

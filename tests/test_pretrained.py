@@ -118,7 +118,7 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     tiny = ["study.progress=false", "diffusion.pretrain.checkpointing_steps=2", "pretrain.eval_every=2",
             "pretrain.eval_samples=8", "pretrain.eval_inference_steps=2", "pretrain.final_eval_samples=8",
             "pretrain.final_inference_steps=2", "autoencoder.train.max_steps=3", "data.pool_holdout=4",
-            "pretrain.judge_epochs=1", "pretrain.baseline_seeds=[0,1]"]
+            "pretrain.judge_epochs=1", "pretrain.baseline_seeds=[0,1]", "pretrain.ae_eval_every=2"]
     smoke = (ROOT / "params" / "smoke.yaml").read_text()
     baseline = tmp_path / "baseline.yaml"
     baseline.write_text(smoke + "pretrain: {eval_every: 2, eval_samples: 8, eval_inference_steps: 2, "
@@ -132,6 +132,8 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     cfg = load_config(smoke_path, ov)
     evals = pd.read_csv(cfg.results_dir / "metrics" / "pretrain_eval.csv")
     assert list(evals["step"]) == [2, 4] and (evals["fid"] > 0).all()
+    ae_evals = pd.read_csv(cfg.results_dir / "metrics" / "pretrain_ae_eval.csv")  # the AE's ceiling while it trained
+    assert list(ae_evals["step"]) == [3] and (ae_evals["fid"] > 0).all()  # the sweep had trained it to 3 already
     model = tmp_path / "model"
     UNet2DModel.from_pretrained(model / "unet", use_safetensors=True)
     AutoencoderKL.from_pretrained(model / "vae", use_safetensors=True)
@@ -145,6 +147,8 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
                                                             ("min_snr", "ema")]
     assert all(r["fid"] > 0 and r["steps"] == 2 for r in rows)
     assert "How the recipe was chosen" in (model / "MODEL_CARD.md").read_text()
+    assert [r["step"] for r in card["autoencoder_during_training"]] == [3]
+    assert "ceiling while it trained" in (model / "MODEL_CARD.md").read_text()
     # the second judge, trained on the pool's provenance: in the card, with its figure, weights untouched
     pj = card["pool_judge"]
     assert set(pj["models"]) == {"shipped", "in_study_seed0", "in_study_seed1"} and pj["split_half"]["fid"] >= 0
@@ -245,3 +249,27 @@ def test_autoencoder_init_from_fine_tunes_an_external_vae(folder, tmp_path):
     torch.manual_seed(5)
     export_pretrained(folder, tiny_vae(), tiny_unet(), DDPMScheduler(num_train_timesteps=50), scaling_factor=0.7)
     assert stage_fingerprints(cfg, stages)["01_autoencoder"] != before
+
+
+def test_autoencoder_ceiling_is_tracked_while_it_trains_and_resumes(tmp_path):
+    """pretrain.ae_eval_every: the autoencoder trains in chunks (the same trajectory) and its
+    ceiling is measured after each; a re-run measures nothing again."""
+    import pandas as pd
+
+    from hdlib.config import load_config
+    from hdlib.pretrain import train_autoencoder_tracked
+    from hdlib.stages.data import prepare_data
+
+    cfg = load_config(ROOT / "params" / "smoke.yaml", [
+        f"study.results_root={tmp_path}", "study.data_root=data", "study.progress=false", "data.pool_holdout=4",
+        "autoencoder.train.max_steps=3", "autoencoder.train.checkpointing_steps=1", "pretrain.ae_eval_every=2",
+        "pretrain.judge_epochs=1"])
+    prepare_data(cfg)
+    train_autoencoder_tracked(cfg)
+    path = cfg.results_dir / "metrics" / "pretrain_ae_eval.csv"
+    rows = pd.read_csv(path)
+    assert list(rows["step"]) == [2, 3] and (rows["fid"] > 0).all() and rows["tissue_kept"].between(0, 1).all()
+    assert cfg.autoencoder.train.max_steps == 3
+    before = path.stat().st_mtime_ns
+    train_autoencoder_tracked(cfg)
+    assert path.stat().st_mtime_ns == before
