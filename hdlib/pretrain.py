@@ -147,6 +147,7 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
     if p.threads:
         torch.set_num_threads(p.threads)
     t0 = time.time()
+    check_run_recipe(cfg)  # before any compute: the folder's checkpoints and curves belong to this recipe
     if not paths.manifest("pool").exists():
         prepare_data(cfg)
     train_autoencoder_tracked(cfg)
@@ -182,6 +183,44 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
     if p.export_dir and export:
         export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=real_feats)
     return summary
+
+
+RUN_KEY = "pretrain_run_key"
+
+
+def run_recipe_key(cfg: Config) -> dict:
+    """What determines a pre-training run's weights and curves, except its lengths (constant lr after
+    warm-up: a larger max_steps extends the same run) and settings that only say how it runs."""
+    d = cfg.to_dict()
+    ae, dm = d["autoencoder"], d["diffusion"]
+    ae["train"].pop("max_steps")
+    ae["train"].pop("checkpointing_steps")
+    dm["pretrain"].pop("max_steps")
+    dm["pretrain"].pop("checkpointing_steps")
+    p = {k: d["pretrain"][k] for k in ("ae_eval_every", "eval_every", "eval_samples", "eval_inference_steps")}
+    return {"seed": d["study"]["seed"], "data": d["data"], "autoencoder": ae, "diffusion": dm, "pretrain": p,
+            "init_from_vae_sha256": _vae_sha256(cfg.autoencoder.init_from)}
+
+
+def check_run_recipe(cfg: Config) -> None:
+    """A study folder holds one pre-training run. Resuming it with another recipe would mix its
+    checkpoints and its quality curves with the new one's (and report them), so it is an error."""
+    path = StudyPaths(cfg).metrics(RUN_KEY)
+    key = json.loads(json.dumps(run_recipe_key(cfg)))
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != key:
+            diff = sorted(_key_diff(old, key))
+            raise ConfigError(f"pretrain: {StudyPaths(cfg).root} holds a run of another recipe (differs in "
+                              f"{', '.join(diff[:4])}); give this one its own study.name, or remove that folder")
+        return
+    atomic_write_json(path, key)
+
+
+def _key_diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [x for k in sorted(set(a) | set(b)) for x in _key_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def train_autoencoder_tracked(cfg: Config) -> None:

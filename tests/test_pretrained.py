@@ -273,3 +273,22 @@ def test_autoencoder_ceiling_is_tracked_while_it_trains_and_resumes(tmp_path):
     before = path.stat().st_mtime_ns
     train_autoencoder_tracked(cfg)
     assert path.stat().st_mtime_ns == before
+
+
+def test_pretrain_folder_refuses_another_recipe_but_extends_its_own(tmp_path, folder):
+    """A resumed pretrain run with another recipe would mix its checkpoints and curves with the old
+    one's; a longer run of the same recipe (constant lr) is the same trajectory and may continue."""
+    from hdlib.config import load_config
+    from hdlib.errors import ConfigError
+    from hdlib.pretrain import RUN_KEY, check_run_recipe
+    from hdlib.paths import StudyPaths
+
+    base = [f"study.results_root={tmp_path}"]
+    check_run_recipe(load_config(ROOT / "params" / "smoke.yaml", base))
+    assert StudyPaths(load_config(ROOT / "params" / "smoke.yaml", base)).metrics(RUN_KEY).exists()
+    check_run_recipe(load_config(ROOT / "params" / "smoke.yaml", base + ["diffusion.pretrain.max_steps=99999",
+                                                                        "pretrain.threads=1"]))
+    with pytest.raises(ConfigError, match=r"another recipe .*diffusion\.block_out_channels"):
+        check_run_recipe(load_config(ROOT / "params" / "smoke.yaml", base + ["diffusion.block_out_channels=[8,16]"]))
+    with pytest.raises(ConfigError, match="init_from_vae_sha256"):
+        check_run_recipe(load_config(ROOT / "params" / "smoke.yaml", base + [f"autoencoder.init_from={folder}"]))
