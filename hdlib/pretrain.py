@@ -303,6 +303,7 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     from .stages.diffusion import load_denoiser, noise_scheduler
 
     paths = StudyPaths(cfg)
+    replaced = previous_version_of(out)  # read before the folder is overwritten
     final = final_quality(cfg, judge, real_feats)
     d1 = json.loads(paths.metrics("01_autoencoder").read_text())
     d0 = json.loads(paths.metrics("00_data").read_text())
@@ -362,7 +363,69 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     from .pretrained import MANIFEST, file_hashes
 
     atomic_write_text(out / MANIFEST, "".join(f"{v}  {k}\n" for k, v in file_hashes(out).items()))
+    from .pretrained import folder_sha256
+
+    if replaced and replaced["sha256"] != folder_sha256(out):
+        update_card(out, "previous_version", replaced, {})
+    elif replaced and replaced.get("carried"):  # the same model exported again: keep what it replaced
+        update_card(out, "previous_version", replaced["carried"], {})
     return out
+
+
+def previous_version_of(folder: str | Path) -> dict | None:
+    """What an export is about to replace, in brief (its pin, lengths, final quality, the second judge's
+    verdict on it and its recipe sweep), so the new card can say what changed. None when the folder holds
+    no exported model."""
+    from .pretrained import folder_sha256
+
+    folder = Path(folder)
+    if not (folder / "card.json").exists() or not (folder / "unet").is_dir():
+        return None
+    c = json.loads((folder / "card.json").read_text())
+    pj = (c.get("pool_judge") or {}).get("models", {}).get("shipped")
+    return {"sha256": folder_sha256(folder),
+            "autoencoder_steps": c["autoencoder"]["steps"], "denoiser_steps": c["denoiser"]["steps"],
+            "autoencoder_init_from": c["autoencoder"].get("init_from", ""),
+            "quality_final": c["quality_final"],
+            "pool_judge": None if pj is None else {
+                "fid": pj["fid"], "matched_size": pj["matched_size"], "mixture_tv": pj["mixture_tv"],
+                "copying_rate": pj["copying_rate"], "random_judge_fid": pj["random_judge_fid"],
+                "autoencoder_ceiling": pj["autoencoder_ceiling"]},
+            "recipe_sweep": c.get("recipe_sweep"),
+            "carried": c.get("previous_version")}
+
+
+def _previous_text(card: dict) -> str:
+    v = card.get("previous_version")
+    if not v:
+        return ""
+    q, pj = v["quality_final"], v.get("pool_judge")
+    now = (card.get("pool_judge") or {}).get("models", {}).get("shipped")
+    lines = [f"| untrained judge FID | {q['fid']:.2f} | {card['quality_final']['fid']:.2f} |",
+             f"| autoencoder / denoiser steps | {v['autoencoder_steps']} / {v['denoiser_steps']} | "
+             f"{card['autoencoder']['steps']} / {card['denoiser']['steps']} |"]
+    if pj and now:
+        ce, ce_now = pj["autoencoder_ceiling"], now["autoencoder_ceiling"]
+        lines = [f"| FID, provenance-trained judge | {pj['fid']:.1f} | {now['fid']:.1f} |",
+                 f"| same, at equal sizes | {pj['matched_size']['mean']:.1f} ± {pj['matched_size']['sd']:.1f} | "
+                 f"{now['matched_size']['mean']:.1f} ± {now['matched_size']['sd']:.1f} |",
+                 f"| mixture TV to the real holdout | {pj['mixture_tv']:.3f} | {now['mixture_tv']:.3f} |",
+                 f"| autoencoder ceiling (FID) | {ce['fid']:.1f} | {ce_now['fid']:.1f} |",
+                 f"| tissue kept by the autoencoder | {ce['tissue_kept']:.0%} | {ce_now['tissue_kept']:.0%} |"] + \
+                [f"| kept: {g} | {ce['tissue_kept_per_group'][g]:.0%} | {ce_now['tissue_kept_per_group'][g]:.0%} |"
+                 for g in ("LYM", "ADI", "STR") if g in ce["tissue_kept_per_group"]] + lines
+    sweep = _sweep_text({"recipe_sweep": v["recipe_sweep"]}).replace(
+        "### How the recipe was chosen", "### The recipe sweep (measured on the previous version's latents)") \
+        if v.get("recipe_sweep") and not card.get("recipe_sweep") else ""
+    return f"""
+## What this version replaced
+The previous model in this folder (pin `{v['sha256'][:16]}...`{', autoencoder fine-tuned from `' + v['autoencoder_init_from'] + '`' if v.get('autoencoder_init_from') else ''}), judged by the same judges, holdout
+and sample seeds (both rows re-read from the two cards):
+
+| | previous | this model |
+|---|---|---|
+{chr(10).join(lines)}
+{sweep}"""
 
 
 def compare_pretraining(cfg: Config, baseline: Config) -> dict:
@@ -560,7 +623,7 @@ During training (fewer samples and DDIM steps per point, so values sit above the
 ![samples](pretrain_samples.png)
 
 {_comparison_text(card)}
-{_pool_judge_text(card)}
+{_pool_judge_text(card)}{_previous_text(card)}
 ## Files
 `MANIFEST.sha256` lists the sha256 of every file in this folder; `pretrained.sha256` in a params file pins
 the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.

@@ -172,6 +172,14 @@ def test_pretrain_entry_point_trains_evaluates_exports_and_compares(tmp_path):
     before = log.stat().st_mtime_ns
     main(str(smoke_path), ov)
     assert log.stat().st_mtime_ns == before  # resumed: nothing left to train
+    assert "previous_version" not in json.loads((model / "card.json").read_text())  # the same model re-exported
+    # a longer run of the same recipe replaces the export: its card says what it replaced, by the same judges
+    main(str(smoke_path), [o.replace("max_steps=4", "max_steps=6") for o in ov])
+    card = json.loads((model / "card.json").read_text())
+    assert card["denoiser"]["steps"] == 6 and card["previous_version"]["sha256"] == digest
+    assert card["previous_version"]["denoiser_steps"] == 4
+    text = (model / "MODEL_CARD.md").read_text()
+    assert "What this version replaced" in text and digest[:16] in text
 
 
 def test_judge_is_fixed_and_sees_blur():
