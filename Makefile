@@ -29,7 +29,13 @@ study: data
 
 # The shipped pre-trained model models/demo-pool/ (hours on a 2-core CPU; resumable), with the
 # before/after comparison against the old in-study pre-training in its model card.
-pretrain: data
+# Its autoencoder continues the previous version's (commit 30720a9, sha256-checked by the card), taken
+# out of git history: params/pretrain_demo.yaml sets autoencoder.init_from to this folder.
+INIT_VAE := data/init/demo-pool-v2
+$(INIT_VAE):
+	mkdir -p $@.tmp && git archive 30720a9 models/demo-pool/vae | tar -x --strip-components=2 -C $@.tmp && mv $@.tmp $@
+
+pretrain: data $(INIT_VAE)
 	$(BIN)/python -m hdlib pretrain params/pretrain_demo.yaml --compare params/in_study_baseline.yaml $(ARGS)
 
 # The card's second judge (trained on the pool's provenance) for the committed model, without retraining

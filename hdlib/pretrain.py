@@ -1059,6 +1059,14 @@ def _pool_judge_text(card: dict) -> str:
                    "spread over sample draws or seeds: within the noise.")
     else:
         verdict = f"**By this judge this model's FID is not below the in-study runs' ({head}).**"
+    # each run on its own, against only the sampling noise of the two (no seed-to-seed spread)
+    per_run = [(k.removeprefix("in_study_seed"), m["matched_size"]["mean"] - s["matched_size"]["mean"],
+                max(m["matched_size"]["sd"], s["matched_size"]["sd"], 1e-9))
+               for k, m in ms.items() if k.startswith("in_study")]
+    verdict += (" Against each in-study run alone, with only the sampling noise of the two: " +
+                ", ".join(f"seed {k} {g:+.2f} ({g / sp:.1f}x)" for k, g, sp in per_run) +
+                " (positive: that run is further from the real tiles than this model; in brackets, the gap over "
+                "the larger spread of the two over sample draws).")
     first = (card.get("comparison_with_in_study_pretraining") or {}).get("in_study", {}).get("fid")
     if first is not None:
         verdict += (f" The untrained judge's own verdict rests on one draw: the in-study run in the table above "

@@ -300,3 +300,21 @@ def test_pretrain_folder_refuses_another_recipe_but_extends_its_own(tmp_path, fo
         check_run_recipe(load_config(ROOT / "params" / "smoke.yaml", base + ["diffusion.block_out_channels=[8,16]"]))
     with pytest.raises(ConfigError, match="init_from_vae_sha256"):
         check_run_recipe(load_config(ROOT / "params" / "smoke.yaml", base + [f"autoencoder.init_from={folder}"]))
+
+
+def test_report_and_card_name_the_second_judges_figures():
+    """The study report quotes the shipped card's provenance-trained-judge FIDs, and the card's verdict
+    compares the model with each in-study run alone as well as with the recipe over seeds."""
+    from hdlib.config import load_config
+    from hdlib.pretrain import _pool_judge_text
+    from hdlib.stages.report import pretrained_section
+
+    card = json.loads((ROOT / "models" / "demo-pool" / "card.json").read_text())
+    pj = card["pool_judge"]
+    text = pretrained_section("models/demo-pool")
+    assert load_config(ROOT / "params" / "default.yaml").pretrained.sha256[:16] in text
+    assert f"provenance-trained judge: FID {pj['models']['shipped']['fid']:.1f}" in text
+    assert f"{pj['in_study_over_seeds']['fid']['mean']:.1f} ± {pj['in_study_over_seeds']['fid']['sd']:.1f}" in text
+    verdict = _pool_judge_text(card)
+    seeds = [k.removeprefix("in_study_seed") for k in pj["models"] if k.startswith("in_study")]
+    assert "Against each in-study run alone" in verdict and all(f"seed {s} " in verdict for s in seeds)

@@ -149,6 +149,12 @@ def pretrained_section(path: str) -> str:
                  f"{d['parameters'] / 1e6:.1f} M parameters, {d['steps']} steps in {d['wall_s'] / 3600:.1f} h "
                  f"({c['hardware']}); FID to {q['holdout_tiles']} held-out pool tiles {q['fid']:.2f} "
                  f"(untrained-ResNet features), precision {q['precision']:.2f}, recall {q['recall']:.2f}.")
+        pj = c.get("pool_judge")
+        if pj:  # the judge trained on the pool's provenance: it sees tissue classes the untrained one misses
+            s, b = pj["models"]["shipped"], pj["in_study_over_seeds"]["fid"]
+            text += (f" By the provenance-trained judge: FID {s['fid']:.1f}, against {b['mean']:.1f} ± {b['sd']:.1f} "
+                     f"for the old in-study pre-training over {len(b['values'])} seeds; its autoencoder keeps "
+                     f"{s['autoencoder_ceiling']['tissue_kept']:.0%} of held-out tiles' tissue class.")
     return text + "\n"
 
 
