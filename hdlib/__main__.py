@@ -18,7 +18,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+from accelerate import PartialState
+
+from .config import load_config, resolve_device
 from .errors import one_line_errors
+from .export import augment_dataset, export_study
+from .pretrain import main as pretrain_main
+from .readme import readme_path, sync_readme
+from .runner import run_study
+from .sample import sample_main
+from .study.context import config_from_results
+from .study.latents import encode_shard
+from .train import TASKS, train_task
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +46,6 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and all after it")
     run.add_argument("--force", action="store_true", help="re-run stages even if their inputs are unchanged")
 
-    from .train import TASKS
 
     tr = sub.add_parser("train", help="train one model of a study (resumable; works under accelerate launch)")
     tr.add_argument("task", choices=TASKS)
@@ -106,60 +117,45 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv=None) -> int:
     args, overrides = parse(argv)
     if args.command == "run":
-        from .runner import run_study
 
         run_study(args.params, overrides, only=args.only, start=args.start, force=args.force)
     elif args.command == "train":
-        from .config import load_config
-        from .train import train_task
 
         if args.mixed_precision:
             overrides.append(f"study.mixed_precision={args.mixed_precision}")
-        cfg = load_config(args.params, overrides)
         if args.checkpointing_steps:
-            for t in (cfg.autoencoder.train, cfg.diffusion.pretrain, cfg.diffusion.adapt, cfg.diffusion.scratch,
-                      cfg.diffusion.classifier_free, cfg.latent_classifier.train):
-                t.checkpointing_steps = args.checkpointing_steps
+            overrides += [f"{section}.checkpointing_steps={args.checkpointing_steps}" for section in
+                          ("autoencoder.train", "diffusion.pretrain", "diffusion.adapt", "diffusion.scratch",
+                           "diffusion.classifier_free", "latent_classifier.train")]
+        cfg = load_config(args.params, overrides)
         train_task(cfg, args.task, args.fraction, args.adaptation, args.draw)
     elif args.command == "sample":
-        from .sample import sample_main
 
         return sample_main(args.study_dir, args.generator, args.fraction, args.draw, args.request,
                            args.adaptation, args.guidance_scale)
     elif args.command == "encode":
-        from accelerate import PartialState
 
-        from .stages.autoencoder import encode_shard
-        from .stages.common import config_from_results
 
         state = PartialState()
         encode_shard(config_from_results(args.study_dir), state.process_index, state.num_processes,
                      dev=str(state.device))
         state.wait_for_everyone()
     elif args.command == "export":
-        from .export import export_study
 
         print(export_study(args.study_dir, args.out))
     elif args.command == "augment":
-        from .config import resolve_device
-        from .export import augment_dataset
 
         print(augment_dataset(args.source, args.out, args.per_class, args.fraction, args.draw, args.guidance_scale,
                               filtered=not args.no_filter, device=resolve_device(args.device)))
     elif args.command == "pretrain":
-        from .pretrain import main as pretrain_main
 
         return pretrain_main(args.params, overrides, compare=args.compare, sweep=args.sweep, assess=args.assess)
     elif args.command == "readme":
-        from .config import load_config
-        from .stages.report import readme_path, sync_readme
 
         path = readme_path()
-        print(("updated " if sync_readme(load_config(args.params, overrides), path) else "unchanged ") + str(path))
+        print(("updated " if sync_readme(load_config(args.params, overrides).results_dir, path) else "unchanged ") + str(path))
     else:
-        import yaml
 
-        from .config import load_config
 
         print(yaml.safe_dump(load_config(args.params, overrides).to_dict(), sort_keys=False))
     return 0

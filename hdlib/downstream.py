@@ -285,7 +285,10 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     Returns (model in eval mode, history with one row per evaluation)."""
     import tempfile
 
-    from .trainer import GroupPlan, TensorBatchSource, TrainConfig, Trainer, load_final
+    from .batching import GroupPlan, TensorBatchSource
+    from .trainer import Trainer
+    from .training_config import TrainConfig
+    from .weights import load_final
 
     del device
     _check_images(train_images, train_labels, num_classes, "train_classifier: training set")
@@ -312,7 +315,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
         groups.append((torch.arange(n, n + len(synthetic_labels)), synthetic_labels, n_syn))
     streaming = _is_dataset(train_images) or (n_syn and _is_dataset(synthetic_images))
     if streaming:  # decoded on the fly by DataLoader workers; nothing held in memory
-        from .datasets import StreamingSource
+        from .data.streaming import StreamingSource
 
         parts = [train_images if _is_dataset(train_images) else _Items(train_images, train_labels)]
         if n_syn:
@@ -404,7 +407,7 @@ def _run_batches(fn, model: nn.Module, images, batch_size: int, device: str, pro
     model.eval()
     model.to(device)
     if _is_dataset(images):
-        from .datasets import loader
+        from .data.streaming import loader
 
         chunks = (x for x, _ in loader(images, batch_size, num_workers, progress=progress, desc=desc))
     else:

@@ -19,9 +19,34 @@ from pathlib import Path
 
 import numpy as np
 
-from .augment import FeatureFilter, fill_quota
+from .config import LatentClassifierConfig
 from .errors import ConfigError
+from .filtering import FeatureFilter
 from .io import atomic_write_csv, atomic_write_json
+from .models import build_latent_classifier, decode_latents
+from .paths import StudyPaths, model_name
+from .pretrained import (
+    MANIFEST,
+    export_pretrained,
+    file_hashes,
+    load_scheduler,
+    load_unet,
+    load_vae,
+    read_latent_info,
+)
+from .quota import fill_quota
+from .sampling import guided_ddim_sample
+from .study.choices import chosen_generation
+from .study.classifiers import SelectiveFilter
+from .study.context import config_from_results
+from .study.latent_models import (
+    latent_shape,
+    load_denoiser,
+    load_latent_classifier,
+    noise_scheduler,
+)
+from .study.latents import latent_scale, load_autoencoder
+from .study.splits import grid_fractions
 
 EXPORT_INFO = "hdlib_export.json"
 
@@ -31,26 +56,14 @@ def export_study(study_dir: str | Path, out: str | Path) -> Path:
     latent_classifier/<name>/ (weights + config) and filter/<fraction>_s<draw>/ for augment."""
     from safetensors.torch import save_model
 
-    from .paths import StudyPaths, model_name
-    from .pretrained import export_pretrained
-    from .stages.autoencoder import latent_scale, load_autoencoder
-    from .stages.common import config_from_results, read_metrics
-    from .stages.data import grid_fractions
-    from .stages.diffusion import latent_shape, load_denoiser, noise_scheduler
-    from .stages.guidance import load_latent_classifier
-    from .stages.synthesis import Generation, SelectiveFilter
-
     cfg = config_from_results(study_dir)
-    d4 = read_metrics(cfg, "04_synthesis", missing_ok=True)
-    cfg.sampling.guidance_scale = d4.get("guidance_scale", cfg.sampling.guidance_scale)
-    cfg.diffusion.grid_adaptation = d4.get("adaptation", cfg.diffusion.grid_adaptation)
     out = Path(out)
     f0, d0 = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
-    gen = Generation(cfg)
+    gen = chosen_generation(cfg)
     unet = load_denoiser(cfg, gen.denoiser_name(f0, d0))
     info = {"study": str(study_dir), "classes": list(cfg.data.classes), "image_size": cfg.data.image_size,
-            "latent_shape": list(latent_shape(cfg)), "guidance_scale": cfg.sampling.guidance_scale,
-            "sampling": vars(cfg.sampling), "denoiser": gen.denoiser_name(f0, d0), "latent_classifiers": [],
+            "latent_shape": list(latent_shape(cfg)), "guidance_scale": gen.sampling.guidance_scale,
+            "sampling": vars(gen.sampling), "denoiser": gen.denoiser_name(f0, d0), "latent_classifiers": [],
             "filters": []}
     export_pretrained(out, load_autoencoder(cfg), unet.cpu(), noise_scheduler(cfg), scaling_factor=latent_scale(cfg))
     C, _, S = latent_shape(cfg)
@@ -72,7 +85,6 @@ def export_study(study_dir: str | Path, out: str | Path) -> Path:
             judge.save(out / "filter" / f"{f:g}_s{draw}", cfg.downstream.backbone, cfg.data.image_size)
             info["filters"].append(f"{f:g}_s{draw}")
     atomic_write_json(out / EXPORT_INFO, info)
-    from .pretrained import MANIFEST, file_hashes
 
     (out / MANIFEST).write_text("".join(f"{v}  {k}\n" for k, v in file_hashes(out).items()))
     return out
@@ -81,11 +93,6 @@ def export_study(study_dir: str | Path, out: str | Path) -> Path:
 def _export_sampler(source: Path, fraction: float, draw: int, guidance_scale: float | None, device: str):
     """(sample(labels, seeds) -> images, judge, description) from an exported folder."""
     from safetensors.torch import load_model
-
-    from .config import LatentClassifierConfig
-    from .models import build_latent_classifier, decode_latents
-    from .pretrained import load_scheduler, load_unet, load_vae, read_latent_info
-    from .sampling import guided_ddim_sample
 
     info = json.loads((source / EXPORT_INFO).read_text())
     name = f"latent_classifier_f{fraction:g}_s{draw}"
@@ -133,16 +140,10 @@ def augment_dataset(source: str | Path, out: str | Path, per_class: int, fractio
         sample, judge, meta, classes = _export_sampler(source, fraction, draw, guidance_scale, device)
         seed_tag = f"augment/{source.resolve().name}"
     elif (source / "config.json").exists():
-        from .stages.common import config_from_results, read_metrics
-        from .stages.synthesis import Generation, SelectiveFilter
-
         cfg = config_from_results(source)
-        d4 = read_metrics(cfg, "04_synthesis", missing_ok=True)
-        cfg.sampling.guidance_scale = d4.get("guidance_scale", cfg.sampling.guidance_scale)
-        cfg.diffusion.grid_adaptation = d4.get("adaptation", cfg.diffusion.grid_adaptation)
         fraction = min(cfg.downstream.fractions) if fraction is None else fraction
         draw = cfg.downstream.seeds[0] if draw is None else draw
-        gen = Generation(cfg)
+        gen = chosen_generation(cfg)
         judge = SelectiveFilter(cfg, fraction, draw)
         classes = list(cfg.data.classes)
 

@@ -11,17 +11,27 @@ One centroid per class from the real features; a synthetic image is kept when
 
 Each item gets the first reason that applies, in that order. A quota larger than
 the number of candidates left after steps 1-3 keeps all of them.
+
+`FeatureFilter` is the rule as an object (a baseline image classifier, the real labeled
+features and labels, tau and a per-class near-copy threshold), saved and read back with
+safetensors + JSON.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .downstream import build_classifier, extract_features, predict
 from .errors import DataError
+from .io import atomic_write_json
 
 REASONS = ("kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota")
 
@@ -218,3 +228,45 @@ def calibrate_delta(train_features, train_labels, val_features, val_labels, num_
 
 
 __all__ = ["filter_synthetic", "calibrate_delta", "FilterResult", "REASONS"]
+
+
+class FeatureFilter:
+    """Centroid rule + confidence >= tau + near-copy check, in a baseline classifier's features."""
+
+    def __init__(self, model, real_features: torch.Tensor, real_labels: torch.Tensor, delta, tau: float,
+                 classes: Sequence[str], train_index=None, device: str = "cpu"):
+        self.model, self.real_f, self.real_y = model.eval(), real_features.float(), torch.as_tensor(real_labels)
+        self.delta = np.broadcast_to(np.asarray(delta, dtype=np.float64), (len(classes),)).copy()
+        self.tau, self.classes, self.device = float(tau), list(classes), device
+        self.train_idx = np.arange(len(self.real_f)) if train_index is None else np.asarray(train_index)
+
+    def __call__(self, images, labels) -> pd.DataFrame:
+        syn_f = extract_features(self.model, images, batch_size=128, device=self.device)
+        probs, _ = predict(self.model, images, batch_size=128, device=self.device)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        conf = probs[torch.arange(len(probs)), labels].numpy()
+        res = filter_synthetic(self.real_f.numpy(), self.real_y.numpy(), syn_f.numpy(), labels.numpy(), conf,
+                               num_classes=len(self.classes), tau=self.tau, train_features=self.real_f.numpy(),
+                               delta=self.delta, class_names=self.classes)
+        return pd.DataFrame({"accepted": res.reason == "kept", "reason": res.reason, "distance": res.distance,
+                             "confidence": conf, "nn_distance": res.nn_distance,
+                             "nn_train_index": self.train_idx[res.nn_index], "near_copy": res.near_copy})
+
+    def save(self, folder: str | Path, backbone: str, image_size: int) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(folder / "classifier.safetensors"))  # handles timm's shared weights
+        save_file({"real_features": self.real_f.contiguous(), "real_labels": self.real_y.contiguous(),
+                   "delta": torch.from_numpy(self.delta)}, str(folder / "reference.safetensors"))
+        atomic_write_json(folder / "config.json", {"backbone": backbone, "classes": self.classes, "tau": self.tau,
+                                                   "image_size": int(image_size)})
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu") -> "FeatureFilter":
+        folder = Path(folder)
+        c = json.loads((folder / "config.json").read_text())
+        model = build_classifier(c["backbone"], num_classes=len(c["classes"]), image_size=c["image_size"])
+        load_model(model, str(folder / "classifier.safetensors"))
+        ref = load_file(str(folder / "reference.safetensors"))
+        return cls(model, ref["real_features"], ref["real_labels"], ref["delta"].numpy(), c["tau"], c["classes"],
+                   device=device)

@@ -1,7 +1,7 @@
 """A small dataset in the real paper layout, and the overrides of the paper-size dry run.
 
 `write_paper_layout(root, ...)` writes, deterministically and atomically, procedural tissue
-(`hdlib.demo_data.render_tile`) in the folder layout `params/nct_crc.yaml` expects:
+(`hdlib.demo.render_tile`) in the folder layout `params/nct_crc.yaml` expects:
 
     root/NCT-CRC-HE-100K/<ADI BACK DEB LYM MUC MUS NORM STR TUM>/*.tif   224x224 RGB, "target" stain
     root/CRC-VAL-HE-7K/<same classes>/*.tif                              224x224 RGB, "target" stain
@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from .io import atomic_dir
-from .demo_data import CRC_CLASSES, GENERATOR_VERSION, render_tile, tile_rng
+from .demo import CRC_CLASSES, GENERATOR_VERSION, render_tile, tile_rng
 from .errors import ConfigError, DataError, one_line_errors
 
 LAYOUT_VERSION = 1
@@ -208,7 +208,7 @@ def _write_slide(path: Path, level0: np.ndarray) -> None:
 
 
 def _count_slide_tiles(path: Path) -> int:
-    from .data import tile_large_image
+    from .data.tiling import tile_large_image
 
     return len(tile_large_image(path, SLIDE_TILE, tissue_threshold=TISSUE_THRESHOLD))
 

@@ -154,6 +154,11 @@ class StudyPaths:
         return self.root / "REPORT.md"
 
     @property
+    def readme_block(self) -> Path:
+        """The results block stage 07 renders for the README (spliced in by `hdlib readme`)."""
+        return self.root / "README_block.md"
+
+    @property
     def provenance(self) -> Path:
         return self.root / "provenance.json"
 

@@ -6,7 +6,7 @@ colour and low-level texture. This judge is the same architecture trained from s
 pre-training pool's TRAINING tiles only, to tell those tiles apart by what made them:
 
 * a procedural tile by its stain style and the tissue class the generator drew for it (not
-  stored anywhere: re-derived from the generator's seed, `demo_data.pool_tile_class`);
+  stored anywhere: re-derived from the generator's seed, `demo.pool_tile_class`);
 * any other tile (a real H&E wheel image, a user's folder or slide) by its source.
 
 Like Inception for ImageNet FIDs, its features then weigh what tells tissue types apart. It
@@ -39,7 +39,7 @@ JUDGE_SEED = 0
 
 def provenance_labels(records) -> list[str]:
     """'source:CLASS' for procedural demo tiles, the record's source name for any other tile."""
-    from .demo_data import pool_tile_class
+    from .demo import pool_tile_class
 
     out = []
     for r in records:

@@ -128,17 +128,18 @@ def sample_images(unet, scheduler, vae, scale: float, n: int, steps: int, seed: 
 
 def holdout_images(cfg: Config) -> torch.Tensor:
     """The pool's held-out tiles (never trained on): the judge's real reference."""
-    from .stages.data import load_split_images, split_images
+    from .study.splits import load_split_images, split_images
 
     return load_split_images(cfg, "pool_holdout", range(len(split_images(cfg, "pool_holdout"))))[0]
 
 
 def run_pretrain(cfg: Config, export: bool = True) -> dict:
     """Train (or resume) and evaluate; export when `pretrain.export_dir` is set (and `export`)."""
-    from .stages.autoencoder import autoencoder_stage, load_autoencoder
-    from .stages.autoencoder import latent_dir
-    from .stages.data import prepare_data
-    from .stages.diffusion import load_denoiser, noise_scheduler
+    from .study.latents import encode_and_measure as autoencoder_stage
+    from .study.latents import load_autoencoder
+    from .study.latents import latent_dir
+    from .study.preparation import prepare_data
+    from .study.latent_models import load_denoiser, noise_scheduler
     from .train import train_task
 
     p, paths = cfg.pretrain, StudyPaths(cfg)
@@ -229,8 +230,8 @@ def train_autoencoder_tracked(cfg: Config) -> None:
     (metrics/pretrain_ae_eval.csv): held-out tiles through it, FID to the other real half and the
     share of tissue classes kept. With ae_eval_every 0, one go and no measurement."""
     from .pool_judge import provenance_labels
-    from .stages.autoencoder import load_autoencoder
-    from .stages.data import load_split_images, split_images
+    from .study.latents import load_autoencoder
+    from .study.splits import load_split_images, split_images
     from .train import train_task
 
     every, total = cfg.pretrain.ae_eval_every, cfg.autoencoder.train.max_steps
@@ -268,8 +269,8 @@ def train_autoencoder_tracked(cfg: Config) -> None:
 
 def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
     """Quality of the finished model at the card's sample count and DDIM steps (cached by step)."""
-    from .stages.autoencoder import load_autoencoder
-    from .stages.diffusion import load_denoiser, noise_scheduler
+    from .study.latents import load_autoencoder
+    from .study.latent_models import load_denoiser, noise_scheduler
 
     p, paths = cfg.pretrain, StudyPaths(cfg)
     path = paths.metrics("pretrain_final")
@@ -299,8 +300,9 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     matplotlib.use("Agg")
     from . import plots
     from .pretrained import export_pretrained
-    from .stages.autoencoder import load_autoencoder, training_log
-    from .stages.diffusion import load_denoiser, noise_scheduler
+    from .study.latents import load_autoencoder
+    from .study.latents import training_log
+    from .study.latent_models import load_denoiser, noise_scheduler
 
     paths = StudyPaths(cfg)
     replaced = previous_version_of(out)  # read before the folder is overwritten
@@ -437,9 +439,9 @@ def compare_pretraining(cfg: Config, baseline: Config) -> dict:
 
     matplotlib.use("Agg")
     from . import plots
-    from .stages.autoencoder import load_autoencoder
-    from .stages.data import load_split_images, split_sources
-    from .stages.diffusion import load_denoiser, noise_scheduler
+    from .study.latents import load_autoencoder
+    from .study.splits import load_split_images, split_sources
+    from .study.latent_models import load_denoiser, noise_scheduler
 
     p, paths = cfg.pretrain, StudyPaths(cfg)
     shared = set(split_sources(baseline, "pool_holdout"))
@@ -524,11 +526,14 @@ def recipe_sweep(params: str, overrides=()) -> pd.DataFrame:
     is also judged with its raw weights, to show what the EMA buys at this run length.
     Resumable: finished variants are kept in metrics/pretrain_recipe_sweep.csv."""
     from .config import load_config
-    from .stages.autoencoder import autoencoder_stage, latent_dir, load_autoencoder
-    from .stages.data import prepare_data
-    from .stages.diffusion import build_denoiser, noise_scheduler
+    from .study.latents import encode_and_measure as autoencoder_stage
+    from .study.latents import load_autoencoder
+    from .study.latents import latent_dir
+    from .study.preparation import prepare_data
+    from .study.latent_models import noise_scheduler
+    from .study.latent_models import build_denoiser
     from .train import train_task
-    from .trainer import load_final
+    from .weights import load_final
 
     cfg = load_config(params, list(overrides))
     p, paths = cfg.pretrain, StudyPaths(cfg)
@@ -799,7 +804,7 @@ def main(params: str, overrides=(), compare: str | None = None, sweep: bool = Fa
 
     if assess:
         from .pretrained import verify
-        from .stages.data import prepare_data
+        from .study.preparation import prepare_data
 
         if not cfg.pretrain.export_dir:
             raise ConfigError("pretrain --assess: pretrain.export_dir is empty (the exported model to judge)")
@@ -853,7 +858,7 @@ def pool_judge(cfg: Config, progress: bool = False):
     training split and cached in the study's cache, keyed by the pool manifest's content."""
     from .pool_judge import JudgeTraining, load_judge, provenance_labels, save_judge, train_pool_judge
     from .pretrained import _sha256
-    from .stages.data import split_images
+    from .study.splits import split_images
 
     paths = StudyPaths(cfg)
     settings = JudgeTraining(epochs=cfg.pretrain.judge_epochs)
@@ -890,8 +895,8 @@ def exported_model_samples(cfg: Config, model_dir: str | Path, n: int, steps: in
 def baseline_samples(cfg: Config, baseline: Config, n: int) -> torch.Tensor:
     """n samples of the baseline (in-study) run, the same seeds and DDIM steps (cached in its folder)."""
     from .io import atomic_torch_save
-    from .stages.autoencoder import load_autoencoder
-    from .stages.diffusion import load_denoiser, noise_scheduler
+    from .study.latents import load_autoencoder
+    from .study.latent_models import load_denoiser, noise_scheduler
 
     cached = StudyPaths(baseline).cache / "final_samples.pt"
     if cached.exists() and len(torch.load(cached)) == n:
@@ -920,8 +925,8 @@ def assess_with_pool_judge(cfg: Config, baselines: list[Config], model_dir: str 
     from . import plots
     from .pool_judge import copying_rate, mixture, provenance_labels, total_variation
     from .pretrained import load_vae, read_latent_info
-    from .stages.autoencoder import load_autoencoder
-    from .stages.data import load_split_images, split_images, split_sources
+    from .study.latents import load_autoencoder
+    from .study.splits import load_split_images, split_images, split_sources
 
     paths, p = StudyPaths(cfg), cfg.pretrain
     judge, info = pool_judge(cfg, progress=cfg.study.progress)

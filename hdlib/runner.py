@@ -12,18 +12,32 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import nbformat
+import papermill as pm
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import default
 
 from .config import Config, load_config
 from .errors import HDLibError
 from .io import atomic_write_json
 from .paths import REPO_ROOT
-from .stages.common import QUIET_ENV
+from .pretrained import (
+    check_compatible,
+    check_init_vae,
+    file_hashes,
+    folder_sha256,
+    verify,
+)
+from .study.context import QUIET_ENV
 
 # Config sections each stage reads (besides everything the earlier stages read).
 STAGE_SECTIONS = {
@@ -41,6 +55,19 @@ STAGE_SECTIONS = {
 
 class StageFailed(HDLibError):
     pass
+
+
+class IPCKernelManager(AsyncKernelManager):
+    """The stage kernel talks to papermill over local IPC sockets in a private temporary
+    folder, not TCP (so ipykernel has no unencrypted-TCP warning to print)."""
+
+    @default("transport")
+    def _default_transport(self):
+        return "ipc"
+
+    @default("ip")
+    def _default_ip(self):
+        return tempfile.mkdtemp(prefix="hdlib-kernel-") + "/kernel"
 
 
 @dataclass
@@ -82,7 +109,6 @@ def stage_fingerprints(cfg: Config, stages: list[Stage]) -> dict[str, str]:
 def _pretrained_key(cfg: Config) -> str:
     """The content of the weights stage 01 starts from: the pre-trained model, or the vae that
     autoencoder.init_from fine-tunes (same path, new weights: a new fingerprint)."""
-    from .pretrained import file_hashes, folder_sha256
 
     if cfg.pretrained.path:
         return folder_sha256(cfg.pretrained.path)
@@ -106,10 +132,6 @@ def scrub_notebook(path: Path) -> None:
     """Keep an executed notebook readable and portable: drop progress-bar fragments from
     stderr streams (bars belong in the terminal) and write paths inside the repository
     relative to it."""
-    import re
-
-    import nbformat
-
     nb = nbformat.read(str(path), as_version=4)
     root = str(REPO_ROOT) + os.sep
     bar = re.compile(r"\r|\d+%\|[^|]*\|")
@@ -139,6 +161,10 @@ def scrub_notebook(path: Path) -> None:
                     out["traceback"] = [rel(t) for t in out.get("traceback", [])]
             kept.append(out)
         cell["outputs"] = kept
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):  # papermill records the machine's absolute paths here
+        if meta.get(key):
+            meta[key] = Path(meta[key]).name
     nbformat.write(nb, str(path))
 
 
@@ -200,17 +226,12 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
               start: str | None = None, force: bool = False, notebooks_dir: Path | None = None,
               log=print) -> dict:
     """Execute the study's stages; returns {stage: "ran" | "skipped"}."""
-    import papermill as pm
-
     cfg = load_config(params_file, list(overrides))  # validates before any compute
     if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
-        from .pretrained import check_compatible, verify
 
         verify(cfg.pretrained.path, cfg.pretrained.sha256)
         check_compatible(cfg.pretrained.path, cfg.data.image_size)
     elif cfg.autoencoder.init_from:
-        from .pretrained import check_init_vae
-
         check_init_vae(cfg.autoencoder.init_from, cfg.data.image_size)
     stages = discover_stages(notebooks_dir)
     prints = stage_fingerprints(cfg, stages)
@@ -241,6 +262,7 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
                 str(st.notebook), str(tmp),
                 parameters={"params_file": _notebook_path_param(params_file), "overrides": list(overrides)},
                 cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False, log_output=False,
+                kernel_manager_class=IPCKernelManager,
             )
             scrub_notebook(tmp)
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error

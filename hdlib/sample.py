@@ -10,13 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from .io import atomic_torch_save
+from .sampling import shard
+from .study.context import config_from_results
+from .study.generation import Generation
 
 
 def generate_shard(gen, generator, fraction, draw, labels, seeds, guidance_scale, rank, world):
     """(indices, latents, images) of this rank's contiguous part of the request."""
-    from .sampling import shard
 
     idx = torch.as_tensor(list(shard(len(labels), rank, world)), dtype=torch.long)
     z = gen.latents(generator, fraction, labels[idx], seeds[idx], guidance_scale=guidance_scale, draw=draw,
@@ -26,14 +29,8 @@ def generate_shard(gen, generator, fraction, draw, labels, seeds, guidance_scale
 
 def sample_main(study_dir: str, generator: str, fraction: float, draw: int, request: str, adaptation: str,
                 guidance_scale: float | None = None) -> int:
-    from accelerate import PartialState
-
-    from .stages.common import config_from_results
-    from .stages.synthesis import Generation
-
-    cfg = config_from_results(study_dir)
     state = PartialState()
-    cfg.study.device = str(state.device)
+    cfg = config_from_results(study_dir, [f"study.device={state.device}"])
     req = torch.load(request, weights_only=True)
     idx, z, images = generate_shard(Generation(cfg, adaptation), generator, fraction, draw, req["labels"],
                                     req["seeds"], guidance_scale, state.process_index, state.num_processes)

@@ -18,9 +18,27 @@ from typing import Callable
 
 import torch
 
+from .batching import GroupPlan
 from .config import Config, TrainingConfig
+from .data.latents import posterior_sample
+from .data.streaming import StreamingSource
+from .diffusion import diffusion_loss, draw_noise_and_timesteps
 from .errors import ConfigError, HDLibError
+from .latent_classifier import classifier_loss
+from .launch import launch
+from .models import autoencoder_loss, build_autoencoder, build_latent_classifier
 from .paths import StudyPaths, model_name, task_seed
+from .pretrained import check_init_vae
+from .study.latent_models import (
+    build_denoiser,
+    load_denoiser,
+    noise_scheduler,
+    uses_pretrained_unet,
+)
+from .study.latents import latent_store
+from .study.splits import fraction_indices, split_images
+from .trainer import Trainer
+from .training_config import TrainConfig
 
 TASKS = ("autoencoder", "denoiser_pretrained", "denoiser_adapted", "denoiser_scratch", "denoiser_classifier_free",
          "latent_classifier")
@@ -81,13 +99,6 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
                draw: int | None = None) -> TaskSpec:
     """Model, loss and (streaming) training data of one task, from what earlier stages wrote.
     Models that learn from a labeled subset use label draw `draw` (default: the first seed)."""
-    from .datasets import StreamingSource, posterior_sample
-    from .diffusion import diffusion_loss, draw_noise_and_timesteps
-    from .latent_classifier import classifier_loss
-    from .models import autoencoder_loss, build_autoencoder, build_latent_classifier
-    from .stages.autoencoder import latent_store
-    from .stages.data import fraction_indices, split_images
-    from .stages.diffusion import build_denoiser, load_denoiser, noise_scheduler, uses_pretrained_unet
 
     if task not in TASKS:
         raise HDLibError(f"unknown training task {task!r} (tasks: {', '.join(TASKS)})")
@@ -113,7 +124,6 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
         pool = StreamingSource(split_images(cfg, "pool"), cfg.data.num_workers,
                                transform=lambda b: (b[0].float() / 127.5 - 1.0,))
         if a.init_from:  # before any compute
-            from .pretrained import check_init_vae
 
             check_init_vae(a.init_from, cfg.data.image_size)
         return TaskSpec(build_autoencoder(a, weights=True), ae_loss, pool, a.train, name, seed)
@@ -172,8 +182,6 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
         loss, _ = classifier_loss(model, z0, labels, noise.to(z0.device), t.to(z0.device), scheduler)
         return loss
 
-    from .trainer import GroupPlan
-
     val_rows = torch.randperm(len(store.mean("target_val")), generator=torch.Generator().manual_seed(0))
     val_rows = val_rows[:lc.eval_samples].sort().values.numpy()
     vz, vy = store.means("target_val", val_rows), store.labels("target_val")[torch.from_numpy(val_rows)]
@@ -188,7 +196,6 @@ def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation
                draw: int | None = None, progress: bool | None = None, out_dir: str | Path | None = None):
     """Train one task in this process (resumes from its latest checkpoint). `out_dir` replaces
     the task's model folder (recipe sweeps train variants of one task side by side)."""
-    from .trainer import TrainConfig, Trainer
 
     spec = build_task(cfg, task, fraction, adaptation, draw)
     t = spec.train
@@ -216,7 +223,6 @@ def launch_task(cfg: Config, params_file: str, overrides: list[str], task: str, 
     """Train in-process on one device, or in `study.num_processes` processes (one per GPU)."""
     if cfg.study.num_processes <= 1:
         return train_task(cfg, task, fraction, adaptation, draw)
-    from .launch import launch
 
     args = ["-m", "hdlib", "train", task, str(params_file)]
     if fraction is not None:

@@ -10,7 +10,8 @@ launch`). Data order and per-sample randomness depend only on (seed, step):
 
 So a resumed run needs no data-loader state and reproduces the uninterrupted
 loss curve (bit-identical on the CPU), and a 2-process run sees exactly the
-samples and noise of a 1-process run with the same global batch.
+samples and noise of a 1-process run with the same global batch. Settings:
+hdlib.training_config; batch plans: hdlib.batching; weight files: hdlib.weights.
 
 Layout of `out_dir`::
 
@@ -31,8 +32,6 @@ import math
 import os
 import shutil
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,365 +39,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batching import BatchPlan
 from .errors import ConfigError, DataError, HDLibError
 from .io import atomic_write_json, atomic_write_text
+from .train_runtime import LossModule, Progress, make_accelerator
+from .training_config import TrainConfig, TrainResult, lr_factor
+from .weights import save_weights
 
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
-# Settings that do not change the trajectory: they may differ between a run and its resume.
-_NON_TRAJECTORY_FIELDS = ("out_dir", "progress", "log_every", "checkpointing_steps", "checkpoints_total_limit",
-                          "micro_batch_size")
-_LR_SCHEDULES = ("constant", "cosine")
-_PRECISIONS = ("no", "bf16", "fp16")
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str                          # checkpoints/, log.csv, final/ go here
-    max_steps: int
-    global_batch_size: int                # independent of the number of processes
-    micro_batch_size: int | None = None   # per-process batch per forward; accumulation = global / (world * micro)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 0                 # linear warm-up, then `lr_schedule`
-    lr_schedule: str = "constant"         # "constant" | "cosine" (decay to 0 at max_steps)
-    grad_clip: float | None = 1.0
-    ema_decay: float | None = None        # EMA of the weights, used for sampling
-    mixed_precision: str = "no"           # "no" | "bf16" | "fp16" (fp16 falls back to "no" on a CPU)
-    checkpointing_steps: int = 500        # save every N steps (and at max_steps)
-    checkpoints_total_limit: int = 2      # keep the last N complete checkpoints
-    log_every: int = 10
-    seed: int = 0
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Raise ConfigError (one line, naming the field) on a bad value."""
-        def need(ok, field, what):
-            if not ok:
-                raise ConfigError(f"TrainConfig.{field} = {getattr(self, field)!r}: {what}")
-
-        need(isinstance(self.max_steps, int) and self.max_steps >= 1, "max_steps", "must be an int >= 1")
-        need(isinstance(self.global_batch_size, int) and self.global_batch_size >= 1, "global_batch_size",
-             "must be an int >= 1")
-        need(self.micro_batch_size is None or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
-             "micro_batch_size", "must be None or an int >= 1")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a finite number > 0")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(len(tuple(self.betas)) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
-        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0")
-        need(self.lr_schedule in _LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(_LR_SCHEDULES)}")
-        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be None or > 0")
-        need(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be None or in (0, 1)")
-        need(self.mixed_precision in _PRECISIONS, "mixed_precision", f"must be one of {', '.join(_PRECISIONS)}")
-        need(isinstance(self.checkpointing_steps, int) and self.checkpointing_steps >= 1, "checkpointing_steps",
-             "must be an int >= 1")
-        need(isinstance(self.checkpoints_total_limit, int) and self.checkpoints_total_limit >= 1,
-             "checkpoints_total_limit", "must be an int >= 1")
-        need(isinstance(self.log_every, int) and self.log_every >= 1, "log_every", "must be an int >= 1")
-        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an int >= 0")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(d["betas"])
-        return d
-
-    def trajectory_key(self) -> dict:
-        """The settings that determine the weights at every step (a resume must match them).
-        max_steps only matters through a cosine schedule, so a constant-lr run can be extended."""
-        d = self.to_dict()
-        for k in _NON_TRAJECTORY_FIELDS:
-            d.pop(k)
-        if self.lr_schedule == "constant":
-            d.pop("max_steps")
-        return d
-
-
-@dataclass
-class TrainResult:
-    step: int                  # final step
-    last_loss: float           # loss of the last log row (mean over its steps and processes)
-    final_dir: str             # out_dir/final
-    weights_dir: str           # the weights to use: final/ema when there is an EMA, else final/model
-    wall_s: float              # wall time of this call's training loop (0 when nothing was left to do)
-    images_per_s: float        # training throughput of this call
-    resumed_from_step: int = 0 # 0 for a fresh run
-
-
-# ---------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------
-
-class TensorBatchSource:
-    """In-memory dataset of equally long tensors; `source[idx]` indexes them all with a LongTensor."""
-
-    def __init__(self, *tensors: torch.Tensor):
-        if not tensors:
-            raise DataError("TensorBatchSource: no tensors given")
-        n = len(tensors[0])
-        for i, t in enumerate(tensors):
-            if not isinstance(t, torch.Tensor):
-                raise DataError(f"TensorBatchSource: argument {i} is a {type(t).__name__}, not a torch.Tensor")
-            if len(t) != n:
-                raise DataError(f"TensorBatchSource: tensor {i} has {len(t)} rows, tensor 0 has {n}")
-        if n == 0:
-            raise DataError("TensorBatchSource: the tensors are empty")
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors[0])
-
-    def __getitem__(self, idx: torch.Tensor) -> tuple:
-        return tuple(t[idx] for t in self.tensors)
-
-
-class BatchPlan:
-    """Global batch indices and per-sample seeds of every step, from (seed, step) only."""
-
-    _PERM, _SAMPLE = 0, 1  # stream ids, so permutations and sample seeds never share a seed
-
-    def __init__(self, seed: int, dataset_len: int, global_batch_size: int):
-        if dataset_len < 1:
-            raise DataError("training dataset is empty")
-        self.seed, self.n, self.batch = int(seed), int(dataset_len), int(global_batch_size)
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:  # only the current epoch (and the next) are ever needed
-                self._perms.pop(min(self._perms))
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._PERM, epoch]))
-            self._perms[epoch] = rng.permutation(self.n)
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> torch.Tensor:
-        pos = step * self.batch + np.arange(self.batch, dtype=np.int64)
-        epochs, offsets = np.divmod(pos, self.n)
-        out = np.empty(self.batch, dtype=np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            out[sel] = self._permutation(int(e))[offsets[sel]]
-        return torch.from_numpy(out)
-
-    def sample_seeds(self, step: int) -> torch.Tensor:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._SAMPLE, step]))
-        return torch.from_numpy(rng.integers(0, 2**63 - 1, size=self.batch, dtype=np.int64))
-
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.indices(step), self.sample_seeds(step)
-
-
-class GroupPlan:
-    """Batches made of fixed-size parts, one per group of dataset rows (e.g. real images,
-    then synthetic ones), so a group's exposure does not depend on the other groups.
-
-    groups: [(row indices into the dataset, labels of those rows, items per batch)].
-    balanced=True: within a group every class gets an equal share of each batch (the
-    remainder rotates over the classes step by step) and each class's images are cycled
-    through seeded per-class epoch permutations, so every image of a class is seen
-    equally often. balanced=False: a group's rows are cycled through seeded epoch
-    permutations. Everything depends only on (seed, step)."""
-
-    _PERM, _SAMPLE = 0, 1
-
-    def __init__(self, seed: int, groups, balanced: bool = True):
-        self.seed, self.balanced = int(seed), bool(balanced)
-        self.groups = []
-        for g, (rows, labels, per_batch) in enumerate(groups):
-            rows = torch.as_tensor(rows, dtype=torch.long)
-            labels = torch.as_tensor(labels, dtype=torch.long)
-            if int(per_batch) < 0 or len(rows) != len(labels):
-                raise DataError(f"GroupPlan: group {g}: bad rows/labels/per_batch")
-            if int(per_batch) == 0:
-                continue
-            if len(rows) == 0:
-                raise DataError(f"GroupPlan: group {g} has no rows but {per_batch} items per batch")
-            if balanced:
-                classes = sorted(set(labels.tolist()))
-                streams = [rows[labels == c].numpy() for c in classes]
-            else:
-                streams = [rows.numpy()]
-            self.groups.append({"id": g, "per_batch": int(per_batch), "streams": streams, "cum": {}})
-        self.batch = sum(g["per_batch"] for g in self.groups)
-        if self.batch < 1:
-            raise DataError("GroupPlan: empty batches")
-
-    def _counts(self, g: dict, step: int) -> np.ndarray:
-        K = len(g["streams"])
-        base, extra = divmod(g["per_batch"], K)
-        counts = np.full(K, base, dtype=np.int64)
-        counts[(np.arange(K) - step * extra) % K < extra] += 1  # the remainder rotates over the classes
-        return counts
-
-    def _position(self, g: dict, step: int) -> np.ndarray:
-        """Items of each stream drawn before `step` (cached: steps are asked in order)."""
-        cum = g["cum"]
-        if step not in cum:
-            start = max([s for s in cum if s < step], default=0)
-            pos = cum.get(start, np.zeros(len(g["streams"]), dtype=np.int64)).copy()
-            for t in range(start, step):
-                pos += self._counts(g, t)
-            if len(cum) > 256:  # a streaming loader asks a few steps ahead of training
-                cum.pop(min(cum))
-            cum[step] = pos
-        return cum[step]
-
-    def _perm(self, g: int, stream: int, epoch: int, n: int) -> np.ndarray:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._PERM, g, stream, epoch]))
-        return rng.permutation(n)
-
-    def indices(self, step: int) -> torch.Tensor:
-        out = []
-        for g in self.groups:
-            pos, counts = self._position(g, step), self._counts(g, step)
-            g["cum"][step + 1] = pos + counts  # the next step starts where this one ends
-            for k, stream in enumerate(g["streams"]):
-                p = pos[k] + np.arange(counts[k])
-                epochs, offsets = np.divmod(p, len(stream))
-                for e in np.unique(epochs):
-                    sel = offsets[epochs == e]
-                    out.append(stream[self._perm(g["id"], k, int(e), len(stream))[sel]])
-        return torch.from_numpy(np.concatenate(out).astype(np.int64))
-
-    def sample_seeds(self, step: int) -> torch.Tensor:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._SAMPLE, step]))
-        return torch.from_numpy(rng.integers(0, 2**63 - 1, size=self.batch, dtype=np.int64))
-
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.indices(step), self.sample_seeds(step)
-
-
-# ---------------------------------------------------------------------------
-# saving / loading weights
-# ---------------------------------------------------------------------------
-
-def save_weights(module: nn.Module, directory: str | Path) -> None:
-    """`save_pretrained` where the module has one (diffusers models), else model.safetensors."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(module, "save_pretrained"):
-        module.save_pretrained(str(directory), safe_serialization=True)
-    else:
-        from safetensors.torch import save_model
-
-        save_model(module, str(directory / "model.safetensors"))
-
-
-def load_weights(module: nn.Module, directory: str | Path) -> nn.Module:
-    """Load weights written by `save_weights` into `module` (strict)."""
-    from safetensors.torch import load_file, load_model
-
-    directory = Path(directory)
-    if (directory / "model.safetensors").exists():
-        load_model(module, str(directory / "model.safetensors"), strict=True)
-        return module
-    files = sorted(directory.glob("*.safetensors"))
-    if len(files) != 1:
-        raise HDLibError(f"{directory}: expected one *.safetensors weights file, found {len(files)}")
-    try:
-        module.load_state_dict(load_file(str(files[0])), strict=True)
-    except RuntimeError as e:
-        raise HDLibError(f"{files[0]}: weights do not fit {type(module).__name__} "
-                         f"({str(e).splitlines()[0]})") from None
-    return module
-
-
-def load_final(model_factory_or_model, out_dir: str | Path, ema: bool = True, module: str = "model") -> nn.Module:
-    """The trained weights of a finished run in `out_dir`, loaded into the given model
-    (or one made by calling the factory). ema=True gives the EMA weights where the run
-    kept an EMA (the weights to sample with), else the raw weights. `module` names an
-    extra module of the run instead of the model."""
-    final = Path(out_dir) / "final"
-    if not (final / "COMPLETE").exists():
-        raise HDLibError(f"{final}: no finished training run here (train it first)")
-    model = model_factory_or_model if isinstance(model_factory_or_model, nn.Module) else model_factory_or_model()
-    if module == "model":
-        sub = final / "ema" if ema and (final / "ema").is_dir() else final / "model"
-    else:
-        sub = final / module
-        if not sub.is_dir():
-            raise HDLibError(f"{final}: the run has no module named {module!r}")
-    return load_weights(model, sub)
-
-
-# ---------------------------------------------------------------------------
-# the trainer
-# ---------------------------------------------------------------------------
-
-class _LossModule(nn.Module):
-    """Model + extra modules behind one forward that returns the loss, so DDP and
-    autocast see the whole computation even when the loss calls model.encode() etc."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable, extra: dict[str, nn.Module]):
-        super().__init__()
-        self.model = model
-        self.extra = nn.ModuleDict(extra)
-        self.loss_fn = loss_fn
-
-    def forward(self, batch, sample_seeds):
-        return self.loss_fn(self.model, batch, sample_seeds, **dict(self.extra.items()))
-
-
-class _Progress:
-    """Step counter, running log-interval sums, elapsed time and the model selection so far
-    (evaluation rows, best score and the best weights); checkpointed with the run."""
-
-    def __init__(self):
-        self.step = 0
-        self.elapsed_s = 0.0
-        self.loss_sum = torch.zeros((), dtype=torch.float64)
-        self.grad_norm_sum = torch.zeros((), dtype=torch.float64)
-        self.count = 0
-        self.evals: list[dict] = []
-        self.best_key: list | None = None
-        self.best_step = -1
-        self.best_state: dict | None = None
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "elapsed_s": self.elapsed_s, "loss_sum": self.loss_sum.detach().cpu().clone(),
-                "grad_norm_sum": self.grad_norm_sum.detach().cpu().clone(), "count": self.count,
-                "evals": self.evals, "best_key": self.best_key, "best_step": self.best_step,
-                "best_state": self.best_state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.elapsed_s, self.count = int(state["step"]), float(state["elapsed_s"]), int(state["count"])
-        self.loss_sum = state["loss_sum"].to(self.loss_sum.device)
-        self.grad_norm_sum = state["grad_norm_sum"].to(self.grad_norm_sum.device)
-        self.evals = list(state.get("evals", []))
-        self.best_key, self.best_step = state.get("best_key"), int(state.get("best_step", -1))
-        self.best_state = state.get("best_state")
-
-
-def _make_accelerator(mixed_precision: str, find_unused_parameters: bool):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if cpu and mixed_precision == "fp16":
-        warnings.warn("mixed_precision='fp16' is not available on a CPU: training in fp32", stacklevel=3)
-        mixed_precision = "no"
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision and state.get("num_processes", 1) == 1:
-        # accelerate keeps one global state per process; in a notebook a second model may
-        # use another precision, which is safe to switch between single-process runs.
-        AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
-
-
-def lr_factor(config: TrainConfig) -> Callable[[int], float]:
-    """LR multiplier of step s (0-based): linear warm-up (s+1)/W, then constant or cosine to 0 at max_steps."""
-    warm, total, cosine = config.warmup_steps, config.max_steps, config.lr_schedule == "cosine"
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cosine:
-            done = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1.0 + math.cos(math.pi * done))
-        return 1.0
-
-    return factor
 
 
 def _step_dir_name(step: int) -> str:
@@ -410,7 +58,7 @@ class Trainer:
 
     dataset: `len()` and `dataset[LongTensor idx] -> batch` (a tensor, tuple or dict of
     tensors), e.g. TensorBatchSource or a LatentSource; or a streaming source with
-    `batches(index_lists)` (hdlib.datasets.StreamingSource: items decoded by DataLoader
+    `batches(index_lists)` (hdlib.data.streaming.StreamingSource: items decoded by DataLoader
     workers). Under several processes each rank reads only its slice of the global batch.
     loss_fn returns the scalar mean loss over its micro-batch, drawing any randomness
     from the per-sample int64 seeds. extra_modules: {name: module} trained jointly with
@@ -423,7 +71,7 @@ class Trainer:
     evaluate: model selection. Every `eval_every` steps and at the end, rank 0 calls
     `evaluate(model)` (EMA weights where there is an EMA) -> dict of numbers, appended to
     eval.csv; the weights whose `select(metrics)` (a tuple, larger is better) is best so far
-    are kept with the run and exported to final/best/ (`load_final(..., which="best")`).
+    are kept with the run and exported to final/best/ (`load_final(..., module="best")`).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dataset, config: TrainConfig,
@@ -449,7 +97,7 @@ class Trainer:
         self.checkpoint_root = self.out_dir / "checkpoints"
         self.final_dir = self.out_dir / "final"
 
-        self.accelerator = acc = _make_accelerator(c.mixed_precision, find_unused_parameters)
+        self.accelerator = acc = make_accelerator(c.mixed_precision, find_unused_parameters)
         world = acc.num_processes
         if c.global_batch_size % world:
             raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by the "
@@ -468,7 +116,7 @@ class Trainer:
         self.evaluate, self.eval_every, self.select = evaluate, int(eval_every), select
         self._stream = None
 
-        self._unwrapped = _LossModule(model, loss_fn, extra)
+        self._unwrapped = LossModule(model, loss_fn, extra)
         trainable = [p for p in self._unwrapped.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError("the model (and extra_modules) have no trainable parameters")
@@ -480,7 +128,7 @@ class Trainer:
             from diffusers.training_utils import EMAModel  # imported only when needed: slow to import
 
             self.ema = EMAModel(model.parameters(), decay=c.ema_decay, foreach=True)
-        self.progress_state = _Progress()
+        self.progress_state = Progress()
         self.loss_module, self.optimizer = acc.prepare(self._unwrapped, optimizer)
         acc.register_for_checkpointing(self.lr_scheduler, self.progress_state)
         if self.ema is not None:

@@ -16,7 +16,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hdlib.trainer import TensorBatchSource, TrainConfig, Trainer  # noqa: E402
+from hdlib.batching import TensorBatchSource  # noqa: E402
+from hdlib.trainer import Trainer  # noqa: E402
+from hdlib.training_config import TrainConfig  # noqa: E402
 
 
 def toy_model(seed: int = 0, dim: int = 8, hidden: int = 16) -> nn.Module:
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     cfg = toy_config(a.out, a.max_steps, a.global_batch, a.micro, a.ckpt_every, a.log_every, a.ema)
     data = toy_data()
     if a.stream_log:
-        from hdlib.datasets import StreamingSource
+        from hdlib.data.streaming import StreamingSource
 
         data = StreamingSource(LoggingItems(data, a.stream_log), num_workers=0)
     trainer = Trainer(toy_model(), toy_loss(a.sleep), data, cfg)

@@ -12,9 +12,13 @@ import torch
 from PIL import Image
 
 from hdlib import CRC_CLASSES
-from hdlib.data import (ImageRecord, PoolSource, build_pool, file_sha1, load_images, load_npz_dataset,
-                        nested_label_fractions, read_image, scan_class_folders, scan_unlabeled_folder,
-                        stratified_split, stratified_subsample, tile_large_image, write_manifest)
+from hdlib.data.hashing import file_sha1
+from hdlib.data.manifests import write_manifest
+from hdlib.data.pixels import load_images, read_image
+from hdlib.data.pool import PoolSource, build_pool
+from hdlib.data.records import ImageRecord, load_npz_dataset, scan_class_folders, scan_unlabeled_folder
+from hdlib.data.splits import nested_label_fractions, stratified_split, stratified_subsample
+from hdlib.data.tiling import tile_large_image
 from hdlib.errors import DataError
 
 torch.set_num_threads(1)
@@ -340,7 +344,7 @@ def test_manifest_lists_every_record_with_its_file_hash(data_dir, tmp_path):
 
 
 def test_load_images_keeps_input_order_and_decodes_each_slide_once(data_dir, monkeypatch):
-    import hdlib.data as data
+    import hdlib.data.pixels as data
 
     tiles = tile_large_image(data_dir / "slide.tif", 32) + tile_large_image(data_dir / "slide.png", 32)
     records = [tiles[i] for i in np.random.default_rng(0).permutation(len(tiles))]  # interleaved files

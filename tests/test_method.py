@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from hdlib.augment import fill_quota
+from hdlib.quota import fill_quota
 from hdlib.filtering import calibrate_delta, filter_synthetic
 
 CLASSES = ["A", "B", "C"]
@@ -93,7 +93,8 @@ def test_label_subsets_are_redrawn_per_seed_and_nested_across_fractions(tmp_path
     (tmp_path / "pool").mkdir()
     for i in range(30):
         _png(tmp_path / "pool" / f"p{i}.png", 10_000 + i)
-    from hdlib.stages.data import fraction_indices, prepare_data
+    from hdlib.study.preparation import prepare_data
+    from hdlib.study.splits import fraction_indices
 
     cfg = _cfg(tmp_path, "data.label_fractions=[0.25,0.5,1.0]", "downstream.fractions=[0.25,0.5]",
                "downstream.seeds=[0,1,2]")

@@ -7,9 +7,10 @@ import pytest
 import tifffile
 
 from hdlib.config import load_config
-from hdlib.data import scan_class_folders, scan_unlabeled_folder, tile_large_image
-from hdlib.datasets import ManifestImages
-from hdlib.demo_data import CRC_CLASSES
+from hdlib.data.records import scan_class_folders, scan_unlabeled_folder
+from hdlib.data.streaming import ManifestImages
+from hdlib.data.tiling import tile_large_image
+from hdlib.demo import CRC_CLASSES
 from hdlib.errors import ConfigError, DataError
 from hdlib.paper_layout import MARKER, dryrun_overrides, read_layout, write_paper_layout
 from hdlib.paths import REPO_ROOT

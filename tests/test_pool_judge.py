@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hdlib import demo_data as D
+from hdlib import demo as D
+from hdlib.demo.files import png_bytes
 from hdlib.pool_judge import (JudgeTraining, PoolJudge, copying_rate, load_judge, mixture, provenance_labels,
                               save_judge, total_variation, train_pool_judge)
 
@@ -24,7 +25,7 @@ def test_pool_tile_class_re_derives_the_class_the_generator_drew(tmp_path):
             ci = D.CRC_CLASSES.index(cls)
             again = D.render_tile(cls, TINY["image_size"], D.tile_rng(TINY["seed"], "pool", ci, int(f.stem), style),
                                   style, TINY["difficulty"])
-            assert D._png_bytes(again) == f.read_bytes(), f
+            assert png_bytes(again) == f.read_bytes(), f
             seen.add(cls)
     assert len(seen) == len(D.CRC_CLASSES)  # 12 balanced tiles per style cover all 9 classes
     target = next(demo.target_train.rglob("*.png"))
@@ -93,7 +94,7 @@ def test_copying_rate_tells_copies_from_new_draws():
 
 
 def test_provenance_labels_name_class_for_procedural_tiles_and_source_otherwise(tmp_path):
-    from hdlib.data import ImageRecord
+    from hdlib.data.records import ImageRecord
 
     demo = D.build_demo_data(tmp_path / "demo", **TINY)
     f = sorted(demo.pool_dirs["procedural_pale"].glob("*.png"))[0]

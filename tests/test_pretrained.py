@@ -266,7 +266,7 @@ def test_autoencoder_ceiling_is_tracked_while_it_trains_and_resumes(tmp_path):
 
     from hdlib.config import load_config
     from hdlib.pretrain import train_autoencoder_tracked
-    from hdlib.stages.data import prepare_data
+    from hdlib.study.preparation import prepare_data
 
     cfg = load_config(ROOT / "params" / "smoke.yaml", [
         f"study.results_root={tmp_path}", "study.data_root=data", "study.progress=false", "data.pool_holdout=4",

@@ -89,8 +89,8 @@ def test_target_never_in_pool(study):
 def test_target_absent_from_every_pretraining_batch(study):
     """Every batch the autoencoder and the pre-training denoiser can draw comes from the pool;
     no pool row is a target image, and no pool latent equals a target latent."""
-    from hdlib.stages.autoencoder import latent_store
-    from hdlib.stages.data import split_images
+    from hdlib.study.latents import latent_store
+    from hdlib.study.splits import split_images
     from hdlib.train import build_task
 
     cfg, _, _ = study
@@ -114,12 +114,12 @@ def test_sharded_sampling_on_two_processes_matches_one(study):
     """A sampling round split over 2 processes (the launcher, gloo on the CPU) gives the
     latents of a 1-process run: each image has its own seed, whatever its shard."""
     from hdlib.paths import StudyPaths
-    from hdlib.stages.common import config_from_results
-    from hdlib.stages.synthesis import Generation, _sharded
+    from hdlib.study.context import config_from_results
+    from hdlib.study.generation import Generation
+    from hdlib.study.synthetic_sets import _sharded
 
     cfg, _, _ = study
-    two = config_from_results(cfg.results_dir)
-    two.study.num_processes = 2
+    two = config_from_results(cfg.results_dir, ["study.num_processes=2"])
     f, d = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
     labels = torch.arange(len(cfg.data.classes)).repeat_interleave(2)
     seeds = torch.arange(len(labels)) + 12345

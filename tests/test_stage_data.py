@@ -14,7 +14,8 @@ from PIL import Image
 from hdlib.config import load_config
 from hdlib.errors import DataError
 from hdlib.paths import StudyPaths
-from hdlib.stages.data import fraction_indices, prepare_data, split_images
+from hdlib.study.preparation import prepare_data
+from hdlib.study.splits import fraction_indices, split_images
 
 CLASSES = ["A", "B", "C"]
 

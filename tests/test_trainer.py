@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from hdlib.batching import BatchPlan, TensorBatchSource
 from hdlib.errors import ConfigError, DataError, HDLibError
 from hdlib.launch import launch
-from hdlib.trainer import BatchPlan, TensorBatchSource, TrainConfig, Trainer, load_final, lr_factor
+from hdlib.trainer import Trainer
+from hdlib.training_config import TrainConfig, lr_factor
+from hdlib.weights import load_final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_toy import toy_config, toy_data, toy_loss, toy_model  # noqa: E402
@@ -80,6 +83,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
     assert len(list((b / "checkpoints").glob("step-*"))) == 2  # checkpoints_total_limit
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_give_the_same_weights(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _train(one, max_steps=12, ckpt_every=100, ema=0.8)
@@ -223,6 +227,7 @@ def test_extra_modules_train_jointly_and_are_exported(tmp_path):
         Trainer(toy_model(), loss_fn, toy_data(), toy_config(tmp_path / "x"), extra_modules={"model": head})
 
 
+@pytest.mark.slow
 def test_streaming_loader_shards_across_two_processes(tmp_path):
     """A per-item (streaming) dataset under 2 gloo processes: each rank reads only its part of
     every global batch, the two parts are disjoint, and together they read every item exactly

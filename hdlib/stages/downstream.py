@@ -14,10 +14,13 @@ import os
 import numpy as np
 
 from ..config import Config
+from ..downstream import evaluate
+from ..grid import run_grid
 from ..paths import REPO_ROOT, StudyPaths
-from .common import config_from_results
-from .data import fraction_indices, manifest_hash, split_images, split_labels
-from .synthesis import fit_image_classifier, synthetic_training_images
+from ..study.classifiers import fit_image_classifier
+from ..study.context import config_from_results
+from ..study.splits import fraction_indices, manifest_hash, split_images, split_labels
+from ..study.synthetic_sets import synthetic_training_images
 
 ID_KEYS = ["fraction", "training_set", "ratio", "seed"]
 
@@ -69,11 +72,9 @@ def run_downstream_cell(cell: dict) -> dict:
     """One grid cell (runs in a worker process): real labeled subset of the cell's draw
     (+ synthetic images of the same draw), class-balanced batches, the same passes over the
     real images in every cell, model selection on validation, test evaluated once."""
-    from ..downstream import evaluate
 
     os.chdir(REPO_ROOT)
-    cfg = config_from_results(cell["study_dir"])
-    cfg.study.progress = False
+    cfg = config_from_results(cell["study_dir"], ["study.progress=false"])
     f, draw = cell["fraction"], int(cell["seed"])
     idx = fraction_indices(cfg, f, draw)
     x, y = split_images(cfg, "target_train", idx), split_labels(cfg, "target_train")[idx]
@@ -94,7 +95,6 @@ def run_downstream_cell(cell: dict) -> dict:
 
 def run_downstream_grid(cfg: Config):
     """All cells (resumable; stale cells recomputed). Returns the results frame."""
-    from ..grid import run_grid
 
     cells = downstream_cells(cfg)
     # where the study lives is context, not part of a cell: a moved study keeps its cells

@@ -12,9 +12,10 @@ import pandas as pd
 import torch
 
 from ..config import Config
+from ..metrics import fid_kid, precision_recall
 from ..paths import StudyPaths, synthetic_set_name
-from .data import load_split_images, split_images, split_labels
-from .synthesis import load_set, set_images
+from ..study.splits import load_split_images, split_images, split_labels
+from ..study.synthetic_sets import load_set, set_images
 
 # (label in tables and figures, generator, filtered?)
 QUALITY_SETS = [("histodiffusion", "histodiffusion", True), ("histodiffusion_unfiltered", "histodiffusion", False),
@@ -52,7 +53,6 @@ def quality_sets(cfg: Config) -> tuple[dict[str, pd.DataFrame], int]:
 def quality_table(cfg: Config, sets: dict[str, pd.DataFrame], features_fn) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(overall, per_class): FID / KID / precision / recall against the real test set, and FID /
     KID per class (their class mean is in the overall table as fid_class_mean / kid_class_mean)."""
-    from ..metrics import fid_kid, precision_recall
 
     q = cfg.quality
     real_f = features_fn(split_images(cfg, "target_test"))

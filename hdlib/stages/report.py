@@ -12,8 +12,8 @@ import pandas as pd
 from ..config import Config
 from ..io import atomic_write_text
 from ..paths import REPO_ROOT, StudyPaths
-from .common import read_metrics
-
+from ..pretrained import folder_sha256
+from ..study.context import read_metrics
 
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm_solver": "DPM-Solver++ (2M)"}
 
@@ -137,7 +137,6 @@ def chain_section(cfg: Config) -> str:
 
 def pretrained_section(path: str) -> str:
     """Which pre-trained model was used, with its card's key figures."""
-    from ..pretrained import folder_sha256
 
     card_p = REPO_ROOT / path / "card.json" if not Path(path).is_absolute() else Path(path) / "card.json"
     text = f"## Pre-trained model\n\nAutoencoder and unconditional denoiser loaded from `{path}` (sha256 of its model " \
@@ -296,19 +295,15 @@ def build_report(cfg: Config) -> Path:
     text = "\n".join(p for p in parts if p)
     path = StudyPaths(cfg).report
     atomic_write_text(path, text)
+    atomic_write_text(StudyPaths(cfg).readme_block, readme_block(cfg))
     return path
-
-
-README_START = "<!-- results:default start (written by `python -m hdlib readme`; do not edit) -->"
-README_END = "<!-- results:default end -->"
 
 
 def readme_block(cfg: Config) -> str:
     """The README's results section, from the same metrics REPORT.md uses."""
     rel = Path("results") / cfg.study.name
     d1, d5 = _read(cfg, "01_autoencoder"), _read(cfg, "05_downstream")
-    lines = [README_START, "",
-             f"From `{rel}/REPORT.md` (embedded demonstration data, not NCT-CRC-HE-100K):", "",
+    lines = [f"From `{rel}/REPORT.md` (embedded demonstration data, not NCT-CRC-HE-100K):", "",
              headline(cfg), ""]
     if d5.get("accuracy"):
         lines += ["Test accuracy, mean ± std over seeds [95% CI]:", "",
@@ -322,22 +317,4 @@ def readme_block(cfg: Config) -> str:
     if d1:
         lines += [f"Autoencoder: held-out pool PSNR {d1['heldout_pool_psnr_db']:.2f} dB, latent "
                   f"{'x'.join(map(str, d1['latent_shape']))}, scale factor {d1['scale_factor']:.4f}.", ""]
-    lines.append(README_END)
-    return "\n".join(lines)
-
-
-def sync_readme(cfg: Config, readme: Path) -> bool:
-    """Replace the marked results block of the README; True if it changed."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme}: results markers not found")
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    new = head + readme_block(cfg) + tail
-    if new != text:
-        atomic_write_text(readme, new)
-    return new != text
-
-
-def readme_path() -> Path:
-    return REPO_ROOT / "README.md"
+    return "\n".join(lines).rstrip("\n") + "\n"

