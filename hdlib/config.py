@@ -210,6 +210,9 @@ class DownstreamConfig:
     ratio_sweep_fraction: float = _f(0.01, lo=0.0, hi=1.0)
     ratio_sweep_sets: list[str] = _f(factory=lambda: ["histodiffusion"], choices=TRAINING_SET_NAMES)
     eval_every: int = _f(0, lo=0, doc="validation scoring interval in steps for model selection; 0 = max_steps // 5")
+    primary_cell_gap: float = _f(0.10, lo=0.0, hi=1.0,
+                                 doc="headline cell rule (hdlib.stats.primary_cell): the largest label count whose "
+                                     "real-only mean test accuracy is at least this far below the all-labels classifier")
     reference_backbone: str = _f("resnet18", doc="classifier on all target labels, feature space for FID/KID")
     reference_train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=0.05))
 

@@ -70,3 +70,25 @@ def grid_summary(results: pd.DataFrame, metric: str = "test.accuracy",
             comps.append({**dict(zip(keys, key)),
                           **paired_comparison(mine.loc[common].to_numpy(), base.loc[common].to_numpy())})
     return pd.DataFrame(rows), pd.DataFrame(comps)
+
+
+PRIMARY_CELL_RULE = ("the largest {key} at which real-only mean test accuracy is at least {gap:g} points below "
+                     "the classifier trained on all labels (if none is, the smallest {key})")
+
+
+def primary_cell(results: pd.DataFrame, all_labels_accuracy: float, gap: float, key: str = "fraction",
+                 metric: str = "test.accuracy") -> dict:
+    """The study's headline cell, fixed by a rule that reads real-only results only: the
+    largest `key` (label fraction, or labels per class) whose real-only mean `metric` is at
+    least `gap` (a fraction of 1) below `all_labels_accuracy`. Rows of every other training
+    set are ignored, so no HistoDiffusion number can move it."""
+    real = results[results["training_set"] == "real"]
+    if real.empty:
+        raise ValueError("primary_cell: no real-only results to apply the rule to")
+    means = real.groupby(key)[metric].mean().sort_index()
+    below = means[means <= all_labels_accuracy - gap]
+    met = not below.empty
+    cell = below.index.max() if met else means.index.min()
+    return {key: float(cell), "rule": PRIMARY_CELL_RULE.format(key=key.replace("_", " "), gap=100 * gap),
+            "rule_met": met, "real_only_mean": float(means[cell]), "all_labels_accuracy": float(all_labels_accuracy),
+            "gap": float(gap), "real_only_means": {float(k): float(v) for k, v in means.items()}}
