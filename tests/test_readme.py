@@ -1,45 +1,76 @@
-"""The README's results section is exactly what the committed default study produced."""
+"""README.md is a short front door whose links resolve and whose results block is the generated one.
 
+These tests check structure only (size, links, the generated block, the two commands); they never pin
+README prose."""
+
+import re
 from pathlib import Path
 
 import pytest
 
-from hdlib.config import load_config
-from hdlib.stages.report import README_END, README_START, readme_block
+from hdlib.readme import README_END, README_START, results_block
 
-ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
+README = REPO_ROOT / "README.md"
+MAX_README_BYTES = 8192
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")  # [text](target), ![alt](target)
+HTML_SRC = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']""")
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
 
 
-def test_readme_results_match_committed_default_study(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    cfg = load_config(ROOT / "params/default.yaml")
-    if not (ROOT / cfg.results_dir / "metrics" / "05_downstream.json").exists():
-        pytest.skip("results/default has not been produced yet")
-    text = (ROOT / "README.md").read_text()
+def markdown_files() -> list[Path]:
+    return [README] + sorted((REPO_ROOT / "docs").glob("*.md"))
+
+
+def relative_targets(text: str) -> list[str]:
+    """Every relative link or image target outside code, without its #anchor or ?query."""
+    text = CODE_SPAN.sub("", FENCE.sub("", text))
+    out = []
+    for target in LINK.findall(text) + HTML_SRC.findall(text):
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith(("#", "//")):
+            continue  # http:, https:, mailto:, ... or an anchor in the same file
+        path = target.split("#", 1)[0].split("?", 1)[0]
+        if path:
+            out.append(path)
+    return out
+
+
+def test_relative_targets_parser():
+    text = ("[a](docs/x.md#sec) ![b](img/y.png \"title\") [c](https://e.org) [d](#top) <img src=\"z.png\">\n"
+            "`[e](in/span.md)`\n```\n[f](in/fence.md)\n```\n")
+    assert relative_targets(text) == ["docs/x.md", "img/y.png", "z.png"]
+
+
+def test_readme_is_at_most_8_kib():
+    size = len(README.read_bytes())
+    assert size <= MAX_README_BYTES, f"README.md is {size} bytes; move material to docs/ (limit {MAX_README_BYTES})"
+
+
+@pytest.mark.parametrize("md", markdown_files(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_relative_links_point_to_existing_files(md):
+    missing = [t for t in relative_targets(md.read_text()) if not (md.parent / t).exists()]
+    assert not missing, f"{md.relative_to(REPO_ROOT)} links to missing paths: {missing}"
+
+
+def test_readme_results_block_is_the_generated_one():
+    study = REPO_ROOT / "results" / "default"
+    if not (study / "README_block.md").exists():
+        pytest.skip("results/default/README_block.md has not been produced (run the default study's stage 07)")
+    text = README.read_text()
+    assert text.count(README_START) == 1 and text.count(README_END) == 1, "README needs exactly one results block"
     block = text[text.index(README_START):text.index(README_END) + len(README_END)]
-    assert block == readme_block(cfg), "README results are stale: run `python -m hdlib readme params/default.yaml`"
+    assert block == results_block(study), "README results are stale: run `python -m hdlib readme params/default.yaml`"
 
 
-def test_readme_shipped_model_figures_come_from_its_card():
-    """The README's figures about models/demo-pool are the ones its card.json holds (rounded as printed)."""
-    import json
+def test_readme_has_results_markers():
+    text = README.read_text()
+    assert README_START in text and README_END in text
+    assert text.index(README_START) < text.index(README_END)
 
-    card = json.loads((ROOT / "models" / "demo-pool" / "card.json").read_text())
-    text = " ".join((ROOT / "README.md").read_text().split())
-    first = card["comparison_with_in_study_pretraining"]
-    pj = card["pool_judge"]
-    seeds = [v for k, v in pj["models"].items() if k.startswith("in_study")]
-    shipped = pj["models"]["shipped"]
-    random_fids = [v["random_judge_fid"] for v in seeds]
-    kept = shipped["autoencoder_ceiling"]["tissue_kept_per_group"]
-    before = card["previous_version"]["pool_judge"]["autoencoder_ceiling"]["tissue_kept_per_group"]
-    closest = min(v["matched_size"]["mean"] for v in seeds) - shipped["matched_size"]["mean"]
-    for claim in (f"{pj['judge']['holdout_accuracy']:.0%} right on held-out tiles",
-                  f"shipped model at FID {shipped['fid']:.0f}",
-                  ", ".join(f"{v['fid']:.0f}" for v in seeds[:-1]) + f" and {seeds[-1]['fid']:.0f}",
-                  f"margin ({closest:.2f} at equal sample sizes)",
-                  f"{min(random_fids):.2f} to {max(random_fids):.2f}",
-                  f"shipped model {first['shipped']['fid']:.2f} vs {first['in_study']['fid']:.2f} for seed 0",
-                  f"{before['LYM']:.0%} and {before['ADI']:.0%} of held-out LYM and ADI",
-                  f"{kept['LYM']:.0%} and {kept['ADI']:.0%} of held-out LYM and ADI"):
-        assert claim in text, f"README does not say {claim!r} (models/demo-pool/card.json)"
+
+def test_readme_names_the_two_commands():
+    text = README.read_text()
+    for command in ("make study", "make test"):
+        assert command in text, f"README.md does not mention `{command}`"
