@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--request", required=True, help="a .pt file with the request's labels and seeds")
     sa.add_argument("--adaptation", default="none")
     sa.add_argument("--guidance-scale", type=float)
+    sa.add_argument("--guidance-interval", type=int, nargs="*",
+                    help="T_LOW T_HIGH: guide only at these timesteps; none given = every step (default: the config's)")
 
     en = sub.add_parser("encode", help="one shard of the latent cache per process (under the launcher)")
     en.add_argument("--study-dir", required=True)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     elif args.command == "sample":
 
         return sample_main(args.study_dir, args.generator, args.fraction, args.draw, args.request,
-                           args.adaptation, args.guidance_scale)
+                           args.adaptation, args.guidance_scale, args.guidance_interval)
     elif args.command == "encode":
 
 

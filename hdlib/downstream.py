@@ -14,8 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batching import GroupPlan, TensorBatchSource
+from .data.streaming import StreamingSource, loader
 from .errors import DataError
 from .metrics import classification_metrics
+from .trainer import Trainer
+from .training_config import TrainConfig
+from .weights import load_final
 
 __all__ = [
     "HistologyAugment",
@@ -267,7 +272,8 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
                      checkpointing_steps: int | None = None, seed: int = 0, augment: bool = True,
                      balanced: bool = False, synthetic_images: torch.Tensor | None = None,
                      synthetic_labels: torch.Tensor | None = None, synthetic_per_real: float = 0.0,
-                     eval_every: int | None = None, pretrained_weights: str | Path | None = None,
+                     synthetic_loss_weight: float = 1.0, eval_every: int | None = None,
+                     pretrained_weights: str | Path | None = None,
                      model_kwargs: dict | None = None, out_dir: str | Path | None = None, num_workers: int = 0,
                      progress: bool = True, device: str | None = None) -> tuple[ImageClassifier, pd.DataFrame]:
     """Train a timm classifier on uint8 images with the study's one Trainer (accelerate,
@@ -276,7 +282,11 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
 
     Each step's batch has `batch_size` real images (class-balanced with `balanced`) and,
     with synthetic images, round(synthetic_per_real x batch_size) more synthetic ones:
-    adding synthetic data never means seeing the real images less. Length: `max_steps`,
+    adding synthetic data never means seeing the real images less. The loss of a step is
+    the mean loss over its real images (full weight) + `synthetic_loss_weight` (lambda) x
+    the mean loss over its synthetic images, label smoothing and augmentation alike in both;
+    without synthetic images (or with lambda = 0, when none are drawn) it is the plain mean
+    over the real images. Length: `max_steps`,
     or `epochs` passes over the real images. The validation split is scored every
     `eval_every` steps (default: once per real epoch) and at the end; the returned model
     is the state with the best validation balanced accuracy (ties: lower validation loss).
@@ -285,10 +295,6 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     Returns (model in eval mode, history with one row per evaluation)."""
     import tempfile
 
-    from .batching import GroupPlan, TensorBatchSource
-    from .trainer import Trainer
-    from .training_config import TrainConfig
-    from .weights import load_final
 
     del device
     _check_images(train_images, train_labels, num_classes, "train_classifier: training set")
@@ -297,6 +303,11 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     if synthetic_images is not None and len(synthetic_images):
         _check_images(synthetic_images, synthetic_labels, num_classes, "train_classifier: synthetic set")
         n_syn = int(round(synthetic_per_real * batch_size)) if synthetic_per_real > 0 else 0
+    if not (math.isfinite(synthetic_loss_weight) and synthetic_loss_weight >= 0):
+        raise ValueError(f"train_classifier: synthetic_loss_weight must be finite and >= 0, "
+                         f"got {synthetic_loss_weight}")
+    if synthetic_loss_weight == 0:
+        n_syn = 0  # their loss term would be 0: train on the real images alone, exactly as without them
     if (epochs is None) == (max_steps is None):
         raise ValueError("train_classifier: give exactly one of epochs or max_steps")
     if batch_size < 1 or (epochs is not None and epochs < 1) or (max_steps is not None and max_steps < 1):
@@ -315,29 +326,27 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
         groups.append((torch.arange(n, n + len(synthetic_labels)), synthetic_labels, n_syn))
     streaming = _is_dataset(train_images) or (n_syn and _is_dataset(synthetic_images))
     if streaming:  # decoded on the fly by DataLoader workers; nothing held in memory
-        from .data.streaming import StreamingSource
 
         parts = [train_images if _is_dataset(train_images) else _Items(train_images, train_labels)]
-        if n_syn:
-            parts.append(synthetic_images if _is_dataset(synthetic_images) else _Items(synthetic_images,
-                                                                                     synthetic_labels))
+        if n_syn:  # items carry whether they are synthetic, for the loss
+            parts = [_Flagged(parts[0], False),
+                     _Flagged(synthetic_images if _is_dataset(synthetic_images)
+                              else _Items(synthetic_images, synthetic_labels), True)]
         source = StreamingSource(torch.utils.data.ConcatDataset(parts), num_workers,
-                                 transform=lambda b: (b[0], torch.as_tensor(b[1], dtype=torch.long)))
+                                 transform=lambda b: (b[0], torch.as_tensor(b[1], dtype=torch.long),
+                                                      *([torch.as_tensor(b[2], dtype=torch.bool)] if n_syn else [])))
+    elif n_syn:
+        source = TensorBatchSource(torch.cat([train_images, synthetic_images]),
+                                   torch.cat([train_labels, synthetic_labels]),
+                                   torch.arange(n + len(synthetic_labels)) >= n)
     else:
-        images = torch.cat([train_images, synthetic_images]) if n_syn else train_images
-        labels = torch.cat([train_labels, synthetic_labels]) if n_syn else train_labels
-        source = TensorBatchSource(images, labels)
+        source = TensorBatchSource(train_images, train_labels)
     plan = GroupPlan(seed, groups, balanced=balanced)
     image_size = int(train_images[0][0].shape[-1]) if _is_dataset(train_images) else int(train_images.shape[-1])
     model = build_classifier(backbone, num_classes, pretrained_weights, seed=seed, image_size=image_size,
                              **(model_kwargs or {}))
     augmenter = HistologyAugment() if augment else None
-
-    def loss_fn(m, b, seeds):
-        x, y = b
-        if augmenter is not None:
-            x = augmenter(x, seeds=seeds)
-        return nn.functional.cross_entropy(m(x), y, label_smoothing=label_smoothing)
+    loss_fn = _classifier_loss(augmenter, label_smoothing, batch, n_syn, synthetic_loss_weight)
 
     def evaluate_fn(m):
         dev = next(m.parameters()).device
@@ -374,6 +383,46 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     return best.eval(), history
 
 
+def _classifier_loss(augmenter: HistologyAugment | None, label_smoothing: float, n_real: int,
+                     n_synthetic: int = 0, synthetic_loss_weight: float = 1.0):
+    """train_classifier's loss_fn(model, batch, sample_seeds) for the Trainer.
+
+    Real-only batches (images, labels): the mean cross-entropy. Mixed batches (images,
+    labels, is_synthetic), whose global batch holds `n_real` real and `n_synthetic`
+    synthetic images: mean over the real images + `synthetic_loss_weight` x mean over the
+    synthetic ones, with the same augmentation and label smoothing. A micro-batch returns
+    its share of that loss times the number of micro-batches in the global batch, so the
+    Trainer's average over micro-batches (and over processes) is exactly the global loss
+    wherever the real/synthetic boundary falls."""
+
+    def loss_fn(m, b, seeds):
+        x, y = b[0], b[1]
+        if augmenter is not None:
+            x = augmenter(x, seeds=seeds)
+        logits = m(x)
+        if len(b) == 2:
+            return nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        per_image = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")
+        weight = torch.where(b[2], synthetic_loss_weight / max(n_synthetic, 1), 1.0 / n_real)
+        return (per_image * weight).sum() * ((n_real + n_synthetic) / len(y))
+
+    return loss_fn
+
+
+class _Flagged(torch.utils.data.Dataset):
+    """Items (image, label) of a dataset as (image, label, synthetic: bool)."""
+
+    def __init__(self, dataset, synthetic: bool):
+        self.dataset, self.synthetic = dataset, bool(synthetic)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return item[0], item[1], self.synthetic
+
+
 class _Items(torch.utils.data.Dataset):
     """In-memory (images, labels) as a per-item dataset, to join a streamed one."""
 
@@ -407,7 +456,6 @@ def _run_batches(fn, model: nn.Module, images, batch_size: int, device: str, pro
     model.eval()
     model.to(device)
     if _is_dataset(images):
-        from .data.streaming import loader
 
         chunks = (x for x, _ in loader(images, batch_size, num_workers, progress=progress, desc=desc))
     else:

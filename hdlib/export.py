@@ -114,6 +114,7 @@ def _export_sampler(source: Path, fraction: float, draw: int, guidance_scale: fl
     def sample(labels, seeds):
         z = guided_ddim_sample(unet, sched, labels, seeds, classifier=clf.to(device).eval(), guidance_scale=gs,
                                num_inference_steps=s["num_inference_steps"], eta=s["eta"],
+                               guidance_interval=tuple(s.get("guidance_interval") or ()) or None,
                                latent_shape=tuple(info["latent_shape"]), batch_size=s["batch_size"], device=device)
         return decode_latents(vae, z, scale, device=device)
 

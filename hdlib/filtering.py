@@ -7,10 +7,21 @@ One centroid per class from the real features; a synthetic image is kept when
 2. the baseline's confidence in the target class >= tau (else "low_confidence"),
 3. optionally, it is not a near copy of a real training image: its nearest real
    training feature is at least `delta` away            (else "near_copy"),
-4. it is among the `quota` closest to its class centroid (else "over_quota").
+4. it is among the first `quota` of its class in the `selection` order (else "over_quota").
 
 Each item gets the first reason that applies, in that order. A quota larger than
 the number of candidates left after steps 1-3 keeps all of them.
+
+Selection (`selection_order`), among the candidates of a class that passed steps 1-3:
+  closest  the paper's: closest to the class centroid first (ties: candidate order);
+  random   a seeded random order: candidate k of class c gets the key
+           default_rng([seed, c]).random()[k], so its place depends only on (seed, c, k),
+           never on which or how many other candidates there are;
+  diverse  greedy farthest-point order in the filter's feature space (L2-normalised when
+           normalize=True): first the one closest to the centroid, then repeatedly the one
+           farthest (euclidean) from all chosen so far (ties: candidate order). Greedy for
+           the first `quota` picks only (cost O(quota x n x D) per class); the candidates
+           past the quota follow by their distance to the chosen set, farthest first.
 
 `FeatureFilter` is the rule as an object (a baseline image classifier, the real labeled
 features and labels, tau and a per-class near-copy threshold), saved and read back with
@@ -34,12 +45,14 @@ from .errors import DataError
 from .io import atomic_write_json
 
 REASONS = ("kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota")
+SELECTIONS = ("closest", "random", "diverse")
 
 
 @dataclass
 class FilterResult:
     keep: np.ndarray          # bool [N]: selected for training
-    rank: np.ndarray          # int [N]: 0 = closest to its class centroid among the items that passed
+    rank: np.ndarray          # int [N]: place in the `selection` order (0 = first choice; closest: the
+                              #          closest to its class centroid) among the items that passed
                               #          steps 1-3 of its class; -1 for items rejected before ranking
     reason: np.ndarray        # str [N]: one of REASONS
     distance: np.ndarray      # float [N]: distance to the centroid of its target class
@@ -122,10 +135,76 @@ def _per_class_quota(quota, quota_ratio, real_counts: np.ndarray, num_classes: i
     return np.full(num_classes, int(quota), dtype=np.int64)
 
 
+def check_selection(selection: str) -> str:
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r} (one of {', '.join(SELECTIONS)})")
+    return selection
+
+
+def random_keys(seed: int, label: int, index) -> np.ndarray:
+    """A uniform [0, 1) key per candidate of class `label`: candidate k gets
+    default_rng([seed, label]).random(k + 1)[k] (the stream is prefix-stable), whatever the others."""
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    if len(index) == 0:
+        return np.empty(0)
+    if int(seed) < 0 or int(index.min()) < 0:
+        raise ValueError(f"random selection needs a seed and candidate indices >= 0, got seed {seed}")
+    return np.random.default_rng([int(seed), int(label)]).random(int(index.max()) + 1)[index]
+
+
+def _farthest_point_order(features: np.ndarray, first: int, index: np.ndarray, limit: int) -> np.ndarray:
+    """Greedy farthest-point order from `first` for `limit` picks; the rest follow by their
+    distance to the chosen set, farthest first. Ties: the lower candidate index."""
+    n = len(features)
+    chosen = np.zeros(n, dtype=bool)
+    order = [first]
+    chosen[first] = True
+    nearest_sq = ((features - features[first]) ** 2).sum(1)  # squared distance to the chosen set
+    for _ in range(min(limit, n) - 1):
+        gap = np.where(chosen, -np.inf, nearest_sq)
+        ties = np.flatnonzero(gap == gap.max())
+        j = int(ties[np.argmin(index[ties])])
+        order.append(j)
+        chosen[j] = True
+        nearest_sq = np.minimum(nearest_sq, ((features - features[j]) ** 2).sum(1))
+    rest = np.flatnonzero(~chosen)
+    rest = rest[np.lexsort((index[rest], -nearest_sq[rest]))]
+    return np.concatenate([np.asarray(order, dtype=np.int64), rest]).astype(np.int64)
+
+
+def selection_order(distance, selection: str = "closest", *, index=None, features=None, label: int = 0,
+                    seed: int = 0, limit: int | None = None) -> np.ndarray:
+    """The order (positions into the inputs, first choice first) of one class's accepted
+    candidates. distance [n]: to the class centroid; index [n]: candidate ids (default
+    0..n-1, the tie-breaker and the random key); features [n, D]: diverse only, in the space
+    the distances were measured in. limit: diverse picks greedily only this many (the quota;
+    the rest follow by distance to the chosen set, farthest first); None = all."""
+    check_selection(selection)
+    distance = np.asarray(distance, dtype=np.float64).reshape(-1)
+    n = len(distance)
+    index = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64).reshape(-1)
+    if len(index) != n:
+        raise DataError(f"selection_order: {len(index)} candidate ids for {n} distances")
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    closest = np.lexsort((index, distance))  # by distance, ties by candidate id
+    if selection == "closest":
+        return closest
+    if selection == "random":
+        return np.lexsort((index, random_keys(seed, label, index)))
+    if features is None:
+        raise DataError("the diverse selection needs the candidates' features")
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) != n:
+        raise DataError(f"selection_order: features of shape {f.shape} for {n} candidates")
+    return _farthest_point_order(f, int(closest[0]), index, n if limit is None else max(int(limit), 1))
+
+
 def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_confidence, *, num_classes: int,
                      tau: float = 0.0, quota: int | Mapping[int, int] | None = None, quota_ratio: float | None = None,
                      train_features=None, delta: float | None = None, normalize: bool = True,
-                     near_copy_metric: str = "euclidean", class_names: Sequence[str] | None = None) -> FilterResult:
+                     near_copy_metric: str = "euclidean", class_names: Sequence[str] | None = None,
+                     selection: str = "closest", seed: int = 0) -> FilterResult:
     """Centroid rule + confidence threshold + near-copy check + per-class quota.
 
     real_features [M, D], real_labels [M]: the real labeled images (every class needs >= 1).
@@ -134,7 +213,10 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
     (classes left out are unlimited); quota_ratio: quota = floor(ratio x real count of the
     class). train_features + delta: near-copy check against real training features
     (euclidean or cosine distance, on L2-normalised features when normalize=True); delta is
-    one number or one per class (`calibrate_delta`)."""
+    one number or one per class (`calibrate_delta`). selection: which of the candidates that
+    pass steps 1-3 come first (module docstring); seed: the random selection's seed. A
+    candidate's id (random key, tie-breaker) is its position among its class's rows."""
+    check_selection(selection)
     real = _features(real_features, "real_features")
     syn = _features(syn_features, "syn_features")
     if len(syn) == 0:
@@ -188,7 +270,9 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
     rank = np.full(len(syn), -1, dtype=np.int64)
     for c in range(num_classes):
         idx = np.flatnonzero((reason == "kept") & (syn_y == c))
-        order = idx[np.argsort(distance[idx], kind="stable")]  # closest first; ties keep input order
+        ids = np.flatnonzero(syn_y == c).searchsorted(idx)  # position among the class's candidates
+        order = idx[selection_order(distance[idx], selection, index=ids, features=syn[idx], label=c, seed=seed,
+                                    limit=min(int(quotas[c]), len(idx)))]
         rank[order] = np.arange(len(order))
         reason[order[quotas[c]:]] = "over_quota"
     keep = reason == "kept"
@@ -227,20 +311,27 @@ def calibrate_delta(train_features, train_labels, val_features, val_labels, num_
     return out
 
 
-__all__ = ["filter_synthetic", "calibrate_delta", "FilterResult", "REASONS"]
+__all__ = ["filter_synthetic", "calibrate_delta", "selection_order", "random_keys", "check_selection",
+           "FilterResult", "REASONS", "SELECTIONS"]
 
 
 class FeatureFilter:
-    """Centroid rule + confidence >= tau + near-copy check, in a baseline classifier's features."""
+    """Centroid rule + confidence >= tau + near-copy check, in a baseline classifier's features.
+    `selection` / `seed`: how `hdlib.quota.fill_quota` orders the accepted candidates of a class
+    when not told otherwise (module docstring); the diverse one needs __call__'s features."""
 
     def __init__(self, model, real_features: torch.Tensor, real_labels: torch.Tensor, delta, tau: float,
-                 classes: Sequence[str], train_index=None, device: str = "cpu"):
+                 classes: Sequence[str], train_index=None, device: str = "cpu", selection: str = "closest",
+                 seed: int = 0):
         self.model, self.real_f, self.real_y = model.eval(), real_features.float(), torch.as_tensor(real_labels)
         self.delta = np.broadcast_to(np.asarray(delta, dtype=np.float64), (len(classes),)).copy()
         self.tau, self.classes, self.device = float(tau), list(classes), device
         self.train_idx = np.arange(len(self.real_f)) if train_index is None else np.asarray(train_index)
+        self.selection, self.seed = check_selection(selection), int(seed)
 
-    def __call__(self, images, labels) -> pd.DataFrame:
+    def __call__(self, images, labels, return_features: bool = False):
+        """Per-candidate decisions (a frame, one row per image); with return_features also the
+        L2-normalised features [N, D] the rule measured distances in: (frame, features)."""
         syn_f = extract_features(self.model, images, batch_size=128, device=self.device)
         probs, _ = predict(self.model, images, batch_size=128, device=self.device)
         labels = torch.as_tensor(labels, dtype=torch.long)
@@ -248,9 +339,10 @@ class FeatureFilter:
         res = filter_synthetic(self.real_f.numpy(), self.real_y.numpy(), syn_f.numpy(), labels.numpy(), conf,
                                num_classes=len(self.classes), tau=self.tau, train_features=self.real_f.numpy(),
                                delta=self.delta, class_names=self.classes)
-        return pd.DataFrame({"accepted": res.reason == "kept", "reason": res.reason, "distance": res.distance,
-                             "confidence": conf, "nn_distance": res.nn_distance,
-                             "nn_train_index": self.train_idx[res.nn_index], "near_copy": res.near_copy})
+        frame = pd.DataFrame({"accepted": res.reason == "kept", "reason": res.reason, "distance": res.distance,
+                              "confidence": conf, "nn_distance": res.nn_distance,
+                              "nn_train_index": self.train_idx[res.nn_index], "near_copy": res.near_copy})
+        return (frame, _l2_normalise(_features(syn_f.numpy(), "syn_features"))) if return_features else frame
 
     def save(self, folder: str | Path, backbone: str, image_size: int) -> None:
         folder = Path(folder)
@@ -258,8 +350,9 @@ class FeatureFilter:
         save_model(self.model, str(folder / "classifier.safetensors"))  # handles timm's shared weights
         save_file({"real_features": self.real_f.contiguous(), "real_labels": self.real_y.contiguous(),
                    "delta": torch.from_numpy(self.delta)}, str(folder / "reference.safetensors"))
+        extra = {"selection": self.selection, "seed": self.seed} if self.selection != "closest" else {}
         atomic_write_json(folder / "config.json", {"backbone": backbone, "classes": self.classes, "tau": self.tau,
-                                                   "image_size": int(image_size)})
+                                                   "image_size": int(image_size), **extra})
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> "FeatureFilter":
@@ -269,4 +362,4 @@ class FeatureFilter:
         load_model(model, str(folder / "classifier.safetensors"))
         ref = load_file(str(folder / "reference.safetensors"))
         return cls(model, ref["real_features"], ref["real_labels"], ref["delta"].numpy(), c["tau"], c["classes"],
-                   device=device)
+                   device=device, selection=c.get("selection", "closest"), seed=c.get("seed", 0))

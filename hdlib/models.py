@@ -8,6 +8,8 @@ from diffusers import AutoencoderKL, UNet2DModel
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .config import AutoencoderConfig, DiffusionConfig, LatentClassifierConfig
+from .latent_classifier import NoiseAwareLatentClassifier, PretrainedEncoderClassifier
+from .pretrained import _config, _folder, load_vae, vae_downsampling, vae_like
 
 
 def build_autoencoder(cfg: AutoencoderConfig, weights: bool = False) -> AutoencoderKL:
@@ -15,7 +17,6 @@ def build_autoencoder(cfg: AutoencoderConfig, weights: bool = False) -> Autoenco
     `cfg.init_from`, the architecture of that diffusers VAE, and with `weights` its weights too
     (safetensors only), so that training fine-tunes it."""
     if cfg.init_from:
-        from .pretrained import load_vae, vae_like
 
         return load_vae(cfg.init_from) if weights else vae_like(cfg.init_from)
     n = len(cfg.block_out_channels)
@@ -33,7 +34,6 @@ def build_autoencoder(cfg: AutoencoderConfig, weights: bool = False) -> Autoenco
 
 def autoencoder_downsampling(cfg: AutoencoderConfig) -> int:
     if cfg.init_from:
-        from .pretrained import _config, _folder, vae_downsampling
 
         return vae_downsampling(_config(_folder(cfg.init_from, "vae")))
     return 2 ** (len(cfg.block_out_channels) - 1)
@@ -85,7 +85,6 @@ def build_latent_classifier(cfg: LatentClassifierConfig, in_channels: int, sampl
                             encoder_unet=None):
     """The configured latent classifier; `encoder_unet` (the pre-trained denoiser, whose
     encoder half it reuses frozen) is required by backbone `pretrained_unet`."""
-    from .latent_classifier import NoiseAwareLatentClassifier, PretrainedEncoderClassifier
 
     if cfg.backbone == "pretrained_unet":
         if encoder_unet is None:

@@ -36,9 +36,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import atomic_dir
+from .data.tiling import tile_large_image
 from .demo import CRC_CLASSES, GENERATOR_VERSION, render_tile, tile_rng
 from .errors import ConfigError, DataError, one_line_errors
+from .io import atomic_dir
 
 LAYOUT_VERSION = 1
 MARKER = "paper_layout.json"
@@ -208,7 +209,6 @@ def _write_slide(path: Path, level0: np.ndarray) -> None:
 
 
 def _count_slide_tiles(path: Path) -> int:
-    from .data.tiling import tile_large_image
 
     return len(tile_large_image(path, SLIDE_TILE, tissue_threshold=TISSUE_THRESHOLD))
 

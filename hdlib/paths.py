@@ -39,12 +39,15 @@ TRAINING_SETS = {
     "histodiffusion_unfiltered": "real + HistoDiffusion samples, unfiltered",
     "scratch": "real + from-scratch LDM samples, filtered",
     "classifier_free": "real + classifier-free-guidance samples, filtered",
+    "pseudo_label": "real + unlabeled target images pseudo-labeled by the real-only classifier (no generation)",
 }
+# training sets that add real unlabeled target images rather than generated ones
+PSEUDO_LABEL_SETS = ("pseudo_label",)
 
 
 def training_set_generator(training_set: str) -> str | None:
-    """The generator whose samples a training set adds (None for real only)."""
-    if training_set == "real":
+    """The generator whose samples a training set adds (None for real only and pseudo-labels)."""
+    if training_set == "real" or training_set in PSEUDO_LABEL_SETS:
         return None
     gen = training_set.removesuffix("_unfiltered")
     if gen not in GENERATORS:

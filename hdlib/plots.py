@@ -257,9 +257,16 @@ def ratio_sweep(summary: pd.DataFrame, metric_label: str = "test accuracy", titl
 
 def guidance_selection(table: pd.DataFrame, num_classes: int, chosen: float | None = None, title: str = ""):
     """Validation agreement (circles, the choice criterion) and the reference classifier's class
-    accuracy (squares, reported only) against the guidance scale, one colour per adaptation."""
+    accuracy (squares, reported only) against the guidance scale, one colour per adaptation (and per
+    guidance interval when several were tried; the unguided s = 0 point starts each of their lines)."""
     fig, ax = plt.subplots(figsize=(6.8, 3.8))
-    for i, (adaptation, g) in enumerate(table.sort_values("guidance_scale").groupby("adaptation", sort=False)):
+    curves = list(table.sort_values("guidance_scale").groupby("adaptation", sort=False))
+    intervals = list(dict.fromkeys(tuple(v) for v in table.get("guidance_interval", [])))
+    if len(intervals) > 1:
+        curves = [(f"{a}, " + (f"t in [{iv[0]}, {iv[1]}]" if iv else "every t"),
+                   g[(g["guidance_scale"] == 0) | g["guidance_interval"].map(lambda v, iv=iv: tuple(v) == iv)])
+                  for a, g in curves for iv in intervals]
+    for i, (adaptation, g) in enumerate(curves):
         color = f"C{i}"
         ax.plot(g["guidance_scale"], g["validation_agreement"], marker="o", color=color,
                 label=f"{adaptation}: validation agreement")
@@ -366,5 +373,57 @@ def mixture_bars(groups: list[str], shares: dict[str, list[float]], title: str =
     ax.legend(frameon=False, fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def primary_cell_rule(sweep: pd.DataFrame, primary: dict, title: str = "The primary cell rule (real-only results only)"):
+    """Real-only test accuracy per label count (seeds as dots, mean as line), the all-labels
+    classifier and the rule's threshold; the primary cell circled."""
+    lpc = {float(k): v["total"] for k, v in primary["labels_per_class_by_fraction"].items()}
+    d = sweep.assign(labels=sweep["fraction"].astype(float).map(lpc))
+    mean = d.groupby("labels")["test.accuracy"].mean()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(d["labels"], d["test.accuracy"], s=12, alpha=0.5, color=series_color("real"), label="real-only, per seed")
+    ax.plot(mean.index, mean.values, "-o", color=series_color("real"), label="real-only, mean")
+    ax.axhline(primary["all_labels_accuracy"], color="k", lw=1, label="all labels")
+    ax.axhline(primary["all_labels_accuracy"] - primary["gap"], color="k", ls="--", lw=1,
+               label=f"all labels - {100 * primary['gap']:g} points")
+    p = primary["labels_per_class"]["total"]
+    ax.scatter([p], [mean.get(p, np.nan)], s=220, facecolors="none", edgecolors="C3", lw=2, label="primary cell")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(mean.index))
+    ax.set_xticklabels([str(int(v)) for v in sorted(mean.index)])
+    ax.set_xlabel("labels per class (training + validation)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def gain_vs_labels(table: pd.DataFrame, primary_labels: int | None = None,
+                   title: str = "Gain of HistoDiffusion by labels per class (paired over seeds, 95% CI)"):
+    """Mean paired test-accuracy difference (points) with its CI, per label count, one line
+    per comparison (`comparison` column: e.g. vs real-only, vs the pseudo-label rival)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    comps = list(dict.fromkeys(table["comparison"]))
+    for i, comp in enumerate(comps):
+        g = table[table["comparison"] == comp].sort_values("labels_per_class")
+        x = g["labels_per_class"].to_numpy(float) * (1 + 0.04 * (i - (len(comps) - 1) / 2))
+        y = 100 * g["mean_diff"].to_numpy()
+        err = np.vstack([y - 100 * g["ci_low"].to_numpy(), 100 * g["ci_high"].to_numpy() - y])
+        ax.errorbar(x, y, yerr=err, fmt="-o", capsize=3, label=comp)
+    ax.axhline(0, color="k", lw=1)
+    if primary_labels is not None:
+        ax.axvline(primary_labels, color="C3", ls=":", lw=1.5, label="primary cell")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(table["labels_per_class"].unique())
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(int(v)) for v in ticks])
+    ax.set_xlabel("labels per class (training + validation)")
+    ax.set_ylabel("accuracy difference (points)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .demo import pool_tile_class
 from .errors import DataError
 from .io import atomic_path, atomic_write_json
 
@@ -39,7 +40,6 @@ JUDGE_SEED = 0
 
 def provenance_labels(records) -> list[str]:
     """'source:CLASS' for procedural demo tiles, the record's source name for any other tile."""
-    from .demo import pool_tile_class
 
     out = []
     for r in records:

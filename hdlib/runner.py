@@ -45,7 +45,8 @@ STAGE_SECTIONS = {
     "01_autoencoder": ["autoencoder", "pretrained"],
     # 02 and 03 train one model per grid fraction
     "02_diffusion": ["diffusion", "downstream.fractions", "downstream.ratio_sweep_fraction"],
-    "03_guidance": ["latent_classifier", "downstream.fractions", "downstream.ratio_sweep_fraction"],
+    "03_guidance": ["latent_classifier", "downstream", "sampling.method", "sampling.num_inference_steps",
+                    "sampling.guidance_interval", "sampling.guidance_interval_sweep"],  # + the primary-cell sweep
     "04_synthesis": ["sampling", "filtering", "downstream"],
     "05_downstream": ["downstream"],
     "06_quality": ["quality"],

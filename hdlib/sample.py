@@ -28,11 +28,11 @@ def generate_shard(gen, generator, fraction, draw, labels, seeds, guidance_scale
 
 
 def sample_main(study_dir: str, generator: str, fraction: float, draw: int, request: str, adaptation: str,
-                guidance_scale: float | None = None) -> int:
+                guidance_scale: float | None = None, guidance_interval: list[int] | None = None) -> int:
     state = PartialState()
     cfg = config_from_results(study_dir, [f"study.device={state.device}"])
     req = torch.load(request, weights_only=True)
-    idx, z, images = generate_shard(Generation(cfg, adaptation), generator, fraction, draw, req["labels"],
+    idx, z, images = generate_shard(Generation(cfg, adaptation, guidance_interval=guidance_interval), generator, fraction, draw, req["labels"],
                                     req["seeds"], guidance_scale, state.process_index, state.num_processes)
     atomic_torch_save({"index": idx, "latents": z.cpu(), "images": images.cpu()},
                       Path(request).parent / f"shard-{state.process_index:03d}.pt")

@@ -6,6 +6,12 @@
   mu + s * Sigma * grad_{z_t} log p(y | z_t, t).
 * `cfg_ddim_sample`: classifier-free guidance baseline with a class-conditional UNet.
 
+Guidance interval (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval
+improves sample and distribution quality"): `guidance_interval=(t_low, t_high)` applies the
+classifier gradient only at steps whose training timestep t lies in [t_low, t_high]; at
+the other steps the classifier is not called and the step is the unguided one. None (the
+default) guides every step. `sampler_timesteps` lists the timesteps a sampler visits.
+
 Reproducibility guarantee. Image i of a request draws its initial latent and every
 step's noise from its own CPU generator seeded with seeds[i], so its random numbers
 do not depend on the batch size, its position in a batch, its batch-mates or how the
@@ -27,12 +33,13 @@ reduction order by batch shape, so they are not batch-invariant. Hence:
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from .errors import DataError
@@ -127,6 +134,64 @@ def _step_noise(gens, shape, device) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
 
 
+def _guidance_desc(guided: bool, guidance_scale: float, interval) -> str:
+    if not guided:
+        return ""
+    return f" s={guidance_scale:g}" + (f" t in [{interval[0]}, {interval[1]}]" if interval is not None else "")
+
+
+def _check_interval(guidance_interval, scheduler) -> tuple[int, int] | None:
+    """None, or (t_low, t_high) as ints with 0 <= t_low <= t_high < num_train_timesteps."""
+    if guidance_interval is None:
+        return None
+    T = int(scheduler.config.num_train_timesteps)
+    try:
+        lo, hi = (operator.index(v) for v in guidance_interval)  # integers only (a float t is a mistake)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two integer timesteps (t_low, t_high), "
+                         f"got {guidance_interval!r}") from None
+    if not 0 <= lo <= hi < T:
+        raise ValueError(f"guidance_interval must satisfy 0 <= t_low <= t_high < {T}, got {guidance_interval!r}")
+    return lo, hi
+
+
+def _in_interval(t: int, interval: tuple[int, int] | None) -> bool:
+    return interval is None or interval[0] <= t <= interval[1]
+
+
+SAMPLER_METHODS = ("ddim", "ddpm", "dpm_solver")
+
+
+def _step_scheduler(scheduler, method: str, num_inference_steps: int):
+    """The step rule a sampler uses, built from the training scheduler, with its timesteps set
+    (they stay on the CPU: they index CPU tables). The guided quantity is epsilon, so every
+    step rule receives epsilon."""
+    if method == "ddim":
+        step = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    elif method == "ddpm":
+        step = DDPMScheduler.from_config(scheduler.config, prediction_type="epsilon", variance_type="fixed_small")
+    elif method == "dpm_solver":
+        step = DPMSolverMultistepScheduler.from_config(scheduler.config, prediction_type="epsilon",
+                                                       algorithm_type="dpmsolver++", solver_order=2)
+    else:
+        raise ValueError(f"unknown sampler method {method!r} ({', '.join(SAMPLER_METHODS)})")
+    step.set_timesteps(num_inference_steps)
+    return step
+
+
+def sampler_timesteps(scheduler, method: str, num_inference_steps: int,
+                      guidance_interval: tuple[int, int] | None = None) -> list[int]:
+    """The training timesteps sampler `method` (ddim, ddpm, dpm_solver) visits in
+    `num_inference_steps` steps, in sampling order (exactly those its UNet is called at);
+    with `guidance_interval` only those in [t_low, t_high], the steps it guides."""
+    T = int(scheduler.config.num_train_timesteps)
+    if not 1 <= num_inference_steps <= T:
+        raise ValueError(f"num_inference_steps must be in 1..{T}, got {num_inference_steps}")
+    interval = _check_interval(guidance_interval, scheduler)
+    return [int(t) for t in _step_scheduler(scheduler, method, num_inference_steps).timesteps.tolist()
+            if _in_interval(int(t), interval)]
+
+
 # ---------------------------------------------------------------------------
 # samplers
 # ---------------------------------------------------------------------------
@@ -137,23 +202,25 @@ def _ddim_for(scheduler, num_inference_steps: int, eta: float, device):
     The guided quantity is epsilon, so the step rule always receives epsilon."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    ddim = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
-    ddim.set_timesteps(num_inference_steps)  # timesteps stay on the CPU: they index CPU tables
+    ddim = _step_scheduler(scheduler, "ddim", num_inference_steps)
     return scheduler.config.prediction_type, ddim, ddim.alphas_cumprod.to(device)
 
 
 @torch.no_grad()
 def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guidance_scale: float = 0.0,
                        num_inference_steps: int = 50, eta: float = 1.0, latent_shape, batch_size: int = 64,
-                       device: str = "cpu", progress: bool = True) -> torch.Tensor:
+                       device: str = "cpu", progress: bool = True,
+                       guidance_interval: tuple[int, int] | None = None) -> torch.Tensor:
     """DDIM samples [N, *latent_shape] (on the CPU) with classifier guidance on epsilon.
 
     `scheduler` is the training scheduler (its betas, prediction type, spacing are used);
     eta = 0 is deterministic DDIM, eta = 1 the DDPM-like variance (the paper's setting).
     With guidance_scale = 0 or no classifier it is plain DDIM (`diffusers.DDIMPipeline`
-    with one generator per image gives the same numbers)."""
+    with one generator per image gives the same numbers). `guidance_interval` = (t_low, t_high)
+    guides only the steps with t_low <= t <= t_high (None: every step)."""
     labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
     _check_channels(unet, shape)
+    interval = _check_interval(guidance_interval, scheduler)
     guided = classifier is not None and guidance_scale != 0
     if guidance_scale != 0 and classifier is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
@@ -167,7 +234,7 @@ def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
             abar = alphas_cumprod[t]
             out = unet(z.to(unet.dtype), t_batch).sample.to(z.dtype)
             eps = _model_output_to_eps(out, z, abar, prediction_type)
-            if guided:
+            if guided and _in_interval(t, interval):
                 grad = classifier_log_prob_grad(classifier, z, t_batch, y)
                 eps = eps - guidance_scale * (1 - abar).sqrt() * grad
             noise = _step_noise(gens, z.shape[1:], z.device) if eta > 0 else None
@@ -177,27 +244,28 @@ def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
 
     with _eval_mode(unet, classifier if guided else None):
         return _run_request(chain, labels, seeds, shape, batch_size, device, num_inference_steps, progress,
-                            "DDIM" + (f" s={guidance_scale:g}" if guided else ""))
+                            "DDIM" + _guidance_desc(guided, guidance_scale, interval))
 
 
 @torch.no_grad()
 def guided_ddpm_sample(unet, scheduler, labels, seeds, *, classifier=None, guidance_scale: float = 0.0,
                        num_inference_steps: int = 1000, latent_shape, batch_size: int = 64, device: str = "cpu",
-                       progress: bool = True) -> torch.Tensor:
+                       progress: bool = True, guidance_interval: tuple[int, int] | None = None) -> torch.Tensor:
     """DDPM ancestral samples (posterior variance "fixed_small"); guidance shifts the mean,
     mu + s * Sigma_t * grad log p(y | z_t, t). Fewer steps than training use strided
     timesteps (diffusers' DDPMScheduler.set_timesteps). The per-step noise is drawn
-    from each image's generator, only on steps with t > 0 (as DDPMScheduler does)."""
+    from each image's generator, only on steps with t > 0 (as DDPMScheduler does).
+    `guidance_interval`: as in `guided_ddim_sample`."""
     labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
     _check_channels(unet, shape)
+    interval = _check_interval(guidance_interval, scheduler)
     guided = classifier is not None and guidance_scale != 0
     if guidance_scale != 0 and classifier is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
     if guided and hasattr(classifier, "num_classes"):
         _check_class_range(labels, classifier.num_classes, "latent classifier classes")
     prediction_type = scheduler.config.prediction_type
-    ddpm = DDPMScheduler.from_config(scheduler.config, prediction_type="epsilon", variance_type="fixed_small")
-    ddpm.set_timesteps(num_inference_steps)  # timesteps stay on the CPU: they index CPU tables
+    ddpm = _step_scheduler(scheduler, "ddpm", num_inference_steps)
     alphas_cumprod = ddpm.alphas_cumprod.to(device)
 
     def chain(z, y, gens, bar):
@@ -212,7 +280,7 @@ def guided_ddpm_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
             eps = _model_output_to_eps(out, z, abar, prediction_type)
             # the library draws step noise from each generator itself (only when t > 0)
             z_next = ddpm.step(eps, t, z, generator=list(gens) if len(gens) > 1 else gens[0]).prev_sample
-            if guided:
+            if guided and _in_interval(t, interval):
                 grad = classifier_log_prob_grad(classifier, z, t_batch, y)
                 z_next = z_next + guidance_scale * variance * grad
             z = z_next
@@ -221,20 +289,21 @@ def guided_ddpm_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
 
     with _eval_mode(unet, classifier if guided else None):
         return _run_request(chain, labels, seeds, shape, batch_size, device, num_inference_steps, progress,
-                            "DDPM" + (f" s={guidance_scale:g}" if guided else ""))
+                            "DDPM" + _guidance_desc(guided, guidance_scale, interval))
 
 
 @torch.no_grad()
 def guided_dpm_solver_sample(unet, scheduler, labels, seeds, *, classifier=None, guidance_scale: float = 0.0,
                              num_inference_steps: int = 10, latent_shape, batch_size: int = 64,
-                             device: str = "cpu", progress: bool = True) -> torch.Tensor:
+                             device: str = "cpu", progress: bool = True,
+                             guidance_interval: tuple[int, int] | None = None) -> torch.Tensor:
     """DPM-Solver++ (2nd-order multistep, diffusers' DPMSolverMultistepScheduler) with the same
     classifier guidance on epsilon as `guided_ddim_sample`. Deterministic after the initial
-    latent, which comes from each image's generator; a fast sampler for 10-20 steps."""
-    from diffusers import DPMSolverMultistepScheduler
-
+    latent, which comes from each image's generator; a fast sampler for 10-20 steps.
+    `guidance_interval`: as in `guided_ddim_sample`."""
     labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
     _check_channels(unet, shape)
+    interval = _check_interval(guidance_interval, scheduler)
     guided = classifier is not None and guidance_scale != 0
     if guidance_scale != 0 and classifier is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
@@ -245,15 +314,13 @@ def guided_dpm_solver_sample(unet, scheduler, labels, seeds, *, classifier=None,
 
     def chain(z, y, gens, bar):
         # the multistep solver keeps past outputs: a fresh one per batch
-        dpm = DPMSolverMultistepScheduler.from_config(scheduler.config, prediction_type="epsilon",
-                                                      algorithm_type="dpmsolver++", solver_order=2)
-        dpm.set_timesteps(num_inference_steps)
+        dpm = _step_scheduler(scheduler, "dpm_solver", num_inference_steps)
         for t in dpm.timesteps.tolist():
             t_batch = torch.full((len(z),), t, dtype=torch.long, device=z.device)
             abar = alphas_cumprod[t]
             out = unet(z.to(unet.dtype), t_batch).sample.to(z.dtype)
             eps = _model_output_to_eps(out, z, abar, prediction_type)
-            if guided:
+            if guided and _in_interval(t, interval):
                 grad = classifier_log_prob_grad(classifier, z, t_batch, y)
                 eps = eps - guidance_scale * (1 - abar).sqrt() * grad
             z = dpm.step(eps, t, z).prev_sample
@@ -262,7 +329,7 @@ def guided_dpm_solver_sample(unet, scheduler, labels, seeds, *, classifier=None,
 
     with _eval_mode(unet, classifier if guided else None):
         return _run_request(chain, labels, seeds, shape, batch_size, device, num_inference_steps, progress,
-                            "DPM-Solver++" + (f" s={guidance_scale:g}" if guided else ""))
+                            "DPM-Solver++" + _guidance_desc(guided, guidance_scale, interval))
 
 
 @torch.no_grad()
@@ -317,5 +384,5 @@ def shard(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-__all__ = ["classifier_log_prob_grad", "guided_ddim_sample", "guided_ddpm_sample", "guided_dpm_solver_sample",
+__all__ = ["classifier_log_prob_grad", "sampler_timesteps", "SAMPLER_METHODS", "guided_ddim_sample", "guided_ddpm_sample", "guided_dpm_solver_sample",
            "cfg_ddim_sample", "shard"]

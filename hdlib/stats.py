@@ -72,8 +72,8 @@ def grid_summary(results: pd.DataFrame, metric: str = "test.accuracy",
     return pd.DataFrame(rows), pd.DataFrame(comps)
 
 
-PRIMARY_CELL_RULE = ("the largest {key} at which real-only mean test accuracy is at least {gap:g} points below "
-                     "the classifier trained on all labels (if none is, the smallest {key})")
+PRIMARY_CELL_RULE = ("the largest label count at which real-only mean test accuracy is at least {gap:g} points below "
+                     "the classifier trained on all labels (if none is, the smallest label count)")
 
 
 def primary_cell(results: pd.DataFrame, all_labels_accuracy: float, gap: float, key: str = "fraction",
@@ -89,6 +89,31 @@ def primary_cell(results: pd.DataFrame, all_labels_accuracy: float, gap: float, 
     below = means[means <= all_labels_accuracy - gap]
     met = not below.empty
     cell = below.index.max() if met else means.index.min()
-    return {key: float(cell), "rule": PRIMARY_CELL_RULE.format(key=key.replace("_", " "), gap=100 * gap),
+    return {key: float(cell), "rule": PRIMARY_CELL_RULE.format(gap=100 * gap),
             "rule_met": met, "real_only_mean": float(means[cell]), "all_labels_accuracy": float(all_labels_accuracy),
             "gap": float(gap), "real_only_means": {float(k): float(v) for k, v in means.items()}}
+
+
+def min_detectable_difference(paired_sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean paired difference a two-sided paired t-test at level `alpha`
+    detects with probability `power`, for n pairs with sample sd `paired_sd` (normal-shift
+    approximation with t quantiles on n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    if n < 2 or not np.isfinite(paired_sd):
+        return float("nan")
+    df = n - 1
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * paired_sd / math.sqrt(n))
+
+
+def holm_adjust(pvalues) -> np.ndarray:
+    """Holm-Bonferroni step-down adjusted p-values (NaN stays NaN and is not counted)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out

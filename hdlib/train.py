@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .batching import GroupPlan
@@ -29,6 +30,7 @@ from .launch import launch
 from .models import autoencoder_loss, build_autoencoder, build_latent_classifier
 from .paths import StudyPaths, model_name, task_seed
 from .pretrained import check_init_vae
+from .sampling import sampler_timesteps
 from .study.latent_models import (
     build_denoiser,
     load_denoiser,
@@ -36,7 +38,7 @@ from .study.latent_models import (
     uses_pretrained_unet,
 )
 from .study.latents import latent_store
-from .study.splits import fraction_indices, split_images
+from .study.splits import fraction_indices, labeled_val_indices, split_images
 from .trainer import Trainer
 from .training_config import TrainConfig
 
@@ -77,22 +79,48 @@ def augment_latents(z: torch.Tensor, seeds: torch.Tensor, salt: int = 31_337) ->
 LATENT_CLASSIFIER_EVAL_T = (25, 100, 200, 300, 400, 500, 600, 700, 800, 900)
 
 
-def latent_classifier_scores(model, z0: torch.Tensor, labels: torch.Tensor, scheduler, seed: int = 0) -> dict:
+def latent_classifier_selection_timesteps(cfg: Config, scheduler) -> list[int]:
+    """The timesteps the latent classifier is selected on: those the configured sampler
+    (sampling.method, sampling.num_inference_steps) visits, built from the scheduler as the
+    sampler builds them, restricted to sampling.guidance_interval when one is set (the steps it
+    guides). The class is decided at large t, which a fixed t < 500 grid never looked at."""
+    s = cfg.sampling
+    ts = sampler_timesteps(scheduler, s.method, s.num_inference_steps, tuple(s.guidance_interval) or None)
+    if not ts:
+        raise ConfigError(f"sampling.guidance_interval: {list(s.guidance_interval)} holds none of the timesteps "
+                          f"{s.method} visits in {s.num_inference_steps} steps, so guidance would never be applied")
+    return ts
+
+
+def latent_classifier_scores(model, z0: torch.Tensor, labels: torch.Tensor, scheduler, seed: int = 0,
+                             selection_timesteps=()) -> dict:
     """Validation accuracy on z_t at fixed t (one fixed noise draw per t): per t, the mean
-    over t < 500 (where guidance decides what a class looks like) and over all t."""
+    over t < 500 and over all t of a fixed grid (for the report), and, with
+    `selection_timesteps` (`latent_classifier_selection_timesteps`), `val_acc_selection`: the
+    mean over those timesteps, each weighted equally, the model-selection score, with one
+    column `val_acc_sel_t{t}` per timestep used (a grid t reuses its noise draw)."""
     dev = next(model.parameters()).device
-    acc = {}
-    for i, t in enumerate(LATENT_CLASSIFIER_EVAL_T):
-        g = torch.Generator().manual_seed(seed * 1009 + i)
+
+    def accuracy_at(t: int, noise_seed: int) -> float:
+        g = torch.Generator().manual_seed(noise_seed)
         noise = torch.randn(z0.shape, generator=g)
         tt = torch.full((len(z0),), t, dtype=torch.long)
         zt = scheduler.add_noise(z0, noise, tt)
         pred = torch.cat([model(zt[j:j + 256].to(dev), tt[j:j + 256].to(dev)).argmax(-1).cpu()
                           for j in range(0, len(z0), 256)])
-        acc[t] = float((pred == labels).float().mean())
+        return float((pred == labels).float().mean())
+
+    acc = {t: accuracy_at(t, seed * 1009 + i) for i, t in enumerate(LATENT_CLASSIFIER_EVAL_T)}
     low = [v for t, v in acc.items() if t < 500]
-    return {"val_acc_t_lt_500": sum(low) / len(low), "val_acc_all_t": sum(acc.values()) / len(acc),
-            **{f"val_acc_t{t}": v for t, v in acc.items()}}
+    out = {"val_acc_t_lt_500": sum(low) / len(low), "val_acc_all_t": sum(acc.values()) / len(acc),
+           **{f"val_acc_t{t}": v for t, v in acc.items()}}
+    if len(selection_timesteps):
+        sel = {int(t): acc[int(t)] if int(t) in acc else accuracy_at(int(t), seed * 1009 + 10_000 + int(t))
+               for t in selection_timesteps}
+        out["val_acc_selection"] = sum(sel[int(t)] for t in selection_timesteps) / len(selection_timesteps)
+        out["selection_timesteps"] = len(selection_timesteps)
+        out.update({f"val_acc_sel_t{t}": v for t, v in sel.items()})
+    return out
 
 
 def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
@@ -182,13 +210,18 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
         loss, _ = classifier_loss(model, z0, labels, noise.to(z0.device), t.to(z0.device), scheduler)
         return loss
 
-    val_rows = torch.randperm(len(store.mean("target_val")), generator=torch.Generator().manual_seed(0))
-    val_rows = val_rows[:lc.eval_samples].sort().values.numpy()
-    vz, vy = store.means("target_val", val_rows), store.labels("target_val")[torch.from_numpy(val_rows)]
+    if cfg.data.labeled_val_every:  # the draw's labeled validation images: inside its label budget
+        val_split, val_rows = "target_train", np.sort(labeled_val_indices(cfg, fraction, draw))
+    else:
+        val_split = "target_val"
+        val_rows = torch.randperm(len(store.mean("target_val")), generator=torch.Generator().manual_seed(0))
+        val_rows = val_rows[:lc.eval_samples].sort().values.numpy()
+    vz, vy = store.means(val_split, val_rows), store.labels(val_split)[torch.from_numpy(val_rows)]
     plan = GroupPlan(seed, [(torch.arange(len(data)), data.label_values, lc.train.batch_size)], balanced=True)
+    select_t = latent_classifier_selection_timesteps(cfg, scheduler)  # before any compute: a ConfigError
     return TaskSpec(clf, clf_loss, data, lc.train, name, seed, plan=plan,
-                    evaluate=lambda m: latent_classifier_scores(m, vz, vy, scheduler),
-                    select=lambda r: (r["val_acc_t_lt_500"], r["val_acc_all_t"]),
+                    evaluate=lambda m: latent_classifier_scores(m, vz, vy, scheduler, selection_timesteps=select_t),
+                    select=lambda r: (r["val_acc_selection"], r["val_acc_all_t"]),
                     eval_every=lc.eval_every or max(1, lc.train.max_steps // 10))
 
 

@@ -268,3 +268,238 @@ def test_predict_features_evaluate_consistent():
     m = evaluate(model, x, y, num_classes=3, class_names=["a", "b", "c"])
     assert m["accuracy"] == pytest.approx((preds == y).float().mean().item())
     assert set(m["sensitivity"]) == {"a", "b", "c"}
+
+
+# --- synthetic loss term: mean(real) + lambda x mean(synthetic) -----------------
+
+def _tiny_mixed_batch(n_real=6, n_syn=10, d=5, k=3, seed=0):
+    """A bias-free linear model (no BatchNorm: each image's loss depends on it alone) and a
+    fixed batch laid out as the GroupPlan lays it out: real images first, then synthetic."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Linear(d, k)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(k, d, generator=g))
+        model.bias.copy_(torch.randn(k, generator=g))
+    x = torch.randn(n_real + n_syn, d, generator=g)
+    y = torch.randint(0, k, (n_real + n_syn,), generator=g)
+    syn = torch.arange(n_real + n_syn) >= n_real
+    return model, x, y, syn
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("lam", [1.0, 0.3, 2.5])
+def test_loss_is_real_mean_plus_lambda_synthetic_mean(label_smoothing, lam):
+    from torch.nn.functional import cross_entropy
+
+    from hdlib.downstream import _classifier_loss
+
+    n_real, n_syn = 6, 10
+    model, x, y, syn = _tiny_mixed_batch(n_real, n_syn)
+    loss_fn = _classifier_loss(None, label_smoothing, n_real, n_syn, lam)
+    seeds = torch.zeros(len(y), dtype=torch.int64)
+    loss = loss_fn(model, (x, y, syn), seeds)
+    # computed independently: two plain means, label smoothing on both parts alike
+    expected = (cross_entropy(model(x[:n_real]), y[:n_real], label_smoothing=label_smoothing)
+                + lam * cross_entropy(model(x[n_real:]), y[n_real:], label_smoothing=label_smoothing))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    g_full = _grads(model, loss)
+    torch.testing.assert_close(g_full, _grads(model, expected), rtol=1e-5, atol=1e-6)
+
+    # Micro-batches (gradient accumulation; the Trainer averages their losses) cut through
+    # the real/synthetic boundary and still give exactly the loss of the whole batch.
+    micro = [loss_fn(model, (x[i:i + 4], y[i:i + 4], syn[i:i + 4]), seeds[i:i + 4]) for i in range(0, 16, 4)]
+    torch.testing.assert_close(torch.stack(micro).mean(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_grads(model, torch.stack(micro).mean()), g_full, rtol=1e-5, atol=1e-6)
+
+    # Real-only batches (no flag): exactly the old single mean.
+    real_fn = _classifier_loss(None, label_smoothing, n_real + n_syn)
+    assert torch.equal(real_fn(model, (x, y), seeds), cross_entropy(model(x), y, label_smoothing=label_smoothing))
+
+
+def test_lambda_zero_ignores_synthetic_labels():
+    from torch.nn.functional import cross_entropy
+
+    from hdlib.downstream import _classifier_loss
+
+    n_real, n_syn = 6, 10
+    model, x, y, syn = _tiny_mixed_batch(n_real, n_syn)
+    seeds = torch.zeros(len(y), dtype=torch.int64)
+    loss_fn = _classifier_loss(None, 0.1, n_real, n_syn, 0.0)
+    other = y.clone()
+    other[n_real:] = (other[n_real:] + 1) % 3  # every synthetic label changed
+    g1 = _grads(model, loss_fn(model, (x, y, syn), seeds))
+    g2 = _grads(model, loss_fn(model, (x, other, syn), seeds))
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    real_only = _grads(model, cross_entropy(model(x[:n_real]), y[:n_real], label_smoothing=0.1))
+    torch.testing.assert_close(g1, real_only, rtol=1e-5, atol=1e-7)
+
+
+def _weights(m):
+    return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.is_floating_point()])
+
+
+def test_real_only_training_unchanged_by_synthetic_options(colour_data):
+    """No synthetic images, ratio 0, or lambda = 0 (synthetic images then never drawn) all
+    train exactly the real-only model, bit for bit."""
+    sx, sy = colour_classes(40, 5)
+    base, h0 = _train(colour_data, seed=0, max_steps=6, balanced=True)
+    for kw in ({"synthetic_per_real": 0.0, "synthetic_loss_weight": 1.0},
+               {"synthetic_per_real": 1.0, "synthetic_loss_weight": 0.0}):
+        m, h = _train(colour_data, seed=0, max_steps=6, balanced=True, synthetic_images=sx, synthetic_labels=sy, **kw)
+        assert torch.equal(_weights(m), _weights(base)), kw
+        assert h.equals(h0)
+
+
+class _ItemDataset(torch.utils.data.Dataset):
+    """(image, label) items, as a streamed (on-disk) set yields them."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_lambda_changes_mixed_training_and_streaming_matches_memory(colour_data):
+    sx, sy = colour_classes(40, 5)
+    kw = dict(seed=0, max_steps=4, balanced=True, synthetic_per_real=1.0)
+    m1, h1 = _train(colour_data, synthetic_images=sx, synthetic_labels=sy, synthetic_loss_weight=1.0, **kw)
+    m2, _ = _train(colour_data, synthetic_images=sx, synthetic_labels=sy, synthetic_loss_weight=0.25, **kw)
+    assert not torch.allclose(_weights(m1), _weights(m2))
+    # synthetic images streamed from a per-item dataset: same batches, same loss, same weights
+    ms, hs = _train(colour_data, synthetic_images=_ItemDataset(sx, sy), synthetic_labels=sy,
+                    synthetic_loss_weight=1.0, **kw)
+    assert torch.equal(_weights(ms), _weights(m1))
+    assert h1["train_loss"].equals(hs["train_loss"])
+    with pytest.raises(ValueError, match="synthetic_loss_weight"):
+        _train(colour_data, synthetic_images=sx, synthetic_labels=sy, synthetic_loss_weight=-1.0, **kw)
+
+
+# --- the grid cell: one model per lambda, the best on validation kept ----------------
+
+def test_select_synthetic_loss_weight_best_validation_accuracy_ties_smaller():
+    from hdlib.study.grid_cells import select_synthetic_loss_weight
+
+    acc = {0.0: 0.70, 0.5: 0.80, 1.0: 0.80, 2.0: 0.75}
+    fitted = []
+
+    def fit(lam):
+        fitted.append(lam)
+        return f"model@{lam}"
+
+    model, lam, val, by_lambda = select_synthetic_loss_weight(
+        fit, [1.0, 2.0, 0.5, 0.0, 1.0], lambda m: {"accuracy": acc[float(m.split("@")[1])]})
+    assert sorted(fitted) == [0.0, 0.5, 1.0, 2.0]  # each candidate once (duplicates dropped)
+    assert (model, lam, val["accuracy"]) == ("model@0.5", 0.5, 0.80)  # 0.5 and 1.0 tie: the smaller
+    assert by_lambda == acc
+
+
+class _Marker(list):
+    """A stand-in image set that says which split it is."""
+
+    def __init__(self, name, n):
+        super().__init__(range(n))
+        self.name = name
+
+
+def _patch_cell(monkeypatch, lambdas, val_acc, training_set="histodiffusion"):
+    import hdlib.study.grid_cells as stage
+    from hdlib.config import load_config
+
+    cfg = load_config(None, [f"downstream.synthetic_loss_weights={lambdas}"])
+    calls = {"fit": [], "test": []}
+    y = torch.arange(18) % 9
+
+    def fake_fit(cfg, backbone, tcfg, x, y, vx, vy, seed, progress=None, out_dir=None, synthetic=None,
+                 synthetic_per_real=0.0, synthetic_loss_weight=None):
+        calls["fit"].append((synthetic is not None, synthetic_loss_weight, seed))
+        return {"lam": synthetic_loss_weight}, None
+
+    def fake_evaluate(model, images, labels, num_classes, class_names=None, **kw):
+        if images.name == "target_test":
+            calls["test"].append(model["lam"])
+            return {"accuracy": 0.5, "balanced_accuracy": 0.5}
+        acc = val_acc[model["lam"]] if model["lam"] is not None else 0.6
+        return {"accuracy": acc, "balanced_accuracy": acc - 0.01}
+
+    has_syn = training_set != "real"
+    monkeypatch.setattr(stage, "config_from_results", lambda *a, **k: cfg)
+    monkeypatch.setattr(stage, "fraction_indices", lambda *a: torch.arange(18))
+    monkeypatch.setattr(stage, "split_images", lambda cfg, split, idx=None: _Marker(split, 18))
+    monkeypatch.setattr(stage, "split_labels", lambda cfg, split: y)
+    monkeypatch.setattr(stage, "added_training_images", lambda *a: (_Marker("syn", 9), y[:9], "synkey")
+                        if has_syn else (None, None, ""))
+    monkeypatch.setattr(stage, "validation_set", lambda *a: (_Marker("val", 9), y[:9], "valkey"))
+    monkeypatch.setattr(stage, "manifest_hash", lambda *a: "hash")
+    monkeypatch.setattr(stage, "fit_image_classifier", fake_fit)
+    monkeypatch.setattr(stage, "evaluate", fake_evaluate)
+    monkeypatch.chdir(stage.REPO_ROOT)
+    return stage, cfg, calls
+
+
+def test_cell_keeps_lambda_with_best_validation_accuracy(monkeypatch):
+    val_acc = {0.0: 0.60, 0.5: 0.72, 1.0: 0.81, 3.0: 0.81}
+    stage, _, calls = _patch_cell(monkeypatch, "[3.0, 1.0, 0.5, 0.0]", val_acc)
+    out = stage.run_downstream_cell({"study_dir": "unused", "fraction": 0.05, "training_set": "histodiffusion",
+                                     "ratio": 1.0, "seed": 2})
+    assert sorted(lam for _, lam, _ in calls["fit"]) == [0.0, 0.5, 1.0, 3.0]
+    assert all(syn and seed == 1002 for syn, _, seed in calls["fit"])  # same seed: only lambda differs
+    assert calls["test"] == [1.0]  # only the kept model is tested; 1.0 and 3.0 tie: the smaller
+    assert out["synthetic_loss_weight"] == 1.0
+    assert out["val_accuracy"] == 0.81 and out["val_balanced_accuracy"] == pytest.approx(0.80)
+    assert out["val_accuracy_by_lambda"] == {"0": 0.60, "0.5": 0.72, "1": 0.81, "3": 0.81}
+    assert out["n_synthetic"] == 9
+
+
+def test_real_cell_trains_once_without_lambda(monkeypatch):
+    stage, _, calls = _patch_cell(monkeypatch, "[0.5, 1.0]", {}, training_set="real")
+    out = stage.run_downstream_cell({"study_dir": "unused", "fraction": 0.05, "training_set": "real",
+                                     "ratio": 0.0, "seed": 0})
+    assert calls["fit"] == [(False, None, 1000)] and calls["test"] == [None]
+    assert "synthetic_loss_weight" not in out and out["n_synthetic"] == 0
+
+
+def test_cell_key_holds_lambdas_only_where_images_are_added(monkeypatch):
+    import dataclasses
+
+    stage, cfg, _ = _patch_cell(monkeypatch, "[1.0]", {})
+    other = dataclasses.replace(cfg, downstream=dataclasses.replace(cfg.downstream,
+                                                                    synthetic_loss_weights=[0.5, 1.0]))
+    assert stage.cell_inputs_key(cfg, "histodiffusion", 0.05, 1.0, 0) != \
+        stage.cell_inputs_key(other, "histodiffusion", 0.05, 1.0, 0)
+    monkeypatch.setattr(stage, "added_training_images", lambda *a: (None, None, ""))
+    assert stage.cell_inputs_key(cfg, "real", 0.05, 0.0, 0) == stage.cell_inputs_key(other, "real", 0.05, 0.0, 0)
+
+
+def test_fit_image_classifier_passes_lambda(monkeypatch):
+    import hdlib.study.classifiers as clf
+    from hdlib.config import load_config
+    from hdlib.errors import ConfigError
+
+    seen = []
+    monkeypatch.setattr(clf, "train_classifier", lambda *a, **kw: seen.append(kw["synthetic_loss_weight"]))
+    one = load_config(None, ["downstream.synthetic_loss_weights=[0.5]"])
+    several = load_config(None, ["downstream.synthetic_loss_weights=[0.5, 2.0]"])
+    args = (None, None, None, None)
+    clf.fit_image_classifier(one, "resnet10t", one.downstream.train, *args, seed=0, synthetic=("sx", "sy"))
+    clf.fit_image_classifier(several, "resnet10t", several.downstream.train, *args, seed=0, synthetic=("sx", "sy"),
+                             synthetic_loss_weight=2.0)
+    clf.fit_image_classifier(several, "resnet10t", several.downstream.train, *args, seed=0)  # real-only: no lambda
+    assert seen[:2] == [0.5, 2.0] and len(seen) == 3
+    with pytest.raises(ConfigError, match="synthetic_loss_weight"):
+        clf.fit_image_classifier(several, "resnet10t", several.downstream.train, *args, seed=0,
+                                 synthetic=("sx", "sy"))
+    with pytest.raises(ConfigError, match="synthetic_loss_weights"):
+        load_config(None, ["downstream.synthetic_loss_weights=[]"])
+    with pytest.raises(ConfigError):
+        load_config(None, ["downstream.synthetic_loss_weights=[-1.0]"])

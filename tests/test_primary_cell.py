@@ -47,3 +47,73 @@ def test_without_real_only_results_it_refuses():
 
 def test_the_rule_lives_in_the_default_params():
     assert load_config(Path(__file__).resolve().parent.parent / "params" / "default.yaml").downstream.primary_cell_gap == pytest.approx(0.10)
+
+
+def test_min_detectable_difference_matches_a_simulated_power():
+    import numpy as np
+    from scipy import stats as st
+
+    from hdlib.stats import min_detectable_difference
+
+    sd, n = 0.012, 10
+    mdd = min_detectable_difference(sd, n)
+    rng = np.random.default_rng(0)
+    d = rng.normal(mdd, sd, size=(4000, n))
+    power = np.mean(st.ttest_1samp(d, 0.0, axis=1).pvalue < 0.05)
+    assert 0.75 < power < 0.85
+    assert min_detectable_difference(sd, 40) < mdd
+
+
+def test_holm_adjusts_step_down_and_keeps_nan():
+    import numpy as np
+
+    from hdlib.stats import holm_adjust
+
+    adj = holm_adjust([0.01, 0.04, float("nan"), 0.03])
+    assert np.allclose(adj[[0, 1, 3]], [0.03, 0.06, 0.06]) and np.isnan(adj[2])
+
+
+def _arms(gains, seeds=10):
+    """Grid results: real-only, histodiffusion = real + gain, rival = real + 0 per seed, at two fractions."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for f, gain in gains.items():
+        for s in range(seeds):
+            base = 0.8 + rng.normal(0, 0.01)
+            for ts, ratio, acc in (("real", 0.0, base), ("histodiffusion", 1.0, base + gain),
+                                   ("pseudo_label", 1.0, base + 0.5 * gain)):
+                rows.append({"fraction": f, "training_set": ts, "ratio": ratio, "seed": s,
+                             "test.accuracy": acc + rng.normal(0, 0.002)})
+    return pd.DataFrame(rows)
+
+
+def _cfg():
+    return load_config(Path(__file__).resolve().parent.parent / "params" / "default.yaml",
+                       ["downstream.fractions=[0.05, 0.2]", "data.label_fractions=[0.05, 0.2]"])
+
+
+def test_primary_result_reports_both_comparisons_mdd_and_a_computed_verdict():
+    from hdlib.stages.downstream import primary_result
+
+    results = _arms({0.05: 0.03, 0.2: 0.0})
+    primary = {"fraction": 0.05, "labels_per_class": {"train": 6, "val": 2, "total": 8}, "rule": "r",
+               "rule_met": True, "real_only_mean": 0.8, "all_labels_accuracy": 0.99, "gap": 0.1}
+    out = primary_result(_cfg(), results, primary)
+    assert out["n_seeds"] == 10 and out["primary_cell"]["fraction"] == 0.05
+    assert out["vs_real"]["mean_diff"] == pytest.approx(0.03, abs=0.003)
+    assert out["vs_rival"]["mean_diff"] == pytest.approx(0.015, abs=0.003)
+    assert 0 < out["mdd_points"] < 1.0  # paired sd ~0.3 points, 10 seeds
+    assert out["verdict"] == "beats_both"
+    none = primary_result(_cfg(), results, {**primary, "fraction": 0.2})
+    assert none["verdict"] == "no_detectable_gain"
+
+
+def test_gain_table_is_holm_corrected_within_each_comparison():
+    from hdlib.stages.downstream import gain_table
+
+    table = gain_table(_cfg(), _arms({0.05: 0.03, 0.2: 0.0}), {"0.05": {"total": 8}, "0.2": {"total": 32}})
+    assert set(table["comparison"]) == {"vs real-only", "vs pseudo-label rival"}
+    assert (table["holm_pvalue"] >= table["t_pvalue"]).all()
+    assert sorted(table["labels_per_class"].unique()) == [8, 32]

@@ -10,7 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from hdlib.diffusion import make_noise_scheduler
 from hdlib.errors import DataError
 from hdlib.sampling import (cfg_ddim_sample, classifier_log_prob_grad, guided_ddim_sample, guided_ddpm_sample,
-                            guided_dpm_solver_sample, shard)
+                            guided_dpm_solver_sample, sampler_timesteps, shard)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -281,3 +281,88 @@ def test_samplers_build_no_autograd_graph_even_for_a_trainable_unet(tiny_unet, t
         for kw in ({}, {"classifier": clf, "guidance_scale": 2.0}):
             out = fn(unet, sched, LABELS[:2], SEEDS[:2], num_inference_steps=3, latent_shape=SHAPE, progress=False, **kw)
             assert not out.requires_grad and out.grad_fn is None, name
+
+
+# ---------------------------------------------------------------------------
+# guidance interval (Kynkaanniemi et al. 2024) and the timesteps a sampler visits
+# ---------------------------------------------------------------------------
+
+class TimestepSpy(torch.nn.Module):
+    """Wraps a module and records the (single) timestep of every call."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.seen = module, []
+        self.config, self.dtype = getattr(module, "config", None), getattr(module, "dtype", torch.float32)
+        self.num_classes = getattr(module, "num_classes", None)
+
+    def forward(self, z, t, **kw):
+        self.seen.append(int(torch.as_tensor(t).reshape(-1)[0]))
+        return self.module(z, t, **kw)
+
+
+def _interval_kw(sampler):
+    kw = dict(num_inference_steps=STEPS, latent_shape=SHAPE, batch_size=4, progress=False)
+    return {**kw, "eta": 1.0} if sampler == "ddim" else kw
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver"])
+def test_sampler_timesteps_are_the_timesteps_the_sampler_visits(sampler, tiny_unet):
+    unet, sched = TimestepSpy(tiny_unet()), make_noise_scheduler("paper")
+    clf = TimestepSpy(MeanSignClassifier())
+    SAMPLERS[sampler](unet, sched, LABELS[:2] % 2, SEEDS[:2], **_interval_kw(sampler))
+    visited = sampler_timesteps(sched, sampler, STEPS)
+    assert unet.seen == visited and len(visited) == STEPS and len(set(visited)) == STEPS
+    # with an interval, the guided steps (the classifier's calls) are exactly the visited t inside it
+    lo, hi = sorted(visited)[2], sorted(visited)[5]
+    unet.seen.clear()
+    SAMPLERS[sampler](unet, sched, LABELS[:2] % 2, SEEDS[:2], classifier=clf, guidance_scale=5.0,
+                      guidance_interval=(lo, hi), **_interval_kw(sampler))
+    assert unet.seen == visited
+    assert clf.seen == sampler_timesteps(sched, sampler, STEPS, (lo, hi)) == [t for t in visited if lo <= t <= hi]
+    assert len(clf.seen) == 4
+
+
+class MustNotBeCalled(MeanSignClassifier):
+    def forward(self, z, t):
+        raise AssertionError(f"classifier called at t={t.tolist()} outside the guidance interval")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver"])
+def test_guidance_outside_the_interval_is_not_applied(sampler, tiny_unet):
+    """A classifier whose gradient changes the samples: an interval that excludes every visited t
+    gives bit-identical unguided samples (and never calls the classifier); one that holds every
+    visited t gives bit-identical fully guided samples; one that holds some changes them."""
+    unet, sched, fn = tiny_unet(), make_noise_scheduler("paper"), SAMPLERS[sampler]
+    labels, seeds, kw = torch.tensor([0, 1, 0, 1]), SEEDS[:4], _interval_kw(sampler)
+    visited = sorted(sampler_timesteps(sched, sampler, STEPS))
+    plain = fn(unet, sched, labels, seeds, **kw)
+    guided = fn(unet, sched, labels, seeds, classifier=MeanSignClassifier(), guidance_scale=5.0, **kw)
+    assert (guided - plain).abs().max() > 1e-2  # the classifier does change the samples
+
+    gap = (visited[0] + 1, visited[1] - 1)  # between two visited timesteps: holds none of them
+    assert not sampler_timesteps(sched, sampler, STEPS, gap)
+    for clf in (MeanSignClassifier(), MustNotBeCalled()):
+        outside = fn(unet, sched, labels, seeds, classifier=clf, guidance_scale=5.0, guidance_interval=gap, **kw)
+        assert torch.equal(outside, plain)
+    everywhere = fn(unet, sched, labels, seeds, classifier=MeanSignClassifier(), guidance_scale=5.0,
+                    guidance_interval=(visited[0], visited[-1]), **kw)
+    assert torch.equal(everywhere, guided)
+    high = fn(unet, sched, labels, seeds, classifier=MeanSignClassifier(), guidance_scale=5.0,
+              guidance_interval=(visited[len(visited) // 2], 999), **kw)
+    assert (high - plain).abs().max() > 1e-3 and (high - guided).abs().max() > 1e-3
+    assert _mean_log_p(MeanSignClassifier(), high, labels) > _mean_log_p(MeanSignClassifier(), plain, labels)
+
+
+def test_guidance_interval_is_checked(tiny_unet):
+    unet, sched = tiny_unet(), make_noise_scheduler("paper")
+    kw = dict(classifier=MeanSignClassifier(), guidance_scale=1.0, num_inference_steps=2, latent_shape=SHAPE,
+              progress=False)
+    for bad in [(500, 100), (-1, 10), (0, 1000), (1, 2, 3), (0.5, 10), "ab"]:
+        with pytest.raises(ValueError, match="guidance_interval"):
+            guided_ddim_sample(unet, sched, LABELS[:1], SEEDS[:1], guidance_interval=bad, **kw)
+    with pytest.raises(ValueError, match="unknown sampler method"):
+        sampler_timesteps(sched, "euler", 10)
+    # the default study's sampler: DPM-Solver++ in 10 steps visits t = 999 ... 100
+    assert sampler_timesteps(sched, "dpm_solver", 10) == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    assert sampler_timesteps(sched, "dpm_solver", 10, (0, 500)) == [500, 400, 300, 200, 100]

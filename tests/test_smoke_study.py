@@ -140,7 +140,7 @@ def test_changed_synthetic_set_reruns_exactly_its_grid_cells(study, tmp_path):
     import shutil
 
     from hdlib.paths import synthetic_set_name
-    from hdlib.stages.downstream import run_downstream_grid
+    from hdlib.study.grid_cells import run_downstream_grid
 
     cfg, overrides, _ = study
     copy = tmp_path / "results"

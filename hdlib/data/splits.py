@@ -82,6 +82,26 @@ def nested_label_fractions(labels, fractions: Sequence[float], seed: int,
     return out
 
 
+def nested_label_order(labels, seed: int) -> np.ndarray:
+    """Each item's position in its class's seeded permutation (the same permutation
+    `nested_label_fractions` draws with that seed): the item at position i enters every
+    subset that keeps more than i images of its class."""
+    order = np.zeros(len(np.asarray(labels)), dtype=np.int64)
+    for idx in _per_class_permutations(labels, seed).values():
+        order[idx] = np.arange(len(idx))
+    return order
+
+
+def labeled_validation_mask(order: np.ndarray, every: int) -> np.ndarray:
+    """Validation inside the labeled budget: positions 1, 1 + every, 1 + 2*every, ... of each
+    class's nested order. A labeled subset keeping the first k of a class then holds out
+    ceil((k - 1) / every) of them for validation (k = 2 -> 1 train + 1 val; k = 8, every 4
+    -> 6 + 2), and both parts are nested across label counts."""
+    if every < 2:
+        raise ValueError(f"labeled validation needs every >= 2, got {every}")
+    return (np.asarray(order) % every) == 1
+
+
 def stratified_subsample(labels, max_count: int, seed: int) -> np.ndarray:
     """At most `max_count` indices keeping class proportions (largest remainder,
     at least one per class). Returns sorted indices (all if already small)."""

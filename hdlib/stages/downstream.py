@@ -1,103 +1,77 @@
-"""Stage 05: the downstream grid (label fraction x training set x ratio x seed).
-
-Each cell trains the downstream classifier on real (+ synthetic) images, selects
-on the validation split and evaluates once on test. A cell carries a content key
-of its inputs (labeled subset, chosen synthetic images, settings), so a changed
-upstream input re-runs exactly the cells that use it."""
+"""Stage 05: the downstream grid's answers. The grid itself (cells, content keys, workers)
+is `hdlib.study.grid_cells`; here its results become the paired comparisons of
+HistoDiffusion against real-only and against the rival that uses the same unlabeled
+images, at every label count (Holm-corrected across label counts) and at the primary cell
+fixed in stage 03 (with the minimum detectable difference at 80% power)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-
 import numpy as np
+import pandas as pd
 
 from ..config import Config
-from ..downstream import evaluate
-from ..grid import run_grid
-from ..paths import REPO_ROOT, StudyPaths
-from ..study.classifiers import fit_image_classifier
-from ..study.context import config_from_results
-from ..study.splits import fraction_indices, manifest_hash, split_images, split_labels
-from ..study.synthetic_sets import synthetic_training_images
+from ..stats import holm_adjust, min_detectable_difference, paired_comparison
 
-ID_KEYS = ["fraction", "training_set", "ratio", "seed"]
+METHOD = "histodiffusion"
+RIVALS = {"real": "vs real-only", "pseudo_label": "vs pseudo-label rival"}
 
 
-def _settings_key(cfg: Config) -> str:
-    blob = json.dumps({"downstream": cfg.downstream.__dict__, "image_size": cfg.data.image_size,
-                       "classes": cfg.data.classes}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+def _paired(results: pd.DataFrame, fraction: float, a: str, b: str, ratio: float,
+            metric: str = "test.accuracy") -> tuple[np.ndarray, np.ndarray] | None:
+    """Values of training sets a and b at one fraction, matched by seed (None if either is absent)."""
+    def arm(name):
+        r = 0.0 if name == "real" else ratio
+        g = results[(results["fraction"] == fraction) & (results["training_set"] == name) & (results["ratio"] == r)]
+        return g.set_index("seed")[metric]
+    x, y = arm(a), arm(b)
+    seeds = sorted(set(x.index) & set(y.index))
+    if len(seeds) < 2:
+        return None
+    return x.loc[seeds].to_numpy(), y.loc[seeds].to_numpy()
 
 
-def cell_inputs_key(cfg: Config, training_set: str, fraction: float, ratio: float, draw: int) -> str:
-    """Content key of everything a cell learns from and is judged on."""
-    _, _, syn_key = synthetic_training_images(cfg, training_set, fraction, ratio, draw)
-    parts = [manifest_hash(cfg, "target_train", fraction, draw), manifest_hash(cfg, "target_val"),
-             manifest_hash(cfg, "target_test"), syn_key, _settings_key(cfg)]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+def gain_table(cfg: Config, results: pd.DataFrame, labels_per_class: dict, metric: str = "test.accuracy") -> pd.DataFrame:
+    """One row per (comparison, label fraction): HistoDiffusion minus the other arm, paired
+    over seeds, with a Holm-adjusted t-test p-value within each comparison across fractions."""
+    rows = []
+    for other, comp in RIVALS.items():
+        if other not in cfg.downstream.training_sets or METHOD not in cfg.downstream.training_sets:
+            continue
+        for f in cfg.downstream.fractions:
+            pair = _paired(results, f, METHOD, other, cfg.downstream.ratio, metric)
+            if pair is None:
+                continue
+            c = paired_comparison(*pair)
+            rows.append({"comparison": comp, "against": other, "fraction": f,
+                         "labels_per_class": labels_per_class[f"{f:g}"]["total"], **c})
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["holm_pvalue"] = np.nan
+        for comp, idx in table.groupby("comparison").groups.items():
+            table.loc[idx, "holm_pvalue"] = holm_adjust(table.loc[idx, "t_pvalue"].to_numpy())
+    return table
 
 
-ABLATION_SETS = ("scratch", "classifier_free")  # generated at the smallest fraction only (CPU budget)
-
-
-def downstream_cells(cfg: Config) -> list[dict]:
-    """Every cell: seed (= label draw: the labeled subset, latent classifier and synthetic
-    images are all re-drawn per seed) x fraction x training set x ratio."""
-    ds = cfg.downstream
-    f0 = min(ds.fractions)
-    cells = []
-
-    def add(f, s, r, seed):
-        if s in ABLATION_SETS and f != f0:
-            return
-        r = 0.0 if s == "real" else r
-        cell = {"fraction": f, "training_set": s, "ratio": r, "seed": seed,
-                "inputs": cell_inputs_key(cfg, s, f, r, seed)}
-        if cell not in cells:
-            cells.append(cell)
-
-    for seed in ds.seeds:
-        for f in ds.fractions:
-            for s in ds.training_sets:
-                add(f, s, ds.ratio, seed)
-        for r in ds.ratio_sweep:
-            for s in ds.ratio_sweep_sets:
-                add(ds.ratio_sweep_fraction, s, r, seed)
-    return cells
-
-
-def run_downstream_cell(cell: dict) -> dict:
-    """One grid cell (runs in a worker process): real labeled subset of the cell's draw
-    (+ synthetic images of the same draw), class-balanced batches, the same passes over the
-    real images in every cell, model selection on validation, test evaluated once."""
-
-    os.chdir(REPO_ROOT)
-    cfg = config_from_results(cell["study_dir"], ["study.progress=false"])
-    f, draw = cell["fraction"], int(cell["seed"])
-    idx = fraction_indices(cfg, f, draw)
-    x, y = split_images(cfg, "target_train", idx), split_labels(cfg, "target_train")[idx]
-    sx, sy, _ = synthetic_training_images(cfg, cell["training_set"], f, cell["ratio"], draw)
-    n_syn = 0 if sx is None else len(sx)
-    ds = cfg.downstream
-    vx, vy = split_images(cfg, "target_val"), split_labels(cfg, "target_val")
-    model, _ = fit_image_classifier(cfg, ds.backbone, ds.train, x, y, vx, vy, seed=1000 + draw, progress=False,
-                                    synthetic=(sx, sy) if n_syn else None, synthetic_per_real=cell["ratio"])
-    names = list(cfg.data.classes)
-    test = evaluate(model, split_images(cfg, "target_test"), split_labels(cfg, "target_test"),
-                    num_classes=len(names), class_names=names)
-    val = evaluate(model, vx, vy, num_classes=len(names), class_names=names)
-    per_class_real = np.bincount(y.numpy(), minlength=len(names))
-    return {"n_real": int(len(idx)), "n_synthetic": n_syn, "labels_per_class": int(per_class_real.min()),
-            "test": test, "val_balanced_accuracy": val["balanced_accuracy"], "val_accuracy": val["accuracy"]}
-
-
-def run_downstream_grid(cfg: Config):
-    """All cells (resumable; stale cells recomputed). Returns the results frame."""
-
-    cells = downstream_cells(cfg)
-    # where the study lives is context, not part of a cell: a moved study keeps its cells
-    return run_grid(cells, "hdlib.stages.downstream:run_downstream_cell", StudyPaths(cfg).grid,
-                    workers=cfg.study.workers, id_keys=ID_KEYS, progress=cfg.study.progress,
-                    context={"study_dir": str(cfg.results_dir)})
+def primary_result(cfg: Config, results: pd.DataFrame, primary: dict, metric: str = "test.accuracy") -> dict:
+    """The headline: at the primary cell, HistoDiffusion against real-only and against the
+    rival (paired differences, accuracy as a fraction of 1), the number of seeds, and the
+    minimum detectable difference at 80% power (points) from the paired spread vs real-only."""
+    f = primary["fraction"]
+    out = {"primary_cell": {k: primary[k] for k in ("fraction", "labels_per_class", "rule", "rule_met",
+                                                     "real_only_mean", "all_labels_accuracy", "gap")}}
+    for other, key in (("real", "vs_real"), ("pseudo_label", "vs_rival")):
+        pair = _paired(results, f, METHOD, other, cfg.downstream.ratio, metric)
+        if pair is None:
+            out[key] = None
+            continue
+        c = paired_comparison(*pair)
+        sd = float(np.std(pair[0] - pair[1], ddof=1))
+        out[key] = {k: c[k] for k in ("mean_diff", "ci_low", "ci_high", "t_pvalue", "n")}
+        out[key]["mdd_points"] = 100 * min_detectable_difference(sd, c["n"])
+    out["n_seeds"] = int(out["vs_real"]["n"]) if out.get("vs_real") else 0
+    out["mdd_points"] = out["vs_real"]["mdd_points"] if out.get("vs_real") else float("nan")
+    vr, vv = out.get("vs_real"), out.get("vs_rival")
+    out["verdict"] = ("beats_both" if vr and vv and vr["ci_low"] > 0 and vv["ci_low"] > 0 else
+                      "beats_real_only" if vr and vr["ci_low"] > 0 else
+                      "worse_than_real_only" if vr and vr["ci_high"] < 0 else "no_detectable_gain")
+    return out

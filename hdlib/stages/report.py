@@ -60,26 +60,35 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
     return df[[c for c in cols if c in df]]
 
 
+VERDICTS = {  # stage 05's computed verdict -> its sentence
+    "beats_both": "HistoDiffusion beats both real-only and the pseudo-label rival: both paired 95% CIs lie above zero.",
+    "beats_real_only": ("HistoDiffusion beats real-only (paired 95% CI above zero) but not the pseudo-label rival, "
+                        "which uses the same unlabeled images without generation."),
+    "worse_than_real_only": "HistoDiffusion is worse than real-only here: the paired 95% CI lies below zero.",
+    "no_detectable_gain": ("This run shows no reliable gain of HistoDiffusion over real-only: the paired 95% CI "
+                           "includes zero."),
+}
+
+
+def _points(c: dict) -> str:
+    return (f"{c['mean_diff'] * 100:+.1f} points (95% CI [{c['ci_low'] * 100:.1f}, {c['ci_high'] * 100:.1f}], "
+            f"{int(c['n'])} seeds, MDD at 80% power {c['mdd_points']:.1f})")
+
+
 def headline(cfg: Config) -> str:
-    """One sentence on the smallest fraction: HistoDiffusion vs real-only, with the
-    paired 95% CI, saying plainly whether the CI excludes zero."""
+    """The primary cell's result (fixed by the params file's rule before any HistoDiffusion
+    run), against real-only and the rival, with the computed verdict."""
     m = _read(cfg, "05_downstream")
-    comps = pd.DataFrame(m.get("accuracy_vs_real", []))
-    if comps.empty:
+    if not m.get("primary_cell") or not m.get("vs_real"):
         return "The downstream grid has not been run."
-    f0 = min(cfg.downstream.fractions)
-    row = comps[(comps["fraction"] == f0) & (comps["training_set"] == "histodiffusion")]
-    if row.empty:
-        return "The grid has no HistoDiffusion cell at the smallest fraction."
-    r = row.iloc[0]
-    verdict = ("its 95% confidence interval excludes zero" if r["ci_low"] > 0 or r["ci_high"] < 0
-               else "its 95% confidence interval includes zero, so this run does not show a reliable difference")
-    direction = "gains" if r["mean_diff"] > 0 else "loses"
-    per = labels_per_class(cfg).get(f"{f0:g}")
-    return (f"At {f0:.0%} labels ({per} per class), real + filtered guided synthetic (HistoDiffusion) {direction} "
-            f"{abs(r['mean_diff']) * 100:.1f} accuracy points against real-only "
-            f"(paired over {int(r['n'])} seeds, 95% CI [{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}] points); "
-            f"{verdict}.")
+    p = m["primary_cell"]
+    lpc = p["labels_per_class"]
+    text = (f"Primary cell (fixed before any HistoDiffusion run by the rule: {p['rule']}): {lpc['total']} labels per "
+            f"class ({lpc['train']} training + {lpc['val']} validation); real-only {p['real_only_mean']:.3f} vs "
+            f"{p['all_labels_accuracy']:.3f} with all labels. HistoDiffusion - real-only: {_points(m['vs_real'])}")
+    if m.get("vs_rival"):
+        text += f"; HistoDiffusion - pseudo-label rival: {_points(m['vs_rival'])}"
+    return text + ". " + VERDICTS[m["verdict"]]
 
 
 def _row(records, **match) -> dict:
@@ -90,19 +99,20 @@ def _row(records, **match) -> dict:
 
 
 def chain_section(cfg: Config) -> str:
-    """The method's chain at the smallest fraction, link by link, with a plain verdict."""
+    """The method's chain at the primary cell, link by link."""
     d3, d4, d5, d6 = (_read(cfg, s) for s in ("03_guidance", "04_synthesis", "05_downstream", "06_quality"))
-    f0 = min(cfg.downstream.fractions)
-    lines = ["## The chain, link by link (smallest fraction)\n",
+    f0 = (d3.get("primary_cell") or {}).get("fraction", min(cfg.downstream.fractions))
+    lines = ["## The chain, link by link (primary cell; FID at the smallest fraction)\n",
              "| link | measured | aim |", "|---|---|---|"]
     sel = [r for r in d3.get("selection", []) if r.get("fraction") == f0]
     if sel:
-        lines.append(f"| latent classifier, validation accuracy at t < 500 (mean over seeds) | "
-                     f"{sum(r['val_acc_t_lt_500'] for r in sel) / len(sel):.3f} | well above chance "
+        key = "val_acc_selection" if all(r.get("val_acc_selection") is not None for r in sel) else "val_acc_t_lt_500"
+        lines.append(f"| latent classifier, labeled-validation accuracy at the timesteps it guides (mean over seeds) | "
+                     f"{sum(r[key] for r in sel) / len(sel):.3f} | well above chance "
                      f"({1 / len(cfg.data.classes):.3f}) |")
     if "guided_class_accuracy" in d4:
         lines.append(f"| guided samples of their target class (reference classifier, s = {d4['guidance_scale']:g}) | "
-                     f"{d4['guided_class_accuracy']:.3f} | >= 0.80 |")
+                     f"{d4['guided_class_accuracy']:.3f} | >= 0.85, no class below 0.6 |")
     per_class = d4.get("guided_class_faithfulness") or []
     if per_class:
         weak = sorted(per_class, key=lambda r: r["reference_accuracy"])[:3]
@@ -124,14 +134,11 @@ def chain_section(cfg: Config) -> str:
     if d4.get("near_copy_rate"):
         lines.append("| near-copy rate | " + ", ".join(f"{g} {v:.1%}" for g, v in d4["near_copy_rate"].items())
                      + " | low for HistoDiffusion |")
-    r = _row(d5.get("accuracy_vs_real"), fraction=f0, training_set="histodiffusion", ratio=cfg.downstream.ratio)
-    if r:
-        lines.append(f"| accuracy, HistoDiffusion - real (paired, {int(r['n'])} seeds) | {r['mean_diff'] * 100:+.1f} points, "
-                     f"95% CI [{r['ci_low'] * 100:.1f}, {r['ci_high'] * 100:.1f}] | CI above 0 (paper: +6.4) |")
-        verdict = ("The goal is met: the paired 95% CI is above zero." if r["ci_low"] > 0 else
-                   "**The goal is not met on this run**: the paired 95% CI is not above zero. The rows above show "
-                   "where the chain is weak.")
-        lines += ["", verdict]
+    for key, name in (("vs_real", "real-only"), ("vs_rival", "the pseudo-label rival")):
+        if d5.get(key):
+            lines.append(f"| accuracy, HistoDiffusion - {name} (paired) | {_points(d5[key])} | CI above 0 |")
+    if d5.get("verdict"):
+        lines += ["", VERDICTS[d5["verdict"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -174,9 +181,23 @@ def build_report(cfg: Config) -> Path:
     parts.append("## Headline\n\n" + headline(cfg) + "\n")
     per = labels_per_class(cfg)
     f0 = min(ds.fractions)
+    parts.append(_fig(cfg, "downstream_gain_vs_labels", "Gain of HistoDiffusion over real-only and over the "
+                      "pseudo-label rival by labels per class (paired, 95% CI)"))
     parts.append(chain_section(cfg))
     parts.append("## Design of this run\n")
     fr_text = ", ".join(f"{f:.0%} ({per.get(format(f, 'g'), '?')}/class)" for f in ds.fractions)
+    budget = d5.get("labels_per_class") or {}
+    if budget:
+        parts.append("- Label budget per class (training + validation, every label a method touches): "
+                     + ", ".join(f"{v['total']} ({v['train']} + {v['val']})" for v in budget.values())
+                     + ". Validation images come out of each draw's labeled subset (`data.labeled_val_every`) and "
+                     "choose checkpoints, the guidance setting, the near-copy threshold and lambda; the separate "
+                     "validation split serves only the classifier trained on all labels.\n")
+    parts.append("- Unlabeled target images each arm uses: `real` none; `histodiffusion` the target's training images "
+                 "without labels when the chosen adaptation is `target_unlabeled` (none with `none`); `pseudo_label` "
+                 "the target's training images outside the draw's labeled subset, labeled by the real-only classifier "
+                 f"where its confidence is >= {ds.pseudo_label_threshold:g}. The chosen adaptation this run: "
+                 f"`{d4.get('adaptation', '?')}`.\n")
     parts.append(f"- Label fractions in the grid: {fr_text}; "
                  f"training sets: {', '.join(ds.training_sets)} at a {ds.ratio:.0%} synthetic-to-real ratio "
                  f"(the ablation sets `scratch` and `classifier_free` at {f0:.0%} only); ratio sweep "
@@ -192,7 +213,8 @@ def build_report(cfg: Config) -> Path:
                  f"- Latent classifier: "
                  + ("the pre-trained denoiser's frozen encoder with a trained head" if cfg.latent_classifier.backbone
                     == "pretrained_unet" else "guided-diffusion's EncoderUNet trained from scratch")
-                 + f", {cfg.latent_classifier.train.max_steps} steps, selected on validation accuracy at t < 500.\n"
+                 + f", {cfg.latent_classifier.train.max_steps} steps, selected on validation accuracy at the timesteps the "
+                 "sampler visits (where it guides).\n"
                  f"- Guidance: {SAMPLER_NAMES[cfg.sampling.method]} {cfg.sampling.num_inference_steps} steps"
                  + (f", eta {cfg.sampling.eta}" if cfg.sampling.method == "ddim" else "") + "; scale and "
                  f"adaptation {'chosen on the validation split (below)' if cfg.sampling.select_on_validation else 'from the parameters'}. "
@@ -211,16 +233,21 @@ def build_report(cfg: Config) -> Path:
     parts.append(_fig(cfg, "downstream_accuracy_vs_fraction", "Test accuracy vs label fraction, 95% CI bands"))
     parts.append("Paired difference to real-only (same fraction and seed; accuracy, fraction of 1):\n\n"
                  + _md(comparison_table(d5.get("accuracy_vs_real", [])), ".4f") + "\n")
-    parts.append("Balanced accuracy and macro-F1:\n\n" + _md(accuracy_table(d5.get("balanced_accuracy", []), per))
-                 + "\n\n" + _md(accuracy_table(d5.get("macro_f1", []), per)) + "\n")
+    # balanced accuracy equals accuracy on this class-balanced test set: only macro-F1 adds information
+    parts.append("Macro-F1:\n\n" + _md(accuracy_table(d5.get("macro_f1", []), per)) + "\n")
+    if d5.get("gain_vs_labels"):
+        parts.append("HistoDiffusion minus each other arm by label count (paired; Holm-corrected across label "
+                     "counts):\n\n" + _md(pd.DataFrame(d5["gain_vs_labels"])[
+                         ["comparison", "labels_per_class", "mean_diff", "ci_low", "ci_high", "t_pvalue",
+                          "holm_pvalue", "n"]], ".4f") + "\n")
     if d5.get("ratio_sweep"):
         rs = pd.DataFrame(d5["ratio_sweep"])[["training_set", "ratio", "mean", "std", "ci_low", "ci_high", "n"]]
         per_sweep = per.get(format(ds.ratio_sweep_fraction, "g"), "?")
         parts.append(f"### Synthetic-to-real ratio at {ds.ratio_sweep_fraction:.0%} labels "
                      f"({per_sweep}/class)\n\n" + _md(rs) + "\n")
         parts.append(_fig(cfg, "downstream_ratio_sweep", "Ratio sweep"))
-    parts.append(_fig(cfg, "downstream_confusion_real", "Confusion matrix, real only, smallest fraction"))
-    parts.append(_fig(cfg, "downstream_confusion_histodiffusion", "Confusion matrix, HistoDiffusion, smallest fraction"))
+    parts.append(_fig(cfg, "downstream_confusion_real", "Confusion matrix, real only, primary cell"))
+    parts.append(_fig(cfg, "downstream_confusion_histodiffusion", "Confusion matrix, HistoDiffusion, primary cell"))
 
     parts.append("## Synthesis: choice, accounting, filtering\n")
     if d4.get("sampler_comparison"):
@@ -229,7 +256,9 @@ def build_report(cfg: Config) -> Path:
                      + _md(pd.DataFrame(d4["sampler_comparison"])) + "\n")
     if d4.get("selection_table"):
         parts.append(f"Chosen on the validation split: guidance scale **{d4['guidance_scale']:g}**, adaptation "
-                     f"**`{d4['adaptation']}`** (validation agreement "
+                     f"**`{d4['adaptation']}`**"
+                     + (", guidance only at t in **[{}, {}]**".format(*d4["guidance_interval"])
+                        if d4.get("guidance_interval") else "") + " (validation agreement "
                      f"{(d4.get('selection') or {}).get('validation_agreement', float('nan')):.3f}). Every setting tried "
                      "(the reference classifier's accuracy is reported, never used to choose):\n\n"
                      + _md(pd.DataFrame(d4["selection_table"])) + "\n")

@@ -11,14 +11,16 @@
   a manifest (the set is streamed from there later); a killed run resumes at the
   last finished round. A set is reused only if its request and the content of every
   model it used are unchanged.
-- `choose_guidance` picks the guidance scale and the adaptation on the validation
-  split (never on test).
+- `choose_guidance` picks the guidance scale, the adaptation and (from
+  `sampling.guidance_interval_sweep`) the guidance interval on the validation split (never
+  on test).
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -28,11 +30,19 @@ from ..io import atomic_write_csv, atomic_write_json
 from ..metrics import feature_stats, frechet_distance
 from ..models import encode_images
 from ..paths import StudyPaths, request_seeds, synthetic_set_name
+from ..study.choices import primary_fraction
 from ..study.classifiers import SelectiveFilter, reference_classifier
 from ..study.context import device
 from ..study.generation import Generation
 from ..study.latent_models import load_latent_classifier
-from ..study.splits import grid_fractions, split_images, split_labels
+from ..study.pseudo_labels import unlabeled_rows
+from ..study.splits import (
+    draws_for,
+    fraction_indices,
+    grid_fractions,
+    split_images,
+    validation_set,
+)
 from ..study.synthetic_sets import (
     _in_memory,
     accounting,
@@ -55,50 +65,93 @@ from ..study.synthetic_sets import (
 
 def validation_agreement(judge: SelectiveFilter, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of samples whose nearest validation-class centroid (baseline features) is their
-    target class: class faithfulness judged by the validation split only."""
-
+    target class: class faithfulness judged by the judge's labeled validation images only."""
     if not hasattr(judge, "_val_centroids"):
-        vf = extract_features(judge.model, split_images(judge.cfg, "target_val"), batch_size=128, device=judge.device)
+        vx, vy, _ = validation_set(judge.cfg, judge.fraction, judge.draw)
+        vf = extract_features(judge.model, vx, batch_size=128, device=judge.device)
         vf = torch.nn.functional.normalize(vf, dim=1)
-        vy = split_labels(judge.cfg, "target_val")
         judge._val_centroids = torch.stack([vf[vy == c].mean(0) for c in range(len(judge.cfg.data.classes))])
     f = torch.nn.functional.normalize(extract_features(judge.model, images, batch_size=128, device=judge.device), dim=1)
     return float((torch.cdist(f, judge._val_centroids).argmin(1) == torch.as_tensor(labels)).float().mean())
 
 
+def _interval_tag(interval) -> str:
+    return f"_t{interval[0]}-{interval[1]}" if interval else "_tall"
+
+
+AGREEMENT_MARGIN = 0.05  # class agreement first; within this margin of the best, the target's look decides
+
+
+def target_features(cfg: Config, judge: SelectiveFilter, fraction: float, draw: int, n: int = 512):
+    """Baseline-classifier features of (up to n, evenly spaced) unlabeled target training images:
+    the target's look, with no label read."""
+    rows = unlabeled_rows(cfg, fraction, draw)
+    rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), n)).astype(int)] if len(rows) else rows
+    if not len(rows):  # every training image is labeled: its labeled images stand in
+        rows = fraction_indices(cfg, fraction, draw)
+    return extract_features(judge.model, split_images(cfg, "target_train", rows), batch_size=128,
+                            device=judge.device).double().numpy()
+
+
+def frechet_to_target(judge: SelectiveFilter, images: torch.Tensor, target_f) -> float:
+    """Frechet distance of samples to the target's unlabeled images, in the baseline's features."""
+    feats = extract_features(judge.model, images, batch_size=128, device=judge.device).double().numpy()
+    return frechet_distance(*feature_stats(feats), *feature_stats(target_f))
+
+
 def choose_guidance(cfg: Config, fraction: float, draw: int, judge: SelectiveFilter,
                     reference=None) -> tuple[dict, pd.DataFrame]:
-    """Guidance scale and adaptation with the best validation agreement (ties within 0.02:
-    the smaller scale, then no adaptation). Returns (choice, table of every setting tried,
-    with the reference classifier's accuracy for the report only)."""
+    """Guidance scale, adaptation and guidance interval (each of `sampling.guidance_interval_sweep`,
+    or only `sampling.guidance_interval` when that is empty), judged by two things the draw may
+    use: class agreement with its labeled validation images, and the look of the target (Frechet
+    distance, in the baseline classifier's features, of the samples to the target's unlabeled
+    training images). Among the settings within AGREEMENT_MARGIN of the best agreement, the one
+    closest to the target's look wins (ties: the smaller scale, then no adaptation, then the
+    configured interval). Scale 0 is run once per adaptation (without guidance the interval
+    changes nothing). Returns (choice, table of every setting tried, with the reference
+    classifier's accuracy for the report only); `guidance_interval` [] means every step."""
 
     s = cfg.sampling
+    target_f = target_features(cfg, judge, fraction, draw)
+    swept = bool(s.guidance_interval_sweep)
+    intervals = [list(iv) for iv in s.guidance_interval_sweep] if swept else [list(s.guidance_interval)]
     rows = []
     for adaptation in cfg.diffusion.adaptations:
-        gen = Generation(cfg, adaptation)
-        for scale in s.guidance_sweep:
-            df = synthesize(gen, "histodiffusion", fraction, draw, s.sweep_per_class, guidance_scale=scale,
-                            tag=f"select_{adaptation}_s{scale:g}")
-            imgs, labels = _in_memory(cfg, df)
-            row = {"adaptation": adaptation, "guidance_scale": scale, "n": len(df),
-                   "validation_agreement": validation_agreement(judge, imgs, labels)}
-            if reference is not None:
-                _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
-                row["reference_class_accuracy"] = float((pred == labels).float().mean())
-            rows.append(row)
+        for k, interval in enumerate(intervals):
+            gen = Generation(cfg, adaptation, guidance_interval=interval)
+            for scale in s.guidance_sweep:
+                if swept and scale == 0 and k > 0:
+                    continue
+                tag = f"select_{adaptation}_s{scale:g}" + (_interval_tag(interval) if swept and scale != 0 else "")
+                df = synthesize(gen, "histodiffusion", fraction, draw, s.sweep_per_class, guidance_scale=scale, tag=tag)
+                imgs, labels = _in_memory(cfg, df)
+                row = {"adaptation": adaptation, "guidance_scale": scale, "guidance_interval": list(interval),
+                       "n": len(df), "validation_agreement": validation_agreement(judge, imgs, labels),
+                       "frechet_to_target": frechet_to_target(judge, imgs, target_f)}
+                if reference is not None:
+                    _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
+                    row["reference_class_accuracy"] = float((pred == labels).float().mean())
+                rows.append(row)
     table = pd.DataFrame(rows)
     best = table["validation_agreement"].max()
-    near = table[table["validation_agreement"] >= best - 0.02].copy()
+    near = table[table["validation_agreement"] >= best - AGREEMENT_MARGIN].copy()
     near["pref"] = near["adaptation"].map(lambda a: 0 if a == "none" else 1)
-    pick = near.sort_values(["guidance_scale", "pref"]).iloc[0]
+    near["interval_pref"] = near["guidance_interval"].map(lambda iv: 0 if list(iv) == list(s.guidance_interval) else 1)
+    near["interval_order"] = near["guidance_interval"].map(lambda iv: intervals.index(list(iv)))
+    near["frechet_rounded"] = near["frechet_to_target"].round(3)
+    pick = near.sort_values(["frechet_rounded", "guidance_scale", "pref", "interval_pref", "interval_order"]).iloc[0]
     return {"adaptation": pick["adaptation"], "guidance_scale": float(pick["guidance_scale"]),
-            "validation_agreement": float(pick["validation_agreement"])}, table
+            "guidance_interval": [int(t) for t in pick["guidance_interval"]],
+            "validation_agreement": float(pick["validation_agreement"]),
+            "frechet_to_target": float(pick["frechet_to_target"]),
+            "rule": f"lowest Frechet distance to the unlabeled target images among settings within "
+                    f"{AGREEMENT_MARGIN} of the best validation agreement"}, table
 
 
 def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFilter, reference,
                      guidance_scale: float, adaptation: str,
-                     samplers=(("ddim", 25), ("dpm_solver", 10))) -> pd.DataFrame:
-    """The chosen guidance (scale, adaptation) run by each (method, steps) sampler on one
+                     samplers=(("ddim", 25), ("dpm_solver", 10)), guidance_interval=None) -> pd.DataFrame:
+    """The chosen guidance (scale, adaptation, interval) run by each (method, steps) sampler on one
     request (sampling.sweep_per_class per class, the same seeds for every sampler): validation
     agreement, the reference classifier's class accuracy, the Frechet distance to the
     validation images in the baseline classifier's feature space, and seconds per image.
@@ -107,17 +160,18 @@ def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFi
     K = len(cfg.data.classes)
     labels = torch.arange(K).repeat_interleave(s.sweep_per_class)
     seeds = torch.as_tensor(request_seeds(cfg, f"sampler_comparison_f{fraction:g}_s{draw}", len(labels)))
-    val = extract_features(judge.model, split_images(cfg, "target_val"), batch_size=128, device=judge.device)
+    val = extract_features(judge.model, validation_set(cfg, fraction, draw)[0], batch_size=128, device=judge.device)
     rows = []
     for method, steps in samplers:
-        gen = Generation(cfg, adaptation, guidance_scale, sampler=(method, steps))
+        gen = Generation(cfg, adaptation, guidance_scale, sampler=(method, steps), guidance_interval=guidance_interval)
         t = time.time()
         imgs = gen.decode(gen.latents("histodiffusion", fraction, labels, seeds, draw=draw, progress=False))
         took = time.time() - t
         _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
         feats = extract_features(judge.model, imgs, batch_size=128, device=judge.device)
         rows.append({"method": method, "steps": steps, "n": len(labels),
-                     "guidance_scale": gen.sampling.guidance_scale, "adaptation": gen.adaptation,
+                     "guidance_scale": gen.sampling.guidance_scale,
+                     "guidance_interval": list(gen.sampling.guidance_interval), "adaptation": gen.adaptation,
                      "validation_agreement": validation_agreement(judge, imgs, labels),
                      "reference_class_accuracy": float((pred == labels).float().mean()),
                      "frechet_to_validation": frechet_distance(*feature_stats(feats.double().numpy()),
@@ -168,7 +222,9 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
 
     paths = StudyPaths(cfg)
     draws, fractions = list(cfg.downstream.seeds), grid_fractions(cfg)
-    f0, d0 = min(cfg.downstream.fractions), draws[0]
+    # choices and the faithfulness check at the primary cell (stage 03), first label draw
+    f0, d0 = primary_fraction(cfg) or min(cfg.downstream.fractions), draws[0]
+    primary = primary_fraction(cfg)
     reference = reference_classifier(cfg)
     choice, sweep = None, pd.DataFrame()
     if cfg.sampling.select_on_validation:
@@ -176,34 +232,37 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
         atomic_write_csv(sweep, paths.table("guidance_selection"))
     scale = choice["guidance_scale"] if choice else cfg.sampling.guidance_scale
     adaptation = choice["adaptation"] if choice else cfg.diffusion.grid_adaptation
+    interval = choice["guidance_interval"] if choice else list(cfg.sampling.guidance_interval)
     if adaptation == "labeled" and train_model is not None:
-        for draw in draws:
-            for f in fractions:
+        for f in fractions:
+            for draw in draws_for(cfg, f, primary):
                 train_model("denoiser_adapted", f, "labeled", draw)
     atomic_write_json(paths.metrics_dir / "04_choice.json",
-                      {"guidance_scale": scale, "adaptation": adaptation,
+                      {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
                        "chosen_on": "validation" if choice else "params", "selection": choice})
     comparison = pd.DataFrame()
     if cfg.sampling.sampler_comparison:  # e.g. DPM-Solver++ in few steps vs DDIM, the same guidance
         comparison = compare_samplers(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference, scale, adaptation,
-                                      samplers=parse_samplers(cfg.sampling.sampler_comparison, "sampling.sampler_comparison"))
+                                      samplers=parse_samplers(cfg.sampling.sampler_comparison, "sampling.sampler_comparison"),
+                                      guidance_interval=interval)
         atomic_write_csv(comparison, paths.table("sampler_comparison"))
-    gen = Generation(cfg, adaptation, scale)
+    gen = Generation(cfg, adaptation, scale, guidance_interval=interval)
     acct, frames = [], {}
-    for draw in draws:
-        for f in fractions:
+    for f in fractions:
+        for draw in draws_for(cfg, f, primary):
             judge = SelectiveFilter(cfg, f, draw)
             quota = quota_per_class(cfg, f, draw)
             for g in generators_needed(cfg):
-                if g in ("scratch", "classifier_free") and f != f0:
+                if g in ("scratch", "classifier_free") and f != min(cfg.downstream.fractions):
                     continue  # ablation generators at the smallest fraction only (CPU budget; see README)
                 name = synthetic_set_name(g, f, draw)
                 df = synthesize(gen, g, f, draw, quota, judge=judge)
                 frames[name] = df
                 acct.append(accounting(cfg, df, quota, name).assign(generator=g, fraction=f, draw=draw))
     # the unguided pre-trained model, for the quality comparison only (its class label is the request's)
-    n_quality = int(quota_per_class(cfg, f0, d0).max())
-    synthesize(gen, "pretrained", f0, d0, n_quality)
+    f_min = min(cfg.downstream.fractions)  # where the ablation generators' sets are (stage 06 compares there)
+    n_quality = int(quota_per_class(cfg, f_min, d0).max())
+    synthesize(gen, "pretrained", f_min, d0, n_quality)
     accounting_table = pd.concat(acct, ignore_index=True)
     atomic_write_csv(accounting_table, paths.table("synthesis_accounting"))
 
@@ -220,9 +279,11 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     near = {g: float(accounting_table[accounting_table["generator"] == g]["near_copies"].sum()
                      / max(1, accounting_table[accounting_table["generator"] == g]["candidates"].sum()))
             for g in accounting_table["generator"].unique()}
-    metrics = {"guidance_scale": scale, "adaptation": adaptation,
+    metrics = {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
                "selection": choice, "selection_table": sweep.to_dict(orient="records"),
                "guided_class_accuracy": guided_acc, "guided_class_accuracy_n": int(len(first)),
+               "guided_class_accuracy_per_class": {r["class"]: r["reference_accuracy"] for r in faithfulness},
+               "guided_class_accuracy_at": {"fraction": f0, "draw": d0},
                "guided_class_faithfulness": faithfulness,
                "accounting": accounting_table.to_dict(orient="records"),
                "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile,
@@ -230,6 +291,6 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     return metrics
 
 
-__all__ = ["Generation", "SelectiveFilter", "request_seeds", "synthesize", "synthetic_training_images",
+__all__ = ["Generation", "SelectiveFilter", "request_seeds", "synthesize", "added_training_images",
            "reference_classifier", "baseline_classifier", "quota_per_class", "generators_needed",
            "choose_guidance", "compare_samplers", "guided_faithfulness", "synthesis_stage", "load_set", "set_images", "accounting", "merge_shards"]

@@ -10,28 +10,45 @@ import torch
 
 from ..config import Config, TrainingConfig
 from ..downstream import build_classifier, extract_features, train_classifier
+from ..errors import ConfigError
 from ..filtering import FeatureFilter, calibrate_delta
 from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from ..paths import StudyPaths, model_name
 from .context import device
-from .splits import fraction_indices, manifest_hash, split_images, split_labels
+from .splits import (
+    fraction_indices,
+    manifest_hash,
+    split_images,
+    split_labels,
+    validation_set,
+)
 
 
 def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y, vx, vy, seed: int,
-                         progress: bool | None = None, out_dir=None, synthetic=None, synthetic_per_real: float = 0.0):
+                         progress: bool | None = None, out_dir=None, synthetic=None, synthetic_per_real: float = 0.0,
+                         synthetic_loss_weight: float | None = None):
     """Train a downstream-style image classifier with the study's one Trainer (every
     TrainingConfig field applies); class-balanced batches; model selection on (vx, vy) only.
     Images may be uint8 tensors or datasets streamed from disk. `synthetic` = (images,
-    labels) added at `synthetic_per_real` synthetic images per real one."""
+    labels) added at `synthetic_per_real` synthetic images per real one; their mean loss
+    is weighted by `synthetic_loss_weight` (lambda; None = the one lambda of
+    downstream.synthetic_loss_weights, which must then hold exactly one)."""
 
     sx, sy = synthetic if synthetic is not None else (None, None)
+    if synthetic_loss_weight is None:
+        lambdas = cfg.downstream.synthetic_loss_weights
+        if synthetic is not None and len(lambdas) != 1:
+            raise ConfigError(f"fit_image_classifier: downstream.synthetic_loss_weights has {len(lambdas)} "
+                              "candidates; pass synthetic_loss_weight")
+        synthetic_loss_weight = lambdas[0] if len(lambdas) == 1 else 1.0
     return train_classifier(
         x, y, vx, vy, backbone=backbone, num_classes=len(cfg.data.classes), max_steps=tcfg.max_steps,
         batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size or None, lr=tcfg.lr,
         weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps, grad_clip=tcfg.grad_clip or None,
         ema_decay=tcfg.ema_decay or None, mixed_precision=cfg.study.mixed_precision,
         checkpointing_steps=tcfg.checkpointing_steps, balanced=True, synthetic_images=sx, synthetic_labels=sy,
-        synthetic_per_real=synthetic_per_real, eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5),
+        synthetic_per_real=synthetic_per_real, synthetic_loss_weight=float(synthetic_loss_weight),
+        eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5),
         seed=seed, augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None, out_dir=out_dir,
         num_workers=cfg.data.num_workers, progress=cfg.study.progress if progress is None else progress)
 
@@ -71,12 +88,12 @@ def baseline_classifier(cfg: Config, fraction: float, draw: int):
     """Real-only classifier on one labeled subset: its features and confidence drive filtering."""
     ds = cfg.downstream
     idx = fraction_indices(cfg, fraction, draw)
-    data_key = manifest_hash(cfg, "target_train", fraction, draw) + manifest_hash(cfg, "target_val")
+    vx, vy, val_key = validation_set(cfg, fraction, draw)
+    data_key = manifest_hash(cfg, "target_train", fraction, draw) + val_key
     return _cached_classifier(cfg, model_name("baseline_classifier", fraction, draw=draw), ds.backbone,
                               lambda: fit_image_classifier(
                                   cfg, ds.backbone, ds.train, split_images(cfg, "target_train", idx),
-                                  split_labels(cfg, "target_train")[idx], split_images(cfg, "target_val"),
-                                  split_labels(cfg, "target_val"), seed=cfg.study.seed + int(draw)),
+                                  split_labels(cfg, "target_train")[idx], vx, vy, seed=cfg.study.seed + int(draw)),
                               ds.train, data_key)
 
 
@@ -95,9 +112,9 @@ class SelectiveFilter(FeatureFilter):
         if cfg.filtering.delta >= 0:
             delta = np.full(K, cfg.filtering.delta)
         else:
-            val_f = extract_features(model, split_images(cfg, "target_val"), batch_size=128, device=dev)
-            delta = calibrate_delta(real_f.numpy(), real_y.numpy(), val_f.numpy(),
-                                    split_labels(cfg, "target_val").numpy(), K,
+            vx, vy, _ = validation_set(cfg, fraction, draw)  # inside the label budget
+            val_f = extract_features(model, vx, batch_size=128, device=dev)
+            delta = calibrate_delta(real_f.numpy(), real_y.numpy(), val_f.numpy(), vy.numpy(), K,
                                     percentile=cfg.filtering.delta_percentile)
         super().__init__(model, real_f, real_y, delta, cfg.filtering.tau, cfg.data.classes, train_index=idx,
-                         device=dev)
+                         device=dev, selection=cfg.filtering.selection, seed=cfg.study.seed)

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from ..config import Config
+from ..config import Config, check_guidance_interval
 from ..errors import HDLibError
 from ..io import files_sha1
 from ..models import decode_latents
@@ -40,20 +40,25 @@ def weights_key(cfg: Config, name: str) -> str:
 class Generation:
     """A study's generators, with every model loaded at most once. The decisions a stage
     made are arguments, never written into the config: `adaptation` (default
-    `diffusion.grid_adaptation`), `guidance_scale` (default `sampling.guidance_scale`) and
-    `sampler` = (method, steps) (default `sampling.method`, `sampling.num_inference_steps`).
-    `self.sampling` is the sampling section with them applied."""
+    `diffusion.grid_adaptation`), `guidance_scale` (default `sampling.guidance_scale`),
+    `guidance_interval` = [t_low, t_high] or [] for every step (default
+    `sampling.guidance_interval`) and `sampler` = (method, steps) (default `sampling.method`,
+    `sampling.num_inference_steps`). `self.sampling` is the sampling section with them applied."""
 
     def __init__(self, cfg: Config, adaptation: str | None = None, guidance_scale: float | None = None,
-                 sampler: tuple[str, int] | None = None):
+                 sampler: tuple[str, int] | None = None, guidance_interval=None):
         self.cfg = cfg
         self.adaptation = adaptation or cfg.diffusion.grid_adaptation
         method, steps = sampler or (cfg.sampling.method, cfg.sampling.num_inference_steps)
+        interval = list(cfg.sampling.guidance_interval if guidance_interval is None else guidance_interval)
         self.sampling = dataclasses.replace(
             cfg.sampling, method=method, num_inference_steps=int(steps),
-            guidance_scale=cfg.sampling.guidance_scale if guidance_scale is None else float(guidance_scale))
+            guidance_scale=cfg.sampling.guidance_scale if guidance_scale is None else float(guidance_scale),
+            guidance_interval=[int(t) for t in interval])
         self.device = device(cfg)
         self.scheduler = noise_scheduler(cfg)
+        check_guidance_interval(self.sampling.guidance_interval, int(self.scheduler.config.num_train_timesteps),
+                                "guidance_interval")
         self.latent_shape = latent_shape(cfg)
         self.scale = latent_scale(cfg)
         self._vae = None
@@ -131,7 +136,12 @@ class Generation:
                    "dpm_solver": guided_dpm_solver_sample}[s.method]
         extra = {"eta": s.eta} if s.method == "ddim" else {}
         return sampler(unet, self.scheduler, labels, seeds, classifier=clf, guidance_scale=scale if clf else 0.0,
-                       num_inference_steps=s.num_inference_steps, **extra, **kw)
+                       num_inference_steps=s.num_inference_steps, guidance_interval=self.guidance_interval(),
+                       **extra, **kw)
+
+    def guidance_interval(self) -> tuple[int, int] | None:
+        """(t_low, t_high) the classifier guides in, or None for every step."""
+        return tuple(self.sampling.guidance_interval) or None
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.vae, latents, self.scale, device=self.device)

@@ -19,7 +19,13 @@ from ..data.records import (
     scan_class_folders,
     scan_unlabeled_folder,
 )
-from ..data.splits import nested_label_fractions, stratified_split, stratified_subsample
+from ..data.splits import (
+    labeled_validation_mask,
+    nested_label_fractions,
+    nested_label_order,
+    stratified_split,
+    stratified_subsample,
+)
 from ..data.streaming import scan_readable
 from ..data.tiling import tile_large_image
 from ..demo import DEFAULT_WHEEL_SOURCES, build_demo_data, fetch_wheel_images
@@ -27,7 +33,7 @@ from ..errors import DataError
 from ..io import atomic_write_csv
 from ..paths import StudyPaths
 from .context import write_metrics
-from .splits import draw_seed, fraction_column
+from .splits import draw_seed, fraction_column, order_column
 
 
 def demo_root(cfg: Config) -> Path:
@@ -144,6 +150,17 @@ def prepare_data(cfg: Config) -> dict:
     train_labels = np.array([r.label for r in train])
     draws = {d: nested_label_fractions(train_labels, c.label_fractions, draw_seed(cfg, d), class_names=c.classes)
              for d in cfg.downstream.seeds}
+    orders = {d: nested_label_order(train_labels, draw_seed(cfg, d)) for d in cfg.downstream.seeds}
+    if c.labeled_val_every:
+        for d, fractions in draws.items():
+            for f, idx in fractions.items():
+                is_val = labeled_validation_mask(orders[d][idx], c.labeled_val_every)
+                short = [c.classes[k] for k in range(len(c.classes))
+                         if not (~is_val & (train_labels[idx] == k)).any() or not (is_val & (train_labels[idx] == k)).any()]
+                if short:
+                    raise DataError(f"data.label_fractions: {f:g} leaves class {short[0]} without both a training "
+                                    f"and a validation image (data.labeled_val_every={c.labeled_val_every} needs >= 2 "
+                                    "labels per class)")
 
     sources = []
     for src in c.pool_sources:
@@ -178,6 +195,7 @@ def prepare_data(cfg: Config) -> dict:
             col = np.zeros(len(train), dtype=bool)
             col[idx] = True
             frac_df[fraction_column(f, d)] = col
+        frac_df[order_column(d)] = orders[d]
     atomic_write_csv(frac_df, paths.fractions_csv)
 
     names = [s.name for s in c.pool_sources]
@@ -191,6 +209,7 @@ def prepare_data(cfg: Config) -> dict:
         "counts": {"train": counts(train), "val": counts(val), "test": counts(test)},
         "fractions": {f"{f:g}": {cls: int(sum(train[i].label == k for i in idx)) for k, cls in enumerate(c.classes)}
                       for f, idx in first.items()},
+        "labeled_val_every": c.labeled_val_every,
         "label_draws": list(cfg.downstream.seeds),
         "pool": {n: int(sum(r.source == n for r in pool)) for n in names},
         "pool_available": {s.name: len(s.records) for s in trainable},

@@ -17,16 +17,19 @@ from ..io import atomic_torch_save
 from ..launch import launch
 from ..paths import (
     GENERATORS,
+    PSEUDO_LABEL_SETS,
     REPO_ROOT,
     StudyPaths,
     is_filtered,
     request_seeds,
     synthetic_set_name,
+    task_seed,
     training_set_generator,
 )
 from ..quota import fill_quota
 from .context import require
 from .generation import Generation
+from .pseudo_labels import pseudo_label_images
 from .splits import fraction_labels, manifest_hash
 
 
@@ -58,7 +61,9 @@ def synthesize(gen: Generation, generator: str, fraction: float, draw: int, quot
     scale = gen.guidance_scale(generator, guidance_scale)
     request = {"generator": generator, "fraction": fraction, "draw": draw, "guidance_scale": scale,
                "adaptation": gen.adaptation, "sampling": vars(s),
-               "filtering": vars(cfg.filtering) if judge is not None else None,
+               # the selection only when not the paper's, so sets made before the setting existed stay valid
+               "filtering": ({k: v for k, v in vars(cfg.filtering).items()
+                              if k != "selection" or v != "closest"} if judge is not None else None),
                "labeled": manifest_hash(cfg, "target_train", fraction, draw) if judge is not None else None,
                "inputs": gen.inputs_key(generator, fraction, draw)}
 
@@ -73,6 +78,7 @@ def synthesize(gen: Generation, generator: str, fraction: float, draw: int, quot
     meta = {"source": generator, "guidance_scale": scale, "model": gen.models_of(generator, fraction, draw)["denoiser"],
             "fraction": fraction, "draw": draw}
     return fill_quota(folder, list(cfg.data.classes), quota, sample, seeds_of, request, judge=judge,
+                      selection=cfg.filtering.selection, seed=task_seed(cfg, "selection", name),
                       cap_factor=s.max_candidates_factor, meta=meta)
 
 
@@ -88,7 +94,9 @@ def _sharded(gen: Generation, generator, fraction, draw, labels, seeds, guidance
             "--fraction", repr(fraction), "--draw", str(draw), "--request", str(req),
             "--adaptation", gen.adaptation,
             # the resolved scale: a worker rebuilds the config from disk, where no stage choice is written
-            "--guidance-scale", repr(gen.guidance_scale(generator, guidance_scale))]
+            "--guidance-scale", repr(gen.guidance_scale(generator, guidance_scale)),
+            # the chosen interval, likewise (last: an empty interval is the bare flag)
+            "--guidance-interval", *map(str, gen.sampling.guidance_interval)]
     launch(args, gen.cfg.study.num_processes, cwd=REPO_ROOT)
     shards = sorted(folder.glob("shard-*.pt"))
     z, images = merge_shards(shards)
@@ -137,10 +145,13 @@ def accounting(cfg: Config, frame: pd.DataFrame, quota, set_name: str) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def synthetic_training_images(cfg: Config, training_set: str, fraction: float, ratio: float, draw: int):
-    """The synthetic images added to one labeled subset for a grid cell: per class, the first
-    round(ratio x real count) kept images (best ranked) of a filtered set, or the first
-    candidates of an unfiltered one. Returns (dataset, labels, content key) or (None, None, "")."""
+def added_training_images(cfg: Config, training_set: str, fraction: float, ratio: float, draw: int):
+    """The images a grid cell adds to one labeled subset: per class, the first round(ratio x
+    real count) kept images (best ranked) of a filtered synthetic set, or the first candidates
+    of an unfiltered one, or (`pseudo_label`) the most confident pseudo-labeled unlabeled
+    target images. Returns (dataset, labels, content key) or (None, None, "")."""
+    if training_set in PSEUDO_LABEL_SETS:
+        return pseudo_label_images(cfg, fraction, ratio, draw) if ratio else (None, None, "")
     gen = training_set_generator(training_set)
     if gen is None or ratio == 0:
         return None, None, ""

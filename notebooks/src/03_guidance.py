@@ -29,34 +29,59 @@ from hdlib.stages.common import setup_notebook
 from hdlib.stages.guidance import accuracy_by_t
 from hdlib.study.context import write_metrics
 from hdlib.study.latents import training_log
-from hdlib.study.splits import grid_fractions
+from hdlib.study.primary import fix_primary_cell
+from hdlib.study.splits import draws_for, grid_fractions
 
 cfg = setup_notebook(params_file, overrides)  # prints where results go and the device
 paths = StudyPaths(cfg)
 
+# %% [markdown]
+# ## The primary cell, fixed before any generation
+#
+# The study's headline comparison is made at one label count, chosen here by the rule in the params file (`downstream.primary_cell_gap`) from **real-only results only**: the largest label count at which the real-only classifier's mean test accuracy is at least that many points below the classifier trained on all labels. Nothing generated exists yet, so no HistoDiffusion number can move it. The primary cell gets every seed (`downstream.seeds`); the other label counts the first `downstream.sweep_seeds`.
+
+# %%
+primary, real_sweep = fix_primary_cell(cfg)
+atomic_write_csv(real_sweep, paths.table("real_only_sweep"))
+print(f"primary cell: label fraction {primary['fraction']:g} = {primary['labels_per_class']['total']} labels per class "
+      f"({primary['labels_per_class']['train']} train + {primary['labels_per_class']['val']} val); rule: {primary['rule']}"
+      + ("" if primary["rule_met"] else " -- no label count met the rule"))
+
+# %% [markdown]
+# ## Figure: the rule that fixes the primary cell
+#
+# Real-only test accuracy (mean over the sweep's seeds, with each seed as a dot) against labels per class (training + validation), the classifier trained on all labels (solid line) and the rule's threshold (dashed). The primary cell (circled) is the largest label count below the dashed line. **Good:** a clear gap to the all-labels line at the primary cell, so a real gain is possible there.
+
+# %%
+fig = plots.primary_cell_rule(real_sweep, primary)
+plots.save(fig, cfg, "primary_cell_rule")
+
 # %%
 fractions, f0, d0 = grid_fractions(cfg), min(cfg.downstream.fractions), cfg.downstream.seeds[0]
 needed = set(cfg.downstream.training_sets) | set(cfg.downstream.ratio_sweep_sets)
-for d in cfg.downstream.seeds:  # each seed re-draws the labeled subset, so its own classifiers
-    for f in fractions:
+for f in fractions:  # each seed re-draws the labeled subset, so its own classifiers
+    for d in draws_for(cfg, f, primary["fraction"]):
         train.launch_task(cfg, params_file, overrides, "latent_classifier", fraction=f, draw=d)
-    if "classifier_free" in needed:  # the classifier-free baseline, when the grid uses it
+if "classifier_free" in needed:  # the classifier-free baseline, when the grid uses it
+    for d in draws_for(cfg, f0, primary["fraction"]):
         train.launch_task(cfg, params_file, overrides, "denoiser_classifier_free", fraction=f0, draw=d)
 
 # %% [markdown]
 # ## Table: model selection of the latent classifiers
 #
-# Each latent classifier is scored on validation latents noised to fixed t during training, and the weights with the best mean accuracy over t < 500 are kept (early stopping by t). One row per fraction and label draw: the selected step and its validation accuracies. **Good:** well above chance (1 / number of classes) at t < 500.
+# Each latent classifier is scored on validation latents noised to fixed t during training, and the weights with the best mean accuracy over the timesteps the configured sampler visits (`sampling.method`, `sampling.num_inference_steps`; only those inside `sampling.guidance_interval` when one is set), each weighted equally, are kept: guidance acts at exactly those t, and the class is decided at large t. One row per fraction and label draw: the selected step, the timesteps it was selected on and its validation accuracies (also the mean over a fixed grid at t < 500 and over all t). **Good:** well above chance (1 / number of classes) on the selection timesteps.
 
 # %%
 import pandas as pd
 
 sel = []
-for d in cfg.downstream.seeds:
-    for f in fractions:
+for f in fractions:
+    for d in draws_for(cfg, f, primary["fraction"]):
         ev = pd.read_csv(paths.model(model_name("latent_classifier", f, draw=d)) / "eval.csv")
-        best = ev.loc[ev["val_acc_t_lt_500"].idxmax()]
+        best = ev[ev["improved"].astype(bool)].iloc[-1]  # the weights the trainer kept (its selection rule)
+        sel_t = [c[len("val_acc_sel_t"):] for c in ev.columns if c.startswith("val_acc_sel_t")]
         sel.append({"fraction": f, "draw": d, "selected_step": int(best["step"]),
+                    "selection_timesteps": " ".join(sel_t), "val_acc_selection": best.get("val_acc_selection"),
                     "val_acc_t_lt_500": best["val_acc_t_lt_500"], "val_acc_all_t": best["val_acc_all_t"]})
 selection = pd.DataFrame(sel)
 atomic_write_csv(selection, paths.table("latent_classifier_selection"))
@@ -70,7 +95,7 @@ selection.round(3)
 # %%
 acc = accuracy_by_t(cfg, fractions, draw=d0)
 atomic_write_csv(acc, paths.table("latent_classifier_accuracy_by_t"))
-write_metrics(cfg, "03_guidance", {"accuracy_by_t": acc.to_dict(orient="records"),
+write_metrics(cfg, "03_guidance", {"primary_cell": primary, "accuracy_by_t": acc.to_dict(orient="records"),
                                    "selection": selection.to_dict(orient="records")})
 fig = plots.latent_classifier_accuracy(acc, num_classes=len(cfg.data.classes))
 plots.save(fig, cfg, "latent_classifier_accuracy_by_t")

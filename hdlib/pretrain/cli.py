@@ -1,0 +1,67 @@
+"""`python -m hdlib pretrain PARAMS [key=value ...] [--compare P | --assess P | --sweep]`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config, load_config
+from ..errors import ConfigError
+from ..paths import StudyPaths
+from ..pretrained import verify
+from ..study.preparation import prepare_data
+from .assess import assess_into_card
+from .compare import compare_pretraining, parse_other_run
+from .export import export_study_pretrained
+from .recipe import config_with
+from .run import run_pretrain
+from .sweep import recipe_sweep
+
+
+def baseline_config(path: str, overrides=(), seed: int | None = None) -> Config:
+    """The baseline recipe `path`, beside this run: the same study.* overrides (results_root,
+    data_root, ...) but its own name and seed; another `seed` is another draw of the same recipe,
+    in its own folder. It exports nothing."""
+    ov = [o for o in overrides if o.startswith("study.") and "study.name" not in o and "study.seed" not in o]
+    b = load_config(path, ov)
+    if seed is not None and seed != b.study.seed:
+        b = load_config(path, ov + [f"study.seed={seed}", f"study.name={b.study.name}_seed{seed}"])
+    return config_with(b, "pretrain.export_dir", "")
+
+
+def main(params: str, overrides=(), compare: str | None = None, sweep: bool = False,
+         assess: str | None = None) -> int:
+    """Pre-train (resumable); with `compare`, also pre-train that params file's recipe and
+    put the before/after comparison, by both judges, into the exported model card. With `sweep`,
+    only run the recipe sweep (its table goes into the card of the next export). With `assess`,
+    train nothing of this recipe: judge the already exported model against that baseline recipe
+    with the provenance-trained judge and add the result to its card."""
+    if sweep:
+        print(recipe_sweep(params, overrides).to_string(index=False))
+        return 0
+    cfg = load_config(params, list(overrides))
+    if assess:
+        if not cfg.pretrain.export_dir:
+            raise ConfigError("pretrain --assess: pretrain.export_dir is empty (the exported model to judge)")
+        verify(cfg.pretrain.export_dir)  # before any compute
+        baselines = [baseline_config(assess, overrides, s) for s in cfg.pretrain.baseline_seeds]
+        if cfg.pretrain.threads:
+            torch.set_num_threads(cfg.pretrain.threads)
+        if not StudyPaths(cfg).manifest("pool").exists():
+            prepare_data(cfg)
+        for b in baselines:
+            run_pretrain(b)
+        assess_into_card(cfg, baselines)
+        return 0
+    if compare:
+        for x in cfg.pretrain.other_runs:  # before hours of training, not after
+            parse_other_run(x)
+    run_pretrain(cfg, export=compare is None)
+    if compare:
+        baselines = [baseline_config(compare, overrides, s) for s in cfg.pretrain.baseline_seeds]
+        for b in baselines:
+            run_pretrain(b)
+        compare_pretraining(cfg, baselines[0])
+        if cfg.pretrain.export_dir:
+            export_study_pretrained(cfg, cfg.pretrain.export_dir)
+            assess_into_card(cfg, baselines)
+    return 0

@@ -1,0 +1,149 @@
+"""The study's trained autoencoder and pre-trained denoiser, exported in diffusers format with its
+card: card.json (every number, and the verdicts computed from them), MODEL_CARD.md (rendered from
+card.json by `card.model_card_text`), the figures and MANIFEST.sha256."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+import torch
+
+from .. import plots
+from ..config import Config
+from ..io import atomic_path, atomic_write_text
+from ..paths import StudyPaths
+from ..pretrained import (
+    MANIFEST,
+    _sha256,
+    export_pretrained,
+    file_hashes,
+    folder_sha256,
+)
+from ..study.latent_models import load_denoiser, noise_scheduler
+from ..study.latents import load_autoencoder, training_log
+from .card import card_files
+from .recipe import vae_sha256
+from .samples import final_quality, holdout_images
+
+FIGURES = ("pretrain_curves", "pretrain_samples", "pretrain_comparison", "pretrain_mixture")
+
+
+def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None) -> Path:
+    """The study's trained autoencoder + pre-trained denoiser -> diffusers folder with a card."""
+    matplotlib.use("Agg")
+    paths = StudyPaths(cfg)
+    replaced = previous_version_of(out)  # read before the folder is overwritten
+    final = final_quality(cfg, judge, real_feats)
+    d1 = json.loads(paths.metrics("01_autoencoder").read_text())
+    d0 = json.loads(paths.metrics("00_data").read_text())
+    evals = pd.read_csv(paths.metrics_dir / "pretrain_eval.csv")
+    unet_log, ae_log = training_log(cfg, "denoiser_pretrained"), training_log(cfg, "autoencoder")
+    pool_manifest = _sha256(paths.manifest("pool"))  # the manifest lists every tile with its sha1
+    card = {
+        "data": {"pool_sources": d0["pool"], "pool_holdout": d0["pool_holdout"], "image_size": cfg.data.image_size,
+                 "pool_manifest_sha256": pool_manifest, "target_excluded": "checked by content hash (stage 00)"},
+        "autoencoder": {"block_out_channels": list(load_autoencoder(cfg).config.block_out_channels),
+                        "init_from": cfg.autoencoder.init_from, "init_from_vae_sha256": vae_sha256(cfg.autoencoder.init_from),
+                        "latent_shape": d1["latent_shape"], "scale_factor": d1["scale_factor"],
+                        "heldout_pool_psnr_db": d1["heldout_pool_psnr_db"],
+                        "steps": int(ae_log["step"].max()), "wall_s": float(ae_log["elapsed_s"].max())},
+        "denoiser": {"block_out_channels": cfg.diffusion.block_out_channels,
+                     "attention_levels": cfg.diffusion.attention_levels,
+                     "layers_per_block": cfg.diffusion.layers_per_block,
+                     "schedule": cfg.diffusion.schedule, "prediction_type": cfg.diffusion.prediction_type,
+                     "loss": cfg.diffusion.loss, "snr_gamma": cfg.diffusion.snr_gamma, "batch_size": cfg.diffusion.pretrain.batch_size,
+                     "lr": cfg.diffusion.pretrain.lr, "ema_decay": cfg.diffusion.pretrain.ema_decay,
+                     "steps": int(unet_log["step"].max()), "wall_s": float(unet_log["elapsed_s"].max()),
+                     "parameters": int(sum(p.numel() for p in load_denoiser(cfg, "denoiser_pretrained").parameters()))},
+        "quality_final": {k: final[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall")}
+                         | {"samples": final["key"]["samples"], "ddim_steps": final["key"]["ddim_steps"],
+                            "holdout_tiles": final["holdout"]},
+        "quality_during_training": evals.to_dict("records"),
+        "autoencoder_during_training": (pd.read_csv(paths.metrics_dir / "pretrain_ae_eval.csv").to_dict("records")
+                                        if (paths.metrics_dir / "pretrain_ae_eval.csv").exists() else None),
+        "recipe_sweep": (pd.read_csv(paths.metrics_dir / "pretrain_recipe_sweep.csv").to_dict("records")
+                         if (paths.metrics_dir / "pretrain_recipe_sweep.csv").exists() else None),
+        "comparison_with_in_study_pretraining": (json.loads(paths.metrics("pretrain_comparison").read_text())
+                                                 if paths.metrics("pretrain_comparison").exists() else None),
+        "pool_judge": (json.loads(paths.metrics("pretrain_pool_judge").read_text())
+                       if paths.metrics("pretrain_pool_judge").exists() else None),
+        "judge": "untrained ResNet-18, seed 0, 128 px input, 512-d pooled features (hdlib.pretrain.RandomResNetJudge)",
+        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
+    }
+    vae = load_autoencoder(cfg)
+    unet = load_denoiser(cfg, "denoiser_pretrained")
+    fig = plots.pretrain_curves(unet_log, evals)
+    plots.save(fig, cfg, "pretrain_curves")
+    samples = torch.load(paths.cache / "final_samples.pt")
+    holdout = holdout_images(cfg)
+    real = holdout[torch.randperm(len(holdout), generator=torch.Generator().manual_seed(0))[:16]]
+    fig = plots.image_rows({"samples": samples[:16], "more samples": samples[16:32], "real holdout": real},
+                           n=16, title="Unconditional samples (EMA, DDIM eta=1) and real held-out pool tiles")
+    plots.save(fig, cfg, "pretrain_samples")
+    out = export_pretrained(out, vae, unet, noise_scheduler(cfg), scaling_factor=d1["scale_factor"],
+                            extra_files=card_files(card))
+    for name in FIGURES:
+        if paths.figure(name).exists():
+            (out / f"{name}.png").write_bytes(paths.figure(name).read_bytes())
+    write_manifest(out)  # the manifest must cover the figures too
+    if replaced and replaced["sha256"] != folder_sha256(out):
+        update_card(out, "previous_version", replaced, {})
+    elif replaced and replaced.get("carried"):  # the same model exported again: keep what it replaced
+        update_card(out, "previous_version", replaced["carried"], {})
+    return out
+
+
+def write_manifest(model_dir: Path) -> None:
+    atomic_write_text(model_dir / MANIFEST, "".join(f"{v}  {k}\n" for k, v in file_hashes(model_dir).items()))
+
+
+def previous_version_of(folder: str | Path) -> dict | None:
+    """What an export is about to replace, in brief (its pin, lengths, final quality, the second judge's
+    verdict on it and its recipe sweep), so the new card can say what changed. None when the folder holds
+    no exported model."""
+    folder = Path(folder)
+    if not (folder / "card.json").exists() or not (folder / "unet").is_dir():
+        return None
+    c = json.loads((folder / "card.json").read_text())
+    pj = (c.get("pool_judge") or {}).get("models", {}).get("shipped")
+    return {"sha256": folder_sha256(folder),
+            "autoencoder_steps": c["autoencoder"]["steps"], "denoiser_steps": c["denoiser"]["steps"],
+            "autoencoder_init_from": c["autoencoder"].get("init_from", ""),
+            "quality_final": c["quality_final"],
+            "pool_judge": None if pj is None else {
+                "fid": pj["fid"], "matched_size": pj["matched_size"], "mixture_tv": pj["mixture_tv"],
+                "copying_rate": pj["copying_rate"], "random_judge_fid": pj["random_judge_fid"],
+                "autoencoder_ceiling": pj["autoencoder_ceiling"]},
+            "recipe_sweep": c.get("recipe_sweep"),
+            "carried": c.get("previous_version")}
+
+
+def update_card(model_dir: str | Path, key: str, value: dict | None, figures: dict[str, Path]) -> None:
+    """Set `key` in an exported model's card.json (its verdicts recomputed), re-render MODEL_CARD.md,
+    copy `figures` in and rewrite MANIFEST.sha256. The model files (vae/, unet/, scheduler/) are left
+    as they are, so a pinned sha256 still holds (checked)."""
+    _rewrite_card(model_dir, {key: value}, figures)
+
+
+def refresh_card(model_dir: str | Path) -> None:
+    """Recompute an exported card's verdicts from its numbers and re-render MODEL_CARD.md (after the
+    card's template changed): nothing is measured again and the model files stay as they are."""
+    _rewrite_card(model_dir, {}, {})
+
+
+def _rewrite_card(model_dir: str | Path, changes: dict, figures: dict[str, Path]) -> None:
+    model_dir = Path(model_dir)
+    before = folder_sha256(model_dir)
+    card = json.loads((model_dir / "card.json").read_text()) | changes
+    for name, src in figures.items():
+        with atomic_path(model_dir / name) as tmp:
+            tmp.write_bytes(Path(src).read_bytes())
+    for name, text in card_files(card).items():
+        atomic_write_text(model_dir / name, text)
+    write_manifest(model_dir)
+    if folder_sha256(model_dir) != before:
+        raise RuntimeError(f"{model_dir}: model files changed while updating the card")

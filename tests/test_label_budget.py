@@ -1,0 +1,127 @@
+"""Every label a method touches is in its budget: validation images come out of each draw's
+labeled subset (nested across label counts), never from the separate target_val split."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hdlib.config import load_config
+from hdlib.data.splits import labeled_validation_mask, nested_label_fractions, nested_label_order
+from hdlib.paths import StudyPaths
+from hdlib.study import pseudo_labels
+from hdlib.study.splits import (fraction_column, fraction_indices, labeled_val_indices, labels_per_class,
+                                order_column, validation_set)
+
+LABELS = np.repeat(np.arange(3), 40)          # 3 classes x 40 training images
+FRACTIONS = [0.05, 0.1, 0.2, 0.4]             # 2, 4, 8, 16 labels per class
+
+
+def test_order_matches_the_nested_subsets():
+    order = nested_label_order(LABELS, seed=7)
+    for f, idx in nested_label_fractions(LABELS, FRACTIONS, seed=7).items():
+        k = int(round(f * 40))
+        assert set(idx) == set(np.flatnonzero(order < k))
+
+
+def test_validation_inside_the_labeled_subset_and_nested():
+    order = nested_label_order(LABELS, seed=3)
+    subsets = nested_label_fractions(LABELS, FRACTIONS, seed=3)
+    val_mask = labeled_validation_mask(order, every=4)
+    previous_train, previous_val = set(), set()
+    for f in FRACTIONS:
+        idx = subsets[f]
+        val = set(idx[val_mask[idx]])
+        train = set(idx) - val
+        assert val and train and val <= set(idx)
+        for c in range(3):  # every class has a training and a validation image
+            assert any(LABELS[i] == c for i in train) and any(LABELS[i] == c for i in val)
+        assert previous_train <= train and previous_val <= val  # nested across label counts
+        previous_train, previous_val = train, val
+    # 2 labels per class: 1 train + 1 val; 16 per class: 12 + 4
+    assert len(set(subsets[0.05][val_mask[subsets[0.05]]])) == 3
+    assert len(set(subsets[0.4][val_mask[subsets[0.4]]])) == 12
+
+
+def _fake_study(tmp_path, labeled_val_every=4):
+    cfg = load_config(Path(__file__).resolve().parent.parent / "params" / "smoke.yaml", [f"study.results_root={tmp_path}", "downstream.seeds=[0]",
+                                            "data.label_fractions=[0.05, 0.1]", "downstream.fractions=[0.05, 0.1]",
+                                            "downstream.ratio_sweep=[]", "data.classes=[A, B, C]",
+                                            f"data.labeled_val_every={labeled_val_every}"])
+    paths = StudyPaths(cfg)
+    paths.fractions_csv.parent.mkdir(parents=True, exist_ok=True)
+    order = nested_label_order(LABELS, seed=11)
+    frac = pd.DataFrame({"train_index": np.arange(len(LABELS))})
+    for f, idx in nested_label_fractions(LABELS, [0.05, 0.1], seed=11).items():
+        col = np.zeros(len(LABELS), bool)
+        col[idx] = True
+        frac[fraction_column(f, 0)] = col
+    frac[order_column(0)] = order
+    frac.to_csv(paths.fractions_csv, index=False)
+    for split, labels in [("target_train", LABELS), ("target_val", np.repeat(np.arange(3), 10)),
+                          ("target_test", np.repeat(np.arange(3), 10))]:
+        pd.DataFrame({"path": [f"{split}/{i}.png" for i in range(len(labels))], "key": "", "label": labels,
+                      "class_name": [["A", "B", "C"][k] for k in labels], "source": "target",
+                      "sha1": [f"{split}{i}" for i in range(len(labels))]}).to_csv(paths.manifest(split), index=False)
+    return cfg
+
+
+def test_the_study_trains_and_validates_on_disjoint_parts_of_its_budget(tmp_path):
+    cfg = _fake_study(tmp_path)
+    train, val = fraction_indices(cfg, 0.1, 0), labeled_val_indices(cfg, 0.1, 0)
+    assert len(set(train) & set(val)) == 0
+    assert labels_per_class(cfg, 0.1, 0) == {"train": 3, "val": 1, "total": 4}
+    assert set(fraction_indices(cfg, 0.05, 0)) <= set(train) and set(labeled_val_indices(cfg, 0.05, 0)) <= set(val)
+    images, labels, _ = validation_set(cfg, 0.1, 0)
+    assert len(images) == len(val) and sorted(labels.tolist()) == [0, 1, 2]
+
+
+def test_without_labeled_validation_the_separate_split_is_used(tmp_path):
+    cfg = _fake_study(tmp_path, labeled_val_every=0)
+    assert len(labeled_val_indices(cfg, 0.1, 0)) == 0
+    assert len(fraction_indices(cfg, 0.1, 0)) == 12
+    assert len(validation_set(cfg, 0.1, 0)[0]) == 30
+
+
+def test_the_rival_uses_only_unlabeled_training_images_never_test_or_their_labels(tmp_path, monkeypatch):
+    cfg = _fake_study(tmp_path)
+    rows = pseudo_labels.unlabeled_rows(cfg, 0.1, 0)
+    labeled = set(fraction_indices(cfg, 0.1, 0)) | set(labeled_val_indices(cfg, 0.1, 0))
+    assert not labeled & set(rows) and len(rows) == len(LABELS) - len(labeled)
+
+    asked = []
+
+    def images(cfg_, split, rows_=None):
+        asked.append((split, None if rows_ is None else tuple(rows_)))
+        return list(range(len(LABELS) if rows_ is None else len(rows_)))
+
+    def predict(model, images_, batch_size, device):  # a classifier that is confident about everything
+        import torch
+        n = len(images_)
+        probs = torch.full((n, 3), 0.025)
+        probs[torch.arange(n), torch.arange(n) % 3] = 0.95
+        return probs, torch.arange(n) % 3
+
+    class Model:
+        pass
+
+    folder = StudyPaths(cfg).model("baseline_classifier_f0.1_s0")
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights")
+    monkeypatch.setattr(pseudo_labels, "split_images", images)
+    monkeypatch.setattr(pseudo_labels, "predict", predict)
+    monkeypatch.setattr(pseudo_labels, "baseline_classifier", lambda *a: Model())
+    monkeypatch.setattr(pseudo_labels, "device", lambda cfg_: "cpu")
+    ds, y, key = pseudo_labels.pseudo_label_images(cfg, 0.1, ratio=2.0, draw=0)
+    assert all(split == "target_train" for split, _ in asked)
+    assert len(y) == 2 * 9 and np.bincount(y.numpy()).tolist() == [6, 6, 6]  # ratio 2 x 3 real per class
+    chosen_rows = asked[-1][1]
+    assert not set(chosen_rows) & labeled
+
+
+def test_choose_pseudo_labeled_respects_threshold_and_ratio():
+    table = pd.DataFrame({"train_index": range(6), "pred": [0, 0, 0, 1, 1, 1],
+                          "confidence": [0.99, 0.5, 0.95, 0.97, 0.96, 0.2]})
+    chosen = pseudo_labels.choose_pseudo_labeled(table, np.array([1, 2]), ratio=1.0, threshold=0.9)
+    assert chosen["train_index"].tolist() == [0, 3, 4]
