@@ -43,6 +43,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from .downstream import build_classifier, extract_features, predict
 from .errors import DataError
 from .io import atomic_write_json
+from .metrics import as_features
 
 REASONS = ("kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota")
 SELECTIONS = ("closest", "random", "diverse")
@@ -61,15 +62,6 @@ class FilterResult:
     nn_distance: np.ndarray | None = None  # float [N]: distance to the nearest real training image
     nn_index: np.ndarray | None = None     # int [N]: which training image that is
     near_copy: np.ndarray | None = None    # bool [N]: nn_distance < delta of its class (any candidate)
-
-
-def _features(x, name: str) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2:
-        raise DataError(f"{name} must be a 2-D array [N, D], got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise DataError(f"{name} contains NaN or infinite values")
-    return a
 
 
 def _labels(x, name: str, n: int, num_classes: int) -> np.ndarray:
@@ -217,8 +209,8 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
     pass steps 1-3 come first (module docstring); seed: the random selection's seed. A
     candidate's id (random key, tie-breaker) is its position among its class's rows."""
     check_selection(selection)
-    real = _features(real_features, "real_features")
-    syn = _features(syn_features, "syn_features")
+    real = as_features(real_features, "real_features")
+    syn = as_features(syn_features, "syn_features")
     if len(syn) == 0:
         raise DataError("no synthetic candidates to filter (syn_features is empty)")
     if real.shape[1] != syn.shape[1]:
@@ -242,7 +234,7 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
     quotas = _per_class_quota(quota, quota_ratio, real_counts, num_classes)
     train = None
     if train_features is not None:
-        train = _features(train_features, "train_features")
+        train = as_features(train_features, "train_features")
         if train.shape[1] != syn.shape[1] or len(train) == 0:
             raise DataError(f"train_features must be non-empty with {syn.shape[1]} dims, got shape {train.shape}")
 
@@ -295,7 +287,7 @@ def calibrate_delta(train_features, train_labels, val_features, val_labels, num_
     image closer to a training image than nearly every real image of its class is a copy.
     Per class, because some classes (near-empty background) are alike by nature.
     A class with no validation image gets the median of the other classes' thresholds."""
-    train, val = _features(train_features, "train_features"), _features(val_features, "val_features")
+    train, val = as_features(train_features, "train_features"), as_features(val_features, "val_features")
     _labels(train_labels, "train_labels", len(train), num_classes)  # checked; any class may be nearest
     vy = _labels(val_labels, "val_labels", len(val), num_classes)
     if normalize:
@@ -342,7 +334,7 @@ class FeatureFilter:
         frame = pd.DataFrame({"accepted": res.reason == "kept", "reason": res.reason, "distance": res.distance,
                               "confidence": conf, "nn_distance": res.nn_distance,
                               "nn_train_index": self.train_idx[res.nn_index], "near_copy": res.near_copy})
-        return (frame, _l2_normalise(_features(syn_f.numpy(), "syn_features"))) if return_features else frame
+        return (frame, _l2_normalise(as_features(syn_f.numpy(), "syn_features"))) if return_features else frame
 
     def save(self, folder: str | Path, backbone: str, image_size: int) -> None:
         folder = Path(folder)

@@ -36,7 +36,7 @@ INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # Feature statistics and distances
 # ---------------------------------------------------------------------------
 
-def _as_features(x, name: str) -> np.ndarray:
+def as_features(x, name: str) -> np.ndarray:
     """Features as a float64 (N, d) array; a clear error for anything else."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -50,7 +50,7 @@ def _as_features(x, name: str) -> np.ndarray:
 
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean vector and (unbiased) covariance matrix of an (N, d) feature array, float64."""
-    f = _as_features(features, "features")
+    f = as_features(features, "features")
     if len(f) < 2:
         raise DataError(f"features: need at least 2 samples for a covariance, got {len(f)}")
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
@@ -100,8 +100,8 @@ def fid_kid(real_features, fake_features, kid_subset_size: int | None = None, ki
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    real = torch.from_numpy(_as_features(real_features, "real_features"))
-    fake = torch.from_numpy(_as_features(fake_features, "fake_features"))
+    real = torch.from_numpy(as_features(real_features, "real_features"))
+    fake = torch.from_numpy(as_features(fake_features, "fake_features"))
     if real.shape[1] != fake.shape[1]:
         raise DataError(f"fid_kid: feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
     n_min = min(len(real), len(fake))
@@ -134,8 +134,8 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk_size: int =
     is the union of balls reaching each sample's k-th nearest neighbour; precision is the
     share of fake samples inside the real manifold, recall the share of real samples
     inside the fake manifold."""
-    real = torch.from_numpy(_as_features(real_features, "real_features"))
-    fake = torch.from_numpy(_as_features(fake_features, "fake_features"))
+    real = torch.from_numpy(as_features(real_features, "real_features"))
+    fake = torch.from_numpy(as_features(fake_features, "fake_features"))
     if real.shape[1] != fake.shape[1]:
         raise DataError(f"precision_recall: feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
     if k < 1 or min(len(real), len(fake)) <= k:
@@ -198,7 +198,12 @@ def classification_metrics(y_true, y_pred, num_classes: int, class_names: Sequen
     """Accuracy, balanced accuracy, macro-F1, per-class sensitivity and specificity
     (one-vs-rest) and the confusion matrix (rows = true, columns = predicted).
     Classes absent from y_true get NaN sensitivity and are left out of the averages."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+    )
 
     y_true, y_pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
     if len(y_true) != len(y_pred) or len(y_true) == 0:

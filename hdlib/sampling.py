@@ -206,6 +206,21 @@ def _ddim_for(scheduler, num_inference_steps: int, eta: float, device):
     return scheduler.config.prediction_type, ddim, ddim.alphas_cumprod.to(device)
 
 
+def _guided_request(unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape,
+                    batch_size, guidance_interval):
+    """The checks every classifier-guided sampler makes before any compute: (labels, seeds,
+    shape, interval, guided)."""
+    labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
+    _check_channels(unet, shape)
+    interval = _check_interval(guidance_interval, scheduler)
+    guided = classifier is not None and guidance_scale != 0
+    if guidance_scale != 0 and classifier is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
+    if guided and hasattr(classifier, "num_classes"):
+        _check_class_range(labels, classifier.num_classes, "latent classifier classes")
+    return labels, seeds, shape, interval, guided
+
+
 @torch.no_grad()
 def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guidance_scale: float = 0.0,
                        num_inference_steps: int = 50, eta: float = 1.0, latent_shape, batch_size: int = 64,
@@ -218,14 +233,9 @@ def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
     With guidance_scale = 0 or no classifier it is plain DDIM (`diffusers.DDIMPipeline`
     with one generator per image gives the same numbers). `guidance_interval` = (t_low, t_high)
     guides only the steps with t_low <= t <= t_high (None: every step)."""
-    labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
-    _check_channels(unet, shape)
-    interval = _check_interval(guidance_interval, scheduler)
-    guided = classifier is not None and guidance_scale != 0
-    if guidance_scale != 0 and classifier is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
-    if guided and hasattr(classifier, "num_classes"):
-        _check_class_range(labels, classifier.num_classes, "latent classifier classes")
+    labels, seeds, shape, interval, guided = _guided_request(
+        unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape, batch_size,
+        guidance_interval)
     prediction_type, ddim, alphas_cumprod = _ddim_for(scheduler, num_inference_steps, eta, device)
 
     def chain(z, y, gens, bar):
@@ -256,14 +266,9 @@ def guided_ddpm_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
     timesteps (diffusers' DDPMScheduler.set_timesteps). The per-step noise is drawn
     from each image's generator, only on steps with t > 0 (as DDPMScheduler does).
     `guidance_interval`: as in `guided_ddim_sample`."""
-    labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
-    _check_channels(unet, shape)
-    interval = _check_interval(guidance_interval, scheduler)
-    guided = classifier is not None and guidance_scale != 0
-    if guidance_scale != 0 and classifier is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
-    if guided and hasattr(classifier, "num_classes"):
-        _check_class_range(labels, classifier.num_classes, "latent classifier classes")
+    labels, seeds, shape, interval, guided = _guided_request(
+        unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape, batch_size,
+        guidance_interval)
     prediction_type = scheduler.config.prediction_type
     ddpm = _step_scheduler(scheduler, "ddpm", num_inference_steps)
     alphas_cumprod = ddpm.alphas_cumprod.to(device)
@@ -301,14 +306,9 @@ def guided_dpm_solver_sample(unet, scheduler, labels, seeds, *, classifier=None,
     classifier guidance on epsilon as `guided_ddim_sample`. Deterministic after the initial
     latent, which comes from each image's generator; a fast sampler for 10-20 steps.
     `guidance_interval`: as in `guided_ddim_sample`."""
-    labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
-    _check_channels(unet, shape)
-    interval = _check_interval(guidance_interval, scheduler)
-    guided = classifier is not None and guidance_scale != 0
-    if guidance_scale != 0 and classifier is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
-    if guided and hasattr(classifier, "num_classes"):
-        _check_class_range(labels, classifier.num_classes, "latent classifier classes")
+    labels, seeds, shape, interval, guided = _guided_request(
+        unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape, batch_size,
+        guidance_interval)
     prediction_type = scheduler.config.prediction_type
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
