@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 04 - Class-specific synthesis and selective filtering
 #
-# First the guidance scale and the adaptation are chosen on the validation split (never on test). Then, for every label fraction and label draw, each generator the grid needs fills an exact per-class quota: candidates are generated in rounds and filtered with the real-only baseline classifier of that labeled subset (nearest class centroid = intended class, confidence >= `filtering.tau`, and not a near copy of a labeled image, with the near-copy distance calibrated per class on real validation images), until each class has its quota or reached the cap; any shortfall is reported. Kept images are ranked by distance to their class centroid. Images are written as PNGs with a manifest, so they can be used by any training code.
+# First the guidance scale, interval and adaptation are chosen at the primary cell on the draw's labeled validation images and the look of the target's unlabeled images (never on test). Then, for every label fraction and label draw, each generator the grid needs fills an exact per-class quota: candidates are generated in rounds and filtered with the real-only baseline classifier of that labeled subset (nearest class centroid = intended class, confidence >= `filtering.tau`, and not a near copy of a labeled image, with the near-copy distance calibrated per class on the labeled validation images), until each class has its quota or reached the cap; any shortfall is reported. Kept images are ordered by `filtering.selection` (closest to the class centroid, random, or diverse). Images are written as PNGs with a manifest, so they can be used by any training code.
 
 # %% tags=["parameters"]
 # The study's parameter file, and key=value overrides such as "downstream.seeds=[0,1]".
@@ -74,7 +74,7 @@ print(f"chosen on validation: guidance scale {metrics['guidance_scale']:g}, adap
 # %% [markdown]
 # ## Figure: choosing the guidance scale and adaptation on validation
 #
-# Each point is a small HistoDiffusion sample (`sampling.sweep_per_class` per class) at the smallest fraction and first label draw, for one guidance scale (x axis, s = 0 is no guidance) and adaptation (line). Circles: the share whose nearest *validation* class centroid is the intended class (the choice is made on this); squares: the independent reference classifier's accuracy (reported only). **Good:** both well above chance (dashed) at the chosen scale (dotted); the choice is the smallest scale within 0.02 of the best validation agreement.
+# Each point is a small HistoDiffusion sample (`sampling.sweep_per_class` per class) at the primary cell and first label draw, for one guidance scale (x axis, s = 0 is no guidance) and adaptation and guidance interval (line). Circles: the share whose nearest class centroid of the draw's *labeled validation* images is the intended class; squares: the independent reference classifier's accuracy (reported only, never used to choose). **Good:** both well above chance (dashed) at the chosen scale (dotted). The choice: among the settings within 0.05 of the best validation agreement, the one whose samples are closest (Fréchet distance in the baseline classifier's features, column `frechet_to_target` of the table) to the target's unlabeled training images.
 
 # %%
 sel = pd.DataFrame(metrics["selection_table"])
@@ -86,7 +86,7 @@ sel.round(3)
 # %% [markdown] id="08a"
 # ## Figure: which classes guidance gets right
 #
-# For the guided samples of the smallest fraction and first label draw (before filtering), per target class: blue, the share the independent reference classifier gives their target class (above the bar, its most frequent other call); orange, the share the latent classifier that guided them gives their target class, on the re-encoded image. **Good:** both bars high for every class. A class with a high orange bar and a low blue one is where guidance satisfied the latent classifier without producing the class's appearance: the latent classifier, trained on few labels, is the weak link there, not the sampler.
+# For the guided samples of the primary cell and first label draw (before filtering), per target class: blue, the share the independent reference classifier gives their target class (above the bar, its most frequent other call); orange, the share the latent classifier that guided them gives their target class, on the re-encoded image. **Good:** both bars high for every class. A class with a high orange bar and a low blue one is where guidance satisfied the latent classifier without producing the class's appearance: the latent classifier, trained on few labels, is the weak link there, not the sampler.
 
 # %% id="08b"
 faith = pd.DataFrame(metrics["guided_class_faithfulness"])
