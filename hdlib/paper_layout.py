@@ -251,8 +251,9 @@ def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[st
         # paths: the layout
         f"data.train_path={lay.train}", f"data.test_path={lay.test}", f"data.pool_sources={sources}",
         # samples: the whole (tiny) pool, one held-out tile per source; label fractions of the grid
-        # (data.val_fraction stays 0.1: the split keeps >= 1 validation image per class anyway)
-        f"data.pool_size={pool_size}", f"data.pool_holdout={hold}", "data.label_fractions=[0.5,1.0]",
+        # (data.val_fraction stays 0.1: the split keeps >= 1 validation image per class anyway; all
+        # labels of the tiny training split = 2 per class, 1 training + 1 labeled validation image)
+        f"data.pool_size={pool_size}", f"data.pool_holdout={hold}", "data.label_fractions=[1.0]",
         # latent classifier: validation latents scored per evaluation
         "latent_classifier.eval_samples=9",
         # stage 02's sample figure and realism table (each sample is a paper-size U-Net chain)
@@ -261,8 +262,8 @@ def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[st
         "sampling.num_inference_steps=2", "sampling.guidance_sweep=[0.0,10.0]", "sampling.sweep_per_class=1",
         "sampling.batch_size=4", "sampling.max_candidates_factor=1.0",
         # grid: one seed, one fraction (the ratio sweep at the main ratio adds no cell)
-        "downstream.seeds=[0]", "downstream.fractions=[0.5]", "downstream.ratio_sweep=[1.0]",
-        "downstream.ratio_sweep_fraction=0.5",
+        "downstream.seeds=[0]", "downstream.fractions=[1.0]", "downstream.ratio_sweep=[1.0]",
+        "downstream.ratio_sweep_fraction=1.0",
         # quality: the fewest samples the metrics accept
         "quality.samples_per_class=2", "quality.kid_subset_size=2",
     ]
