@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 # name -> (diffusers beta_schedule, default beta_start, default beta_end)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batching import GroupPlan, TensorBatchSource
+from .config import TrainingConfig
 from .data.streaming import StreamingSource, loader
 from .errors import DataError
 from .metrics import classification_metrics
@@ -23,6 +26,7 @@ from .training_config import TrainConfig
 from .weights import load_final
 
 __all__ = [
+    "ClassifierOptions",
     "HistologyAugment",
     "ImageClassifier",
     "build_classifier",
@@ -263,63 +267,75 @@ def _val_scores(model: ImageClassifier, images, labels, num_classes, batch_size,
     return {"val_loss": loss, "val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"]}
 
 
+@dataclass(frozen=True)
+class ClassifierOptions:
+    """What `train_classifier` needs beyond the shared training settings (a `TrainingConfig`:
+    steps, batch, lr, weight decay, warm-up, clipping, EMA, micro-batch, checkpoint cadence)."""
+
+    num_classes: int
+    backbone: str = "resnet18"               # a timm model name
+    balanced: bool = False                   # class-balanced real images in every batch
+    augment: bool = True                     # HistologyAugment on every training image
+    label_smoothing: float = 0.0
+    eval_every: int | None = None            # steps between validation scores; None = once per real epoch
+    synthetic_images: object = None          # uint8 (N, 3, H, W) tensor or per-item dataset; None = real only
+    synthetic_labels: torch.Tensor | None = None
+    synthetic_per_real: float = 0.0          # synthetic images per real image in a batch
+    synthetic_loss_weight: float = 1.0       # lambda: weight of the synthetic images' mean loss
+    pretrained_weights: str | Path | None = None
+    num_workers: int = 0                     # DataLoader workers for images streamed from disk
+    warmup_fraction: float | None = None     # None = settings.warmup_steps; else round(fraction x steps)
+    mixed_precision: str = "no"              # "no" | "bf16" | "fp16"
+    progress: bool = True
+    out_dir: str | Path | None = None        # checkpoints and logs; None = a temporary folder
+    seed: int = 0
+
+
 def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
-                     val_labels: torch.Tensor, *, backbone: str = "resnet18", num_classes: int,
-                     epochs: int | None = None, max_steps: int | None = None, batch_size: int = 64,
-                     lr: float = 1e-3, weight_decay: float = 0.05, warmup_steps: int | None = None,
-                     label_smoothing: float = 0.0, grad_clip: float | None = 1.0, ema_decay: float | None = None,
-                     micro_batch_size: int | None = None, mixed_precision: str = "no",
-                     checkpointing_steps: int | None = None, seed: int = 0, augment: bool = True,
-                     balanced: bool = False, synthetic_images: torch.Tensor | None = None,
-                     synthetic_labels: torch.Tensor | None = None, synthetic_per_real: float = 0.0,
-                     synthetic_loss_weight: float = 1.0, eval_every: int | None = None,
-                     pretrained_weights: str | Path | None = None,
-                     model_kwargs: dict | None = None, out_dir: str | Path | None = None, num_workers: int = 0,
-                     progress: bool = True, device: str | None = None) -> tuple[ImageClassifier, pd.DataFrame]:
+                     val_labels: torch.Tensor, settings: TrainingConfig,
+                     options: ClassifierOptions) -> tuple[ImageClassifier, pd.DataFrame]:
     """Train a timm classifier on uint8 images with the study's one Trainer (accelerate,
     mixed precision, gradient clipping, EMA where set, atomic checkpoints and resume in
-    `out_dir`; a temporary folder when None), AdamW and warm-up + cosine learning rate.
+    `options.out_dir`; a temporary folder when None), AdamW and warm-up + cosine learning rate.
+    `settings` (a TrainingConfig, 0 = off, as in the YAML) gives the steps, batch and
+    optimisation; `options` what is particular to a classifier.
 
-    Each step's batch has `batch_size` real images (class-balanced with `balanced`) and,
-    with synthetic images, round(synthetic_per_real x batch_size) more synthetic ones:
-    adding synthetic data never means seeing the real images less. The loss of a step is
-    the mean loss over its real images (full weight) + `synthetic_loss_weight` (lambda) x
-    the mean loss over its synthetic images, label smoothing and augmentation alike in both;
-    without synthetic images (or with lambda = 0, when none are drawn) it is the plain mean
-    over the real images. Length: `max_steps`,
-    or `epochs` passes over the real images. The validation split is scored every
-    `eval_every` steps (default: once per real epoch) and at the end; the returned model
+    Each step's batch has `settings.batch_size` real images (class-balanced with
+    `options.balanced`) and, with synthetic images, round(synthetic_per_real x batch_size)
+    more synthetic ones: adding synthetic data never means seeing the real images less. The
+    loss of a step is the mean loss over its real images (full weight) + `synthetic_loss_weight`
+    (lambda) x the mean loss over its synthetic images, label smoothing and augmentation alike
+    in both; without synthetic images (or with lambda = 0, when none are drawn) it is the plain
+    mean over the real images. Length: `settings.max_steps`; warm-up: `settings.warmup_steps`,
+    or round(options.warmup_fraction x steps) when that is set. The validation split is scored
+    every `eval_every` steps (default: once per real epoch) and at the end; the returned model
     is the state with the best validation balanced accuracy (ties: lower validation loss).
-    Same arguments and seed give identical weights on the same machine. `device` is
-    accepted for compatibility; accelerate places the model.
+    Same arguments and seed give identical weights on the same machine.
     Returns (model in eval mode, history with one row per evaluation)."""
-    import tempfile
-
-
-    del device
+    o = options
+    num_classes, batch_size, synthetic_images, synthetic_labels = (o.num_classes, settings.batch_size,
+                                                                   o.synthetic_images, o.synthetic_labels)
     _check_images(train_images, train_labels, num_classes, "train_classifier: training set")
     _check_images(val_images, val_labels, num_classes, "train_classifier: validation set")
     n_syn = 0
     if synthetic_images is not None and len(synthetic_images):
         _check_images(synthetic_images, synthetic_labels, num_classes, "train_classifier: synthetic set")
-        n_syn = int(round(synthetic_per_real * batch_size)) if synthetic_per_real > 0 else 0
-    if not (math.isfinite(synthetic_loss_weight) and synthetic_loss_weight >= 0):
+        n_syn = int(round(o.synthetic_per_real * batch_size)) if o.synthetic_per_real > 0 else 0
+    if not (math.isfinite(o.synthetic_loss_weight) and o.synthetic_loss_weight >= 0):
         raise ValueError(f"train_classifier: synthetic_loss_weight must be finite and >= 0, "
-                         f"got {synthetic_loss_weight}")
-    if synthetic_loss_weight == 0:
+                         f"got {o.synthetic_loss_weight}")
+    if o.synthetic_loss_weight == 0:
         n_syn = 0  # their loss term would be 0: train on the real images alone, exactly as without them
-    if (epochs is None) == (max_steps is None):
-        raise ValueError("train_classifier: give exactly one of epochs or max_steps")
-    if batch_size < 1 or (epochs is not None and epochs < 1) or (max_steps is not None and max_steps < 1):
-        raise ValueError("train_classifier: batch_size, epochs and max_steps must be >= 1")
+    if batch_size < 1 or settings.max_steps < 1:
+        raise ValueError("train_classifier: batch_size and max_steps must be >= 1")
     n = len(train_images)
     if n < 2:
         raise DataError(f"train_classifier: training set: need at least 2 images, got {n}")
     batch = min(batch_size, n)
     steps_per_epoch = math.ceil(n / batch)
-    total = max_steps if max_steps is not None else epochs * steps_per_epoch
-    eval_every = max(1, int(eval_every or steps_per_epoch))
-    warmup = int(round(0.05 * total)) if warmup_steps is None else int(warmup_steps)
+    total = settings.max_steps
+    eval_every = max(1, int(o.eval_every or steps_per_epoch))
+    warmup = int(settings.warmup_steps) if o.warmup_fraction is None else int(round(o.warmup_fraction * total))
 
     groups = [(torch.arange(n), train_labels, batch)]
     if n_syn:
@@ -332,7 +348,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
             parts = [_Flagged(parts[0], False),
                      _Flagged(synthetic_images if _is_dataset(synthetic_images)
                               else _Items(synthetic_images, synthetic_labels), True)]
-        source = StreamingSource(torch.utils.data.ConcatDataset(parts), num_workers,
+        source = StreamingSource(torch.utils.data.ConcatDataset(parts), o.num_workers,
                                  transform=lambda b: (b[0], torch.as_tensor(b[1], dtype=torch.long),
                                                       *([torch.as_tensor(b[2], dtype=torch.bool)] if n_syn else [])))
     elif n_syn:
@@ -341,28 +357,25 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
                                    torch.arange(n + len(synthetic_labels)) >= n)
     else:
         source = TensorBatchSource(train_images, train_labels)
-    plan = GroupPlan(seed, groups, balanced=balanced)
+    plan = GroupPlan(o.seed, groups, balanced=o.balanced)
     image_size = int(train_images[0][0].shape[-1]) if _is_dataset(train_images) else int(train_images.shape[-1])
-    model = build_classifier(backbone, num_classes, pretrained_weights, seed=seed, image_size=image_size,
-                             **(model_kwargs or {}))
-    augmenter = HistologyAugment() if augment else None
-    loss_fn = _classifier_loss(augmenter, label_smoothing, batch, n_syn, synthetic_loss_weight)
+    model = build_classifier(o.backbone, num_classes, o.pretrained_weights, seed=o.seed, image_size=image_size)
+    augmenter = HistologyAugment() if o.augment else None
+    loss_fn = _classifier_loss(augmenter, o.label_smoothing, batch, n_syn, o.synthetic_loss_weight)
 
     def evaluate_fn(m):
         dev = next(m.parameters()).device
         return _val_scores(m, val_images, val_labels, num_classes, max(batch, 64), str(dev))
 
-    tmp = None
+    tmp, out_dir = None, o.out_dir
     if out_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="hdlib-clf-")
         out_dir = tmp.name
     try:
-        tc = TrainConfig(out_dir=str(out_dir), max_steps=int(total), global_batch_size=plan.batch,
-                         micro_batch_size=micro_batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=min(warmup, total), lr_schedule="cosine", grad_clip=grad_clip or None,
-                         ema_decay=ema_decay or None, mixed_precision=mixed_precision,
-                         checkpointing_steps=int(checkpointing_steps or total), checkpoints_total_limit=1,
-                         log_every=1, seed=int(seed), progress=progress)
+        tc = TrainConfig.from_settings(settings, out_dir=out_dir, seed=int(o.seed), mixed_precision=o.mixed_precision,
+                                       progress=o.progress, max_steps=int(total), global_batch_size=plan.batch,
+                                       warmup_steps=min(warmup, total), lr_schedule="cosine",
+                                       checkpoints_total_limit=1, log_every=1)
         trainer = Trainer(model, loss_fn, source, tc, plan=plan, evaluate=evaluate_fn,
                           eval_every=eval_every, select=lambda r: (r["val_balanced_accuracy"], -r["val_loss"]))
         trainer.train()
@@ -372,7 +385,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
         history.insert(1, "train_loss", [log.loss.loc[a + 1:b].mean() for a, b in zip(prev, history["step"])])
         history.insert(1, "lr", [log.lr.loc[b] for b in history["step"]])
         selected = json.loads((Path(out_dir) / "final" / "best" / "selection.json").read_text())["step"]
-        best = build_classifier(backbone, num_classes, seed=seed, image_size=image_size, **(model_kwargs or {}))
+        best = build_classifier(o.backbone, num_classes, seed=o.seed, image_size=image_size)
         load_final(best, out_dir, module="best")
     finally:
         if tmp is not None:

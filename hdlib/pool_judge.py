@@ -25,15 +25,23 @@ target's labels, and the holdout it judges against is new to it. It reads three 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from .config import TrainingConfig
+from .data.streaming import StreamingSource
 from .demo import pool_tile_class
+from .downstream import HistologyAugment
 from .errors import DataError
 from .io import atomic_path, atomic_write_json
+from .trainer import Trainer
+from .training_config import TrainConfig
+from .weights import load_final
 
 JUDGE_SEED = 0
 
@@ -84,11 +92,8 @@ class PoolJudge(torch.nn.Module):
         return torch.cat(feats), torch.cat(calls)
 
 
-def _dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A random flip / 90-degree rotation per tile: tissue has no up or left."""
-    k = torch.randint(0, 4, (len(x),), generator=g)
-    f = torch.randint(0, 2, (len(x),), generator=g)
-    return torch.stack([torch.rot90(t.flip(-1) if fi else t, int(ki), (-2, -1)) for t, ki, fi in zip(x, k, f)])
+# A random flip / 90-degree rotation per tile (tissue has no up or left), drawn from the tile's sample seed.
+_DIHEDRAL = HistologyAugment(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 
 
 @dataclass
@@ -96,15 +101,34 @@ class JudgeTraining:
     epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.15   # linear warm-up over this share of the steps, then cosine to 0
     seed: int = JUDGE_SEED
 
 
-def train_pool_judge(dataset, labels: list[str], settings: JudgeTraining = JudgeTraining(),
-                     progress: bool = False) -> tuple[PoolJudge, dict]:
-    """Train a PoolJudge on `dataset` (ManifestImages-like: item -> (uint8 tile, _)) streamed in
-    shuffled batches; `labels[i]` is tile i's provenance. Returns (judge, training log)."""
-    from tqdm.auto import tqdm
+class _Provenance(torch.utils.data.Dataset):
+    """Items (uint8 tile, provenance class index) of a tile dataset."""
 
+    def __init__(self, dataset, y: torch.Tensor):
+        self.dataset, self.y = dataset, y
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[int(i)][0], int(self.y[i])
+
+
+def _judge_loss(model, batch, seeds):
+    return torch.nn.functional.cross_entropy(model(_DIHEDRAL(batch[0], seeds=seeds)), batch[1])
+
+
+def train_pool_judge(dataset, labels: list[str], settings: JudgeTraining = JudgeTraining(),
+                     progress: bool = False, num_workers: int = 0) -> tuple[PoolJudge, dict]:
+    """Train a PoolJudge on `dataset` (ManifestImages-like: item -> (uint8 tile, _)) with the
+    study's one Trainer (seeded epoch permutations, per-tile flips / rotations, AdamW, warm-up +
+    cosine lr); `labels[i]` is tile i's provenance. `settings.epochs` x (tiles // batch) steps.
+    Returns (judge on the CPU in eval mode, training log)."""
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise DataError(f"pool judge: the pool has one provenance class only ({classes}); nothing to learn")
@@ -112,34 +136,23 @@ def train_pool_judge(dataset, labels: list[str], settings: JudgeTraining = Judge
         raise ValueError(f"pool judge: {len(labels)} labels for {len(dataset)} tiles")
     idx = {c: i for i, c in enumerate(classes)}
     y_all = torch.tensor([idx[c] for c in labels])
-    judge = PoolJudge(classes, settings.seed)
-    g = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.AdamW(judge.parameters(), lr=settings.lr, weight_decay=1e-4)
     n_batches = len(dataset) // settings.batch_size or 1
     total = settings.epochs * n_batches
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total, pct_start=0.15)
-    judge.train()
-    log, step = [], 0
-    bar = tqdm(total=total, desc="pool judge", disable=not progress, leave=False)
-    for epoch in range(settings.epochs):
-        order = torch.randperm(len(dataset), generator=g)
-        for b in range(n_batches):
-            rows = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            x = _dihedral(torch.stack([dataset[int(r)][0] for r in rows]), g)
-            loss = torch.nn.functional.cross_entropy(judge(x), y_all[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            value = loss.item()
-            log.append({"step": step, "epoch": epoch, "loss": value})
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}")
-    bar.close()
-    judge.eval()
-    return judge, {"steps": step, "final_loss": float(np.mean([r["loss"] for r in log[-n_batches:]])),
-                   "log": log}
+    train = TrainingConfig(max_steps=total, batch_size=min(settings.batch_size, len(dataset)), lr=settings.lr,
+                           weight_decay=settings.weight_decay,
+                           warmup_steps=round(settings.warmup_fraction * total), grad_clip=0.0,
+                           checkpointing_steps=total)
+    source = StreamingSource(_Provenance(dataset, y_all), num_workers)
+    with tempfile.TemporaryDirectory(prefix="hdlib-judge-") as out_dir:
+        tc = TrainConfig.from_settings(train, out_dir=out_dir, seed=settings.seed, progress=progress,
+                                       lr_schedule="cosine", checkpoints_total_limit=1, log_every=1)
+        Trainer(PoolJudge(classes, settings.seed), _judge_loss, source, tc).train()
+        judge = load_final(PoolJudge(classes, settings.seed), out_dir)
+        rows = pd.read_csv(Path(out_dir) / "log.csv")
+    log = [{"step": int(s), "epoch": (int(s) - 1) // n_batches, "loss": float(v)}
+           for s, v in zip(rows["step"], rows["loss"])]
+    return judge.eval(), {"steps": total, "final_loss": float(np.mean([r["loss"] for r in log[-n_batches:]])),
+                          "log": log}
 
 
 def save_judge(judge: PoolJudge, folder: Path, info: dict) -> None:

@@ -231,22 +231,9 @@ def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation
     the task's model folder (recipe sweeps train variants of one task side by side)."""
 
     spec = build_task(cfg, task, fraction, adaptation, draw)
-    t = spec.train
-    tc = TrainConfig(
-        out_dir=str(out_dir or StudyPaths(cfg).model(spec.name)),
-        max_steps=t.max_steps,
-        global_batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size or None,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        grad_clip=t.grad_clip or None,
-        ema_decay=t.ema_decay or None,
-        mixed_precision=cfg.study.mixed_precision,
-        checkpointing_steps=t.checkpointing_steps,
-        seed=spec.seed,
-        progress=cfg.study.progress if progress is None else progress,
-    )
+    tc = TrainConfig.from_settings(spec.train, out_dir=out_dir or StudyPaths(cfg).model(spec.name), seed=spec.seed,
+                                   mixed_precision=cfg.study.mixed_precision,
+                                   progress=cfg.study.progress if progress is None else progress)
     return Trainer(spec.model, spec.loss_fn, spec.dataset, tc, plan=spec.plan, evaluate=spec.evaluate,
                    eval_every=spec.eval_every, select=spec.select).train()
 

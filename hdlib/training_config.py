@@ -1,6 +1,9 @@
 """The Trainer's settings (`TrainConfig`, None = off), its learning-rate schedule and
 the `TrainResult` it returns.
 
+A YAML `TrainingConfig` (hdlib.config; 0 = off) becomes a TrainConfig in one place only,
+`TrainConfig.from_settings`.
+
 Which fields a resume must match is decided here (`trajectory_key`): the rest (output
 folder, logging, checkpoint cadence, micro-batching) may change between a run and its resume.
 """
@@ -12,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from .config import TrainingConfig
 from .errors import ConfigError
 
 # Settings that do not change the trajectory: they may differ between a run and its resume.
@@ -40,6 +44,34 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: TrainingConfig, *, out_dir, seed: int, mixed_precision: str = "no",
+                      progress: bool = False, **overrides) -> TrainConfig:
+        """The Trainer's settings from a YAML `TrainingConfig`: the one place where its
+        `batch_size` becomes `global_batch_size` and its 0 = off (micro_batch_size, grad_clip,
+        ema_decay) becomes None = off. `overrides` replace any other TrainConfig field
+        (e.g. a classifier's step count, batch with its synthetic share, lr_schedule)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"TrainConfig.from_settings: unknown field(s) {', '.join(unknown)}")
+        values = {
+            "out_dir": str(out_dir),
+            "max_steps": settings.max_steps,
+            "global_batch_size": settings.batch_size,
+            "micro_batch_size": settings.micro_batch_size or None,
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+            "warmup_steps": settings.warmup_steps,
+            "grad_clip": settings.grad_clip or None,
+            "ema_decay": settings.ema_decay or None,
+            "mixed_precision": mixed_precision,
+            "checkpointing_steps": settings.checkpointing_steps,
+            "seed": seed,
+            "progress": progress,
+        }
+        values.update(overrides)
+        return cls(**values)
 
     def validate(self) -> None:
         """Raise ConfigError (one line, naming the field) on a bad value."""

@@ -1,10 +1,14 @@
 """hdlib.downstream: classifier building / weight loading, augmentation, training
 with validation-only model selection, inference helpers."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from hdlib.config import TrainingConfig
 from hdlib.downstream import (
+    ClassifierOptions,
     HistologyAugment,
     build_classifier,
     evaluate,
@@ -157,12 +161,26 @@ def colour_data():
     return colour_classes(64, 0), colour_classes(32, 1)
 
 
+_SETTINGS = {f.name for f in dataclasses.fields(TrainingConfig)}
+
+
+def _settings_and_options(**kw) -> tuple[TrainingConfig, ClassifierOptions]:
+    """A TrainingConfig + ClassifierOptions from one set of keywords, with train_classifier's
+    former defaults made explicit: weight decay 0.05, warm-up 5% of the steps, no EMA, no
+    micro-batches, one checkpoint at the end."""
+    kw = {"weight_decay": 0.05, "grad_clip": 1.0, "ema_decay": 0.0, "micro_batch_size": 0, "warmup_fraction": 0.05,
+          **kw}
+    kw.setdefault("checkpointing_steps", kw["max_steps"])
+    settings = TrainingConfig(**{k: v for k, v in kw.items() if k in _SETTINGS})
+    return settings, ClassifierOptions(**{k: v for k, v in kw.items() if k not in _SETTINGS})
+
+
 def _train(data, seed, **kw):
     (x, y), (vx, vy) = data
     args = dict(backbone="resnet10t", num_classes=2, max_steps=30, batch_size=16, lr=2e-3, eval_every=5,
                 seed=seed, progress=False)
     args.update(kw)
-    return train_classifier(x, y, vx, vy, **args)
+    return train_classifier(x, y, vx, vy, *_settings_and_options(**args))
 
 
 def test_train_classifier_learns_and_is_deterministic(colour_data):
@@ -222,8 +240,9 @@ def test_model_selection_on_validation(colour_data):
     # Large lr + label noise make the validation score move between evaluations.
     noisy = y.clone()
     noisy[::3] = 1 - noisy[::3]
-    model, hist = train_classifier(x, noisy, vx, vy, backbone="resnet10t", num_classes=2, max_steps=24,
-                                   batch_size=16, lr=2e-2, eval_every=3, seed=2, progress=False, balanced=True)
+    model, hist = train_classifier(x, noisy, vx, vy, *_settings_and_options(
+        backbone="resnet10t", num_classes=2, max_steps=24, batch_size=16, lr=2e-2, eval_every=3, seed=2,
+        progress=False, balanced=True))
     assert hist["val_balanced_accuracy"].nunique() > 1  # selection had a real choice to make
     assert hist["selected"].sum() == 1
     chosen = hist[hist["selected"]].iloc[0]
@@ -238,14 +257,16 @@ def test_model_selection_on_validation(colour_data):
 
 def test_train_classifier_rejects_bad_input_early(colour_data):
     (x, y), (vx, vy) = colour_data
+    one_step = TrainingConfig(max_steps=1, batch_size=64, lr=1e-3)
+    opts = ClassifierOptions(num_classes=2, progress=False)
     with pytest.raises(DataError, match="training set.*uint8"):
-        train_classifier(x.float(), y, vx, vy, num_classes=2, max_steps=1, progress=False)
+        train_classifier(x.float(), y, vx, vy, one_step, opts)
     with pytest.raises(DataError, match="validation set.*labels outside"):
-        train_classifier(x, y, vx, vy + 5, num_classes=2, max_steps=1, progress=False)
+        train_classifier(x, y, vx, vy + 5, one_step, opts)
     with pytest.raises(DataError, match="64 images but 63 labels"):
-        train_classifier(x, y[:-1], vx, vy, num_classes=2, max_steps=1, progress=False)
-    with pytest.raises(ValueError, match="exactly one of epochs or max_steps"):
-        train_classifier(x, y, vx, vy, num_classes=2, progress=False)
+        train_classifier(x, y[:-1], vx, vy, one_step, opts)
+    with pytest.raises(ValueError, match="synthetic_loss_weight must be finite and >= 0"):
+        train_classifier(x, y, vx, vy, one_step, dataclasses.replace(opts, synthetic_loss_weight=-1.0))
 
 
 # --- inference --------------------------------------------------------------
@@ -487,7 +508,8 @@ def test_fit_image_classifier_passes_lambda(monkeypatch):
     from hdlib.errors import ConfigError
 
     seen = []
-    monkeypatch.setattr(clf, "train_classifier", lambda *a, **kw: seen.append(kw["synthetic_loss_weight"]))
+    monkeypatch.setattr(clf, "train_classifier",
+                        lambda x, y, vx, vy, settings, options: seen.append(options.synthetic_loss_weight))
     one = load_config(None, ["downstream.synthetic_loss_weights=[0.5]"])
     several = load_config(None, ["downstream.synthetic_loss_weights=[0.5, 2.0]"])
     args = (None, None, None, None)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hdlib.batching import BatchPlan, TensorBatchSource
+from hdlib.config import TrainingConfig
 from hdlib.errors import ConfigError, DataError, HDLibError
 from hdlib.launch import launch
 from hdlib.trainer import Trainer
@@ -207,6 +208,29 @@ def test_lr_factor_warmup_and_cosine(tmp_path):
                               lr_schedule="cosine"))
     assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
     assert f(7) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+
+
+def test_from_settings_is_the_one_yaml_to_trainer_translation(tmp_path):
+    """YAML settings (0 = off) -> TrainConfig (None = off): batch_size is the global batch,
+    the study's run settings come as arguments, and overrides replace any field."""
+    yaml_like = TrainingConfig(max_steps=40, batch_size=12, micro_batch_size=0, lr=3e-4, warmup_steps=5,
+                               weight_decay=0.01, grad_clip=0.0, ema_decay=0.0, checkpointing_steps=7)
+    tc = TrainConfig.from_settings(yaml_like, out_dir=tmp_path, seed=9)
+    assert tc == TrainConfig(out_dir=str(tmp_path), max_steps=40, global_batch_size=12, micro_batch_size=None,
+                             lr=3e-4, weight_decay=0.01, warmup_steps=5, grad_clip=None, ema_decay=None,
+                             mixed_precision="no", checkpointing_steps=7, seed=9, progress=False)
+    on = TrainingConfig(batch_size=12, micro_batch_size=4, grad_clip=0.5, ema_decay=0.99)
+    tc = TrainConfig.from_settings(on, out_dir=tmp_path, seed=1, mixed_precision="bf16", progress=True,
+                                   lr_schedule="cosine", log_every=1, max_steps=3)
+    assert (tc.micro_batch_size, tc.grad_clip, tc.ema_decay) == (4, 0.5, 0.99)
+    assert (tc.mixed_precision, tc.progress, tc.lr_schedule, tc.log_every, tc.max_steps) == ("bf16", True, "cosine", 1, 3)
+    tc.validate()
+    assert list(tc.to_dict()) == [  # what checkpoints and train_config.json hold: keep it stable
+        "out_dir", "max_steps", "global_batch_size", "micro_batch_size", "lr", "weight_decay", "betas", "warmup_steps",
+        "lr_schedule", "grad_clip", "ema_decay", "mixed_precision", "checkpointing_steps", "checkpoints_total_limit",
+        "log_every", "seed", "progress"]
+    with pytest.raises(TypeError, match="batch_size"):
+        TrainConfig.from_settings(on, out_dir=tmp_path, seed=1, batch_size=3)  # a YAML name, not a TrainConfig field
 
 
 def test_extra_modules_train_jointly_and_are_exported(tmp_path):

@@ -9,7 +9,12 @@ import numpy as np
 import torch
 
 from ..config import Config, TrainingConfig
-from ..downstream import build_classifier, extract_features, train_classifier
+from ..downstream import (
+    ClassifierOptions,
+    build_classifier,
+    extract_features,
+    train_classifier,
+)
 from ..errors import ConfigError
 from ..filtering import FeatureFilter, calibrate_delta
 from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json
@@ -41,16 +46,14 @@ def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y,
             raise ConfigError(f"fit_image_classifier: downstream.synthetic_loss_weights has {len(lambdas)} "
                               "candidates; pass synthetic_loss_weight")
         synthetic_loss_weight = lambdas[0] if len(lambdas) == 1 else 1.0
-    return train_classifier(
-        x, y, vx, vy, backbone=backbone, num_classes=len(cfg.data.classes), max_steps=tcfg.max_steps,
-        batch_size=tcfg.batch_size, micro_batch_size=tcfg.micro_batch_size or None, lr=tcfg.lr,
-        weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps, grad_clip=tcfg.grad_clip or None,
-        ema_decay=tcfg.ema_decay or None, mixed_precision=cfg.study.mixed_precision,
-        checkpointing_steps=tcfg.checkpointing_steps, balanced=True, synthetic_images=sx, synthetic_labels=sy,
+    options = ClassifierOptions(
+        num_classes=len(cfg.data.classes), backbone=backbone, balanced=True, augment=True,
+        eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5), synthetic_images=sx, synthetic_labels=sy,
         synthetic_per_real=synthetic_per_real, synthetic_loss_weight=float(synthetic_loss_weight),
-        eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5),
-        seed=seed, augment=True, pretrained_weights=cfg.downstream.pretrained_weights or None, out_dir=out_dir,
-        num_workers=cfg.data.num_workers, progress=cfg.study.progress if progress is None else progress)
+        pretrained_weights=cfg.downstream.pretrained_weights or None, num_workers=cfg.data.num_workers,
+        mixed_precision=cfg.study.mixed_precision, progress=cfg.study.progress if progress is None else progress,
+        out_dir=out_dir, seed=seed)
+    return train_classifier(x, y, vx, vy, tcfg, options)
 
 
 def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg: TrainingConfig, data_key: str):
