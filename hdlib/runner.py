@@ -209,7 +209,8 @@ def provenance(cfg: Config) -> dict:
     return {
         "params": cfg.to_dict(),
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # the code's state: the study folders are tracked too and are being written right now
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": pkgs,
@@ -244,6 +245,7 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
     memory_path = out_dir / "stages" / "peak_memory_mb.json"
     memory = json.loads(memory_path.read_text()) if memory_path.exists() else {}
     status = {}
+    commit = provenance(cfg)["git_commit"]
     log(f"study {cfg.study.name}: {len(selected)} stage(s) -> {out_dir}")
     forced = force or bool(only) or bool(start)
     for i, st in enumerate(selected, 1):
@@ -280,12 +282,16 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         memory[st.name] = round(peak_mb, 1)
         atomic_write_json(marker, {"fingerprint": prints[st.name], "seconds": round(elapsed, 1),
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": commit})
         atomic_write_json(timings_path, timings)
         atomic_write_json(memory_path, memory)
         log(f"[{i}/{len(selected)}] {st.name}: done in {elapsed:.0f} s")
         status[st.name] = "ran"
         forced = True  # a stage that ran may change what every later stage reads
+    markers = {st.name: json.loads((out_dir / "stages" / f"{st.name}.json").read_text())
+               for st in stages if (out_dir / "stages" / f"{st.name}.json").exists()}
     atomic_write_json(out_dir / "provenance.json", {**provenance(cfg), "stage_seconds": timings,
-                                                      "peak_memory_mb": memory})
+                                                      "peak_memory_mb": memory,
+                                                      # which commit ran each stage (absent: written before this was recorded)
+                                                      "stage_commits": {k: v.get("git_commit") for k, v in markers.items()}})
     return status

@@ -35,7 +35,7 @@ def accuracy_table(records: list[dict], labels_per_class: dict | None = None) ->
     df = pd.DataFrame(records)
     if df.empty:
         return df
-    df["setting"] = [s if s == "real" else f"{s} ({r:.0%} synthetic)" for s, r in zip(df["training_set"], df["ratio"])]
+    df["setting"] = [s if s == "real" else f"{s} (+{r:.0%} images)" for s, r in zip(df["training_set"], df["ratio"])]
     df["cell"] = [f"{m:.3f} ± {s:.3f} [{lo:.3f}, {hi:.3f}]" for m, s, lo, hi in
                   zip(df["mean"], df["std"].fillna(0), df["ci_low"], df["ci_high"])]
     table = df.pivot(index="setting", columns="fraction", values="cell")
@@ -198,18 +198,25 @@ def build_report(cfg: Config) -> Path:
                  "the target's training images outside the draw's labeled subset, labeled by the real-only classifier "
                  f"where its confidence is >= {ds.pseudo_label_threshold:g}. The chosen adaptation this run: "
                  f"`{d4.get('adaptation', '?')}`.\n")
+    ablation = [s for s in ds.training_sets if s in ("scratch", "classifier_free")]
     parts.append(f"- Label fractions in the grid: {fr_text}; "
-                 f"training sets: {', '.join(ds.training_sets)} at a {ds.ratio:.0%} synthetic-to-real ratio "
-                 f"(the ablation sets `scratch` and `classifier_free` at {f0:.0%} only); ratio sweep "
-                 f"{', '.join(f'{r:.0%}' for r in ds.ratio_sweep)} at {ds.ratio_sweep_fraction:.0%} for "
-                 f"{', '.join(ds.ratio_sweep_sets)}.\n"
-                 f"- Seeds {list(ds.seeds)}: each seed re-draws the labeled subset (nested across fractions), the "
+                 f"training sets: {', '.join(ds.training_sets)}, each adding {ds.ratio:.0%} as many images as "
+                 "the real labeled ones (generated, or pseudo-labeled for `pseudo_label`)"
+                 + (f"; the ablation sets {', '.join(ablation)} at {f0:.0%} only" if ablation else "")
+                 + (f"; ratio sweep {', '.join(f'{r:.0%}' for r in ds.ratio_sweep)} at {ds.ratio_sweep_fraction:.0%} "
+                    f"for {', '.join(ds.ratio_sweep_sets)}" if ds.ratio_sweep else "") + ".\n")
+    parts.append(
+                 f"- Seeds {list(ds.seeds)} at the primary cell"
+                 + (f", the first {ds.sweep_seeds} at the other label counts" if ds.sweep_seeds else "")
+                 + ": each seed re-draws the labeled subset (nested across fractions), the "
                  "latent classifier, the baseline classifier, the synthetic images and the downstream "
                  "initialisation; paired tests compare settings on the same seed.\n"
                  f"- Downstream classifier: timm `{ds.backbone}` from scratch, {ds.train.max_steps} steps, each step "
                  f"{ds.train.batch_size} real images (class-balanced) plus ratio x {ds.train.batch_size} synthetic "
-                 "ones, so every setting sees the real images equally often; model selection on the validation "
-                 "split, test set evaluated once.\n"
+                 "ones; loss = mean over the real images + lambda x mean over the added ones "
+                 f"(lambda from {list(ds.synthetic_loss_weights)}), so every setting sees the real images equally "
+                 "often and at full weight; model selection on the draw's labeled validation images, test set "
+                 "evaluated once.\n"
                  f"- Latent classifier: "
                  + ("the pre-trained denoiser's frozen encoder with a trained head" if cfg.latent_classifier.backbone
                     == "pretrained_unet" else "guided-diffusion's EncoderUNet trained from scratch")
@@ -217,10 +224,11 @@ def build_report(cfg: Config) -> Path:
                  "sampler visits (where it guides).\n"
                  f"- Guidance: {SAMPLER_NAMES[cfg.sampling.method]} {cfg.sampling.num_inference_steps} steps"
                  + (f", eta {cfg.sampling.eta}" if cfg.sampling.method == "ddim" else "") + "; scale and "
-                 f"adaptation {'chosen on the validation split (below)' if cfg.sampling.select_on_validation else 'from the parameters'}. "
-                 f"Filtering: centroid rule, confidence >= {cfg.filtering.tau}, near copies dropped "
+                 f"adaptation {'chosen on the labeled validation images and the look of the unlabeled target images (below)' if cfg.sampling.select_on_validation else 'from the parameters'}. "
+                 f"Filtering: centroid rule, confidence >= {cfg.filtering.tau}, near copies dropped, kept images "
+                 f"ordered `{cfg.filtering.selection}` "
                  + ("(threshold per class: percentile "
-                    f"{cfg.filtering.delta_percentile:g} of real validation-to-training distances)"
+                    f"{cfg.filtering.delta_percentile:g} of labeled validation-to-training distances)"
                     if cfg.filtering.delta < 0 else f"(distance < {cfg.filtering.delta})")
                  + "; every class gets exactly its quota of kept images unless it hits the candidate cap "
                  "(shortfalls below).\n")
@@ -337,10 +345,9 @@ def readme_block(cfg: Config) -> str:
     if d5.get("accuracy"):
         lines += ["Test accuracy, mean ± std over seeds [95% CI]:", "",
                   _md(accuracy_table(d5["accuracy"], labels_per_class(cfg))), ""]
-    for name, caption in [("downstream_accuracy_vs_fraction", "accuracy vs label fraction"),
-                          ("synthesis_comparison_grid", "real vs generated samples per class"),
-                          ("autoencoder_reconstructions", "autoencoder reconstructions of held-out tiles"),
-                          ("diffusion_samples", "unconditional samples")]:
+    for name, caption in [("downstream_gain_vs_labels", "gain of HistoDiffusion by labels per class"),
+                          ("downstream_accuracy_vs_fraction", "accuracy vs label fraction"),
+                          ("synthesis_comparison_grid", "real vs generated samples per class")]:
         if StudyPaths(cfg).figure(name).exists():
             lines += [f"![{caption}]({rel}/figures/{name}.png)", ""]
     if d1:
