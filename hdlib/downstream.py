@@ -14,7 +14,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .batching import GroupPlan, TensorBatchSource
 from .config import TrainingConfig

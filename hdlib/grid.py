@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import HDLibError
 from .io import atomic_write_json, read_json

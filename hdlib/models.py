@@ -119,7 +119,7 @@ def model_range_to_images(x: torch.Tensor) -> torch.Tensor:
 def encode_images(vae: AutoencoderKL, images_uint8: torch.Tensor, scale: float = 1.0, batch_size: int = 16,
                   device: str = "cpu", progress: bool = False) -> torch.Tensor:
     """Posterior means (deterministic latents), multiplied by the latent scale."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     vae = vae.to(device).eval()
     out = []

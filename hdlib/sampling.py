@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import DataError
 

@@ -362,7 +362,7 @@ class Trainer:
     def train(self) -> TrainResult:
         """Train to max_steps, resuming from the latest complete checkpoint in out_dir/checkpoints;
         returns at once if out_dir/final already holds this run."""
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         acc, c = self.accelerator, self.config
         if self._final_is_done():

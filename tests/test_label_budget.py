@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from hdlib.config import load_config
 from hdlib.data.splits import labeled_validation_mask, nested_label_fractions, nested_label_order

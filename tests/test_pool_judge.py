@@ -8,7 +8,7 @@ import torch
 
 from hdlib import demo as D
 from hdlib.demo.files import png_bytes
-from hdlib.pool_judge import (JudgeTraining, PoolJudge, copying_rate, load_judge, mixture, provenance_labels,
+from hdlib.pool_judge import (JudgeTraining, copying_rate, load_judge, mixture, provenance_labels,
                               save_judge, total_variation, train_pool_judge)
 
 TINY = dict(image_size=24, n_train_per_class=1, n_test_per_class=1, n_pool_per_style=12,

@@ -197,3 +197,21 @@ def test_export_and_augment_give_imagefolder_datasets(study, tmp_path):
     kept = manifest[manifest["decision"] == "kept"]
     assert len(ImageFolder(filtered, allow_empty=True)) == len(kept)
     assert set(manifest["decision"]) <= {"kept", "over_quota", "wrong_centroid", "low_confidence", "near_copy"}
+
+
+@pytest.mark.slow
+def test_executed_notebooks_carry_no_warning_and_no_machine_path(study):
+    """Stage outputs are clean: no warning text (its cause is fixed, not hidden) and no absolute path."""
+    import re
+
+    import nbformat
+
+    cfg, _, _ = study
+    warning = re.compile(r"\w*Warning:|\[IPKernelApp\]")
+    for nb_path in sorted(cfg.results_dir.glob("[0-9][0-9]_*.ipynb")):
+        text = nb_path.read_text()
+        assert str(ROOT) not in text, nb_path.name  # the repository's machine path (parameters may name tmp dirs)
+        nb = nbformat.read(nb_path, as_version=4)
+        lines = [line for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"
+                 for line in "".join(o.get("text", "")).splitlines() if warning.search(line)]
+        assert not lines, f"{nb_path.name}: {lines[:2]}"

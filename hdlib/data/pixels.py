@@ -15,7 +15,7 @@ import tifffile
 import torch
 import zarr
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..errors import DataError
 from .records import ImageRecord

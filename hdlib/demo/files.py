@@ -62,6 +62,6 @@ def atomic_write_json(path: Path, obj) -> None:
 def progress_bar(iterable, progress: bool, **kw):
     if not progress:
         return iterable
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(iterable, **kw)

@@ -13,8 +13,6 @@ from ..models import decode_latents, encode_images
 from ..study.context import device
 from ..study.latents import (
     encode_and_measure,
-    encode_latents,
-    latent_store,
     load_autoencoder,
 )
 from ..study.splits import load_split_images, split_images, split_sources
@@ -38,9 +36,6 @@ def reconstruction_examples(cfg: Config, n: int = 6) -> dict[str, torch.Tensor]:
         rows[f"{name} (recon)"] = decode_latents(vae, encode_images(vae, imgs, 1.0, device=dev), 1.0, device=dev)
     return rows
 
-
-__all__ = ["load_autoencoder", "encode_latents", "encode_shard", "latent_store", "autoencoder_stage",
-           "training_log", "reconstruction_examples", "latent_scale"]
 
 
 def autoencoder_stage(cfg: Config) -> dict:

@@ -290,7 +290,3 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
                "sampler_comparison": comparison.to_dict(orient="records")}
     return metrics
 
-
-__all__ = ["Generation", "SelectiveFilter", "request_seeds", "synthesize", "added_training_images",
-           "reference_classifier", "baseline_classifier", "quota_per_class", "generators_needed",
-           "choose_guidance", "compare_samplers", "guided_faithfulness", "synthesis_stage", "load_set", "set_images", "accounting", "merge_shards"]
