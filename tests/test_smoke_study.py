@@ -145,8 +145,7 @@ def test_changed_synthetic_set_reruns_exactly_its_grid_cells(study, tmp_path):
     cfg, overrides, _ = study
     copy = tmp_path / "results"
     shutil.copytree(cfg.results_dir, copy / cfg.study.name)
-    mine = load_config(SMOKE, overrides + [f"study.results_root={copy}"])
-    mine.study.progress = False
+    mine = load_config(SMOKE, overrides + [f"study.results_root={copy}", "study.progress=false"])
     first = run_downstream_grid(mine)
     assert first.attrs["computed"] == [] and first.attrs["stale_recomputed"] == []
 
