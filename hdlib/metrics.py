@@ -67,7 +67,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     from scipy import linalg
 
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)  # scipy's word that the product is singular
+        try:
+            covmean = linalg.sqrtm(sigma1 @ sigma2)
+        except linalg.LinAlgWarning:
+            covmean = np.full_like(sigma1, np.nan)
     if not np.isfinite(covmean).all():
         # Singular product (e.g. fewer samples than dimensions): regularise both
         # covariances slightly, the usual fix from the reference FID code.
