@@ -170,6 +170,9 @@ class LatentClassifierConfig:
     num_heads: int = _f(4, lo=1)
     norm_num_groups: int = _f(8, lo=1)
     augment: bool = _f(True, doc="per-sample flips and 90-degree rotations of latents")
+    pseudo_label_threshold: float = _f(0.0, lo=0.0, hi=1.0, doc="0 = the labeled images only; else also the "
+                                       "unlabeled target training images the draw's real-only classifier labels "
+                                       "with at least this confidence (the rival's pseudo-labels)")
     eval_every: int = _f(0, lo=0, doc="validation scoring interval for model selection; 0 = max_steps // 10")
     eval_samples: int = _f(512, lo=1, doc="validation latents scored at each evaluation")
     train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05))

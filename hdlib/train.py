@@ -38,6 +38,7 @@ from .study.latent_models import (
     uses_pretrained_unet,
 )
 from .study.latents import latent_store
+from .study.pseudo_labels import confident_pseudo_labels
 from .study.splits import fraction_indices, labeled_val_indices, split_images
 from .trainer import Trainer
 from .training_config import TrainConfig
@@ -199,6 +200,11 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
     # latent_classifier: noise-aware (z_t at uniformly random t, conditioned on t), flip/rot90
     # augmentation of latents, class-balanced batches, selected on validation accuracy by t
     lc = cfg.latent_classifier
+    if lc.pseudo_label_threshold > 0:  # + the unlabeled images the draw's real-only classifier labels confidently
+        extra = confident_pseudo_labels(cfg, fraction, draw, lc.pseudo_label_threshold)
+        labeled = store.labels("target_train")[torch.from_numpy(rows)].numpy()
+        data = store.source("target_train", np.concatenate([rows, extra["train_index"].to_numpy()]),
+                            label_values=np.concatenate([labeled, extra["pred"].to_numpy()]))
     encoder = load_denoiser(cfg, "denoiser_pretrained") if lc.backbone == "pretrained_unet" else None
     clf = build_latent_classifier(lc, C, S, K, encoder_unet=encoder)
 

@@ -464,6 +464,7 @@ def _patch_cell(monkeypatch, lambdas, val_acc, training_set="histodiffusion"):
     monkeypatch.setattr(stage, "manifest_hash", lambda *a: "hash")
     monkeypatch.setattr(stage, "fit_image_classifier", fake_fit)
     monkeypatch.setattr(stage, "evaluate", fake_evaluate)
+    monkeypatch.setattr(stage, "store_baseline", lambda cfg_, f, d, model, history: calls.setdefault("stored", []).append((f, d, model)))
     monkeypatch.chdir(stage.REPO_ROOT)
     return stage, cfg, calls
 
@@ -488,6 +489,14 @@ def test_real_cell_trains_once_without_lambda(monkeypatch):
                                      "ratio": 0.0, "seed": 0})
     assert calls["fit"] == [(False, None, 1000)] and calls["test"] == [None]
     assert "synthetic_loss_weight" not in out and out["n_synthetic"] == 0
+    assert calls["stored"] == [(0.05, 0, {"lam": None})]  # the real-only model is the draw's baseline
+
+
+def test_cells_with_added_images_are_never_a_baseline(monkeypatch):
+    stage, _, calls = _patch_cell(monkeypatch, "[1.0]", {1.0: 0.7})
+    stage.run_downstream_cell({"study_dir": "unused", "fraction": 0.05, "training_set": "histodiffusion",
+                               "ratio": 1.0, "seed": 0})
+    assert "stored" not in calls
 
 
 def test_cell_key_holds_lambdas_only_where_images_are_added(monkeypatch):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from hdlib.config import load_config
 from hdlib.data.splits import labeled_validation_mask, nested_label_fractions, nested_label_order
@@ -124,3 +125,65 @@ def test_choose_pseudo_labeled_respects_threshold_and_ratio():
                           "confidence": [0.99, 0.5, 0.95, 0.97, 0.96, 0.2]})
     chosen = pseudo_labels.choose_pseudo_labeled(table, np.array([1, 2]), ratio=1.0, threshold=0.9)
     assert chosen["train_index"].tolist() == [0, 3, 4]
+
+
+def test_the_latent_classifiers_pseudo_labels_are_confident_unlabeled_rows_only(tmp_path, monkeypatch):
+    cfg = _fake_study(tmp_path)
+    labeled = set(fraction_indices(cfg, 0.1, 0)) | set(labeled_val_indices(cfg, 0.1, 0))
+    rows = pseudo_labels.unlabeled_rows(cfg, 0.1, 0)
+    preds = (LABELS[rows] + 1) % 3  # deliberately wrong labels: the true ones must never leak through
+    table = pd.DataFrame({"train_index": rows[::-1], "pred": preds[::-1],
+                          "confidence": np.linspace(0.5, 1.0, len(rows))})
+    monkeypatch.setattr(pseudo_labels, "pseudo_label_table", lambda *a: table)
+    chosen = pseudo_labels.confident_pseudo_labels(cfg, 0.1, 0, threshold=0.8)
+    assert (chosen["confidence"] >= 0.8).all() and len(chosen) == int((table["confidence"] >= 0.8).sum())
+    assert not set(chosen["train_index"]) & labeled
+    assert chosen["train_index"].is_monotonic_increasing
+    assert (chosen["pred"].to_numpy() == (LABELS[chosen["train_index"]] + 1) % 3).all()
+
+
+def test_a_latent_source_takes_labels_from_elsewhere(tmp_path):
+    import torch
+
+    from hdlib.data.latents import LatentStore, LatentWriter
+    from hdlib.errors import DataError
+
+    writer = LatentWriter(tmp_path, "target_train", 6, (2, 2, 2), create=True)
+    writer.write(np.arange(6), torch.randn(6, 2, 2, 2), torch.ones(6, 2, 2, 2))
+    writer.scale(1.0)
+    writer.finish(np.array([0, 0, 1, 1, 2, 2]))
+    (tmp_path / "latents.json").write_text('{"scale": 1.0, "shape": [2, 2, 2], "counts": {"target_train": 6}}')
+    store = LatentStore(tmp_path)
+    own = store.source("target_train", [1, 4], labels=True)
+    assert own.label_values.tolist() == [0, 2]
+    pseudo = store.source("target_train", [1, 4], label_values=[2, 0])
+    assert pseudo[torch.tensor([0, 1])][2].tolist() == [2, 0]
+    with pytest.raises(DataError, match="1 label values for 2 rows"):
+        store.source("target_train", [1, 4], label_values=[2])
+
+
+def test_the_real_only_cells_model_is_the_draws_baseline(tmp_path, monkeypatch):
+    """A stored real-only cell model is what baseline_classifier returns (no second training);
+    another draw's or another setting's baseline is trained anew."""
+    import torch
+
+    from hdlib.downstream import build_classifier
+    from hdlib.study import classifiers
+
+    cfg = _fake_study(tmp_path)
+    model = build_classifier(cfg.downstream.backbone, num_classes=3, seed=5, image_size=cfg.data.image_size)
+    classifiers.store_baseline(cfg, 0.1, 0, model, pd.DataFrame({"step": [1]}))
+    trained = []
+
+    def fit(*a, seed, **k):
+        trained.append(seed)
+        return build_classifier(cfg.downstream.backbone, num_classes=3, seed=9), pd.DataFrame({"step": [1]})
+
+    monkeypatch.setattr(classifiers, "fit_image_classifier", fit)
+    monkeypatch.setattr(classifiers, "split_images", lambda *a: None)
+    loaded = classifiers.baseline_classifier(cfg, 0.1, 0)
+    assert trained == []
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    classifiers.baseline_classifier(cfg, 0.05, 0)  # a smaller subset: not this model
+    assert trained == [classifiers.real_only_seed(0)]

@@ -127,14 +127,16 @@ def test_near_copy_threshold_is_calibrated_per_class():
     assert one.near_copy.tolist() == [True, True]  # one global threshold would flag the background tile
 
 
-def test_guided_faithfulness_per_class_shares():
+def test_guided_faithfulness_per_class_shares(monkeypatch):
     """Per class: the reference's accuracy and most frequent other call, and the guiding latent
     classifier's agreement on the re-encoded images (here a stub that always calls class 0)."""
     from types import SimpleNamespace
 
+    import pandas as pd
     from diffusers import AutoencoderKL
 
-    from hdlib.stages.synthesis import guided_faithfulness
+    from hdlib.stages import synthesis
+    from hdlib.stages.synthesis import guided_class_judgement, guided_faithfulness
 
     vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
@@ -144,12 +146,19 @@ def test_guided_faithfulness_per_class_shares():
             assert z.shape[1] == 4 and (t == 0).all()
             return torch.tensor([5.0, 0.0, 0.0]).expand(len(z), 3)
 
-    cfg = SimpleNamespace(data=SimpleNamespace(classes=["ADI", "LYM", "TUM"]))
+    cfg = SimpleNamespace(data=SimpleNamespace(classes=["ADI", "LYM", "TUM"]), study=SimpleNamespace(device="cpu"))
     gen = SimpleNamespace(vae=vae, scale=1.0, device="cpu")
     labels = torch.tensor([0, 0, 1, 1, 1, 1, 2, 2])
     ref = torch.tensor([0, 2, 2, 2, 2, 1, 2, 2])
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
-    rows = {r["class"]: r for r in guided_faithfulness(cfg, images, labels, ref, AlwaysClassZero(), gen)}
+    kept = pd.DataFrame({"index": range(8), "label": labels.numpy()})
+    monkeypatch.setattr(synthesis, "_in_memory", lambda cfg_, df: (images[df["index"].to_numpy()], labels[df["index"].to_numpy()]))
+    monkeypatch.setattr(synthesis, "predict", lambda model, x, batch_size, device: (None, ref[: len(x)]))
+    monkeypatch.setattr(synthesis, "device", lambda cfg_: "cpu")
+    got_labels, got_ref, latent_pred = guided_class_judgement(cfg, kept.iloc[::-1], object(), AlwaysClassZero(), gen)
+    assert got_labels.tolist() == labels.tolist() and got_ref.tolist() == ref.tolist()  # in request order
+    assert latent_pred.tolist() == [0] * 8
+    rows = {r["class"]: r for r in guided_faithfulness(cfg, got_labels, got_ref, latent_pred)}
     assert rows["ADI"]["reference_accuracy"] == 0.5 and rows["ADI"]["reference_most_frequent_other"] == "TUM"
     assert rows["LYM"]["reference_accuracy"] == 0.25 and rows["LYM"]["reference_most_frequent_other"] == "TUM"
     assert rows["LYM"]["reference_most_frequent_other_share"] == 0.75

@@ -62,18 +62,22 @@ class LatentStore:
         out[order] = m[rows[order]]  # memory maps read fastest in file order
         return torch.from_numpy(out)
 
-    def source(self, split: str, rows=None, labels: bool = False) -> "LatentSource":
-        return LatentSource(self, split, rows, labels)
+    def source(self, split: str, rows=None, labels: bool = False, label_values=None) -> "LatentSource":
+        return LatentSource(self, split, rows, labels, label_values)
 
 
 class LatentSource:
     """Trainer dataset over a split's latents: `source[idx]` -> (mean, std[, label]) as float32
     tensors, read from the memory maps (only the rows asked for)."""
 
-    def __init__(self, store: LatentStore, split: str, rows=None, labels: bool = False):
+    def __init__(self, store: LatentStore, split: str, rows=None, labels: bool = False, label_values=None):
         self.mean_map, self.std_map = store.mean(split), store.std(split)
         self.rows = np.arange(len(self.mean_map)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.label_values = store.labels(split)[torch.from_numpy(self.rows)] if labels else None
+        if label_values is not None:  # labels from elsewhere (pseudo-labels), one per row
+            if len(label_values) != len(self.rows):
+                raise DataError(f"latent split {split!r}: {len(label_values)} label values for {len(self.rows)} rows")
+            self.label_values = torch.as_tensor(np.asarray(label_values), dtype=torch.long)
         if len(self.rows) == 0:
             raise DataError(f"latent split {split!r}: no rows")
 

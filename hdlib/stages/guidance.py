@@ -9,8 +9,11 @@ import pandas as pd
 
 from ..config import Config
 from ..latent_classifier import accuracy_by_timestep_bucket
+from ..paths import StudyPaths, model_name
 from ..study.latent_models import load_latent_classifier, noise_scheduler
 from ..study.latents import latent_store
+from ..study.pseudo_labels import confident_pseudo_labels
+from ..study.splits import draws_for, split_labels
 
 
 def accuracy_by_t(cfg: Config, fractions, draw: int | None = None, buckets: int = 10,
@@ -26,3 +29,27 @@ def accuracy_by_t(cfg: Config, fractions, draw: int | None = None, buckets: int 
                                           seed=cfg.study.seed)
         tables.append(acc.assign(fraction=f))
     return pd.concat(tables, ignore_index=True)
+
+
+def latent_classifier_selection(cfg: Config, fractions, primary: float | None) -> pd.DataFrame:
+    """One row per latent classifier (fraction, label draw): the step the trainer kept (its
+    selection rule), the timesteps it was selected on, its validation accuracies, and with
+    pseudo-labels their number and accuracy (judged with the hidden labels: reported, never used)."""
+    threshold = cfg.latent_classifier.pseudo_label_threshold
+    truth = split_labels(cfg, "target_train").numpy()
+    rows = []
+    for f in fractions:
+        for d in draws_for(cfg, f, primary):
+            ev = pd.read_csv(StudyPaths(cfg).model(model_name("latent_classifier", f, draw=d)) / "eval.csv")
+            best = ev[ev["improved"].astype(bool)].iloc[-1]
+            sel_t = [c[len("val_acc_sel_t"):] for c in ev.columns if c.startswith("val_acc_sel_t")]
+            row = {"fraction": f, "draw": d, "selected_step": int(best["step"]),
+                   "selection_timesteps": " ".join(sel_t), "val_acc_selection": best.get("val_acc_selection"),
+                   "val_acc_t_lt_500": best["val_acc_t_lt_500"], "val_acc_all_t": best["val_acc_all_t"]}
+            if threshold > 0:
+                pl = confident_pseudo_labels(cfg, f, d, threshold)
+                row["pseudo_labeled"] = len(pl)
+                row["pseudo_label_accuracy"] = (float(np.mean(truth[pl["train_index"].to_numpy()] == pl["pred"].to_numpy()))
+                                                if len(pl) else float("nan"))
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -181,20 +181,28 @@ def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFi
 
 
 @torch.no_grad()
-def guided_faithfulness(cfg: Config, images: torch.Tensor, labels: torch.Tensor, reference_pred: torch.Tensor,
-                        latent_classifier, gen: "Generation") -> list[dict]:
-    """Per target class: the share of guided samples the reference classifier gives their target
-    class, its most frequent other call, and the share the latent classifier that guided them
-    gives their target class (on the re-encoded image, at t = 0). Where the latent classifier
-    agrees and the reference does not, guidance satisfied the latent classifier without
-    producing the class's appearance: the break is the latent classifier, not the sampler."""
-
-    z = encode_images(gen.vae, images, gen.scale, device=gen.device)
+def guided_class_judgement(cfg: Config, kept: pd.DataFrame, reference, latent_classifier, gen: "Generation"):
+    """(target labels, reference classifier's calls, guiding latent classifier's calls on the
+    re-encoded image at t = 0) of one draw's kept HistoDiffusion images."""
+    imgs, labels = _in_memory(cfg, kept.sort_values("index"))
+    _, reference_pred = predict(reference, imgs, batch_size=128, device=device(cfg))
+    z = encode_images(gen.vae, imgs, gen.scale, device=gen.device)
     t0 = torch.zeros(len(z), dtype=torch.long, device=gen.device)
     latent_classifier = latent_classifier.to(gen.device)
     latent_pred = torch.cat([latent_classifier(z[i:i + 64].to(gen.device), t0[i:i + 64]).argmax(1).cpu()
                              for i in range(0, len(z), 64)])  # batches: paper-size latents are 64x64
-    labels, reference_pred = torch.as_tensor(labels), torch.as_tensor(reference_pred)
+    return torch.as_tensor(labels), torch.as_tensor(reference_pred), latent_pred
+
+
+def guided_faithfulness(cfg: Config, labels: torch.Tensor, reference_pred: torch.Tensor,
+                        latent_pred: torch.Tensor) -> list[dict]:
+    """Per target class: the share of guided samples the reference classifier gives their target
+    class, its most frequent other call, and the share the latent classifier that guided them
+    gives their target class. Where the latent classifier agrees and the reference does not,
+    guidance satisfied the latent classifier without producing the class's appearance: the
+    break is the latent classifier, not the sampler."""
+
+    labels, reference_pred, latent_pred = (torch.as_tensor(v) for v in (labels, reference_pred, latent_pred))
     rows = []
     for c, name in enumerate(cfg.data.classes):
         m = labels == c
@@ -266,24 +274,23 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     accounting_table = pd.concat(acct, ignore_index=True)
     atomic_write_csv(accounting_table, paths.table("synthesis_accounting"))
 
-    # class faithfulness of the chosen setting, judged by the independent reference classifier
-    hd = frames[synthetic_set_name("histodiffusion", f0, d0)]
-    per_class = max(1, min(int(hd.groupby("label").size().min()), 64))
-    first = hd.sort_values("index").groupby("label").head(per_class)
-    imgs, labels = _in_memory(cfg, first)
-    _, pred = predict(reference, imgs, batch_size=128, device=device(cfg))
-    guided_acc = float((pred == labels).float().mean())
-
-    faithfulness = guided_faithfulness(cfg, imgs, labels, pred, load_latent_classifier(cfg, f0, d0), gen)
+    # class faithfulness of the chosen setting at the primary cell, judged by the independent
+    # reference classifier, pooled over every label draw there (each judged with its own latent classifier)
+    judged = [guided_class_judgement(cfg, frames[synthetic_set_name("histodiffusion", f0, d)], reference,
+                                     load_latent_classifier(cfg, f0, d), gen)
+              for d in draws_for(cfg, f0, primary) if synthetic_set_name("histodiffusion", f0, d) in frames]
+    labels, pred, latent_pred = (torch.cat([j[k] for j in judged]) for k in range(3))
+    faithfulness = guided_faithfulness(cfg, labels, pred, latent_pred)
+    guided_acc = float(np.mean([r["reference_accuracy"] for r in faithfulness]))  # balanced over classes
     atomic_write_csv(pd.DataFrame(faithfulness), paths.table("guided_class_faithfulness"))
     near = {g: float(accounting_table[accounting_table["generator"] == g]["near_copies"].sum()
                      / max(1, accounting_table[accounting_table["generator"] == g]["candidates"].sum()))
             for g in accounting_table["generator"].unique()}
     metrics = {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
                "selection": choice, "selection_table": sweep.to_dict(orient="records"),
-               "guided_class_accuracy": guided_acc, "guided_class_accuracy_n": int(len(first)),
+               "guided_class_accuracy": guided_acc, "guided_class_accuracy_n": int(len(labels)),
                "guided_class_accuracy_per_class": {r["class"]: r["reference_accuracy"] for r in faithfulness},
-               "guided_class_accuracy_at": {"fraction": f0, "draw": d0},
+               "guided_class_accuracy_at": {"fraction": f0, "draws": len(judged), "images": "kept (filtered) sets"},
                "guided_class_faithfulness": faithfulness,
                "accounting": accounting_table.to_dict(orient="records"),
                "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile,

@@ -56,22 +56,31 @@ def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y,
     return train_classifier(x, y, vx, vy, tcfg, options)
 
 
-def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg: TrainingConfig, data_key: str):
-    """Train once with `fit()`; the cache is keyed by the training settings and by the
+def _classifier_key(cfg: Config, backbone: str, tcfg: TrainingConfig, data_key: str, seed: int) -> dict:
+    return {"backbone": backbone, "train": vars(tcfg), "seed": int(seed), "eval_every": cfg.downstream.eval_every,
+            "weights": cfg.downstream.pretrained_weights, "image_size": cfg.data.image_size, "data": data_key}
+
+
+def _store_classifier(folder, key: dict, model, history) -> None:
+    atomic_torch_save(model.state_dict(), folder / "model.pt")
+    atomic_write_csv(history, folder / "history.csv")
+    atomic_write_json(folder / "settings.json", key)  # last: it marks the folder complete
+
+
+def _cached_classifier(cfg: Config, name: str, backbone: str, fit, tcfg: TrainingConfig, data_key: str,
+                       seed: int | None = None):
+    """Train once with `fit()`; the cache is keyed by the training settings, the seed and the
     content of the labeled images it learns from (`data_key`)."""
 
     folder = StudyPaths(cfg).model(name)
-    key = {"backbone": backbone, "train": vars(tcfg), "seed": cfg.study.seed, "eval_every": cfg.downstream.eval_every,
-           "weights": cfg.downstream.pretrained_weights, "image_size": cfg.data.image_size, "data": data_key}
+    key = _classifier_key(cfg, backbone, tcfg, data_key, cfg.study.seed if seed is None else seed)
     key_path, path = folder / "settings.json", folder / "model.pt"
     model = build_classifier(backbone, num_classes=len(cfg.data.classes), image_size=cfg.data.image_size)
     if path.exists() and key_path.exists() and json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     trained, history = fit()
-    atomic_torch_save(trained.state_dict(), path)
-    atomic_write_csv(history, folder / "history.csv")
-    atomic_write_json(key_path, key)
+    _store_classifier(folder, key, trained, history)
     return trained.eval()
 
 
@@ -87,17 +96,37 @@ def reference_classifier(cfg: Config):
         seed=cfg.study.seed), ds.reference_train, data_key)
 
 
+def real_only_seed(draw: int) -> int:
+    """Training seed of label draw `draw`'s real-only classifier: the downstream grid's
+    real-only cell and the baseline below are one model, trained once."""
+    return 1000 + int(draw)
+
+
+def _baseline_key(cfg: Config, fraction: float, draw: int) -> dict:
+    ds = cfg.downstream
+    data_key = manifest_hash(cfg, "target_train", fraction, draw) + validation_set(cfg, fraction, draw)[2]
+    return _classifier_key(cfg, ds.backbone, ds.train, data_key, real_only_seed(draw))
+
+
+def store_baseline(cfg: Config, fraction: float, draw: int, model, history) -> None:
+    """Keep the real-only grid cell's model as the draw's baseline classifier (the grid cell
+    trains it with the same data, settings and seed `baseline_classifier` would)."""
+    _store_classifier(StudyPaths(cfg).model(model_name("baseline_classifier", fraction, draw=draw)),
+                      _baseline_key(cfg, fraction, draw), model, history)
+
+
 def baseline_classifier(cfg: Config, fraction: float, draw: int):
-    """Real-only classifier on one labeled subset: its features and confidence drive filtering."""
+    """Real-only classifier on one labeled subset (the real-only grid cell's model when that
+    ran first): its features and confidence drive filtering and the pseudo-labels."""
     ds = cfg.downstream
     idx = fraction_indices(cfg, fraction, draw)
-    vx, vy, val_key = validation_set(cfg, fraction, draw)
-    data_key = manifest_hash(cfg, "target_train", fraction, draw) + val_key
+    vx, vy, _ = validation_set(cfg, fraction, draw)
+    key = _baseline_key(cfg, fraction, draw)
     return _cached_classifier(cfg, model_name("baseline_classifier", fraction, draw=draw), ds.backbone,
                               lambda: fit_image_classifier(
                                   cfg, ds.backbone, ds.train, split_images(cfg, "target_train", idx),
-                                  split_labels(cfg, "target_train")[idx], vx, vy, seed=cfg.study.seed + int(draw)),
-                              ds.train, data_key)
+                                  split_labels(cfg, "target_train")[idx], vx, vy, seed=real_only_seed(draw)),
+                              ds.train, key["data"], seed=key["seed"])
 
 
 class SelectiveFilter(FeatureFilter):

@@ -18,7 +18,7 @@ from ..config import Config
 from ..downstream import evaluate
 from ..grid import run_grid
 from ..paths import REPO_ROOT, StudyPaths
-from .classifiers import fit_image_classifier
+from .classifiers import fit_image_classifier, real_only_seed, store_baseline
 from .context import config_from_results
 from .splits import (
     draws_for,
@@ -104,10 +104,11 @@ def run_downstream_cell(cell: dict) -> dict:
     vx, vy, _ = validation_set(cfg, f, draw)  # the draw's labeled validation images (inside its budget)
     names = list(cfg.data.classes)
 
-    def fit(lam):
-        return fit_image_classifier(cfg, ds.backbone, ds.train, x, y, vx, vy, seed=1000 + draw, progress=False,
-                                    synthetic=(sx, sy) if n_syn else None, synthetic_per_real=cell["ratio"],
-                                    synthetic_loss_weight=lam)[0]
+    def fit(lam, keep_history=False):
+        model, history = fit_image_classifier(
+            cfg, ds.backbone, ds.train, x, y, vx, vy, seed=real_only_seed(draw), progress=False,
+            synthetic=(sx, sy) if n_syn else None, synthetic_per_real=cell["ratio"], synthetic_loss_weight=lam)
+        return (model, history) if keep_history else model
 
     def score(model):
         return evaluate(model, vx, vy, num_classes=len(names), class_names=names)
@@ -115,8 +116,10 @@ def run_downstream_cell(cell: dict) -> dict:
     if n_syn:  # one model per lambda candidate; the best on validation is kept and tested
         model, lam, val, val_by_lambda = select_synthetic_loss_weight(fit, ds.synthetic_loss_weights, score)
     else:
-        model = fit(None)
+        model, history = fit(None, keep_history=True)
         val = score(model)
+        if cell["training_set"] == "real":  # the same model is the draw's baseline (filter, pseudo-labels)
+            store_baseline(cfg, f, draw, model, history)
     test = evaluate(model, split_images(cfg, "target_test"), split_labels(cfg, "target_test"),
                     num_classes=len(names), class_names=names)
     per_class_real = np.bincount(y.numpy(), minlength=len(names))

@@ -47,6 +47,13 @@ def pseudo_label_table(cfg: Config, fraction: float, draw: int) -> pd.DataFrame:
     return table
 
 
+def confident_pseudo_labels(cfg: Config, fraction: float, draw: int, threshold: float) -> pd.DataFrame:
+    """Every unlabeled image of the draw whose pseudo-label has confidence >= threshold
+    (train_index, pred, confidence): the latent classifier's extra training rows."""
+    table = pseudo_label_table(cfg, fraction, draw)
+    return table[table["confidence"] >= threshold].sort_values("train_index").reset_index(drop=True)
+
+
 def choose_pseudo_labeled(table: pd.DataFrame, real_counts: np.ndarray, ratio: float, threshold: float) -> pd.DataFrame:
     """Per class, the round(ratio x real count) most confident images predicted as that class
     with confidence >= threshold (fewer if fewer pass; the shortfall is visible in the counts)."""

@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 03 - Noise-aware latent classifier and the classifier-free baseline
 #
-# Guidance steers the unconditional model towards a tissue class. For each label fraction, a latent classifier learns to recognise the class from *noised* latents z_t at random noise levels t, conditioned on t (noise-aware; the authors' release trained it on clean latents only and queried it at every t). With `latent_classifier.backbone: pretrained_unet` (the default study) the classifier is the frozen encoder half of the pre-trained denoiser with a small trained head: features learned without labels on the whole pool make it far more accurate from a few labels than one trained from scratch (`scratch`, guided-diffusion's EncoderUNet shape). During sampling its gradient pushes each denoising step towards the requested class. For the classifier-free-guidance baseline (`classifier_free`), a class-conditional denoiser is trained on the labeled fraction, with the label dropped at random (`diffusion.classifier_free_label_dropout`).
+# Guidance steers the unconditional model towards a tissue class. For each label fraction, a latent classifier learns to recognise the class from *noised* latents z_t at random noise levels t, conditioned on t (noise-aware; the authors' release trained it on clean latents only and queried it at every t). With `latent_classifier.backbone: pretrained_unet` (the default study) the classifier is the frozen encoder half of the pre-trained denoiser with a small trained head: features learned without labels on the whole pool make it far more accurate from a few labels than one trained from scratch (`scratch`, guided-diffusion's EncoderUNet shape). During sampling its gradient pushes each denoising step towards the requested class. With `latent_classifier.pseudo_label_threshold` > 0 it also learns from the unlabeled target training images that the draw's real-only classifier labels with at least that confidence: the same unlabeled images and pseudo-labels the rival `pseudo_label` uses, so the comparison with the rival isolates what generation adds. For the classifier-free-guidance baseline (`classifier_free`), a class-conditional denoiser is trained on the labeled fraction, with the label dropped at random (`diffusion.classifier_free_label_dropout`).
 
 # %% tags=["parameters"]
 # The study's parameter file, and key=value overrides such as "downstream.seeds=[0,1]".
@@ -26,8 +26,9 @@ from hdlib import plots, train
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths, model_name
 from hdlib.stages.common import setup_notebook
-from hdlib.stages.guidance import accuracy_by_t
+from hdlib.stages.guidance import accuracy_by_t, latent_classifier_selection
 from hdlib.study.context import write_metrics
+from hdlib.study.grid_cells import run_downstream_grid
 from hdlib.study.latents import training_log
 from hdlib.study.primary import fix_primary_cell
 from hdlib.study.splits import draws_for, grid_fractions
@@ -56,6 +57,15 @@ print(f"primary cell: label fraction {primary['fraction']:g} = {primary['labels_
 fig = plots.primary_cell_rule(real_sweep, primary)
 plots.save(fig, cfg, "primary_cell_rule")
 
+# %% [markdown]
+# ## The real-only classifier of every label draw
+#
+# The primary cell's remaining seeds get their real-only cells now (the other label counts have theirs from the rule above). Each real-only cell's model is also its draw's *baseline classifier*: the selective filter's judge and the source of the pseudo-labels that the rival (`pseudo_label`) and, with `latent_classifier.pseudo_label_threshold`, the latent classifier learn from. One model, trained once, seen by all three.
+
+# %%
+real_cells = run_downstream_grid(cfg, primary=primary["fraction"], training_sets=["real"])
+print(f"{len(real_cells)} real-only cells ({len(real_cells.attrs['computed'])} computed now)")
+
 # %%
 fractions, f0, d0 = grid_fractions(cfg), min(cfg.downstream.fractions), cfg.downstream.seeds[0]
 needed = set(cfg.downstream.training_sets) | set(cfg.downstream.ratio_sweep_sets)
@@ -69,21 +79,10 @@ if "classifier_free" in needed:  # the classifier-free baseline, when the grid u
 # %% [markdown]
 # ## Table: model selection of the latent classifiers
 #
-# Each latent classifier is scored on validation latents noised to fixed t during training, and the weights with the best mean accuracy over the timesteps the configured sampler visits (`sampling.method`, `sampling.num_inference_steps`; only those inside `sampling.guidance_interval` when one is set), each weighted equally, are kept: guidance acts at exactly those t, and the class is decided at large t. One row per fraction and label draw: the selected step, the timesteps it was selected on and its validation accuracies (also the mean over a fixed grid at t < 500 and over all t). **Good:** well above chance (1 / number of classes) on the selection timesteps.
+# Each latent classifier is scored on validation latents noised to fixed t during training, and the weights with the best mean accuracy over the timesteps the configured sampler visits (`sampling.method`, `sampling.num_inference_steps`; only those inside `sampling.guidance_interval` when one is set), each weighted equally, are kept: guidance acts at exactly those t, and the class is decided at large t. One row per fraction and label draw: the selected step, the timesteps it was selected on and its validation accuracies (also the mean over a fixed grid at t < 500 and over all t), and with pseudo-labels how many it learned from and how many of those were right (judged with the hidden labels, for this table only). **Good:** well above chance (1 / number of classes) on the selection timesteps.
 
 # %%
-import pandas as pd
-
-sel = []
-for f in fractions:
-    for d in draws_for(cfg, f, primary["fraction"]):
-        ev = pd.read_csv(paths.model(model_name("latent_classifier", f, draw=d)) / "eval.csv")
-        best = ev[ev["improved"].astype(bool)].iloc[-1]  # the weights the trainer kept (its selection rule)
-        sel_t = [c[len("val_acc_sel_t"):] for c in ev.columns if c.startswith("val_acc_sel_t")]
-        sel.append({"fraction": f, "draw": d, "selected_step": int(best["step"]),
-                    "selection_timesteps": " ".join(sel_t), "val_acc_selection": best.get("val_acc_selection"),
-                    "val_acc_t_lt_500": best["val_acc_t_lt_500"], "val_acc_all_t": best["val_acc_all_t"]})
-selection = pd.DataFrame(sel)
+selection = latent_classifier_selection(cfg, fractions, primary["fraction"])
 atomic_write_csv(selection, paths.table("latent_classifier_selection"))
 selection.round(3)
 
