@@ -111,7 +111,8 @@ def chain_section(cfg: Config) -> str:
                      f"{sum(r[key] for r in sel) / len(sel):.3f} | well above chance "
                      f"({1 / len(cfg.data.classes):.3f}) |")
     if "guided_class_accuracy" in d4:
-        lines.append(f"| guided samples of their target class (reference classifier, s = {d4['guidance_scale']:g}) | "
+        lines.append(f"| guided samples of their target class (reference classifier, s = {d4['guidance_scale']:g}, "
+                     f"{d4.get('guided_class_accuracy_n', '?')} kept images) | "
                      f"{d4['guided_class_accuracy']:.3f} | >= 0.85, no class below 0.6 |")
     per_class = d4.get("guided_class_faithfulness") or []
     if per_class:
@@ -193,11 +194,14 @@ def build_report(cfg: Config) -> Path:
                      + ". Validation images come out of each draw's labeled subset (`data.labeled_val_every`) and "
                      "choose checkpoints, the guidance setting, the near-copy threshold and lambda; the separate "
                      "validation split serves only the classifier trained on all labels.\n")
+    lc_pl = cfg.latent_classifier.pseudo_label_threshold
     parts.append("- Unlabeled target images each arm uses: `real` none; `histodiffusion` the target's training images "
-                 "without labels when the chosen adaptation is `target_unlabeled` (none with `none`); `pseudo_label` "
-                 "the target's training images outside the draw's labeled subset, labeled by the real-only classifier "
-                 f"where its confidence is >= {ds.pseudo_label_threshold:g}. The chosen adaptation this run: "
-                 f"`{d4.get('adaptation', '?')}`.\n")
+                 "without labels when the chosen adaptation is `target_unlabeled` (none with `none`)"
+                 + (f", and for its latent classifier the images outside the draw's labeled subset that the draw's "
+                    f"real-only classifier labels with confidence >= {lc_pl:g}" if lc_pl > 0 else "")
+                 + "; `pseudo_label` the target's training images outside the draw's labeled subset, labeled by the "
+                 f"real-only classifier where its confidence is >= {ds.pseudo_label_threshold:g}. The chosen "
+                 f"adaptation this run: `{d4.get('adaptation', '?')}`.\n")
     ablation = [s for s in ds.training_sets if s in ("scratch", "classifier_free")]
     parts.append(f"- Label fractions in the grid: {fr_text}; "
                  f"training sets: {', '.join(ds.training_sets)}, each adding {ds.ratio:.0%} as many images as "
@@ -220,8 +224,11 @@ def build_report(cfg: Config) -> Path:
                  f"- Latent classifier: "
                  + ("the pre-trained denoiser's frozen encoder with a trained head" if cfg.latent_classifier.backbone
                     == "pretrained_unet" else "guided-diffusion's EncoderUNet trained from scratch")
+                 + (f", trained on the draw's labeled images plus its pseudo-labeled ones (confidence >= {lc_pl:g})"
+                    if lc_pl > 0 else ", trained on the draw's labeled images")
                  + f", {cfg.latent_classifier.train.max_steps} steps, selected on validation accuracy at the timesteps the "
-                 "sampler visits (where it guides).\n"
+                 "sampler visits (where it guides). Guided class accuracy: the reference classifier's calls on the kept "
+                 "HistoDiffusion images of every draw of the primary cell, averaged over classes.\n"
                  f"- Guidance: {SAMPLER_NAMES[cfg.sampling.method]} {cfg.sampling.num_inference_steps} steps"
                  + (f", eta {cfg.sampling.eta}" if cfg.sampling.method == "ddim" else "") + "; scale and "
                  f"adaptation {'chosen on the labeled validation images and the look of the unlabeled target images (below)' if cfg.sampling.select_on_validation else 'from the parameters'}. "
