@@ -44,11 +44,13 @@ STAGE_SECTIONS = {
     "00_data": ["study.seed", "data"],
     "01_autoencoder": ["autoencoder", "pretrained"],
     # 02 and 03 train one model per grid fraction
-    "02_diffusion": ["diffusion", "downstream.fractions", "downstream.ratio_sweep_fraction"],
+    # study.mixed_precision: every stage that trains (the adaptation, classifiers, grid cells)
+    "02_diffusion": ["diffusion", "downstream.fractions", "downstream.ratio_sweep_fraction", "study.mixed_precision"],
     "03_guidance": ["latent_classifier", "downstream", "sampling.method", "sampling.num_inference_steps",
-                    "sampling.guidance_interval", "sampling.guidance_interval_sweep"],  # + the primary-cell sweep
+                    "sampling.guidance_interval", "sampling.guidance_interval_sweep",
+                    "study.mixed_precision"],  # + the primary-cell sweep
     "04_synthesis": ["sampling", "filtering", "downstream"],
-    "05_downstream": ["downstream"],
+    "05_downstream": ["downstream", "study.mixed_precision"],
     "06_quality": ["quality"],
     "07_report": [],
 }

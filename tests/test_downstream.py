@@ -511,6 +511,26 @@ def test_cell_key_holds_lambdas_only_where_images_are_added(monkeypatch):
     assert stage.cell_inputs_key(cfg, "real", 0.05, 0.0, 0) == stage.cell_inputs_key(other, "real", 0.05, 0.0, 0)
 
 
+def test_training_precision_keys_cells_classifiers_and_stages(monkeypatch):
+    """A cell, a cached classifier or a stage computed in fp32 is never reused for bf16."""
+    import dataclasses
+
+    from hdlib.runner import discover_stages, stage_fingerprints
+    from hdlib.study.classifiers import _classifier_key
+
+    stage, cfg, _ = _patch_cell(monkeypatch, "[1.0]", {})
+    bf16 = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, mixed_precision="bf16"))
+    assert cfg.study.mixed_precision == "no"
+    monkeypatch.setattr(stage, "added_training_images", lambda *a: (None, None, ""))
+    assert stage.cell_inputs_key(cfg, "real", 0.05, 0.0, 0) != stage.cell_inputs_key(bf16, "real", 0.05, 0.0, 0)
+    tcfg = cfg.downstream.train
+    assert _classifier_key(cfg, "resnet10t", tcfg, "d", 0) != _classifier_key(bf16, "resnet10t", tcfg, "d", 0)
+    stages = discover_stages()
+    before, after = stage_fingerprints(cfg, stages), stage_fingerprints(bf16, stages)
+    assert before["01_autoencoder"] == after["01_autoencoder"]
+    assert all(before[s] != after[s] for s in ("02_diffusion", "03_guidance", "05_downstream"))
+
+
 def test_fit_image_classifier_passes_lambda(monkeypatch):
     import hdlib.study.classifiers as clf
     from hdlib.config import load_config

@@ -58,7 +58,8 @@ def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y,
 
 def _classifier_key(cfg: Config, backbone: str, tcfg: TrainingConfig, data_key: str, seed: int) -> dict:
     return {"backbone": backbone, "train": vars(tcfg), "seed": int(seed), "eval_every": cfg.downstream.eval_every,
-            "weights": cfg.downstream.pretrained_weights, "image_size": cfg.data.image_size, "data": data_key}
+            "weights": cfg.downstream.pretrained_weights, "image_size": cfg.data.image_size, "data": data_key,
+            "mixed_precision": cfg.study.mixed_precision}
 
 
 def _store_classifier(folder, key: dict, model, history) -> None:

@@ -36,8 +36,9 @@ ID_KEYS = ["fraction", "training_set", "ratio", "seed"]
 def _settings_key(cfg: Config) -> str:
     # the lambda candidates matter only to cells with added images: cell_inputs_key adds them there
     settings = {k: v for k, v in cfg.downstream.__dict__.items() if k != "synthetic_loss_weights"}
-    blob = json.dumps({"downstream": settings, "image_size": cfg.data.image_size,
-                       "classes": cfg.data.classes}, sort_keys=True, default=str)
+    # the training precision changes the weights as much as any downstream setting does
+    blob = json.dumps({"downstream": settings, "image_size": cfg.data.image_size, "classes": cfg.data.classes,
+                       "mixed_precision": cfg.study.mixed_precision}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
