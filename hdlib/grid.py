@@ -71,6 +71,17 @@ def cell_id(cell: dict, keys: Sequence[str] | None = None) -> str:
     return safe
 
 
+def remove_other_results(out_dir: str | Path, keep_ids) -> list[str]:
+    """Delete the result JSONs in `out_dir` whose id is not in `keep_ids`: cells of an
+    earlier run's grid (other seeds or label counts) that the current grid no longer holds,
+    so that a results folder reports only its own run. Returns the removed ids, sorted."""
+    keep = set(keep_ids)
+    removed = sorted(p.stem for p in Path(out_dir).glob("*.json") if p.stem not in keep)
+    for cid in removed:
+        (Path(out_dir) / f"{cid}.json").unlink()
+    return removed
+
+
 def load_cell_fn(spec: str) -> Callable[[dict], dict]:
     """Import 'package.module:function'."""
     module_name, sep, fn_name = spec.partition(":")

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # so workers can import _grid_cells too
 
 from hdlib.errors import HDLibError  # noqa: E402
-from hdlib.grid import GridCellError, cell_id, run_grid  # noqa: E402
+from hdlib.grid import GridCellError, cell_id, remove_other_results, run_grid  # noqa: E402
 
 FN = "_grid_cells:toy_cell"
 
@@ -122,3 +122,34 @@ def test_parallel_workers_match_serial(tmp_path):
     threads = run_grid([{"k": i} for i in range(2)], "_grid_cells:threads_cell", tmp_path / "thr", workers=2,
                        threads_per_worker=1, progress=False)
     assert list(threads["threads"]) == [1, 1]
+
+
+def test_remove_other_results_keeps_only_the_listed_cells(tmp_path):
+    for cid in ("a", "b", "c"):
+        (tmp_path / f"{cid}.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("not a result")
+    assert remove_other_results(tmp_path, {"a", "c", "d"}) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "c.json", "notes.txt"]
+
+
+def test_only_the_whole_downstream_grid_removes_other_runs_cells(monkeypatch, tmp_path):
+    """Stage 03 runs part of the grid (real-only cells): that must never delete stage 05's cells."""
+    import pandas as pd
+
+    import hdlib.study.grid_cells as gc
+
+    cells = {"real": [{"fraction": 0.05, "training_set": "real", "ratio": 0.0, "seed": 0}],
+             None: [{"fraction": 0.05, "training_set": t, "ratio": r, "seed": 0}
+                    for t, r in (("real", 0.0), ("histodiffusion", 1.0))]}
+    monkeypatch.setattr(gc, "downstream_cells", lambda cfg, primary, sets: cells["real" if sets else None])
+    monkeypatch.setattr(gc, "run_grid", lambda *a, **k: pd.DataFrame())
+    monkeypatch.setattr(gc, "StudyPaths", lambda cfg: type("P", (), {"grid": tmp_path})())
+    cfg = type("C", (), {"study": type("S", (), {"workers": 1, "progress": False})(), "results_dir": tmp_path})()
+    ids = [gc.cell_id(c, gc.ID_KEYS) for c in cells[None]] + ["fraction=0.1_ratio=0.0_seed=7_training_set=real"]
+    for cid in ids:
+        (tmp_path / f"{cid}.json").write_text("{}")
+    gc.run_downstream_grid(cfg, primary=0.05, training_sets=["real"])
+    assert len(list(tmp_path.glob("*.json"))) == 3
+    out = gc.run_downstream_grid(cfg, primary=0.05)
+    assert out.attrs["removed_other_runs"] == [ids[2]]
+    assert sorted(p.stem for p in tmp_path.glob("*.json")) == sorted(ids[:2])

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import Config
 from ..downstream import evaluate
-from ..grid import run_grid
+from ..grid import cell_id, remove_other_results, run_grid
 from ..paths import REPO_ROOT, StudyPaths
 from .classifiers import fit_image_classifier, real_only_seed, store_baseline
 from .context import config_from_results
@@ -150,9 +150,16 @@ def select_synthetic_loss_weight(fit, lambdas, score):
 
 def run_downstream_grid(cfg: Config, primary: float | None = None, training_sets=None):
     """The cells of `downstream_cells` (resumable; stale cells recomputed; a cell another
-    run already computed with the same content key is reused). Returns the results frame."""
+    run already computed with the same content key is reused). With a primary cell and every
+    training set (stage 05's whole grid), result files of cells the grid does not hold (an
+    earlier run's seeds or label counts) are deleted (`attrs["removed_other_runs"]`).
+    Returns the results frame."""
     cells = downstream_cells(cfg, primary, training_sets)
     # where the study lives is context, not part of a cell: a moved study keeps its cells
-    return run_grid(cells, "hdlib.study.grid_cells:run_downstream_cell", StudyPaths(cfg).grid,
-                    workers=cfg.study.workers, id_keys=ID_KEYS, progress=cfg.study.progress,
-                    context={"study_dir": str(cfg.results_dir)})
+    results = run_grid(cells, "hdlib.study.grid_cells:run_downstream_cell", StudyPaths(cfg).grid,
+                       workers=cfg.study.workers, id_keys=ID_KEYS, progress=cfg.study.progress,
+                       context={"study_dir": str(cfg.results_dir)})
+    if primary is not None and training_sets is None:  # the whole grid: any other cell is an earlier run's
+        results.attrs["removed_other_runs"] = remove_other_results(StudyPaths(cfg).grid,
+                                                                   {cell_id(c, ID_KEYS) for c in cells})
+    return results
