@@ -117,3 +117,19 @@ def test_gain_table_is_holm_corrected_within_each_comparison():
     assert set(table["comparison"]) == {"vs real-only", "vs pseudo-label rival"}
     assert (table["holm_pvalue"] >= table["t_pvalue"]).all()
     assert sorted(table["labels_per_class"].unique()) == [8, 32]
+
+
+def test_report_names_the_links_that_miss_their_aims():
+    import pandas as pd
+
+    from hdlib.stages.report import broken_links
+
+    d4 = {"guided_class_accuracy": 0.59, "guided_class_accuracy_per_class": {"ADI": 0.32, "BACK": 0.92, "STR": 0.30}}
+    acc = pd.DataFrame({"achieved": [100, 80], "requested": [135, 135]})
+    text = broken_links(d4, {"mdd_points": 3.1}, acc)
+    assert text.startswith("Where the chain breaks: guided samples are of their target class for 0.59")
+    assert "below 0.6 for STR 0.30, ADI 0.32" in text and "BACK" not in text
+    assert "kept 180 of 270 requested images" in text and "differences of 3.1 points" in text
+    good = {"guided_class_accuracy": 0.9, "guided_class_accuracy_per_class": {"ADI": 0.8, "STR": 0.95}}
+    assert broken_links(good, {"mdd_points": 1.2}, pd.DataFrame({"achieved": [5], "requested": [5]})).startswith(
+        "Every measured link meets its aim")

@@ -140,7 +140,31 @@ def chain_section(cfg: Config) -> str:
             lines.append(f"| accuracy, HistoDiffusion - {name} (paired) | {_points(d5[key])} | CI above 0 |")
     if d5.get("verdict"):
         lines += ["", VERDICTS[d5["verdict"]]]
+        if d5["verdict"] != "beats_both":
+            lines += ["", broken_links(d4, d5, acc_rows=hd if len(acc) else None)]
     return "\n".join(lines) + "\n"
+
+
+def broken_links(d4: dict, d5: dict, acc_rows: pd.DataFrame | None = None) -> str:
+    """One sentence naming the links of the chain that miss their aims (guided class
+    accuracy >= 0.85 with no class below 0.6; every requested image kept; the power to see
+    1.5 points), from the stage metrics; the goal's own miss is the verdict's."""
+    broken = []
+    overall = d4.get("guided_class_accuracy")
+    per_class = d4.get("guided_class_accuracy_per_class") or {}
+    low = sorted((v, k) for k, v in per_class.items() if v < 0.6)
+    if overall is not None and (overall < 0.85 or low):
+        broken.append(f"guided samples are of their target class for {overall:.2f} of kept images (aim 0.85)"
+                      + (", below 0.6 for " + ", ".join(f"{k} {v:.2f}" for v, k in low) if low else ""))
+    if acc_rows is not None and len(acc_rows) and acc_rows["achieved"].sum() < acc_rows["requested"].sum():
+        broken.append(f"the filter kept {int(acc_rows['achieved'].sum())} of {int(acc_rows['requested'].sum())} "
+                      "requested images")
+    mdd = d5.get("mdd_points")
+    if mdd is not None and mdd > 1.5:
+        broken.append(f"the primary cell detects only differences of {mdd:.1f} points at 80% power (aim 1.5)")
+    if not broken:
+        return "Every measured link meets its aim: the missing gain is not explained by one broken link."
+    return "Where the chain breaks: " + "; ".join(broken) + "."
 
 
 def pretrained_section(path: str) -> str:
