@@ -145,6 +145,10 @@ class DiffusionConfig:
     prediction_type: str = _f("epsilon", choices=("epsilon", "v_prediction"))
     loss: str = _f("l1", choices=("l1", "l2"))
     snr_gamma: float = _f(0.0, lo=0.0, doc="min-SNR-gamma loss weighting (e.g. 5); 0 = unweighted (the paper)")
+    timestep_sampling: str = _f("uniform", choices=("uniform", "lognormal"),
+                                doc="training timesteps: uniform (the paper) or EDM's log-normal noise levels")
+    lognormal_mean: float = _f(-0.5, doc="mean of ln(sigma) for timestep_sampling=lognormal")
+    lognormal_std: float = _f(1.2, lo=0.01, doc="std of ln(sigma) for timestep_sampling=lognormal")
     adaptations: list[str] = _f(factory=lambda: ["none", "labeled"], choices=("none", "labeled", "target_unlabeled"))
     preview_samples: int = _f(10, lo=1, doc="unconditional samples per model in stage 02's figure")
     realism_samples: int = _f(64, lo=2, doc="unconditional samples per model in stage 02's realism table")
@@ -281,6 +285,8 @@ class PretrainConfig:
                             "through it, judged by the provenance-trained judge) while it trains; 0 = not measured")
     judge_epochs: int = _f(4, lo=1, doc="epochs of the provenance-trained judge (hdlib.pool_judge) over the pool's "
                            "training split")
+    committed_run: str = _f("", doc="folder (in git) that mirrors the run's latest checkpoint and curves after each "
+                            "evaluation, and that a fresh clone resumes from; empty = none")
     other_runs: list[str] = _f(factory=list, doc="'label: results folder' of full pre-training runs of other recipes "
                                "on this pool (made with `make pretrain ARGS=...`), judged alike in the card's comparison")
 

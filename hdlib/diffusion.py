@@ -90,22 +90,50 @@ def diffusion_loss(unet, z0: torch.Tensor, noise: torch.Tensor, timesteps: torch
     return per_sample.mean()
 
 
-def draw_noise_and_timesteps(seeds, latent_shape: Sequence[int], num_train_timesteps: int
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
+
+
+def timestep_probabilities(scheduler, kind: str = "uniform", mean: float = -0.5, std: float = 1.2
+                           ) -> torch.Tensor | None:
+    """How training timesteps are drawn: None for uniform (the paper), else a probability per
+    timestep. "lognormal" is EDM's noise sampling (Karras et al. 2022), ln(sigma) ~ N(mean, std^2),
+    carried to the discrete schedule: t gets the mass of the sigma interval around sigma_t =
+    sqrt((1 - abar_t) / abar_t) (the end steps take the tails). EDM's -1.2 is for data of std 0.5;
+    the study's latents have unit std, hence -0.5 (about -1.2 + ln 2)."""
+    if kind not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"unknown timestep sampling {kind!r}; expected one of {TIMESTEP_SAMPLINGS}")
+    if kind == "uniform":
+        return None
+    abar = scheduler.alphas_cumprod.double()
+    log_sigma = 0.5 * torch.log((1 - abar) / abar)
+    edges = (log_sigma[1:] + log_sigma[:-1]) / 2
+    cdf = torch.distributions.Normal(float(mean), float(std)).cdf(edges)
+    cdf = torch.cat([torch.zeros(1, dtype=cdf.dtype), cdf, torch.ones(1, dtype=cdf.dtype)])
+    return (cdf[1:] - cdf[:-1]).clamp(min=0).float()
+
+
+def draw_noise_and_timesteps(seeds, latent_shape: Sequence[int], num_train_timesteps: int,
+                             timestep_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample training noise and timestep, each sample from its own generator seeded
-    with its seed: a sample's draw does not depend on how the batch is split.
+    with its seed: a sample's draw does not depend on how the batch is split. Timesteps are
+    uniform, or drawn from `timestep_probs` (`timestep_probabilities`).
 
     Returns (noise float32 [B, *latent_shape], timesteps int64 [B]) on the CPU."""
     seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1)
     shape = tuple(int(s) for s in latent_shape)
     noise = torch.empty((len(seeds), *shape))
     timesteps = torch.empty(len(seeds), dtype=torch.long)
+    if timestep_probs is not None and len(timestep_probs) != int(num_train_timesteps):
+        raise ValueError(f"timestep_probs has {len(timestep_probs)} entries for {num_train_timesteps} timesteps")
     for i, seed in enumerate(seeds.tolist()):
         g = torch.Generator().manual_seed(seed)
-        timesteps[i] = torch.randint(0, int(num_train_timesteps), (1,), generator=g)
+        if timestep_probs is None:
+            timesteps[i] = torch.randint(0, int(num_train_timesteps), (1,), generator=g)
+        else:
+            timesteps[i] = torch.multinomial(timestep_probs, 1, generator=g)
         noise[i] = torch.randn(shape, generator=g)
     return noise, timesteps
 
 
 __all__ = ["make_noise_scheduler", "diffusion_target", "diffusion_loss", "min_snr_weights", "draw_noise_and_timesteps",
-           "PREDICTION_TYPES", "LOSS_TYPES"]
+           "timestep_probabilities", "PREDICTION_TYPES", "LOSS_TYPES", "TIMESTEP_SAMPLINGS"]

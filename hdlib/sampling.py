@@ -43,6 +43,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm import tqdm
 
 from .errors import DataError
+from .placement import check_placement
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -207,7 +208,7 @@ def _ddim_for(scheduler, num_inference_steps: int, eta: float, device):
 
 
 def _guided_request(unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape,
-                    batch_size, guidance_interval):
+                    batch_size, guidance_interval, device, where: str):
     """The checks every classifier-guided sampler makes before any compute: (labels, seeds,
     shape, interval, guided)."""
     labels, seeds, shape = _as_request(labels, seeds, latent_shape, batch_size, num_inference_steps, scheduler)
@@ -216,6 +217,7 @@ def _guided_request(unet, scheduler, labels, seeds, classifier, guidance_scale, 
     guided = classifier is not None and guidance_scale != 0
     if guidance_scale != 0 and classifier is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
+    check_placement(where, device, unet=unet, classifier=classifier if guided else None)
     if guided and hasattr(classifier, "num_classes"):
         _check_class_range(labels, classifier.num_classes, "latent classifier classes")
     return labels, seeds, shape, interval, guided
@@ -235,7 +237,7 @@ def guided_ddim_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
     guides only the steps with t_low <= t <= t_high (None: every step)."""
     labels, seeds, shape, interval, guided = _guided_request(
         unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape, batch_size,
-        guidance_interval)
+        guidance_interval, device, "guided_ddim_sample")
     prediction_type, ddim, alphas_cumprod = _ddim_for(scheduler, num_inference_steps, eta, device)
 
     def chain(z, y, gens, bar):
@@ -268,7 +270,7 @@ def guided_ddpm_sample(unet, scheduler, labels, seeds, *, classifier=None, guida
     `guidance_interval`: as in `guided_ddim_sample`."""
     labels, seeds, shape, interval, guided = _guided_request(
         unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape, batch_size,
-        guidance_interval)
+        guidance_interval, device, "guided_ddpm_sample")
     prediction_type = scheduler.config.prediction_type
     ddpm = _step_scheduler(scheduler, "ddpm", num_inference_steps)
     alphas_cumprod = ddpm.alphas_cumprod.to(device)
@@ -308,7 +310,7 @@ def guided_dpm_solver_sample(unet, scheduler, labels, seeds, *, classifier=None,
     `guidance_interval`: as in `guided_ddim_sample`."""
     labels, seeds, shape, interval, guided = _guided_request(
         unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps, latent_shape, batch_size,
-        guidance_interval)
+        guidance_interval, device, "guided_dpm_solver_sample")
     prediction_type = scheduler.config.prediction_type
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
@@ -347,6 +349,7 @@ def cfg_ddim_sample(cond_unet, scheduler, labels, seeds, *, null_label: int, cfg
     if not 0 <= null_label < n_embeds:
         raise ValueError(f"null_label {null_label} is outside the UNet's class ids 0..{n_embeds - 1}")
     _check_class_range(labels, n_embeds, "class-conditional UNet classes")
+    check_placement("cfg_ddim_sample", device, cond_unet=cond_unet)
     prediction_type, ddim, alphas_cumprod = _ddim_for(scheduler, num_inference_steps, eta, device)
 
     def chain(z, y, gens, bar):

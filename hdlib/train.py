@@ -23,7 +23,7 @@ from .batching import GroupPlan
 from .config import Config, TrainingConfig
 from .data.latents import posterior_sample
 from .data.streaming import StreamingSource
-from .diffusion import diffusion_loss, draw_noise_and_timesteps
+from .diffusion import diffusion_loss, draw_noise_and_timesteps, timestep_probabilities
 from .errors import ConfigError, HDLibError
 from .latent_classifier import classifier_loss
 from .launch import launch
@@ -163,10 +163,11 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
     shape = store.shape
     C, S = shape[0], shape[-1]
     K = len(cfg.data.classes)
+    t_probs = timestep_probabilities(scheduler, d.timestep_sampling, d.lognormal_mean, d.lognormal_std)
 
     def denoise_loss(model, batch, seeds):
         z0 = posterior_sample(batch[0], batch[1], seeds)  # a fresh posterior draw every time
-        noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps)
+        noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps, t_probs)
         return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
                               snr_gamma=d.snr_gamma)
 
@@ -190,7 +191,7 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
             z0, labels = posterior_sample(batch[0], batch[1], seeds), batch[2]
             drop = _per_sample_uniform(seeds, salt=7919).to(labels.device) < p_drop
             labels = torch.where(drop, torch.full_like(labels, K), labels)  # K = the null label
-            noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps)
+            noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps, t_probs)
             return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
                                   class_labels=labels, snr_gamma=d.snr_gamma)
 

@@ -43,7 +43,8 @@ def run_recipe_key(cfg: Config) -> dict:
     dm["pretrain"].pop("checkpointing_steps")
     p = {k: d["pretrain"][k] for k in ("ae_eval_every", "eval_every", "eval_samples", "eval_inference_steps")}
     return {"seed": d["study"]["seed"], "data": d["data"], "autoencoder": ae, "diffusion": dm, "pretrain": p,
-            "init_from_vae_sha256": vae_sha256(cfg.autoencoder.init_from)}
+            "init_from_vae_sha256": vae_sha256(cfg.autoencoder.init_from),
+            **({"pretrained_vae_sha256": vae_sha256(cfg.pretrained.path)} if cfg.pretrained.path else {})}
 
 
 def check_run_recipe(cfg: Config) -> None:

@@ -12,9 +12,11 @@ import pandas as pd
 import torch
 
 from ..config import Config
+from ..errors import ConfigError
 from ..io import atomic_write_csv, atomic_write_json
 from ..paths import StudyPaths
 from ..pool_judge import provenance_labels
+from ..pretrained import check_compatible, has_unet
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import (
     encode_and_measure,
@@ -26,34 +28,46 @@ from ..study.preparation import prepare_data
 from ..study.splits import load_split_images, split_images
 from ..train import train_task
 from .export import export_study_pretrained
-from .judges import RandomResNetJudge, autoencoder_ceiling, pool_judge, pool_quality
+from .judges import RandomResNetJudge, autoencoder_ceiling, pool_judge
 from .recipe import check_run_recipe, config_with
+from .resume import keep_committed_checkpoint, seed_from_committed_checkpoint
 from .samples import holdout_images, sample_images
+from .scoring import ProvenanceScorer
 
 
 def encoded_pool(cfg: Config):
-    """(autoencoder, latent scale, the untrained judge, its features of the held-out pool tiles),
-    encoding the pool first if that has not been done."""
+    """(autoencoder, latent scale), encoding the pool first if that has not been done."""
     if not (latent_dir(cfg) / "latents.json").exists():
         encode_and_measure(cfg)
-    judge = RandomResNetJudge()
-    return load_autoencoder(cfg), latent_scale(cfg), judge, judge(holdout_images(cfg))
+    return load_autoencoder(cfg), latent_scale(cfg)
+
+
+def check_pretrain_source(cfg: Config) -> None:
+    """This command makes the denoiser: `pretrained.path` may bring an autoencoder to train it on
+    (a folder with vae/ only: the previous version's, or a Stable Diffusion VAE copied to disk), never a unet."""
+    if cfg.pretrained.path:
+        check_compatible(cfg.pretrained.path, cfg.data.image_size)  # one line, before any compute
+        if has_unet(cfg.pretrained.path):
+            raise ConfigError(f"pretrained.path: {cfg.pretrained.path} holds a unet; pretrain trains the denoiser, "
+                              "so give it a folder with vae/ only (or clear it to train the autoencoder too)")
 
 
 def run_pretrain(cfg: Config, export: bool = True) -> dict:
     """Train (or resume) and evaluate; export when `pretrain.export_dir` is set (and `export`)."""
     p, paths = cfg.pretrain, StudyPaths(cfg)
-    if cfg.pretrained.path:
-        raise ValueError("pretrain: pretrained.path must be empty (this command makes the pre-trained model)")
+    check_pretrain_source(cfg)
     if p.threads:
         torch.set_num_threads(p.threads)
     t0 = time.time()
     check_run_recipe(cfg)  # before any compute: the folder's checkpoints and curves belong to this recipe
     if not paths.manifest("pool").exists():
         prepare_data(cfg)
-    train_autoencoder_tracked(cfg)
-    vae, scale, judge, real_feats = encoded_pool(cfg)
+    if not cfg.pretrained.path:
+        train_autoencoder_tracked(cfg)
+    vae, scale = encoded_pool(cfg)
     sched = noise_scheduler(cfg)
+    seed_from_committed_checkpoint(cfg)
+    scorer = ProvenanceScorer(cfg)
 
     eval_path = paths.metrics_dir / "pretrain_eval.csv"
     rows = pd.read_csv(eval_path).to_dict("records") if eval_path.exists() else []
@@ -67,16 +81,19 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
         res = train_task(chunk, "denoiser_pretrained")
         unet = load_denoiser(chunk, "denoiser_pretrained")
         imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps)
-        q = pool_quality(judge(imgs), real_feats)
+        q = scorer(imgs)
         rows.append({"step": target, "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
-                     **q, "loss": res.last_loss})
+                     **q, "loss": res.last_loss, "train_s": res.wall_s})
         atomic_write_csv(pd.DataFrame(rows), eval_path)
-        print(f"[pretrain] step {target}: FID {q['fid']:.2f} KID {q['kid_mean']:.4f} "
-              f"P {q['precision']:.3f} R {q['recall']:.3f}", flush=True)
+        keep_committed_checkpoint(cfg)
+        print(f"[pretrain] step {target}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "
+              f"mixture TV {q['mixture_tv']:.3f} (worst {q['worst_share_class']} at {q['worst_share_ratio']:.2f} "
+              f"of its real share); untrained judge FID {q['random_judge_fid']:.2f}", flush=True)
     summary = {"eval": rows, "wall_s_this_call": time.time() - t0}
     atomic_write_json(paths.metrics("pretrain_summary"), summary)
     if p.export_dir and export:
-        export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=real_feats)
+        judge = RandomResNetJudge()
+        export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=judge(holdout_images(cfg)))
     return summary
 
 

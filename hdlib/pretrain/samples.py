@@ -33,8 +33,9 @@ EVAL_SEED = 10_000
 @torch.no_grad()
 def sample_images(unet, scheduler, vae, scale: float, n: int, steps: int, seed: int = EVAL_SEED,
                   device: str = "cpu", progress: bool = False) -> torch.Tensor:
-    """n unconditional DDIM (eta=1) samples, decoded to uint8; image i uses seed + i."""
+    """n unconditional DDIM (eta=1) samples on `device`, decoded to uint8; image i uses seed + i."""
     C, S = unet.config.in_channels, unet.config.sample_size
+    unet = unet.to(device)
     lat = guided_ddim_sample(unet, scheduler, torch.zeros(n, dtype=torch.long), torch.arange(n) + seed,
                              num_inference_steps=steps, eta=1.0, latent_shape=(C, S, S), batch_size=64,
                              device=device, progress=progress)

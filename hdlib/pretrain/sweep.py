@@ -1,11 +1,15 @@
-"""The recipe sweep: short runs of recipe variants on the run's own pool latents, judged like the
-main run; its table goes into the card of the next export."""
+"""The recipe sweep: short runs of recipe variants on the run's own pool latents, ranked by the
+provenance-trained judge (FID, recall, the mix of tissue classes) with a grid of samples per
+variant; the untrained judge's FID is kept beside it as a second opinion. Its table goes into the
+card of the next export."""
 
 from __future__ import annotations
 
+import matplotlib
 import pandas as pd
 import torch
 
+from .. import plots
 from ..config import load_config
 from ..errors import ConfigError
 from ..io import atomic_write_csv
@@ -14,10 +18,12 @@ from ..study.latent_models import build_denoiser, noise_scheduler
 from ..study.preparation import prepare_data
 from ..train import train_task
 from ..weights import load_final
-from .judges import pool_quality
 from .recipe import config_with
-from .run import encoded_pool
+from .run import check_pretrain_source, encoded_pool, train_autoencoder_tracked
 from .samples import sample_images
+from .scoring import ProvenanceScorer
+
+GRID_SAMPLES = 12
 
 
 def parse_recipe_variant(text: str) -> tuple[str, list[str]]:
@@ -30,40 +36,52 @@ def parse_recipe_variant(text: str) -> tuple[str, list[str]]:
 
 
 def recipe_sweep(params: str, overrides=()) -> pd.DataFrame:
-    """Short runs of recipe variants (prediction type, min-SNR weighting, schedule, width, ...)
-    on the run's own pool latents, each from the same seed for `pretrain.sweep_steps` steps and
-    judged like the main run (same judge, holdout, sample count and seeds). The configured recipe
-    is also judged with its raw weights, to show what the EMA buys at this run length.
-    Resumable: finished variants are kept in metrics/pretrain_recipe_sweep.csv."""
+    """Short runs of recipe variants (prediction type, loss weighting, noise sampling, width, depth,
+    learning rate, ...) on the run's own pool latents, each from the same seed for
+    `pretrain.sweep_steps` steps and judged alike (same judge, holdout, sample count and seeds),
+    ranked by the provenance-trained judge's FID. Resumable: finished variants are kept in
+    metrics/pretrain_recipe_sweep.csv, and their samples in the cache for the grid figure."""
+    matplotlib.use("Agg")
     cfg = load_config(params, list(overrides))
     p, paths = cfg.pretrain, StudyPaths(cfg)
     variants = [parse_recipe_variant(v) for v in p.recipe_sweep]
     cfgs = {name: load_config(params, list(overrides) + ov) for name, ov in variants}  # bad keys fail here
+    check_pretrain_source(cfg)
     if p.threads:
         torch.set_num_threads(p.threads)
     if not paths.manifest("pool").exists():
         prepare_data(cfg)
-    train_task(cfg, "autoencoder")
-    vae, scale, judge, real_feats = encoded_pool(cfg)
+    if not cfg.pretrained.path:
+        train_autoencoder_tracked(cfg)
+    vae, scale = encoded_pool(cfg)
+    scorer = ProvenanceScorer(cfg)
     out_csv = paths.metrics_dir / "pretrain_recipe_sweep.csv"
     rows = pd.read_csv(out_csv).to_dict("records") if out_csv.exists() else []
-    done = {(r["variant"], r["weights"]) for r in rows}
+    done = {r["variant"] for r in rows}
     for name, ov in variants:
+        cached = paths.cache / "recipe_sweep" / f"{name}.pt"
+        if name in done and cached.exists():
+            continue
         vcfg = config_with(cfgs[name], "diffusion.pretrain.max_steps", p.sweep_steps)
-        out_dir = paths.model("recipe_sweep") / name
-        for weights in (("ema", "raw") if name == variants[0][0] else ("ema",)):
-            if (name, weights) in done:
-                continue
-            res = train_task(vcfg, "denoiser_pretrained", out_dir=out_dir)
-            unet = load_final(build_denoiser(vcfg), out_dir, ema=weights == "ema").eval().requires_grad_(False)
-            imgs = sample_images(unet, noise_scheduler(vcfg), vae, scale, p.eval_samples, p.eval_inference_steps)
-            q = pool_quality(judge(imgs), real_feats)
-            rows.append({"variant": name, "overrides": " ".join(ov) or "(params file as is)", "weights": weights,
-                         "steps": p.sweep_steps, "parameters": sum(x.numel() for x in unet.parameters()),
-                         "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
-                         "fid": q["fid"], "kid_mean": q["kid_mean"], "precision": q["precision"],
-                         "recall": q["recall"], "final_loss": res.last_loss})
-            atomic_write_csv(pd.DataFrame(rows), out_csv)
-            print(f"[sweep] {name} ({weights}): FID {q['fid']:.2f} KID {q['kid_mean']:.4f} "
-                  f"P {q['precision']:.3f} R {q['recall']:.3f}", flush=True)
-    return pd.DataFrame(rows)
+        res = train_task(vcfg, "denoiser_pretrained", out_dir=paths.model("recipe_sweep") / name)
+        unet = load_final(build_denoiser(vcfg), paths.model("recipe_sweep") / name, ema=True).eval()
+        imgs = sample_images(unet.requires_grad_(False), noise_scheduler(vcfg), vae, scale, p.eval_samples,
+                             p.eval_inference_steps)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(imgs[:GRID_SAMPLES].clone(), cached)
+        q = scorer(imgs)
+        rows = [r for r in rows if r["variant"] != name] + [{
+            "variant": name, "overrides": " ".join(ov) or "(params file as is)", "weights": "ema", "steps": p.sweep_steps,
+            "parameters": sum(x.numel() for x in unet.parameters()), "samples": p.eval_samples,
+            "ddim_steps": p.eval_inference_steps, **q, "final_loss": res.last_loss, "train_s": res.wall_s,
+            "s_per_step": res.wall_s / max(1, res.step - res.resumed_from_step)}]
+        atomic_write_csv(pd.DataFrame(rows), out_csv)
+        print(f"[sweep] {name}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "
+              f"mixture TV {q['mixture_tv']:.3f}; untrained judge FID {q['random_judge_fid']:.2f}", flush=True)
+    table = pd.DataFrame(rows).sort_values("fid").reset_index(drop=True)
+    grid = {f"{r.variant} ({r.fid:.0f})": torch.load(paths.cache / "recipe_sweep" / f"{r.variant}.pt")
+            for r in table.itertuples()}
+    fig = plots.image_rows(grid, n=GRID_SAMPLES, title=f"Recipe sweep: samples after {p.sweep_steps} steps "
+                           "(judge FID in brackets, best first)")
+    plots.save(fig, cfg, "pretrain_recipe_sweep")
+    return table

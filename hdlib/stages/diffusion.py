@@ -56,7 +56,8 @@ def unconditional_samples(cfg: Config, models: list[str], n: int, tag: str, prog
     seeds = torch.as_tensor(request_seeds(cfg, tag, n))
     out = {}
     for name in models:
-        z = guided_ddim_sample(load_denoiser(cfg, name), sched, torch.zeros(n, dtype=torch.long), seeds,
+        unet = load_denoiser(cfg, name).to(dev)  # loaded on the CPU; the sampler runs on dev
+        z = guided_ddim_sample(unet, sched, torch.zeros(n, dtype=torch.long), seeds,
                                num_inference_steps=s.num_inference_steps, eta=s.eta, latent_shape=latent_shape(cfg),
                                batch_size=s.batch_size, device=dev, progress=progress)
         out[name] = (z, decode_latents(vae, z, scale, device=dev) if decode else None)

@@ -1,0 +1,74 @@
+"""A pre-training run outlives its machine: its latest checkpoint and curves are mirrored into a
+committed folder, and a fresh clone resumes from there; EDM's log-normal noise levels on the schedule."""
+
+import json
+
+import pytest
+import torch
+
+from hdlib.config import load_config
+from hdlib.diffusion import draw_noise_and_timesteps, make_noise_scheduler, timestep_probabilities
+from hdlib.errors import ConfigError
+from hdlib.paths import StudyPaths
+from hdlib.pretrain.recipe import check_run_recipe
+from hdlib.pretrain.resume import keep_committed_checkpoint, seed_from_committed_checkpoint
+
+
+def _run(tmp_path, name, extra=()):
+    cfg = load_config("params/smoke.yaml", [f"study.results_root={tmp_path}", f"study.name={name}",
+                                            f"pretrain.committed_run={tmp_path / 'committed'}", *extra])
+    check_run_recipe(cfg)
+    return cfg
+
+
+def _checkpoint(cfg, step, payload="w"):
+    d = StudyPaths(cfg).model("denoiser_pretrained") / "checkpoints" / f"step-{step:08d}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_text(f"{payload}{step}")
+    (d / "COMPLETE").write_text(f"{step}\n")
+
+
+def test_a_fresh_clone_resumes_from_the_committed_checkpoint(tmp_path):
+    first = _run(tmp_path, "machine_a")
+    _checkpoint(first, 250)
+    _checkpoint(first, 500)
+    StudyPaths(first).metrics_dir.mkdir(parents=True, exist_ok=True)
+    (StudyPaths(first).metrics_dir / "pretrain_eval.csv").write_text("step,fid\n500,80.0\n")
+    mirrored = keep_committed_checkpoint(first)
+    assert mirrored.name == "step-00000500"
+    assert [p.name for p in (tmp_path / "committed" / "checkpoint").iterdir()] == ["step-00000500"]
+
+    second = _run(tmp_path, "machine_b")  # the same recipe in an empty folder
+    assert seed_from_committed_checkpoint(second) == 500
+    ck = StudyPaths(second).model("denoiser_pretrained") / "checkpoints" / "step-00000500"
+    assert (ck / "model.safetensors").read_text() == "w500" and (ck / "COMPLETE").exists()
+    assert (StudyPaths(second).metrics_dir / "pretrain_eval.csv").read_text().endswith("500,80.0\n")
+    assert seed_from_committed_checkpoint(second) == 0  # already as far: nothing copied again
+
+
+def test_a_committed_run_of_another_recipe_is_a_one_line_error(tmp_path):
+    first = _run(tmp_path, "a")
+    _checkpoint(first, 10)
+    keep_committed_checkpoint(first)
+    other = _run(tmp_path, "b", ["diffusion.prediction_type=v_prediction"])
+    with pytest.raises(ConfigError, match="another recipe"):
+        seed_from_committed_checkpoint(other)
+    assert json.loads((tmp_path / "committed" / "run_key.json").read_text())["diffusion"]["prediction_type"] == "epsilon"
+
+
+def test_lognormal_timesteps_follow_edm_noise_levels():
+    sched = make_noise_scheduler("paper")
+    assert timestep_probabilities(sched, "uniform") is None
+    p = timestep_probabilities(sched, "lognormal", mean=-0.5, std=1.2)
+    assert p.shape == (1000,) and abs(float(p.sum()) - 1) < 1e-5 and (p >= 0).all()
+    abar = sched.alphas_cumprod.double()
+    sigma = ((1 - abar) / abar).sqrt()
+    median_t = int(torch.searchsorted(p.double().cumsum(0), torch.tensor(0.5, dtype=torch.float64)))
+    assert abs(float(sigma[median_t].log()) - (-0.5)) < 0.05  # half the mass below ln(sigma) = mean
+    _, t1 = draw_noise_and_timesteps(torch.arange(4000), (1, 1, 1), 1000, p)
+    _, t2 = draw_noise_and_timesteps(torch.arange(4000), (1, 1, 1), 1000, p)
+    assert torch.equal(t1, t2)  # per-sample seeds: reproducible
+    assert abs(float((sigma[t1].log() < -0.5).double().mean()) - 0.5) < 0.05
+    _, tu = draw_noise_and_timesteps(torch.arange(8), (1, 1, 1), 1000)
+    _, tu2 = draw_noise_and_timesteps(torch.arange(8), (1, 1, 1), 1000, None)
+    assert torch.equal(tu, tu2)
