@@ -7,7 +7,7 @@ PARAMS  ?= params/default.yaml
 ARGS    ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv data study smoke test test-all bench lab notebooks clean-results dryrun pretrain pretrain-sweep pretrain-assess
+.PHONY: venv data study smoke test test-all gpu-check bench lab notebooks clean-results dryrun pretrain pretrain-sweep pretrain-assess
 
 venv: $(STAMP)
 
@@ -58,6 +58,12 @@ test: $(STAMP)
 
 test-all: test
 	$(BIN)/python -m pytest -q -m slow
+
+# Every GPU code path on one GPU in a few minutes (tests/test_gpu.py; skipped cleanly without CUDA):
+# the Trainer in bf16/fp16 with EMA, resume and the memory plan, every sampler, classifier-free guidance,
+# the smoke study on cuda, 2-process NCCL when two GPUs are there, one paper-size step of each network.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -rA -m gpu tests/test_gpu.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -43,6 +43,8 @@ class StudyConfig:
     num_processes: int = _f(1, lo=1, doc="processes for training under accelerate (one per GPU)")
     workers: int = _f(1, lo=1, doc="parallel processes for the downstream grid")
     mixed_precision: str = _f("no", choices=("no", "bf16", "fp16"))
+    max_memory_gb: float = _f(0.0, lo=0.0, doc="per-GPU memory budget of the micro-batch plan (hdlib.memory_plan); "
+                              "0 = the GPU's own memory; on the CPU a batch runs in one forward")
     progress: bool = _f(True)
 
 
@@ -504,15 +506,48 @@ def _check_consistency(cfg: Config, label: str) -> None:
             raise ConfigError(f"{label}: data.pool_sources.{s.name}.style: the target style may not be in the pool")
     if not cfg.data.pool_sources:
         raise ConfigError(f"{label}: data.pool_sources: at least one unlabeled pre-training source is needed")
+    _check_batches(cfg, label)
+
+
+def training_settings(cfg: Config) -> dict[str, TrainingConfig]:
+    """Every TrainingConfig of a config, by its dotted key (e.g. 'diffusion.pretrain')."""
+    out = {}
+    for section in dataclasses.fields(cfg):
+        sec = getattr(cfg, section.name)
+        for f in dataclasses.fields(sec):
+            if isinstance(getattr(sec, f.name), TrainingConfig):
+                out[f"{section.name}.{f.name}"] = getattr(sec, f.name)
+    return out
+
+
+def _check_batches(cfg: Config, label: str) -> None:
+    """Every batch splits evenly over study.num_processes (and its micro-batches), so a several-GPU
+    study fails here, not when its first training starts after stage 00."""
+    n = cfg.study.num_processes
+    for key, t in training_settings(cfg).items():
+        if t.batch_size % n:
+            raise ConfigError(f"{label}: {key}.batch_size: {t.batch_size} is not divisible by study.num_processes {n}")
+        if t.micro_batch_size and t.batch_size % (n * t.micro_batch_size):
+            raise ConfigError(f"{label}: {key}.micro_batch_size: {t.batch_size} is not divisible by "
+                              f"study.num_processes {n} x micro_batch_size {t.micro_batch_size}")
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA GPU is on this machine (its device node exists), whether or not torch can use it."""
+    return Path("/dev/nvidia0").exists()
 
 
 def resolve_device(name: str) -> str:
-    """`auto` picks CUDA, then MPS, then CPU."""
+    """`auto` picks CUDA, then MPS, then CPU; never the CPU quietly beside a GPU torch cannot use."""
     import torch
 
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
+        if nvidia_gpu_present():
+            raise ConfigError(f"study.device: auto found an NVIDIA GPU that this torch build (CUDA "
+                              f"{torch.version.cuda}) cannot use (is the driver older than the build?); update the "
+                              "driver, or set study.device=cpu to run on the CPU anyway")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"

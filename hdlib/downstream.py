@@ -287,6 +287,8 @@ class ClassifierOptions:
     num_workers: int = 0                     # DataLoader workers for images streamed from disk
     warmup_fraction: float | None = None     # None = settings.warmup_steps; else round(fraction x steps)
     mixed_precision: str = "no"              # "no" | "bf16" | "fp16"
+    device: str = "auto"                     # study.device
+    max_memory_gb: float = 0.0               # study.max_memory_gb (hdlib.memory_plan)
     progress: bool = True
     out_dir: str | Path | None = None        # checkpoints and logs; None = a temporary folder
     seed: int = 0
@@ -374,7 +376,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
         out_dir = tmp.name
     try:
         tc = TrainConfig.from_settings(settings, out_dir=out_dir, seed=int(o.seed), mixed_precision=o.mixed_precision,
-                                       progress=o.progress, max_steps=int(total), global_batch_size=plan.batch,
+                                       progress=o.progress, device=o.device, max_memory_gb=o.max_memory_gb, max_steps=int(total), global_batch_size=plan.batch,
                                        warmup_steps=min(warmup, total), lr_schedule="cosine",
                                        checkpoints_total_limit=1, log_every=1)
         trainer = Trainer(model, loss_fn, source, tc, plan=plan, evaluate=evaluate_fn,

@@ -96,6 +96,17 @@ def load_cell_fn(spec: str) -> Callable[[dict], dict]:
     return fn
 
 
+def _pin_worker_device(device_queue) -> None:
+    """Worker initializer: take one device id from the queue and make it this process's only visible
+    GPU (before CUDA starts in it), so `cuda` in the worker is its own GPU."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(device_queue.get())
+
+
+def worker_count(workers: int, devices: Sequence[str] | None) -> int:
+    """Never more workers than devices when devices are given (GPUs): two on one GPU only contend."""
+    return min(workers, len(devices)) if devices else workers
+
+
 def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | None,
              context: dict | None = None) -> tuple[str, str | None]:
     """Run one cell and write its JSON. Returns (id, None) or (id, one-line error).
@@ -138,7 +149,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: int = 1,
              threads_per_worker: int | None = None, id_keys: Sequence[str] | None = None,
-             progress: bool = True, context: dict | None = None) -> pd.DataFrame:
+             progress: bool = True, context: dict | None = None,
+             devices: Sequence[str] | None = None) -> pd.DataFrame:
     """Run `cell_fn` ('package.module:function', taking a cell dict and returning a
     JSON-able dict) on every cell not already done in `out_dir`.
 
@@ -148,9 +160,12 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
     GridCellError names every failed id and its error. Returns one row per cell, in the
     order given: the cell's fields, `id`, `elapsed_s` and the result flattened with
     dotted keys (e.g. 'test.accuracy'). `context` is passed to every cell with its fields
-    (e.g. where the study lives) but is not part of the cell: it neither names nor stales it."""
+    (e.g. where the study lives) but is not part of the cell: it neither names nor stales it.
+    `devices`: GPU ids; each worker process sees one of them only (CUDA_VISIBLE_DEVICES, one per
+    worker, round-robin), and there are never more workers than devices."""
     if workers < 1:
         raise HDLibError(f"run_grid: workers must be >= 1, got {workers}")
+    workers = worker_count(workers, devices)
     if workers > 1 and threads_per_worker is None:
         # Share the cores: oversubscribed OpenMP threads make every worker many times slower.
         threads_per_worker = max(1, (os.cpu_count() or 1) // workers)
@@ -193,7 +208,15 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        n_workers = min(workers, len(todo))
+        ctx = mp.get_context("spawn")
+        init = {}
+        if devices:
+            queue = ctx.Queue()
+            for i in range(n_workers):
+                queue.put(str(devices[i % len(devices)]))
+            init = {"initializer": _pin_worker_device, "initargs": (queue,)}
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, **init) as pool:
             futures = {pool.submit(_run_one, cell_fn, cell, cid, str(out_dir), threads_per_worker, context): cid
                        for cid, cell in todo}
             for fut in as_completed(futures):

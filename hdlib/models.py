@@ -122,6 +122,9 @@ def encode_images(vae: AutoencoderKL, images_uint8: torch.Tensor, scale: float =
     from tqdm import tqdm
 
     vae = vae.to(device).eval()
+    if len(images_uint8) == 0:
+        return torch.empty((0, vae.config.latent_channels, *(s // 2 ** (len(vae.config.block_out_channels) - 1)
+                                                              for s in images_uint8.shape[-2:])))
     out = []
     for i in tqdm(range(0, len(images_uint8), batch_size), disable=not progress, desc="encode"):
         x = images_to_model_range(images_uint8[i:i + batch_size]).to(device)
@@ -132,8 +135,11 @@ def encode_images(vae: AutoencoderKL, images_uint8: torch.Tensor, scale: float =
 @torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scale: float = 1.0, batch_size: int = 16,
                    device: str = "cpu") -> torch.Tensor:
-    """Scaled latents -> uint8 images."""
+    """Scaled latents -> uint8 images (an empty request, e.g. a rank's empty shard, gives none)."""
     vae = vae.to(device).eval()
+    if len(latents) == 0:
+        size = latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1)
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
     out = []
     for i in range(0, len(latents), batch_size):
         z = (latents[i:i + batch_size] / scale).to(device)

@@ -26,7 +26,7 @@ import papermill as pm
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import default
 
-from .config import Config, load_config
+from .config import Config, load_config, resolve_device
 from .errors import HDLibError
 from .io import atomic_write_json
 from .paths import REPO_ROOT
@@ -231,6 +231,7 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
               log=print) -> dict:
     """Execute the study's stages; returns {stage: "ran" | "skipped"}."""
     cfg = load_config(params_file, list(overrides))  # validates before any compute
+    resolve_device(cfg.study.device)  # a GPU study on a machine without a usable GPU fails here, not in stage 01
     if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
 
         verify(cfg.pretrained.path, cfg.pretrained.sha256)

@@ -239,7 +239,8 @@ def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation
 
     spec = build_task(cfg, task, fraction, adaptation, draw)
     tc = TrainConfig.from_settings(spec.train, out_dir=out_dir or StudyPaths(cfg).model(spec.name), seed=spec.seed,
-                                   mixed_precision=cfg.study.mixed_precision,
+                                   mixed_precision=cfg.study.mixed_precision, device=cfg.study.device,
+                                   max_memory_gb=cfg.study.max_memory_gb,
                                    progress=cfg.study.progress if progress is None else progress)
     return Trainer(spec.model, spec.loss_fn, spec.dataset, tc, plan=spec.plan, evaluate=spec.evaluate,
                    eval_every=spec.eval_every, select=spec.select).train()

@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .placement import set_deterministic
+
 
 class LossModule(nn.Module):
     """Model + extra modules behind one forward that returns the loss, so DDP and
@@ -55,12 +57,25 @@ class Progress:
         self.best_state = state.get("best_state")
 
 
-def make_accelerator(mixed_precision: str, find_unused_parameters: bool):
+def trains_on_cpu(device: str) -> bool:
+    """study.device says cpu, no CUDA device is there, or a CPU launch (ACCELERATE_USE_CPU) is running."""
+    return (device == "cpu" or not torch.cuda.is_available()
+            or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+
+
+def make_accelerator(mixed_precision: str, find_unused_parameters: bool, device: str = "auto"):
+    """The accelerator of one run: on the CPU when `device` (study.device) says cpu, when no CUDA
+    device is there, or under a CPU launch (ACCELERATE_USE_CPU); else on the process's GPU
+    (`cuda:N` in a single process selects GPU N)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cpu = trains_on_cpu(device)
+    if not cpu and device.startswith("cuda:") and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(int(device.split(":", 1)[1]))
+    if not cpu:
+        set_deterministic("cuda")
     if cpu and mixed_precision == "fp16":
         warnings.warn("mixed_precision='fp16' is not available on a CPU: training in fp32", stacklevel=3)
         mixed_precision = "no"

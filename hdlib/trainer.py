@@ -42,6 +42,7 @@ from torch import nn
 from .batching import BatchPlan
 from .errors import ConfigError, DataError, HDLibError
 from .io import atomic_write_json, atomic_write_text
+from .memory_plan import budget_gb, cuda_peak_meter, plan_micro_batch, probe_train_step
 from .train_runtime import LossModule, Progress, make_accelerator
 from .training_config import TrainConfig, TrainResult, lr_factor
 from .weights import save_weights
@@ -97,13 +98,15 @@ class Trainer:
         self.checkpoint_root = self.out_dir / "checkpoints"
         self.final_dir = self.out_dir / "final"
 
-        self.accelerator = acc = make_accelerator(c.mixed_precision, find_unused_parameters)
+        self.accelerator = acc = make_accelerator(c.mixed_precision, find_unused_parameters, c.device)
         world = acc.num_processes
         if c.global_batch_size % world:
             raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by the "
                               f"{world} processes")
         self.per_process_batch = c.global_batch_size // world
         self.micro_batch_size = c.micro_batch_size or self.per_process_batch
+        self._memory_planned = c.micro_batch_size is not None  # a configured micro-batch is kept as it is
+        self.memory_plan: dict | None = None
         if c.global_batch_size % (world * self.micro_batch_size):
             raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by {world} process(es) "
                               f"x micro_batch_size {self.micro_batch_size}")
@@ -311,6 +314,40 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, self.final_dir)
 
+    # -- memory plan ------------------------------------------------------------------
+    def plan_memory(self, step: int) -> int:
+        """On a GPU without a configured micro-batch: measure this run's step at 1 and 2 images and take
+        the largest micro-batch that divides the per-process batch and fits the budget
+        (hdlib.memory_plan). Every process takes the smallest of all their plans. Returns the micro-batch."""
+        acc = self.accelerator
+        budget = budget_gb(self.config.max_memory_gb, acc.device)
+        if self._memory_planned or budget is None or acc.device.type != "cuda" or self.per_process_batch < 2:
+            self._memory_planned = True
+            return self.micro_batch_size
+        idx, seeds = self.plan(step)
+        lo = acc.process_index * self.per_process_batch
+        idx, seeds = idx[lo:lo + 2], seeds[lo:lo + 2]
+        if hasattr(self.dataset, "batches"):
+            from accelerate.utils import send_to_device
+
+            rows = send_to_device(next(iter(self.dataset.batches([idx.tolist()]))), acc.device)
+        else:
+            rows = self._batch(idx)
+        take = (lambda n: type(rows)(r[:n] for r in rows)) if isinstance(rows, (tuple, list)) else \
+            (lambda n: {k: v[:n] for k, v in rows.items()}) if isinstance(rows, dict) else (lambda n: rows[:n])
+        reset, peak = cuda_peak_meter(acc.device)
+        with acc.no_sync(self.loss_module):
+            step_mem = probe_train_step(self._unwrapped, lambda n: self.loss_module(take(n), seeds[:n]), reset, peak)
+        micro = plan_micro_batch(self.per_process_batch, step_mem, budget, what=str(self.out_dir.name))
+        micro = int(acc.gather(torch.tensor([micro], device=acc.device)).min())
+        self.micro_batch_size, self.accumulation_steps = micro, self.per_process_batch // micro
+        self.memory_plan = {"budget_gb": budget, "fixed_gb": step_mem.fixed_gb, "per_image_gb": step_mem.per_image_gb,
+                            "micro_batch_size": micro, "accumulation_steps": self.accumulation_steps}
+        self._memory_planned = True
+        if acc.is_main_process:
+            atomic_write_json(self.out_dir / "memory_plan.json", self.memory_plan)
+        return micro
+
     # -- training ---------------------------------------------------------------------
     def _batch(self, idx: torch.Tensor):
         from accelerate.utils import send_to_device
@@ -376,6 +413,7 @@ class Trainer:
             for stale in self.checkpoint_root.glob("tmp-*") if self.checkpoint_root.is_dir() else []:
                 shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
         acc.wait_for_everyone()
+        self.plan_memory(start)
 
         self._stream = iter(self.dataset.batches(self._index_lists(start))) if hasattr(self.dataset, "batches") \
             else None

@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 # Settings that do not change the trajectory: they may differ between a run and its resume.
 _NON_TRAJECTORY_FIELDS = ("out_dir", "progress", "log_every", "checkpointing_steps", "checkpoints_total_limit",
-                          "micro_batch_size")
+                          "micro_batch_size", "device", "max_memory_gb")
 _LR_SCHEDULES = ("constant", "cosine")
 _PRECISIONS = ("no", "bf16", "fp16")
 
@@ -44,10 +44,13 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    device: str = "auto"                  # study.device: "cpu" keeps training on the CPU even beside a GPU
+    max_memory_gb: float = 0.0            # study.max_memory_gb: the micro-batch plan's budget on a GPU (0 = its memory)
 
     @classmethod
     def from_settings(cls, settings: TrainingConfig, *, out_dir, seed: int, mixed_precision: str = "no",
-                      progress: bool = False, **overrides) -> TrainConfig:
+                      progress: bool = False, device: str = "auto", max_memory_gb: float = 0.0,
+                      **overrides) -> TrainConfig:
         """The Trainer's settings from a YAML `TrainingConfig`: the one place where its
         `batch_size` becomes `global_batch_size` and its 0 = off (micro_batch_size, grad_clip,
         ema_decay) becomes None = off. `overrides` replace any other TrainConfig field
@@ -69,6 +72,8 @@ class TrainConfig:
             "checkpointing_steps": settings.checkpointing_steps,
             "seed": seed,
             "progress": progress,
+            "device": device,
+            "max_memory_gb": max_memory_gb,
         }
         values.update(overrides)
         return cls(**values)

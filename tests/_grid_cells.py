@@ -21,3 +21,9 @@ def threads_cell(cell: dict) -> dict:
     import torch
 
     return {"threads": torch.get_num_threads(), "pid": os.getpid(), "cwd_ok": Path.cwd().exists()}
+
+
+def device_cell(cell: dict) -> dict:
+    """The GPU ids this worker may see (CUDA_VISIBLE_DEVICES), and the worker's pid."""
+    time.sleep(cell.get("sleep", 0))
+    return {"visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid()}

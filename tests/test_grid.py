@@ -144,7 +144,8 @@ def test_only_the_whole_downstream_grid_removes_other_runs_cells(monkeypatch, tm
     monkeypatch.setattr(gc, "downstream_cells", lambda cfg, primary, sets: cells["real" if sets else None])
     monkeypatch.setattr(gc, "run_grid", lambda *a, **k: pd.DataFrame())
     monkeypatch.setattr(gc, "StudyPaths", lambda cfg: type("P", (), {"grid": tmp_path})())
-    cfg = type("C", (), {"study": type("S", (), {"workers": 1, "progress": False})(), "results_dir": tmp_path})()
+    cfg = type("C", (), {"study": type("S", (), {"workers": 1, "progress": False, "device": "cpu"})(),
+                           "results_dir": tmp_path})()
     ids = [gc.cell_id(c, gc.ID_KEYS) for c in cells[None]] + ["fraction=0.1_ratio=0.0_seed=7_training_set=real"]
     for cid in ids:
         (tmp_path / f"{cid}.json").write_text("{}")

@@ -19,7 +19,7 @@ LAYERS = {
     "models": ["hdlib.models", "hdlib.pretrained", "hdlib.latent_classifier", "hdlib.diffusion"],
     "engine": ["hdlib.trainer", "hdlib.batching", "hdlib.weights", "hdlib.training_config", "hdlib.train_runtime",
                "hdlib.sampling", "hdlib.filtering", "hdlib.quota", "hdlib.downstream", "hdlib.metrics",
-               "hdlib.stats", "hdlib.plots", "hdlib.grid", "hdlib.launch", "hdlib.pool_judge"],
+               "hdlib.stats", "hdlib.plots", "hdlib.grid", "hdlib.launch", "hdlib.pool_judge", "hdlib.memory_plan"],
     "services": ["hdlib.study", "hdlib.train"],
     "stages": ["hdlib.stages"],
     "tools": ["hdlib.__main__", "hdlib.runner", "hdlib.pretrain", "hdlib.export", "hdlib.sample", "hdlib.readme",

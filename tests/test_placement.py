@@ -80,3 +80,128 @@ def test_pretrain_samples_move_the_unet(monkeypatch):
     monkeypatch.setattr(samples, "decode_latents", lambda vae, z, scale, device: z)
     samples.sample_images(_unet(), make_noise_scheduler("paper"), None, 1.0, 2, 2, device="meta")
     assert calls == ["meta"]
+
+
+# ------------------------------------------------------------------ study.device, several GPUs, config checks
+
+def test_study_device_cpu_keeps_training_on_the_cpu_beside_a_gpu(monkeypatch):
+    from hdlib.train_runtime import trains_on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert trains_on_cpu("cpu")  # before: accelerate took the GPU whatever study.device said
+    assert not trains_on_cpu("auto") and not trains_on_cpu("cuda")
+
+
+def test_trainer_settings_carry_the_study_device():
+    from hdlib.training_config import TrainConfig
+
+    tc = TrainConfig.from_settings(SMOKE.diffusion.pretrain, out_dir="x", seed=0, device="cpu")
+    assert tc.device == "cpu" and "device" not in tc.trajectory_key()  # a resume may move devices
+
+
+def test_a_launched_rank_uses_its_own_gpu(monkeypatch):
+    from hdlib.study.context import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config("params/smoke.yaml", ["study.device=cuda"])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device(cfg) == "cuda:1"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert device(cfg) == "cuda"
+
+
+def test_auto_never_falls_back_to_the_cpu_quietly_beside_an_unusable_gpu(monkeypatch):
+    from hdlib import config
+    from hdlib.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(config, "nvidia_gpu_present", lambda: True)
+    with pytest.raises(ConfigError, match="cannot use") as err:
+        config.resolve_device("auto")
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(config, "nvidia_gpu_present", lambda: False)
+    assert config.resolve_device("auto") == "cpu"
+
+
+def test_a_gpu_study_without_a_gpu_fails_before_stage_00(tmp_path, monkeypatch):
+    from hdlib.errors import ConfigError
+    from hdlib.runner import run_study
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        run_study("params/smoke.yaml", [f"study.results_root={tmp_path}", "study.device=cuda"], log=lambda *_: None)
+    assert not any(tmp_path.iterdir())
+
+
+def test_num_processes_must_divide_every_batch_at_load():
+    from hdlib.config import training_settings
+    from hdlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\.batch_size: \d+ is not divisible by study\.num_processes 3") as err:
+        load_config("params/smoke.yaml", ["study.num_processes=3", "diffusion.pretrain.batch_size=64"])
+    assert "\n" not in str(err.value)
+    ok = load_config("params/default.yaml", ["study.num_processes=2"])  # every batch of the default study is even
+    assert all(t.batch_size % 2 == 0 for t in training_settings(ok).values())
+    assert "downstream.train" in training_settings(ok) and "diffusion.pretrain" in training_settings(ok)
+
+
+def test_grid_workers_each_get_their_own_gpu(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from hdlib.grid import run_grid, worker_count
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    assert worker_count(4, ["0", "1"]) == 2 and worker_count(4, None) == 4
+    cells = [{"k": i, "sleep": 0.3} for i in range(6)]
+    df = run_grid(cells, "_grid_cells:device_cell", tmp_path, workers=4, devices=["0", "1"], progress=False)
+    by_pid = df.groupby("pid")["visible"].agg(set)
+    assert set(df["visible"]) <= {"0", "1"} and all(len(v) == 1 for v in by_pid)  # one GPU per worker
+    assert len(by_pid) <= 2  # never more workers than GPUs
+    if len(by_pid) == 2:
+        assert {next(iter(v)) for v in by_pid} == {"0", "1"}  # distinct GPUs
+
+
+def test_an_empty_shard_decodes_to_no_images():
+    from hdlib.models import build_autoencoder, decode_latents, encode_images
+
+    vae = build_autoencoder(SMOKE.autoencoder)
+    out = decode_latents(vae, torch.empty(0, 4, 4, 4))
+    assert out.shape == (0, 3, 16, 16) and out.dtype == torch.uint8
+    assert encode_images(vae, torch.empty(0, 3, 16, 16, dtype=torch.uint8)).shape == (0, 4, 4, 4)
+
+
+def test_other_ranks_wait_for_rank_zeros_file(tmp_path, monkeypatch):
+    from hdlib.errors import HDLibError
+    from hdlib.study.context import is_main_rank, wait_for_file
+
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_rank()
+    with pytest.raises(HDLibError, match="did not appear"):
+        wait_for_file(tmp_path / "t.csv", "a table", timeout_s=0.2, poll_s=0.05)
+    (tmp_path / "t.csv").write_text("x\n")
+    assert wait_for_file(tmp_path / "t.csv", "a table") == tmp_path / "t.csv"
+
+
+DEVICE_BOUND = {"evaluate", "predict", "extract_features", "inception_fid", "sample_images", "decode_latents",
+                "encode_images", "guided_ddim_sample", "guided_ddpm_sample", "guided_dpm_solver_sample",
+                "cfg_ddim_sample"}
+
+
+def test_every_device_bound_call_names_its_device():
+    """Each call of a function that runs networks passes `device=` (their default is the CPU): a call
+    without it ran on the CPU whatever study.device said (grid cells scored on the CPU, for one)."""
+    import ast
+    from pathlib import Path
+
+    missing = []
+    files = sorted(Path("hdlib").rglob("*.py")) + sorted(Path("notebooks/src").glob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                on_self = isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "self"
+                if name in DEVICE_BOUND and not on_self and not any(k.arg in ("device", None) for k in node.keywords):
+                    missing.append(f"{path}:{node.lineno} {name}")
+    assert not missing, missing

@@ -228,7 +228,10 @@ def test_from_settings_is_the_one_yaml_to_trainer_translation(tmp_path):
     assert list(tc.to_dict()) == [  # what checkpoints and train_config.json hold: keep it stable
         "out_dir", "max_steps", "global_batch_size", "micro_batch_size", "lr", "weight_decay", "betas", "warmup_steps",
         "lr_schedule", "grad_clip", "ema_decay", "mixed_precision", "checkpointing_steps", "checkpoints_total_limit",
-        "log_every", "seed", "progress"]
+        "log_every", "seed", "progress", "device", "max_memory_gb"]
+    moved = TrainConfig.from_settings(on, out_dir=tmp_path, seed=1, mixed_precision="bf16", progress=True,
+                                      lr_schedule="cosine", log_every=1, max_steps=3, device="cpu", max_memory_gb=40)
+    assert moved.trajectory_key() == tc.trajectory_key()  # where and in how many pieces it runs is not its trajectory
     with pytest.raises(TypeError, match="batch_size"):
         TrainConfig.from_settings(on, out_dir=tmp_path, seed=1, batch_size=3)  # a YAML name, not a TrainConfig field
 

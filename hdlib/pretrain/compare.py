@@ -15,6 +15,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..paths import StudyPaths
+from ..study.context import device
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import latent_scale, load_autoencoder
 from ..study.splits import load_split_images, split_sources
@@ -45,7 +46,8 @@ def compare_pretraining(cfg: Config, baseline: Config) -> dict:
         theirs = torch.load(cached)
     else:
         theirs = sample_images(load_denoiser(baseline, "denoiser_pretrained"), noise_scheduler(baseline), bvae,
-                               bscale, len(ours), p.final_inference_steps, progress=cfg.study.progress)
+                               bscale, len(ours), p.final_inference_steps, device=device(cfg),
+                               progress=cfg.study.progress)
         torch.save(theirs, cached)
     full = holdout_images(cfg)
     full_f = judge(full)

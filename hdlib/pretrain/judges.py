@@ -131,11 +131,12 @@ def tissue_group(label: str) -> str:
 
 
 @torch.no_grad()
-def autoencoder_ceiling(vae, scale, real, real_f, truth, judge, random_judge, random_real) -> dict:
+def autoencoder_ceiling(vae, scale, real, real_f, truth, judge, random_judge, random_real, device: str = "cpu") -> dict:
     """Held-out tiles through the autoencoder alone: FID of reconstructions of one half against the
     other real half (both judges), and per tissue group how often the judge still calls a
     reconstruction what its original was. No denoiser can do better than its autoencoder."""
-    rec = decode_latents(vae, encode_images(vae, real, scale, batch_size=64), scale, batch_size=64)
+    rec = decode_latents(vae, encode_images(vae, real, scale, batch_size=64, device=device), scale, batch_size=64,
+                         device=device)
     f, c = judge.features_and_calls(rec)
     want = [tissue_group(t) for t in truth]
     got = [tissue_group(judge.classes[i]) for i in c.tolist()]

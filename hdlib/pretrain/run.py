@@ -17,6 +17,7 @@ from ..io import atomic_write_csv, atomic_write_json
 from ..paths import StudyPaths
 from ..pool_judge import provenance_labels
 from ..pretrained import check_compatible, has_unet
+from ..study.context import device
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import (
     encode_and_measure,
@@ -80,7 +81,7 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
         chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)  # constant lr: the same trajectory, extended
         res = train_task(chunk, "denoiser_pretrained")
         unet = load_denoiser(chunk, "denoiser_pretrained")
-        imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps)
+        imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps, device=device(cfg))
         q = scorer(imgs)
         rows.append({"step": target, "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
                      **q, "loss": res.last_loss, "train_s": res.wall_s})

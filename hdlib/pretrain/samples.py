@@ -22,6 +22,7 @@ from ..pretrained import (
     read_latent_info,
 )
 from ..sampling import guided_ddim_sample
+from ..study.context import device
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import latent_scale, load_autoencoder
 from ..study.splits import load_split_images, split_images
@@ -54,7 +55,8 @@ def exported_model_samples(cfg: Config, model_dir: str | Path, n: int, steps: in
     if cached.exists():
         return torch.load(cached)
     imgs = sample_images(load_unet(model_dir), load_scheduler(model_dir), load_vae(model_dir),
-                         read_latent_info(model_dir)["scaling_factor"], n, steps, progress=cfg.study.progress)
+                         read_latent_info(model_dir)["scaling_factor"], n, steps, device=device(cfg),
+                         progress=cfg.study.progress)
     atomic_torch_save(imgs, cached)
     return imgs
 
@@ -66,7 +68,7 @@ def baseline_samples(cfg: Config, baseline: Config, n: int) -> torch.Tensor:
         return torch.load(cached)
     scale = latent_scale(baseline)
     imgs = sample_images(load_denoiser(baseline, "denoiser_pretrained"), noise_scheduler(baseline),
-                         load_autoencoder(baseline), scale, n, cfg.pretrain.final_inference_steps,
+                         load_autoencoder(baseline), scale, n, cfg.pretrain.final_inference_steps, device=device(cfg),
                          progress=cfg.study.progress)
     atomic_torch_save(imgs, cached)
     return imgs
@@ -87,7 +89,7 @@ def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
     scale = latent_scale(cfg)
     t = time.time()
     imgs = sample_images(load_denoiser(cfg, "denoiser_pretrained"), noise_scheduler(cfg), vae, scale,
-                         p.final_eval_samples, p.final_inference_steps, progress=cfg.study.progress)
+                         p.final_eval_samples, p.final_inference_steps, device=device(cfg), progress=cfg.study.progress)
     out = {"key": key, **pool_quality(judge(imgs), real_feats), "holdout": int(len(real_feats)),
            "sampling_s": time.time() - t}
     atomic_write_json(path, out)

@@ -14,6 +14,7 @@ from ..config import load_config
 from ..errors import ConfigError
 from ..io import atomic_write_csv
 from ..paths import StudyPaths
+from ..study.context import device
 from ..study.latent_models import build_denoiser, noise_scheduler
 from ..study.preparation import prepare_data
 from ..train import train_task
@@ -66,7 +67,7 @@ def recipe_sweep(params: str, overrides=()) -> pd.DataFrame:
         res = train_task(vcfg, "denoiser_pretrained", out_dir=paths.model("recipe_sweep") / name)
         unet = load_final(build_denoiser(vcfg), paths.model("recipe_sweep") / name, ema=True).eval()
         imgs = sample_images(unet.requires_grad_(False), noise_scheduler(vcfg), vae, scale, p.eval_samples,
-                             p.eval_inference_steps)
+                             p.eval_inference_steps, device=device(cfg))
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(imgs[:GRID_SAMPLES].clone(), cached)
         q = scorer(imgs)

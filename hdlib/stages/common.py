@@ -10,6 +10,7 @@ import torch
 from ..config import Config, load_config
 from ..io import atomic_write_json
 from ..paths import REPO_ROOT, StudyPaths
+from ..placement import set_deterministic
 from ..study.context import QUIET_ENV, device
 
 
@@ -26,6 +27,7 @@ def setup_notebook(params_file: str, overrides=()) -> Config:
     StudyPaths(cfg).root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(StudyPaths(cfg).config_json, cfg.to_dict())
     torch.manual_seed(cfg.study.seed)
+    set_deterministic(device(cfg))
     import matplotlib as mpl
     import seaborn as sns
 

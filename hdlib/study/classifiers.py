@@ -51,7 +51,8 @@ def fit_image_classifier(cfg: Config, backbone: str, tcfg: TrainingConfig, x, y,
         eval_every=cfg.downstream.eval_every or max(1, tcfg.max_steps // 5), synthetic_images=sx, synthetic_labels=sy,
         synthetic_per_real=synthetic_per_real, synthetic_loss_weight=float(synthetic_loss_weight),
         pretrained_weights=cfg.downstream.pretrained_weights or None, num_workers=cfg.data.num_workers,
-        mixed_precision=cfg.study.mixed_precision, progress=cfg.study.progress if progress is None else progress,
+        mixed_precision=cfg.study.mixed_precision, device=cfg.study.device, max_memory_gb=cfg.study.max_memory_gb,
+        progress=cfg.study.progress if progress is None else progress,
         out_dir=out_dir, seed=seed)
     return train_classifier(x, y, vx, vy, tcfg, options)
 

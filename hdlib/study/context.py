@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from ..config import Config, _build, parse_override, resolve_device, set_dotted
@@ -25,7 +27,27 @@ def config_from_results(study_dir: str | Path, overrides=()) -> Config:
 
 
 def device(cfg: Config) -> str:
-    return resolve_device(cfg.study.device)
+    """The study's device in this process: under a launcher (one process per GPU) a plain `cuda`
+    is this rank's GPU, never GPU 0 for every rank."""
+    dev = resolve_device(cfg.study.device)
+    if dev == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return dev
+
+
+def is_main_rank() -> bool:
+    """True outside a launcher and on its rank 0 (torchrun / accelerate set RANK before any group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_file(path: Path, what: str, timeout_s: float = 3600.0, poll_s: float = 0.5) -> Path:
+    """Wait until rank 0 has written `path` (atomically); a one-line error after `timeout_s`."""
+    start = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - start > timeout_s:
+            raise HDLibError(f"{path}: {what} did not appear within {timeout_s:.0f} s (did rank 0 fail?)")
+        time.sleep(poll_s)
+    return path
 
 
 def write_metrics(cfg: Config, stage: str, metrics: dict) -> Path:

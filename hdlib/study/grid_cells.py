@@ -13,13 +13,14 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from ..config import Config
 from ..downstream import evaluate
-from ..grid import cell_id, remove_other_results, run_grid
+from ..grid import cell_id, remove_other_results, run_grid, worker_count
 from ..paths import REPO_ROOT, StudyPaths
 from .classifiers import fit_image_classifier, real_only_seed, store_baseline
-from .context import config_from_results
+from .context import config_from_results, device
 from .splits import (
     draws_for,
     fraction_indices,
@@ -95,7 +96,8 @@ def run_downstream_cell(cell: dict) -> dict:
     the result records the chosen `synthetic_loss_weight` and `val_accuracy_by_lambda`."""
 
     os.chdir(REPO_ROOT)
-    cfg = config_from_results(cell["study_dir"], ["study.progress=false"])
+    cfg = config_from_results(cell["study_dir"], ["study.progress=false"] +
+                              ([f"study.device={cell['device']}"] if "device" in cell else []))
     f, draw = cell["fraction"], int(cell["seed"])
     idx = fraction_indices(cfg, f, draw)
     x, y = split_images(cfg, "target_train", idx), split_labels(cfg, "target_train")[idx]
@@ -112,7 +114,7 @@ def run_downstream_cell(cell: dict) -> dict:
         return (model, history) if keep_history else model
 
     def score(model):
-        return evaluate(model, vx, vy, num_classes=len(names), class_names=names)
+        return evaluate(model, vx, vy, num_classes=len(names), class_names=names, device=device(cfg))
 
     if n_syn:  # one model per lambda candidate; the best on validation is kept and tested
         model, lam, val, val_by_lambda = select_synthetic_loss_weight(fit, ds.synthetic_loss_weights, score)
@@ -122,7 +124,7 @@ def run_downstream_cell(cell: dict) -> dict:
         if cell["training_set"] == "real":  # the same model is the draw's baseline (filter, pseudo-labels)
             store_baseline(cfg, f, draw, model, history)
     test = evaluate(model, split_images(cfg, "target_test"), split_labels(cfg, "target_test"),
-                    num_classes=len(names), class_names=names)
+                    num_classes=len(names), class_names=names, device=device(cfg))
     per_class_real = np.bincount(y.numpy(), minlength=len(names))
     out = {"n_real": int(len(idx)), "n_synthetic": n_syn, "labels_per_class": int(per_class_real.min()),
            "test": test, "val_balanced_accuracy": val["balanced_accuracy"], "val_accuracy": val["accuracy"]}
@@ -148,6 +150,18 @@ def select_synthetic_loss_weight(fit, lambdas, score):
     return (*best, accs)
 
 
+def grid_devices(cfg: Config) -> list[str] | None:
+    """The GPUs the grid's workers share out (one each), when the study runs on CUDA: the visible ones,
+    or the one `study.device` names. None on the CPU."""
+    dev = device(cfg)
+    if not dev.startswith("cuda"):
+        return None
+    if ":" in dev:
+        return [dev.split(":", 1)[1]]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
 def run_downstream_grid(cfg: Config, primary: float | None = None, training_sets=None):
     """The cells of `downstream_cells` (resumable; stale cells recomputed; a cell another
     run already computed with the same content key is reused). With a primary cell and every
@@ -155,10 +169,15 @@ def run_downstream_grid(cfg: Config, primary: float | None = None, training_sets
     earlier run's seeds or label counts) are deleted (`attrs["removed_other_runs"]`).
     Returns the results frame."""
     cells = downstream_cells(cfg, primary, training_sets)
-    # where the study lives is context, not part of a cell: a moved study keeps its cells
+    devices = grid_devices(cfg)
+    workers = worker_count(cfg.study.workers, devices)
+    pinned = devices if devices and workers > 1 else None  # one GPU: its cells run in this process
+    # where the study lives is context, not part of a cell: a moved study keeps its cells; a worker
+    # pinned to one GPU sees it as `cuda`
+    context = {"study_dir": str(cfg.results_dir), **({"device": "cuda"} if pinned else {})}
     results = run_grid(cells, "hdlib.study.grid_cells:run_downstream_cell", StudyPaths(cfg).grid,
-                       workers=cfg.study.workers, id_keys=ID_KEYS, progress=cfg.study.progress,
-                       context={"study_dir": str(cfg.results_dir)})
+                       workers=workers, id_keys=ID_KEYS, progress=cfg.study.progress,
+                       context=context, devices=pinned)
     if primary is not None and training_sets is None:  # the whole grid: any other cell is an earlier run's
         results.attrs["removed_other_runs"] = remove_other_results(StudyPaths(cfg).grid,
                                                                    {cell_id(c, ID_KEYS) for c in cells})

@@ -10,6 +10,7 @@ from ..config import Config
 from ..downstream import evaluate
 from ..stats import primary_cell
 from .classifiers import reference_classifier
+from .context import device
 from .grid_cells import run_downstream_grid
 from .splits import labels_per_class, split_images, split_labels
 
@@ -20,7 +21,7 @@ def fix_primary_cell(cfg: Config) -> tuple[dict, pd.DataFrame]:
     sweep = run_downstream_grid(cfg, primary=None, training_sets=["real"])
     names = list(cfg.data.classes)
     ref = evaluate(reference_classifier(cfg), split_images(cfg, "target_test"), split_labels(cfg, "target_test"),
-                   num_classes=len(names), class_names=names)
+                   num_classes=len(names), class_names=names, device=device(cfg))
     cell = primary_cell(sweep, ref["accuracy"], cfg.downstream.primary_cell_gap, key="fraction")
     first = cfg.downstream.seeds[0]
     cell["labels_per_class"] = labels_per_class(cfg, cell["fraction"], first)

@@ -17,7 +17,7 @@ from ..downstream import predict
 from ..io import atomic_write_csv, files_sha1
 from ..paths import StudyPaths, model_name
 from .classifiers import baseline_classifier
-from .context import device
+from .context import device, is_main_rank, wait_for_file
 from .splits import fraction_indices, fraction_labels, labeled_val_indices, split_images
 
 
@@ -36,6 +36,8 @@ def pseudo_label_table(cfg: Config, fraction: float, draw: int) -> pd.DataFrame:
     rows = unlabeled_rows(cfg, fraction, draw)
     key = hashlib.sha1((files_sha1([folder / "model.pt"]) + rows.tobytes().hex()).encode()).hexdigest()
     path = folder / f"pseudo_labels-{key[:12]}.csv"
+    if not is_main_rank():  # under a launcher, rank 0 predicts and writes; the others read its table
+        wait_for_file(path, "the pseudo-label table rank 0 writes")
     if path.exists():
         return pd.read_csv(path)
     if len(rows) == 0:  # every training image is labeled (e.g. the all-labels fraction): nothing to add

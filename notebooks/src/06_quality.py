@@ -137,7 +137,7 @@ if cfg.quality.inception_weights and "histodiffusion" in sets:
 
     real_test = load_into_memory(split_images(cfg, "target_test"))[0]
     inception = inception_fid(real_test, load_into_memory(set_images(cfg, sets["histodiffusion"]))[0],
-                              cfg.quality.inception_weights)
+                              cfg.quality.inception_weights, device=device(cfg))
     print("Inception FID (histodiffusion):", inception)
 else:
     print("Inception FID skipped (quality.inception_weights is empty, or no histodiffusion set)")
