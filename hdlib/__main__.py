@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--only", metavar="STAGE", help="run just this stage (e.g. 01 or 01_autoencoder)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and all after it")
     run.add_argument("--force", action="store_true", help="re-run stages even if their inputs are unchanged")
+    run.add_argument("--accept-code", action="store_true",
+                     help="keep results whose inputs are unchanged but whose hdlib code changed, recording the "
+                          "current code (without it such a stage stops the run with a one-line message)")
 
 
     tr = sub.add_parser("train", help="train one model of a study (resumable; works under accelerate launch)")
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
     args, overrides = parse(argv)
     if args.command == "run":
 
-        run_study(args.params, overrides, only=args.only, start=args.start, force=args.force)
+        run_study(args.params, overrides, only=args.only, start=args.start, force=args.force,
+                  accept_code=args.accept_code)
     elif args.command == "train":
 
         if args.mixed_precision:

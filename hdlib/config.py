@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .config_reads import install as _record_reads
+from .config_reads import not_recorded
 from .errors import ConfigError
 
 # numbers YAML 1.1 leaves as strings (`4e-4`: an exponent without a dot)
@@ -313,7 +315,8 @@ class Config:
         return Path(self.study.results_root) / self.study.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        with not_recorded():
+            return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of some sections, used to decide whether a stage must re-run."""
@@ -377,6 +380,11 @@ def _coerce(value, tp, label: str, key: str, meta: dict):
 
 
 def _build(cls, data: dict, label: str, prefix: str = ""):
+    with not_recorded():
+        return _build_unrecorded(cls, data, label, prefix)
+
+
+def _build_unrecorded(cls, data: dict, label: str, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -423,6 +431,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load defaults <- YAML file <- `key=value` overrides, validated."""
+    with not_recorded():  # loading and validating is not a stage's read
+        return _load_config(path, overrides)
+
+
+def _load_config(path, overrides) -> Config:
     data: dict = {}
     label = "defaults"
     if path is not None:
@@ -554,3 +567,7 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"study.device: {name!r} requested but CUDA is not available")
     return name
+
+
+# A stage's kernel records which keys it reads when the runner asks (hdlib.config_reads).
+_record_reads({f.type if isinstance(f.type, type) else globals()[f.type]: f.name for f in dataclasses.fields(Config)})

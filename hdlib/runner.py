@@ -1,9 +1,10 @@
 """Run a study: execute notebooks/NN_*.ipynb in order with papermill into
 results/<study>/, skipping stages whose inputs are unchanged.
 
-A stage's fingerprint hashes the config sections it reads, its notebook and the
-fingerprint of the stage before it, so changing `downstream.*` re-runs only the
-downstream stages and changing `autoencoder.*` re-runs everything after it.
+A stage's fingerprint hashes the config keys its module declares it reads (hdlib.stage_inputs),
+its notebook and the fingerprint of the stage before it, so changing `downstream.*` re-runs only
+the stages that read it and everything after them. A stage whose inputs are unchanged but whose
+hdlib code changed stops the run with a one-line message (--force recomputes, --accept-code keeps).
 """
 
 from __future__ import annotations
@@ -37,24 +38,9 @@ from .pretrained import (
     folder_sha256,
     verify,
 )
+from .config_reads import ENV as RECORD_READS_ENV
+from .stage_inputs import changed_modules, code_key, config_values, declared_reads
 from .study.context import QUIET_ENV
-
-# Config sections each stage reads (besides everything the earlier stages read).
-STAGE_SECTIONS = {
-    "00_data": ["study.seed", "data"],
-    "01_autoencoder": ["autoencoder", "pretrained"],
-    # 02 and 03 train one model per grid fraction
-    # study.mixed_precision: every stage that trains (the adaptation, classifiers, grid cells)
-    "02_diffusion": ["diffusion", "downstream.fractions", "downstream.ratio_sweep_fraction", "study.mixed_precision"],
-    "03_guidance": ["latent_classifier", "downstream", "sampling.method", "sampling.num_inference_steps",
-                    "sampling.guidance_interval", "sampling.guidance_interval_sweep",
-                    "study.mixed_precision"],  # + the primary-cell sweep
-    "04_synthesis": ["sampling", "filtering", "downstream"],
-    "05_downstream": ["downstream", "study.mixed_precision"],
-    "06_quality": ["quality"],
-    "07_report": [],
-}
-
 
 class StageFailed(HDLibError):
     pass
@@ -92,21 +78,38 @@ def _sha1(data: bytes) -> str:
 
 
 def stage_fingerprints(cfg: Config, stages: list[Stage]) -> dict[str, str]:
+    """Per stage: its declared config keys' values (hdlib.stage_inputs), its notebook, the fingerprint of
+    the stage before it, and for stage 01 the weights it starts from."""
     prev = ""
     out = {}
     for st in stages:
-        sections = STAGE_SECTIONS.get(st.name, ["study", "data", "autoencoder", "pretrained", "diffusion",
-                                                "latent_classifier", "sampling", "filtering", "downstream",
-                                                "quality"])
         blob = json.dumps({
-            "config": cfg.section_hash(*sections) if sections else "",
+            "config": config_values(cfg, declared_reads(st.name)["config"]),
             "notebook": _sha1(st.notebook.read_bytes()),
             # a different pre-trained model (same path, new weights) changes everything downstream
             "pretrained": _pretrained_key(cfg) if st.name == "01_autoencoder" else "",
             "previous": prev,
-        }, sort_keys=True)
+        }, sort_keys=True, default=str)
         prev = out[st.name] = _sha1(blob.encode())[:16]
     return out
+
+
+class StageCodeChanged(HDLibError):
+    pass
+
+
+def code_verdict(st: Stage, done: dict, code: dict, out_dir: Path, accept_code: bool) -> str:
+    """'same', or 'accepted' (the marker now records this code), or a one-line StageCodeChanged naming
+    the stage, what changed and the two ways on."""
+    if done.get("code") == code["key"]:
+        return "same"
+    if accept_code:
+        return "accepted"
+    changed = changed_modules(done.get("code_modules"), code["modules"]) if done.get("code_modules") else []
+    what = (f"other hdlib code (changed: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})" if changed
+            else "code this results folder does not record")
+    raise StageCodeChanged(f"{out_dir}: stage {st.name} was made by {what}; --force recomputes it and every stage "
+                           "after it, --accept-code keeps the results as they are and records the current code")
 
 
 def _pretrained_key(cfg: Config) -> str:
@@ -228,8 +231,11 @@ def _failing_cell_error(exc: Exception) -> str:
 
 def run_study(params_file: str | Path, overrides: list[str] = (), only: str | None = None,
               start: str | None = None, force: bool = False, notebooks_dir: Path | None = None,
-              log=print) -> dict:
-    """Execute the study's stages; returns {stage: "ran" | "skipped"}."""
+              log=print, accept_code: bool = False, record_reads: Path | None = None) -> dict:
+    """Execute the study's stages; returns {stage: "ran" | "skipped"}. A stage whose inputs are unchanged
+    but whose code changed stops the run with a one-line StageCodeChanged (`accept_code` records the
+    current code instead). `record_reads`: a folder for each stage's recorded config reads
+    (<stage>.txt; hdlib.config_reads)."""
     cfg = load_config(params_file, list(overrides))  # validates before any compute
     resolve_device(cfg.study.device)  # a GPU study on a machine without a usable GPU fails here, not in stage 01
     if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
@@ -255,14 +261,24 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         marker = out_dir / "stages" / f"{st.name}.json"
         executed = out_dir / f"{st.name}.ipynb"
         done = json.loads(marker.read_text()) if marker.exists() else {}
+        code = code_key(st.name)
         if not forced and done.get("fingerprint") == prints[st.name] and executed.exists():
-            log(f"[{i}/{len(selected)}] {st.name}: unchanged, skipped")
+            if code_verdict(st, done, code, out_dir, accept_code) == "accepted":
+                atomic_write_json(marker, {**done, "code": code["key"], "code_modules": code["modules"],
+                                           "code_accepted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                log(f"[{i}/{len(selected)}] {st.name}: unchanged, skipped (current code recorded)")
+            else:
+                log(f"[{i}/{len(selected)}] {st.name}: unchanged, skipped")
             status[st.name] = "skipped"
             continue
         log(f"[{i}/{len(selected)}] {st.name}: running ...")
         t0 = time.time()
         tmp = out_dir / f".{st.name}.running.ipynb"
         os.environ[QUIET_ENV] = "1"  # the kernel inherits it: no progress bars inside the notebook
+        if record_reads is not None:
+            Path(record_reads).mkdir(parents=True, exist_ok=True)
+            (Path(record_reads) / f"{st.name}.txt").unlink(missing_ok=True)
+            os.environ[RECORD_READS_ENV] = str(Path(record_reads) / f"{st.name}.txt")
         try:
             pm.execute_notebook(
                 str(st.notebook), str(tmp),
@@ -277,6 +293,8 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
                 os.replace(tmp, failed)
             marker.unlink(missing_ok=True)
             raise StageFailed(f"stage {st.name} failed: {_failing_cell_error(exc)} (see {failed})") from None
+        finally:
+            os.environ.pop(RECORD_READS_ENV, None)
         os.replace(tmp, executed)
         (out_dir / f"{st.name}.failed.ipynb").unlink(missing_ok=True)
         elapsed = time.time() - t0
@@ -285,7 +303,8 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         memory[st.name] = round(peak_mb, 1)
         atomic_write_json(marker, {"fingerprint": prints[st.name], "seconds": round(elapsed, 1),
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": commit})
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": commit,
+                                   "code": code["key"], "code_modules": code["modules"]})
         atomic_write_json(timings_path, timings)
         atomic_write_json(memory_path, memory)
         log(f"[{i}/{len(selected)}] {st.name}: done in {elapsed:.0f} s")

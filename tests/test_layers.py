@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first; a module imports only from its own layer or the ones below it.
 LAYERS = {
-    "ground": ["hdlib", "hdlib.config", "hdlib.paths", "hdlib.io", "hdlib.errors", "hdlib.placement"],
+    "ground": ["hdlib", "hdlib.config", "hdlib.paths", "hdlib.io", "hdlib.errors", "hdlib.placement", "hdlib.config_reads"],
     "data": ["hdlib.data", "hdlib.demo"],
     "models": ["hdlib.models", "hdlib.pretrained", "hdlib.latent_classifier", "hdlib.diffusion"],
     "engine": ["hdlib.trainer", "hdlib.batching", "hdlib.weights", "hdlib.training_config", "hdlib.train_runtime",
@@ -22,7 +22,7 @@ LAYERS = {
                "hdlib.stats", "hdlib.plots", "hdlib.grid", "hdlib.launch", "hdlib.pool_judge", "hdlib.memory_plan"],
     "services": ["hdlib.study", "hdlib.train"],
     "stages": ["hdlib.stages"],
-    "tools": ["hdlib.__main__", "hdlib.runner", "hdlib.pretrain", "hdlib.export", "hdlib.sample", "hdlib.readme",
+    "tools": ["hdlib.__main__", "hdlib.runner", "hdlib.stage_inputs", "hdlib.pretrain", "hdlib.export", "hdlib.sample", "hdlib.readme",
               "hdlib.paper_layout", "hdlib.notebook_build"],
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}

@@ -142,3 +142,44 @@ def test_bad_params_fail_before_any_stage(toy, tmp_path):
     with pytest.raises(Exception, match="data.image_size"):
         _run(tmp_path, nbs, "data.image_size=3")
     assert not log.exists()
+
+
+def test_a_code_change_stops_the_run_naming_the_stage_until_accepted_or_forced(toy, monkeypatch):
+    """Inputs unchanged but the hdlib code a stage runs changed: a one-line stop that names the stage, the
+    changed module and the two ways on; --accept-code records the current code, --force recomputes."""
+    import hdlib.runner as runner
+    from hdlib.runner import StageCodeChanged
+
+    tmp_path, nbs, log = toy
+    _run(tmp_path, nbs)
+    real = runner.code_key
+
+    def edited(name):  # as if hdlib/sampling.py had changed under stage 01
+        k = real(name)
+        if name != "01_autoencoder":
+            return k
+        return {"key": "changed", "modules": {**k["modules"], "hdlib.sampling": "0" * 12}}
+
+    monkeypatch.setattr(runner, "code_key", edited)
+    with pytest.raises(StageCodeChanged, match=r"stage 01_autoencoder was made by other hdlib code \(changed: "
+                                               r"hdlib/sampling\.py\); --force recomputes") as err:
+        _run(tmp_path, nbs)
+    assert "\n" not in str(err.value)
+    assert _run(tmp_path, nbs, accept_code=True) == {"00_data": "skipped", "01_autoencoder": "skipped"}
+    marker = json.loads((tmp_path / "results" / "smoke" / "stages" / "01_autoencoder.json").read_text())
+    assert marker["code"] == "changed" and "code_accepted" in marker
+    assert _run(tmp_path, nbs) == {"00_data": "skipped", "01_autoencoder": "skipped"}  # now recorded
+    assert _run(tmp_path, nbs, force=True)["01_autoencoder"] == "ran"
+    assert log.read_text().count("01 ") == 2
+
+
+def test_a_marker_without_recorded_code_is_not_reported_as_current(toy):
+    from hdlib.runner import StageCodeChanged
+
+    tmp_path, nbs, _ = toy
+    _run(tmp_path, nbs)
+    marker = tmp_path / "results" / "smoke" / "stages" / "00_data.json"
+    old = {k: v for k, v in json.loads(marker.read_text()).items() if k not in ("code", "code_modules")}
+    marker.write_text(json.dumps(old))  # as written before code was fingerprinted
+    with pytest.raises(StageCodeChanged, match="code this results folder does not record"):
+        _run(tmp_path, nbs)

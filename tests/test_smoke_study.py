@@ -21,7 +21,7 @@ STAGES = ["00_data", "01_autoencoder", "02_diffusion", "03_guidance", "04_synthe
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     overrides = [f"study.results_root={root / 'results'}", f"study.data_root={root / 'data'}"]
-    status = run_study(SMOKE, overrides, log=print)
+    status = run_study(SMOKE, overrides, log=print, record_reads=root / "reads")
     cfg = load_config(SMOKE, overrides)
     return cfg, overrides, status
 
@@ -42,6 +42,22 @@ def test_every_stage_ran_and_wrote_outputs(study):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["data_manifests_sha1"] and set(prov["stage_seconds"]) == set(STAGES)
+
+
+@pytest.mark.slow
+def test_every_stage_reads_only_the_config_it_declares(study):
+    """Each stage's kernel (and its grid workers) recorded every config key it read
+    (hdlib.config_reads); a read outside the stage's READS declaration would key no fingerprint,
+    so changing that setting would leave a stale result. Stage 00 reads downstream.seeds, for one."""
+    from hdlib.config_reads import read_keys
+    from hdlib.stage_inputs import declared_reads, undeclared
+
+    reads_dir = study[0].results_dir.parent.parent / "reads"
+    recorded = {s: read_keys(reads_dir / f"{s}.txt") for s in STAGES}
+    assert all(recorded.values()), [s for s, r in recorded.items() if not r]
+    outside = {s: undeclared(recorded[s], declared_reads(s)["config"]) for s in STAGES}
+    assert outside == {s: [] for s in STAGES}
+    assert "downstream.seeds" in recorded["00_data"] and "downstream.training_sets" in recorded["02_diffusion"]
 
 
 @pytest.mark.slow

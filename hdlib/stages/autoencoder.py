@@ -18,6 +18,15 @@ from ..study.latents import (
 from ..study.splits import load_split_images, split_images, split_sources
 
 
+# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# fingerprint is made from it; the smoke study fails on a config read outside it.
+READS = {
+    "config": ["study.seed", "study.mixed_precision", "data.image_size", "autoencoder", "pretrained"],
+    "files": ["manifests/", "metrics/00_data.json"],
+}
+
+
 def reconstruction_examples(cfg: Config, n: int = 6) -> dict[str, torch.Tensor]:
     """Rows for the reconstruction figure: per pool source and for the target,
     n held-out originals followed by their reconstructions."""
@@ -35,7 +44,6 @@ def reconstruction_examples(cfg: Config, n: int = 6) -> dict[str, torch.Tensor]:
         rows[name] = imgs
         rows[f"{name} (recon)"] = decode_latents(vae, encode_images(vae, imgs, 1.0, device=dev), 1.0, device=dev)
     return rows
-
 
 
 def autoencoder_stage(cfg: Config) -> dict:

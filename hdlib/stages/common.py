@@ -37,5 +37,3 @@ def setup_notebook(params_file: str, overrides=()) -> Config:
     shown = root.relative_to(REPO_ROOT) if root.is_relative_to(REPO_ROOT) else root.name  # no absolute path
     print(f"study {cfg.study.name}: results in {shown}; device {device(cfg)}")
     return cfg
-
-

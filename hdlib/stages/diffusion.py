@@ -17,6 +17,19 @@ from ..study.latents import latent_scale, latent_store, load_autoencoder
 from ..study.splits import split_sources
 
 
+# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# fingerprint is made from it; the smoke study fails on a config read outside it.
+READS = {
+    "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",
+               "data.labeled_val_every", "autoencoder", "pretrained", "diffusion", "downstream.fractions",
+               "downstream.seeds", "downstream.training_sets", "downstream.ratio_sweep",
+               "downstream.ratio_sweep_fraction", "downstream.ratio_sweep_sets", "sampling.batch_size",
+               "sampling.eta", "sampling.num_inference_steps"],
+    "files": ["cache/latents/", "models/autoencoder/", "metrics/01_autoencoder.json"],
+}
+
+
 def latent_fingerprint_features(latents: torch.Tensor) -> torch.Tensor:
     """Cheap per-image statistics of a latent (per-channel mean, std and gradient
     energy) used for the quick per-source realism check."""

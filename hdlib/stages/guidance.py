@@ -16,6 +16,18 @@ from ..study.pseudo_labels import confident_pseudo_labels
 from ..study.splits import draws_for, split_labels
 
 
+# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# fingerprint is made from it; the smoke study fails on a config read outside it.
+READS = {
+    "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",
+               "data.labeled_val_every", "pretrained", "diffusion", "latent_classifier", "downstream",
+               "sampling.method", "sampling.num_inference_steps", "sampling.guidance_interval",
+               "sampling.guidance_interval_sweep"],
+    "files": ["cache/latents/", "models/denoiser_*/", "metrics/02_diffusion.json"],
+}
+
+
 def accuracy_by_t(cfg: Config, fractions, draw: int | None = None, buckets: int = 10,
                   max_latents: int = 1024) -> pd.DataFrame:
     """Validation accuracy of each fraction's latent classifier on z_t, by t bucket."""

@@ -17,6 +17,18 @@ from ..paths import StudyPaths, synthetic_set_name
 from ..study.splits import load_split_images, split_images, split_labels
 from ..study.synthetic_sets import load_set, set_images
 
+# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# fingerprint is made from it; the smoke study fails on a config read outside it.
+READS = {
+    "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",
+               "downstream.fractions", "downstream.seeds", "downstream.eval_every",
+               "downstream.pretrained_weights", "downstream.reference_backbone",
+               "downstream.reference_train", "quality"],
+    "files": ["synthetic/", "models/reference_classifier/", "metrics/04_synthesis.json"],
+}
+
+
 # (label in tables and figures, generator, filtered?)
 QUALITY_SETS = [("histodiffusion", "histodiffusion", True), ("histodiffusion_unfiltered", "histodiffusion", False),
                 ("pretrained", "pretrained", False), ("scratch", "scratch", True),

@@ -15,6 +15,18 @@ from ..paths import REPO_ROOT, StudyPaths
 from ..pretrained import folder_sha256
 from ..study.context import read_metrics
 
+# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# fingerprint is made from it; the smoke study fails on a config read outside it.
+READS = {
+    "config": ["study.seed", "data.classes", "data.target", "downstream", "filtering",
+               "latent_classifier.backbone", "latent_classifier.pseudo_label_threshold",
+               "latent_classifier.train", "sampling.eta", "sampling.method", "sampling.num_inference_steps",
+               "sampling.select_on_validation"],
+    "files": ["metrics/", "tables/", "figures/", "provenance.json"],
+}
+
+
 SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "dpm_solver": "DPM-Solver++ (2M)"}
 
 def _read(cfg: Config, stage: str) -> dict:

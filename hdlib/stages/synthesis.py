@@ -51,17 +51,16 @@ from ..study.synthetic_sets import (
     synthesize,
 )
 
-# ---------------------------------------------------------------------------
-# image classifiers: the independent reference judge and the real-only baseline
-# ---------------------------------------------------------------------------
+# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# fingerprint is made from it; the smoke study fails on a config read outside it.
+READS = {
+    "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",
+               "data.labeled_val_every", "autoencoder", "pretrained", "diffusion", "latent_classifier",
+               "sampling", "filtering", "downstream"],
+    "files": ["models/", "grid/", "metrics/03_guidance.json"],
+}
 
-# ---------------------------------------------------------------------------
-# synthetic sets: quota filling, on disk, resumable
-# ---------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------
-# choosing the guidance scale and the adaptation on the validation split
-# ---------------------------------------------------------------------------
 
 def validation_agreement(judge: SelectiveFilter, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of samples whose nearest validation-class centroid (baseline features) is their
@@ -296,4 +295,3 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
                "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile,
                "sampler_comparison": comparison.to_dict(orient="records")}
     return metrics
-
