@@ -25,6 +25,7 @@ from .filtering import FeatureFilter
 from .io import atomic_write_csv, atomic_write_json
 from .models import build_latent_classifier, decode_latents
 from .paths import StudyPaths, model_name
+from .pipeline import ClassifierGuidance, GuidedLatentPipeline
 from .pretrained import (
     MANIFEST,
     export_pretrained,
@@ -35,10 +36,9 @@ from .pretrained import (
     read_latent_info,
 )
 from .quota import fill_quota
-from .sampling import guided_ddim_sample
-from .study.choices import chosen_generation
 from .study.classifiers import SelectiveFilter
 from .study.context import config_from_results
+from .study.decisions import chosen_generation
 from .study.latent_models import (
     latent_shape,
     load_denoiser,
@@ -65,7 +65,9 @@ def export_study(study_dir: str | Path, out: str | Path) -> Path:
             "latent_shape": list(latent_shape(cfg)), "guidance_scale": gen.sampling.guidance_scale,
             "sampling": vars(gen.sampling), "denoiser": gen.denoiser_name(f0, d0), "latent_classifiers": [],
             "filters": []}
-    export_pretrained(out, load_autoencoder(cfg), unet.cpu(), noise_scheduler(cfg), scaling_factor=latent_scale(cfg))
+    vae, sched = load_autoencoder(cfg), noise_scheduler(cfg)
+    export_pretrained(out, vae, unet.cpu(), sched, scaling_factor=latent_scale(cfg))
+    GuidedLatentPipeline(unet, sched, vae).save_config(out)  # model_index.json: GuidedLatentPipeline.from_pretrained(out)
     C, _, S = latent_shape(cfg)
     for draw in cfg.downstream.seeds:
         for f in grid_fractions(cfg):
@@ -106,20 +108,23 @@ def _export_sampler(source: Path, fraction: float, draw: int, guidance_scale: fl
     skeleton = load_unet(source) if lc.backbone == "pretrained_unet" else None
     clf = build_latent_classifier(lc, c["in_channels"], c["sample_size"], len(c["classes"]), encoder_unet=skeleton)
     load_model(clf, str(source / "latent_classifier" / name / "model.safetensors"))
-    vae, unet, sched = load_vae(source).to(device), load_unet(source).to(device), load_scheduler(source)
+    vae = load_vae(source).to(device)
+    pipe = GuidedLatentPipeline(load_unet(source).to(device), load_scheduler(source))
     scale = read_latent_info(source)["scaling_factor"]
-    s = info["sampling"]
+    s = info["sampling"]  # the study's chosen sampler, steps, guidance scale and interval
     gs = info["guidance_scale"] if guidance_scale is None else guidance_scale
+    cond_fn = ClassifierGuidance(clf.to(device).eval())
 
     def sample(labels, seeds):
-        z = guided_ddim_sample(unet, sched, labels, seeds, classifier=clf.to(device).eval(), guidance_scale=gs,
-                               num_inference_steps=s["num_inference_steps"], eta=s["eta"],
-                               guidance_interval=tuple(s.get("guidance_interval") or ()) or None,
-                               latent_shape=tuple(info["latent_shape"]), batch_size=s["batch_size"], device=device)
+        z = pipe(labels, seeds, method=s["method"], num_inference_steps=s["num_inference_steps"], eta=s["eta"],
+                 cond_fn=cond_fn, guidance_scale=gs, guidance_interval=tuple(s.get("guidance_interval") or ()) or None,
+                 latent_shape=tuple(info["latent_shape"]), batch_size=s["batch_size"], device=device,
+                 progress=False)
         return decode_latents(vae, z, scale, device=device)
 
     judge = FeatureFilter.load(source / "filter" / f"{fraction:g}_s{draw}", device=device)
-    return sample, judge, {"model": str(source), "guidance_scale": gs}, info["classes"]
+    return sample, judge, {"model": str(source), "guidance_scale": gs,
+                           "sampler": f"{s['method']}:{s['num_inference_steps']}"}, info["classes"]
 
 
 def augment_dataset(source: str | Path, out: str | Path, per_class: int, fraction: float | None = None,
@@ -152,7 +157,8 @@ def augment_dataset(source: str | Path, out: str | Path, per_class: int, fractio
             return gen.decode(gen.latents("histodiffusion", fraction, labels, seeds, guidance_scale=guidance_scale,
                                           draw=draw))
         meta = {"model": gen.models_of("histodiffusion", fraction, draw)["denoiser"],
-                "guidance_scale": gen.guidance_scale("histodiffusion", guidance_scale)}
+                "guidance_scale": gen.guidance_scale("histodiffusion", guidance_scale),
+                "sampler": f"{gen.sampling.method}:{gen.sampling.num_inference_steps}"}
         seed_tag = f"augment/{cfg.study.name}"
     else:
         raise ConfigError(f"{source}: neither a study folder (config.json) nor an exported folder ({EXPORT_INFO})")
@@ -182,8 +188,8 @@ def augment_dataset(source: str | Path, out: str | Path, per_class: int, fractio
             shutil.copy2(r["path"], out / dest)
         files.append(dest)
     manifest = df.assign(file=files, score=df["distance"])[
-        ["file", "class_name", "seed", "guidance_scale", "model", "decision", "score", "confidence", "nn_distance",
-         "fraction", "draw"]].rename(columns={"class_name": "class"})
+        ["file", "class_name", "seed", "guidance_scale", "sampler", "model", "decision", "score", "confidence",
+         "nn_distance", "fraction", "draw"]].rename(columns={"class_name": "class"})
     atomic_write_csv(manifest, out / "manifest.csv")
     shortfall = {c: int(per_class - df[(df["class_name"] == c) & df["kept"]].shape[0]) for c in classes}
     atomic_write_json(done, {"request": request, "shortfall": {k: v for k, v in shortfall.items() if v > 0}})

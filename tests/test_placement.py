@@ -9,6 +9,7 @@ from hdlib import sampling
 from hdlib.config import load_config
 from hdlib.diffusion import make_noise_scheduler
 from hdlib.models import build_latent_classifier, build_unet
+from hdlib.pipeline import ClassifierGuidance, GuidedLatentPipeline
 from hdlib.placement import DevicePlacementError, check_placement, same_device
 
 SMOKE = load_config("params/smoke.yaml")
@@ -22,8 +23,9 @@ def _check_only_sampler(calls):
     """A sampler that makes the real samplers' pre-compute checks (placement included) and returns zeros."""
     def sampler(unet, scheduler, labels, seeds, *, latent_shape, device, classifier=None, guidance_scale=0.0,
                 num_inference_steps=4, batch_size=64, guidance_interval=None, **_):
-        sampling._guided_request(unet, scheduler, labels, seeds, classifier, guidance_scale, num_inference_steps,
-                                 latent_shape, batch_size, guidance_interval, device, "check-only sampler")
+        cond = ClassifierGuidance(classifier) if classifier is not None else None
+        GuidedLatentPipeline(unet, scheduler)._check(labels, seeds, latent_shape, "ddim", num_inference_steps,
+                                                     batch_size, cond, guidance_scale, guidance_interval, None, device)
         calls.append(device)
         return torch.zeros(len(labels), *latent_shape)
     return sampler

@@ -197,6 +197,10 @@ def test_export_and_augment_give_imagefolder_datasets(study, tmp_path):
     exported = export_study(cfg.results_dir, tmp_path / "export")
     AutoencoderKL.from_pretrained(exported / "vae", use_safetensors=True)
     UNet2DModel.from_pretrained(exported / "unet", use_safetensors=True)
+    from hdlib.pipeline import GuidedLatentPipeline
+
+    pipe = GuidedLatentPipeline.from_pretrained(exported, use_safetensors=True)
+    assert pipe.unet.config.in_channels == cfg.autoencoder.latent_channels and pipe.vae is not None
     assert list((exported / "latent_classifier").iterdir()) and list((exported / "filter").iterdir())
     for source, out in ((cfg.results_dir, tmp_path / "from_study"), (exported, tmp_path / "from_export")):
         augment_dataset(source, out, per_class=2, filtered=False)
@@ -204,6 +208,8 @@ def test_export_and_augment_give_imagefolder_datasets(study, tmp_path):
         assert ds.classes == sorted(cfg.data.classes) and len(ds) == 2 * len(cfg.data.classes)
         manifest = pd.read_csv(out / "manifest.csv")
         assert {"class", "seed", "guidance_scale", "model", "decision", "score"} <= set(manifest.columns)
+        # both sample with the study's chosen sampler (the export used to sample with DDIM whatever it was)
+        assert set(manifest["sampler"]) == {f"{cfg.sampling.method}:{cfg.sampling.num_inference_steps}"}
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
         augment_dataset(source, out, per_class=2, filtered=False)
         assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before

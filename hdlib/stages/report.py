@@ -14,6 +14,7 @@ from ..io import atomic_write_text
 from ..paths import REPO_ROOT, StudyPaths
 from ..pretrained import folder_sha256
 from ..study.context import read_metrics
+from ..study.decisions import primary_fraction
 
 # What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
 # only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
@@ -113,7 +114,7 @@ def _row(records, **match) -> dict:
 def chain_section(cfg: Config) -> str:
     """The method's chain at the primary cell, link by link."""
     d3, d4, d5, d6 = (_read(cfg, s) for s in ("03_guidance", "04_synthesis", "05_downstream", "06_quality"))
-    f0 = (d3.get("primary_cell") or {}).get("fraction", min(cfg.downstream.fractions))
+    f0 = primary_fraction(cfg)
     lines = ["## The chain, link by link (primary cell; FID at the smallest fraction)\n",
              "| link | measured | aim |", "|---|---|---|"]
     sel = [r for r in d3.get("selection", []) if r.get("fraction") == f0]

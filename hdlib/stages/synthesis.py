@@ -26,13 +26,13 @@ import torch
 
 from ..config import Config, parse_samplers
 from ..downstream import extract_features, predict
-from ..io import atomic_write_csv, atomic_write_json
+from ..io import atomic_write_csv
 from ..metrics import feature_stats, frechet_distance
 from ..models import encode_images
 from ..paths import StudyPaths, request_seeds, synthetic_set_name
-from ..study.choices import primary_fraction
 from ..study.classifiers import SelectiveFilter, reference_classifier
 from ..study.context import device
+from ..study.decisions import primary_fraction, record
 from ..study.generation import Generation
 from ..study.latent_models import load_latent_classifier
 from ..study.pseudo_labels import unlabeled_rows
@@ -230,8 +230,8 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     paths = StudyPaths(cfg)
     draws, fractions = list(cfg.downstream.seeds), grid_fractions(cfg)
     # choices and the faithfulness check at the primary cell (stage 03), first label draw
-    f0, d0 = primary_fraction(cfg) or min(cfg.downstream.fractions), draws[0]
     primary = primary_fraction(cfg)
+    f0, d0 = primary, draws[0]
     reference = reference_classifier(cfg)
     choice, sweep = None, pd.DataFrame()
     if cfg.sampling.select_on_validation:
@@ -244,9 +244,10 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
         for f in fractions:
             for draw in draws_for(cfg, f, primary):
                 train_model("denoiser_adapted", f, "labeled", draw)
-    atomic_write_json(paths.metrics_dir / "04_choice.json",
-                      {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
-                       "chosen_on": "validation" if choice else "params", "selection": choice})
+    record(cfg, "guidance", {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
+                             "sampler": {"method": cfg.sampling.method,
+                                         "num_inference_steps": cfg.sampling.num_inference_steps},
+                             "chosen_on": "validation" if choice else "params", "selection": choice})
     comparison = pd.DataFrame()
     if cfg.sampling.sampler_comparison:  # e.g. DPM-Solver++ in few steps vs DDIM, the same guidance
         comparison = compare_samplers(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference, scale, adaptation,

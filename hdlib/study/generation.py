@@ -12,12 +12,7 @@ from ..io import files_sha1
 from ..models import decode_latents
 from ..paths import GENERATORS, StudyPaths, model_name
 from ..pretrained import folder_sha256
-from ..sampling import (
-    cfg_ddim_sample,
-    guided_ddim_sample,
-    guided_ddpm_sample,
-    guided_dpm_solver_sample,
-)
+from ..pipeline import ClassifierGuidance, GuidedLatentPipeline
 from .context import device, require
 from .latent_models import (
     latent_shape,
@@ -124,20 +119,19 @@ class Generation:
                   progress=cfg.study.progress if progress is None else progress)
         used = self.models_of(generator, fraction, draw)
         scale = self.guidance_scale(generator, guidance_scale)
-        if generator == "classifier_free":
+        if generator == "classifier_free":  # classifier-free guidance (the baseline): DDIM, as it was trained to be used
             unet = self._model(used["denoiser"], lambda: load_denoiser(cfg, used["denoiser"], conditional=True))
-            return cfg_ddim_sample(unet, self.scheduler, labels, seeds, null_label=len(cfg.data.classes),
-                                   cfg_scale=scale, num_inference_steps=s.num_inference_steps, eta=s.eta, **kw)
+            return GuidedLatentPipeline(unet, self.scheduler)(
+                labels, seeds, method="ddim", num_inference_steps=s.num_inference_steps, eta=s.eta, cfg_scale=scale,
+                null_label=len(cfg.data.classes), desc=f"CFG w={scale:g}", **kw)
         unet = self._model(used["denoiser"], lambda: load_denoiser(cfg, used["denoiser"]))
         clf = None
         if used["classifier"] and scale > 0:
             clf = self._model(used["classifier"], lambda: load_latent_classifier(cfg, fraction, draw))
-        sampler = {"ddim": guided_ddim_sample, "ddpm": guided_ddpm_sample,
-                   "dpm_solver": guided_dpm_solver_sample}[s.method]
-        extra = {"eta": s.eta} if s.method == "ddim" else {}
-        return sampler(unet, self.scheduler, labels, seeds, classifier=clf, guidance_scale=scale if clf else 0.0,
-                       num_inference_steps=s.num_inference_steps, guidance_interval=self.guidance_interval(),
-                       **extra, **kw)
+        return GuidedLatentPipeline(unet, self.scheduler)(
+            labels, seeds, method=s.method, num_inference_steps=s.num_inference_steps, eta=s.eta,
+            cond_fn=ClassifierGuidance(clf) if clf is not None else None, guidance_scale=scale if clf else 0.0,
+            guidance_interval=self.guidance_interval(), **kw)
 
     def guidance_interval(self) -> tuple[int, int] | None:
         """(t_low, t_high) the classifier guides in, or None for every step."""

@@ -30,6 +30,7 @@ from hdlib.stages.guidance import accuracy_by_t, latent_classifier_selection
 from hdlib.study.context import write_metrics
 from hdlib.study.grid_cells import run_downstream_grid
 from hdlib.study.latents import training_log
+from hdlib.study.decisions import record
 from hdlib.study.primary import fix_primary_cell
 from hdlib.study.splits import draws_for, grid_fractions
 
@@ -43,6 +44,7 @@ paths = StudyPaths(cfg)
 
 # %%
 primary, real_sweep = fix_primary_cell(cfg)
+record(cfg, "primary_cell", primary)  # the one writer of this decision (hdlib.study.decisions)
 atomic_write_csv(real_sweep, paths.table("real_only_sweep"))
 print(f"primary cell: label fraction {primary['fraction']:g} = {primary['labels_per_class']['total']} labels per class "
       f"({primary['labels_per_class']['train']} train + {primary['labels_per_class']['val']} val); rule: {primary['rule']}"

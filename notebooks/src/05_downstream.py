@@ -31,7 +31,8 @@ from hdlib.paths import TRAINING_SETS, StudyPaths
 from hdlib.stages.common import setup_notebook
 from hdlib.stages.downstream import gain_table, primary_result
 from hdlib.stats import grid_summary
-from hdlib.study.context import read_metrics, write_metrics
+from hdlib.study.context import write_metrics
+from hdlib.study.decisions import primary_cell
 from hdlib.study.grid_cells import run_downstream_grid
 
 cfg = setup_notebook(params_file, overrides)  # prints where results go and the device
@@ -40,7 +41,7 @@ paths = StudyPaths(cfg)
 # %%
 display(Markdown("Training sets in this grid (each adds its synthetic images to the same real labeled "
                  "images):\n\n" + "\n".join(f"- `{s}`: {TRAINING_SETS[s]}" for s in cfg.downstream.training_sets)))
-primary = read_metrics(cfg, "03_guidance")["primary_cell"]  # fixed in stage 03 from real-only results
+primary = primary_cell(cfg)  # fixed in stage 03 from real-only results (hdlib.study.decisions)
 results = run_downstream_grid(cfg, primary["fraction"])
 computed, stale = results.attrs["computed"], results.attrs["stale_recomputed"]
 n_cells = results["id"].nunique()
