@@ -25,6 +25,8 @@ from tqdm import tqdm
 
 from .errors import HDLibError
 from .io import atomic_write_json, read_json
+from .progress import ENV as PROGRESS_ENV
+from .progress import Progress
 
 __all__ = ["GridCellError", "StaleResultError", "cell_id", "load_cell_fn", "run_grid"]
 
@@ -116,6 +118,7 @@ def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | No
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    channel = os.environ.pop(PROGRESS_ENV, None)  # a cell's own training is not the grid's progress
     try:
         fn = load_cell_fn(cell_fn)
         start = time.perf_counter()
@@ -133,6 +136,8 @@ def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | No
         return cid, f"{type(exc).__name__}: {msg}{loc}"
     finally:
         torch.set_num_threads(previous_threads)
+        if channel is not None:
+            os.environ[PROGRESS_ENV] = channel
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -198,12 +203,14 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
 
     failures: dict[str, str] = {}
     bar = tqdm(total=len(unique), initial=len(unique) - len(todo), desc="grid", disable=not progress)
+    channel = Progress("grid cells", len(unique), "cells", start=len(unique) - len(todo))
     if workers == 1 or len(todo) <= 1:
         for cid, cell in todo:
             _, err = _run_one(cell_fn, cell, cid, str(out_dir), threads_per_worker, context)
             if err:
                 failures[cid] = err
             bar.update(1)
+            channel.update(1)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -227,6 +234,7 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
                 if err:
                     failures[futures[fut]] = err
                 bar.update(1)
+                channel.update(1)
     bar.close()
     if failures:
         listed = "; ".join(f"{cid}: {err}" for cid, err in sorted(failures.items()))

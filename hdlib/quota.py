@@ -29,6 +29,7 @@ import torch
 
 from .filtering import check_selection, selection_order
 from .io import atomic_path, atomic_write_csv, atomic_write_json, files_sha1
+from .progress import Progress
 
 
 def _save_features(path: Path, labels, index, features) -> None:
@@ -99,8 +100,11 @@ def fill_quota(folder: str | Path, classes: Sequence[str], quota, sample: Callab
         return out
 
     round_no = max([int(r["round"]) for r in rows], default=-1) + 1
+    channel = Progress(f"{folder.name}: images accepted", int(quota.sum()), "images",
+                       start=int(np.minimum(counts("accepted"), quota).sum()))
     while True:
         made, accepted = counts(), counts("accepted")
+        channel.set(int(np.minimum(accepted, quota).sum()))
         short = (accepted < quota) & (made < cap)
         if not short.any():
             break

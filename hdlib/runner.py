@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import default
 
 from .config import Config, load_config, resolve_device
+from .config_reads import ENV as RECORD_READS_ENV
 from .errors import HDLibError
 from .io import atomic_write_json
 from .paths import REPO_ROOT
@@ -38,9 +40,11 @@ from .pretrained import (
     folder_sha256,
     verify,
 )
-from .config_reads import ENV as RECORD_READS_ENV
+from .progress import ENV as PROGRESS_ENV
+from .progress import ProgressView
 from .stage_inputs import changed_modules, code_key, config_values, declared_reads
 from .study.context import QUIET_ENV
+
 
 class StageFailed(HDLibError):
     pass
@@ -231,11 +235,13 @@ def _failing_cell_error(exc: Exception) -> str:
 
 def run_study(params_file: str | Path, overrides: list[str] = (), only: str | None = None,
               start: str | None = None, force: bool = False, notebooks_dir: Path | None = None,
-              log=print, accept_code: bool = False, record_reads: Path | None = None) -> dict:
+              log=print, accept_code: bool = False, record_reads: Path | None = None,
+              on_progress=None) -> dict:
     """Execute the study's stages; returns {stage: "ran" | "skipped"}. A stage whose inputs are unchanged
     but whose code changed stops the run with a one-line StageCodeChanged (`accept_code` records the
     current code instead). `record_reads`: a folder for each stage's recorded config reads
-    (<stage>.txt; hdlib.config_reads)."""
+    (<stage>.txt; hdlib.config_reads). While a stage runs, its kernel's progress (hdlib.progress) is a
+    live line on stderr, and each event also goes to `on_progress(stage, event)` when given."""
     cfg = load_config(params_file, list(overrides))  # validates before any compute
     resolve_device(cfg.study.device)  # a GPU study on a machine without a usable GPU fails here, not in stage 01
     if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
@@ -279,13 +285,17 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
             Path(record_reads).mkdir(parents=True, exist_ok=True)
             (Path(record_reads) / f"{st.name}.txt").unlink(missing_ok=True)
             os.environ[RECORD_READS_ENV] = str(Path(record_reads) / f"{st.name}.txt")
+        channel = Path(tempfile.mkdtemp(prefix="hdlib-progress-")) / "events.jsonl"
+        os.environ[PROGRESS_ENV] = str(channel)
         try:
-            pm.execute_notebook(
-                str(st.notebook), str(tmp),
-                parameters={"params_file": _notebook_path_param(params_file), "overrides": list(overrides)},
-                cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False, log_output=False,
-                kernel_manager_class=IPCKernelManager,
-            )
+            with ProgressView(channel, f"[{i}/{len(selected)}] {st.name}",
+                              on_event=(lambda e, name=st.name: on_progress(name, e)) if on_progress else None):
+                pm.execute_notebook(
+                    str(st.notebook), str(tmp),
+                    parameters={"params_file": _notebook_path_param(params_file), "overrides": list(overrides)},
+                    cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False, log_output=False,
+                    kernel_manager_class=IPCKernelManager,
+                )
             scrub_notebook(tmp)
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
             failed = out_dir / f"{st.name}.failed.ipynb"
@@ -295,6 +305,8 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
             raise StageFailed(f"stage {st.name} failed: {_failing_cell_error(exc)} (see {failed})") from None
         finally:
             os.environ.pop(RECORD_READS_ENV, None)
+            os.environ.pop(PROGRESS_ENV, None)
+            shutil.rmtree(channel.parent, ignore_errors=True)
         os.replace(tmp, executed)
         (out_dir / f"{st.name}.failed.ipynb").unlink(missing_ok=True)
         elapsed = time.time() - t0

@@ -43,6 +43,7 @@ from .batching import BatchPlan
 from .errors import ConfigError, DataError, HDLibError
 from .io import atomic_write_json, atomic_write_text
 from .memory_plan import budget_gb, cuda_peak_meter, plan_micro_batch, probe_train_step
+from .progress import Progress as ProgressReport
 from .train_runtime import LossModule, Progress, make_accelerator
 from .training_config import TrainConfig, TrainResult, lr_factor
 from .weights import save_weights
@@ -426,6 +427,9 @@ class Trainer:
         last_loss = float("nan")
         bar = tqdm(total=c.max_steps, initial=start, desc=self.out_dir.name, dynamic_ncols=True,
                    disable=not (c.progress and acc.is_main_process))
+        # the runner's live line while a stage runs (no bar in the notebook); rank 0 reports
+        channel = ProgressReport(f"training {self.out_dir.name}", c.max_steps, "steps", start=start) \
+            if acc.is_main_process else None
         self.loss_module.train()
         log_file = open(self.log_path, "a", newline="") if acc.is_main_process else None
         try:
@@ -456,6 +460,8 @@ class Trainer:
                         log_file.flush()
                     bar.set_postfix(loss=f"{last_loss:.4g}", img_s=f"{ips:.0f}")
                 bar.update(1)
+                if channel is not None:
+                    channel.update(1)
                 if self.evaluate is not None and (prog.step % self.eval_every == 0 or prog.step == c.max_steps):
                     self._evaluate_and_select()
                 if prog.step % c.checkpointing_steps == 0 or prog.step == c.max_steps:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first; a module imports only from its own layer or the ones below it.
 LAYERS = {
-    "ground": ["hdlib", "hdlib.config", "hdlib.paths", "hdlib.io", "hdlib.errors", "hdlib.placement", "hdlib.config_reads"],
+    "ground": ["hdlib", "hdlib.config", "hdlib.paths", "hdlib.io", "hdlib.errors", "hdlib.placement", "hdlib.config_reads",
+               "hdlib.progress"],
     "data": ["hdlib.data", "hdlib.demo"],
     "models": ["hdlib.models", "hdlib.pretrained", "hdlib.latent_classifier", "hdlib.diffusion"],
     "engine": ["hdlib.trainer", "hdlib.batching", "hdlib.weights", "hdlib.training_config", "hdlib.train_runtime",
