@@ -192,3 +192,9 @@ class StudyPaths:
 
     def figure(self, name: str) -> Path:
         return self.root / "figures" / f"{name}.png"
+
+
+def percent_text(fraction: float) -> str:
+    """A label fraction as a percentage with the digits it has: 0.025 -> '2.5%', 0.0125 -> '1.25%'
+    (a '.0%' format printed them as '2%' and '1%')."""
+    return f"{float(fraction) * 100:.4g}%"

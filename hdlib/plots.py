@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .io import atomic_savefig
-from .paths import GENERATORS, TRAINING_SETS, StudyPaths
+from .paths import GENERATORS, TRAINING_SETS, StudyPaths, percent_text
 
 # Every series name the figures use, in a fixed order: a name gets the same colour everywhere.
 SERIES_ORDER = (["real"] + list(TRAINING_SETS)[1:]
@@ -217,7 +217,7 @@ def latent_classifier_accuracy(acc: pd.DataFrame, num_classes: int,
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for f, g in acc.groupby("fraction"):
         g = g.sort_values("bucket_start")
-        ax.plot((g["bucket_start"] + g["bucket_end"]) / 2, g["accuracy"], marker="o", label=f"{f:.0%} labels")
+        ax.plot((g["bucket_start"] + g["bucket_end"]) / 2, g["accuracy"], marker="o", label=f"{percent_text(f)} labels")
     ax.axhline(1 / num_classes, color="grey", ls="--", label="chance")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("diffusion timestep t (0 = clean latent, large = almost pure noise)")
@@ -285,7 +285,7 @@ def guidance_selection(table: pd.DataFrame, num_classes: int, chosen: float | No
     return fig
 
 
-def guided_faithfulness(table: pd.DataFrame, title: str = "Guided samples of their target class, per class"):
+def guided_faithfulness(table: pd.DataFrame, title: str = "Kept guided images of their target class, per class"):
     """Per target class: the reference classifier's accuracy on guided samples and the share the
     guiding latent classifier gives their target class (rows of stages.synthesis.guided_faithfulness)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(table) + 1.5), 3.6))

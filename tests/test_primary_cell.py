@@ -124,12 +124,34 @@ def test_report_names_the_links_that_miss_their_aims():
 
     from hdlib.stages.report import broken_links
 
-    d4 = {"guided_class_accuracy": 0.59, "guided_class_accuracy_per_class": {"ADI": 0.32, "BACK": 0.92, "STR": 0.30}}
+    d4 = {"guided_class_accuracy": 0.59, "guided_class_accuracy_on": "kept",
+          "guided_class_accuracy_per_class": {"ADI": 0.32, "BACK": 0.92, "STR": 0.30}}
     acc = pd.DataFrame({"achieved": [100, 80], "requested": [135, 135]})
     text = broken_links(d4, {"mdd_points": 3.1}, acc)
-    assert text.startswith("Where the chain breaks: guided samples are of their target class for 0.59")
+    assert text.startswith("Where the chain breaks: kept images are of their target class for 0.59")
+    # a metrics file that measured candidates says nothing about kept images
+    old = broken_links({k: v for k, v in d4.items() if k != "guided_class_accuracy_on"}, {"mdd_points": 1.0})
+    assert "target class" not in old
     assert "below 0.6 for STR 0.30, ADI 0.32" in text and "BACK" not in text
     assert "kept 180 of 270 requested images" in text and "differences of 3.1 points" in text
-    good = {"guided_class_accuracy": 0.9, "guided_class_accuracy_per_class": {"ADI": 0.8, "STR": 0.95}}
+    good = {"guided_class_accuracy": 0.9, "guided_class_accuracy_on": "kept",
+            "guided_class_accuracy_per_class": {"ADI": 0.8, "STR": 0.95}}
     assert broken_links(good, {"mdd_points": 1.2}, pd.DataFrame({"achieved": [5], "requested": [5]})).startswith(
         "Every measured link meets its aim")
+
+
+def test_fractions_print_with_their_digits():
+    from hdlib.paths import percent_text
+
+    assert [percent_text(f) for f in (0.025, 0.0125, 0.05, 0.1, 1.0)] == ["2.5%", "1.25%", "5%", "10%", "100%"]
+
+
+def test_near_copy_rates_are_those_of_the_rows_given():
+    import pandas as pd
+
+    from hdlib.stages.synthesis import near_copy_rates
+
+    acct = pd.DataFrame({"generator": ["histodiffusion"] * 3 + ["scratch"], "fraction": [0.025, 0.025, 0.05, 0.025],
+                         "near_copies": [30, 10, 0, 1], "candidates": [50, 50, 100, 10]})
+    assert near_copy_rates(acct) == {"histodiffusion": 0.2, "scratch": 0.1}  # pooled over label counts
+    assert near_copy_rates(acct[acct["fraction"] == 0.025]) == {"histodiffusion": 0.4, "scratch": 0.1}

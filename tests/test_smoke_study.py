@@ -17,11 +17,15 @@ STAGES = ["00_data", "01_autoencoder", "02_diffusion", "03_guidance", "04_synthe
           "06_quality", "07_report"]
 
 
+PROGRESS = []  # (stage, event) the runner received from inside the stages' kernels
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
     overrides = [f"study.results_root={root / 'results'}", f"study.data_root={root / 'data'}"]
-    status = run_study(SMOKE, overrides, log=print, record_reads=root / "reads")
+    status = run_study(SMOKE, overrides, log=print, record_reads=root / "reads",
+                       on_progress=lambda stage, event: PROGRESS.append((stage, event)))
     cfg = load_config(SMOKE, overrides)
     return cfg, overrides, status
 
@@ -58,6 +62,24 @@ def test_every_stage_reads_only_the_config_it_declares(study):
     outside = {s: undeclared(recorded[s], declared_reads(s)["config"]) for s in STAGES}
     assert outside == {s: [] for s in STAGES}
     assert "downstream.seeds" in recorded["00_data"] and "downstream.training_sets" in recorded["02_diffusion"]
+
+
+@pytest.mark.slow
+def test_the_runner_sees_progress_from_inside_each_training_stage_and_no_bar_reaches_a_notebook(study):
+    """The kernel reports its units of work through a side channel (hdlib.progress) that the runner
+    renders; the executed notebooks stay free of bars."""
+    cfg = study[0]
+    tasks = {}
+    for stage, e in PROGRESS:
+        tasks.setdefault(stage, set()).add(e["task"].split(" ")[0])
+    for stage in ("01_autoencoder", "02_diffusion", "03_guidance"):
+        assert "training" in tasks.get(stage, set()), (stage, tasks.get(stage))
+    assert "grid" in tasks["03_guidance"] and "grid" in tasks["05_downstream"]
+    finished = [e for s, e in PROGRESS if s == "05_downstream" and e["task"] == "grid cells"]
+    assert finished[-1]["done"] == finished[-1]["total"] > 0
+    for nb in cfg.results_dir.glob("[0-9][0-9]_*.ipynb"):
+        text = nb.read_text()
+        assert "it/s]" not in text and "s/it]" not in text and "\u2588" not in text, nb.name
 
 
 @pytest.mark.slow

@@ -69,6 +69,10 @@ def primary_result(cfg: Config, results: pd.DataFrame, primary: dict, metric: st
     f = primary["fraction"]
     out = {"primary_cell": {k: primary[k] for k in ("fraction", "labels_per_class", "rule", "rule_met",
                                                      "real_only_mean", "all_labels_accuracy", "gap")}}
+    # the rule read real-only over stage 03's sweep seeds; the headline's own real-only figure is over its seeds
+    out["primary_cell"]["rule_seeds"] = primary.get("real_only_seeds")
+    real = results[(results["fraction"] == f) & (results["training_set"] == "real")][metric]
+    out["real_only_at_primary"] = {"mean": float(real.mean()), "n": int(len(real))} if len(real) else None
     for other, key in (("real", "vs_real"), ("pseudo_label", "vs_rival")):
         pair = _paired(results, f, METHOD, other, cfg.downstream.ratio, metric)
         if pair is None:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..config import Config
 from ..io import atomic_write_text
-from ..paths import REPO_ROOT, StudyPaths
+from ..paths import REPO_ROOT, StudyPaths, percent_text
 from ..pretrained import folder_sha256
 from ..study.context import read_metrics
 from ..study.decisions import primary_fraction
@@ -53,7 +53,7 @@ def accuracy_table(records: list[dict], labels_per_class: dict | None = None) ->
                   zip(df["mean"], df["std"].fillna(0), df["ci_low"], df["ci_high"])]
     table = df.pivot(index="setting", columns="fraction", values="cell")
     per = labels_per_class or {}
-    table.columns = [f"{c:.0%} labels" + (f" ({per[f'{c:g}']}/class)" if f"{c:g}" in per else "")
+    table.columns = [f"{percent_text(c)} labels" + (f" ({per[f'{c:g}']}/class)" if f"{c:g}" in per else "")
                      for c in table.columns]
     order = [s for s in ["real"] + sorted(set(df["setting"]) - {"real"}) if s in table.index]
     return table.loc[order].reset_index().fillna("")
@@ -96,9 +96,13 @@ def headline(cfg: Config) -> str:
         return "The downstream grid has not been run."
     p = m["primary_cell"]
     lpc = p["labels_per_class"]
+    rule_seeds = f" over {p['rule_seeds']} seeds" if p.get("rule_seeds") else ""
+    real = m.get("real_only_at_primary")
+    here = (f"real-only there {real['mean']:.3f} over {real['n']} seeds; " if real else "")
     text = (f"Primary cell (fixed before any HistoDiffusion run by the rule: {p['rule']}): {lpc['total']} labels per "
-            f"class ({lpc['train']} training + {lpc['val']} validation); real-only {p['real_only_mean']:.3f} vs "
-            f"{p['all_labels_accuracy']:.3f} with all labels. HistoDiffusion - real-only: {_points(m['vs_real'])}")
+            f"class ({lpc['train']} training + {lpc['val']} validation); the rule read real-only "
+            f"{p['real_only_mean']:.3f}{rule_seeds} vs {p['all_labels_accuracy']:.3f} with all labels; {here}"
+            f"HistoDiffusion - real-only: {_points(m['vs_real'])}")
     if m.get("vs_rival"):
         text += f"; HistoDiffusion - pseudo-label rival: {_points(m['vs_rival'])}"
     return text + ". " + VERDICTS[m["verdict"]]
@@ -123,10 +127,17 @@ def chain_section(cfg: Config) -> str:
         lines.append(f"| latent classifier, labeled-validation accuracy at the timesteps it guides (mean over seeds) | "
                      f"{sum(r[key] for r in sel) / len(sel):.3f} | well above chance "
                      f"({1 / len(cfg.data.classes):.3f}) |")
-    if "guided_class_accuracy" in d4:
-        lines.append(f"| guided samples of their target class (reference classifier, s = {d4['guidance_scale']:g}, "
-                     f"{d4.get('guided_class_accuracy_n', '?')} kept images) | "
+    if d4.get("guided_class_accuracy_on") == "kept" and d4.get("guided_class_accuracy") is not None:
+        lines.append(f"| kept images of their target class (reference classifier, s = {d4['guidance_scale']:g}, "
+                     f"{d4['guided_class_accuracy_n']} kept images) | "
                      f"{d4['guided_class_accuracy']:.3f} | >= 0.85, no class below 0.6 |")
+        if d4.get("guided_class_accuracy_classes_without_kept_images"):
+            lines.append("| classes with no kept image (not in the figure above) | "
+                         + ", ".join(d4["guided_class_accuracy_classes_without_kept_images"]) + " | none |")
+    if d4.get("guided_class_accuracy_candidates") is not None:
+        lines.append(f"| every candidate the sampler made, before the filter (reference classifier, "
+                     f"{d4['guided_class_accuracy_candidates_n']} candidates) | "
+                     f"{d4['guided_class_accuracy_candidates']:.3f} | high |")
     per_class = d4.get("guided_class_faithfulness") or []
     if per_class:
         weak = sorted(per_class, key=lambda r: r["reference_accuracy"])[:3]
@@ -145,9 +156,9 @@ def chain_section(cfg: Config) -> str:
         other = q.get("scratch", {}).get("fid")
         lines.append(f"| FID, HistoDiffusion vs from-scratch (equal-size sets) | {q['histodiffusion']['fid']:.1f} vs "
                      f"{other if other is None else f'{other:.1f}'} | lower than from scratch |")
-    if d4.get("near_copy_rate"):
-        lines.append("| near-copy rate | " + ", ".join(f"{g} {v:.1%}" for g, v in d4["near_copy_rate"].items())
-                     + " | low for HistoDiffusion |")
+    if d4.get("near_copy_rate_at_primary"):
+        lines.append("| near-copy rate among candidates | " + ", ".join(
+            f"{g} {v:.1%}" for g, v in d4["near_copy_rate_at_primary"].items()) + " | low for HistoDiffusion |")
     for key, name in (("vs_real", "real-only"), ("vs_rival", "the pseudo-label rival")):
         if d5.get(key):
             lines.append(f"| accuracy, HistoDiffusion - {name} (paired) | {_points(d5[key])} | CI above 0 |")
@@ -166,8 +177,10 @@ def broken_links(d4: dict, d5: dict, acc_rows: pd.DataFrame | None = None) -> st
     overall = d4.get("guided_class_accuracy")
     per_class = d4.get("guided_class_accuracy_per_class") or {}
     low = sorted((v, k) for k, v in per_class.items() if v < 0.6)
+    if d4.get("guided_class_accuracy_on") != "kept":
+        overall = None  # an older metrics file measured it on candidates: not a claim about kept images
     if overall is not None and (overall < 0.85 or low):
-        broken.append(f"guided samples are of their target class for {overall:.2f} of kept images (aim 0.85)"
+        broken.append(f"kept images are of their target class for {overall:.2f} (balanced over classes; aim 0.85)"
                       + (", below 0.6 for " + ", ".join(f"{k} {v:.2f}" for v, k in low) if low else ""))
     if acc_rows is not None and len(acc_rows) and acc_rows["achieved"].sum() < acc_rows["requested"].sum():
         broken.append(f"the filter kept {int(acc_rows['achieved'].sum())} of {int(acc_rows['requested'].sum())} "
@@ -223,7 +236,7 @@ def build_report(cfg: Config) -> Path:
                       "pseudo-label rival by labels per class (paired, 95% CI)"))
     parts.append(chain_section(cfg))
     parts.append("## Design of this run\n")
-    fr_text = ", ".join(f"{f:.0%} ({per.get(format(f, 'g'), '?')}/class)" for f in ds.fractions)
+    fr_text = ", ".join(f"{percent_text(f)} ({per.get(format(f, 'g'), '?')}/class)" for f in ds.fractions)
     budget = d5.get("labels_per_class") or {}
     if budget:
         parts.append("- Label budget per class (training + validation, every label a method touches): "
@@ -243,8 +256,8 @@ def build_report(cfg: Config) -> Path:
     parts.append(f"- Label fractions in the grid: {fr_text}; "
                  f"training sets: {', '.join(ds.training_sets)}, each adding {ds.ratio:.0%} as many images as "
                  "the real labeled ones (generated, or pseudo-labeled for `pseudo_label`)"
-                 + (f"; the ablation sets {', '.join(ablation)} at {f0:.0%} only" if ablation else "")
-                 + (f"; ratio sweep {', '.join(f'{r:.0%}' for r in ds.ratio_sweep)} at {ds.ratio_sweep_fraction:.0%} "
+                 + (f"; the ablation sets {', '.join(ablation)} at {percent_text(f0)} only" if ablation else "")
+                 + (f"; ratio sweep {', '.join(f'{r:.0%}' for r in ds.ratio_sweep)} at {percent_text(ds.ratio_sweep_fraction)} "
                     f"for {', '.join(ds.ratio_sweep_sets)}" if ds.ratio_sweep else "") + ".\n")
     parts.append(
                  f"- Seeds {list(ds.seeds)} at the primary cell"
@@ -295,7 +308,7 @@ def build_report(cfg: Config) -> Path:
     if d5.get("ratio_sweep"):
         rs = pd.DataFrame(d5["ratio_sweep"])[["training_set", "ratio", "mean", "std", "ci_low", "ci_high", "n"]]
         per_sweep = per.get(format(ds.ratio_sweep_fraction, "g"), "?")
-        parts.append(f"### Synthetic-to-real ratio at {ds.ratio_sweep_fraction:.0%} labels "
+        parts.append(f"### Synthetic-to-real ratio at {percent_text(ds.ratio_sweep_fraction)} labels "
                      f"({per_sweep}/class)\n\n" + _md(rs) + "\n")
         parts.append(_fig(cfg, "downstream_ratio_sweep", "Ratio sweep"))
     parts.append(_fig(cfg, "downstream_confusion_real", "Confusion matrix, real only, primary cell"))
@@ -319,22 +332,23 @@ def build_report(cfg: Config) -> Path:
         acc = pd.DataFrame(d4["accounting"])
         tot = acc.groupby(["generator", "fraction"])[["requested", "achieved", "candidates", "shortfall",
                                                       "near_copies"]].sum().reset_index()
+        tot["fraction"] = tot["fraction"].map(percent_text)  # a '.0f' table format printed every fraction as 0
         parts.append("Requested vs achieved kept images, summed over classes and seeds (per class and seed in "
                      "`tables/synthesis_accounting.csv` and `metrics/04_synthesis.json`):\n\n" + _md(tot, ".0f") + "\n")
         f0d0 = acc[(acc["fraction"] == f0) & (acc["draw"] == ds.seeds[0])]
         wide = f0d0.pivot_table(index="class", columns="generator", values=["requested", "achieved"], aggfunc="sum")
         wide.columns = [f"{g} {k}" for k, g in wide.columns]
-        parts.append(f"Per class at {f0:.0%} labels, first seed:\n\n" + _md(wide.reset_index(), ".0f") + "\n")
+        parts.append(f"Per class at {percent_text(f0)} labels, first seed:\n\n" + _md(wide.reset_index(), ".0f") + "\n")
     if d4.get("near_copy_rate"):
-        parts.append("Near-copy rate per generator (candidates closer to a labeled image than the calibrated "
-                     "threshold): " + ", ".join(f"`{g}` {v:.1%}" for g, v in d4["near_copy_rate"].items()) + ".\n")
+        parts.append("Near-copy rate per generator, pooled over every label count and seed (candidates closer to "
+                     "a labeled image than the calibrated threshold): " + ", ".join(f"`{g}` {v:.1%}" for g, v in d4["near_copy_rate"].items()) + ".\n")
     parts.append(_fig(cfg, "filtering_acceptance", "Filtering outcome per class"))
     parts.append(_fig(cfg, "latent_classifier_accuracy_by_t", "Noise-aware latent classifier: accuracy by t"))
 
     parts.append("## Generation quality\n")
     if d6.get("overall"):
         q = pd.DataFrame(d6["overall"])
-        parts.append(f"At {f0:.0%} labels, first seed; every set cut to {d6.get('images_per_class', '?')} images per "
+        parts.append(f"At {percent_text(f0)} labels, first seed; every set cut to {d6.get('images_per_class', '?')} images per "
                      "class (equal size and class balance). FID / KID / precision / recall against the real test "
                      "set in the reference classifier's feature space; `fid_class_mean` is the mean of the "
                      "per-class FIDs:\n\n" + _md(q, ".4f") + "\n")
@@ -361,11 +375,13 @@ def build_report(cfg: Config) -> Path:
     parts.append("## Timings\n")
     mem_p = StudyPaths(cfg).stages / "peak_memory_mb.json"
     memory = json.loads(mem_p.read_text()) if mem_p.exists() else {}
+    # this stage is writing the report: an entry for it would be the previous run's
+    timings = {k: v for k, v in timings.items() if k != "07_report"}
     if timings:
         t = pd.DataFrame({"stage": list(timings), "seconds": list(timings.values()),
                           "peak memory so far (MB)": [memory.get(k, float("nan")) for k in timings]})
-        t.loc[len(t)] = ["total", t["seconds"].sum(), max(memory.values(), default=float("nan"))]
-        parts.append(_md(t, ".0f") + "\n")
+        t.loc[len(t)] = ["total before this report", t["seconds"].sum(), max(memory.values(), default=float("nan"))]
+        parts.append(_md(t, ".0f") + "\n\nThe report stage's own time is in `stages/timings.json` only.\n")
     d5 = _read(cfg, "05_downstream")
     if "cells" in d5 and d5.get("cells_computed", d5["cells"]) < d5["cells"]:
         parts.append(f"05_downstream trained {d5['cells_computed']} of its {d5['cells']} grid cells; the other "

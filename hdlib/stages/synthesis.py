@@ -274,25 +274,54 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     accounting_table = pd.concat(acct, ignore_index=True)
     atomic_write_csv(accounting_table, paths.table("synthesis_accounting"))
 
-    # class faithfulness of the chosen setting at the primary cell, judged by the independent
-    # reference classifier, pooled over every label draw there (each judged with its own latent classifier)
-    judged = [guided_class_judgement(cfg, frames[synthetic_set_name("histodiffusion", f0, d)], reference,
-                                     load_latent_classifier(cfg, f0, d), gen)
-              for d in draws_for(cfg, f0, primary) if synthetic_set_name("histodiffusion", f0, d) in frames]
-    labels, pred, latent_pred = (torch.cat([j[k] for j in judged]) for k in range(3))
-    faithfulness = guided_faithfulness(cfg, labels, pred, latent_pred)
-    guided_acc = float(np.mean([r["reference_accuracy"] for r in faithfulness]))  # balanced over classes
-    atomic_write_csv(pd.DataFrame(faithfulness), paths.table("guided_class_faithfulness"))
-    near = {g: float(accounting_table[accounting_table["generator"] == g]["near_copies"].sum()
-                     / max(1, accounting_table[accounting_table["generator"] == g]["candidates"].sum()))
-            for g in accounting_table["generator"].unique()}
+    primary_sets = [(d, frames[synthetic_set_name("histodiffusion", f0, d)]) for d in draws_for(cfg, f0, primary)
+                    if synthetic_set_name("histodiffusion", f0, d) in frames]
+    kept = class_faithfulness(cfg, primary_sets, reference, gen, kept_only=True)
+    candidates = class_faithfulness(cfg, primary_sets, reference, gen, kept_only=False)
+    atomic_write_csv(pd.DataFrame(kept["per_class"]), paths.table("guided_class_faithfulness"))
+    atomic_write_csv(pd.DataFrame(candidates["per_class"]), paths.table("guided_class_faithfulness_candidates"))
     metrics = {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
                "selection": choice, "selection_table": sweep.to_dict(orient="records"),
-               "guided_class_accuracy": guided_acc, "guided_class_accuracy_n": int(len(labels)),
-               "guided_class_accuracy_per_class": {r["class"]: r["reference_accuracy"] for r in faithfulness},
-               "guided_class_accuracy_at": {"fraction": f0, "draws": len(judged), "images": "kept (filtered) sets"},
-               "guided_class_faithfulness": faithfulness,
+               # what the filter kept, at the primary cell (the images the downstream classifier sees)
+               "guided_class_accuracy": kept["accuracy"], "guided_class_accuracy_n": kept["n"],
+               "guided_class_accuracy_on": "kept",
+               "guided_class_accuracy_per_class": {r["class"]: r["reference_accuracy"] for r in kept["per_class"]},
+               "guided_class_accuracy_classes_without_kept_images": kept["classes_without_images"],
+               "guided_class_accuracy_at": {"fraction": f0, "draws": len(primary_sets)},
+               "guided_class_faithfulness": kept["per_class"],
+               # the sampler's own figure, on every candidate it made there (before the filter)
+               "guided_class_accuracy_candidates": candidates["accuracy"],
+               "guided_class_accuracy_candidates_n": candidates["n"],
+               "guided_class_faithfulness_candidates": candidates["per_class"],
                "accounting": accounting_table.to_dict(orient="records"),
-               "near_copy_rate": near, "delta_percentile": cfg.filtering.delta_percentile,
+               "near_copy_rate": near_copy_rates(accounting_table),
+               "near_copy_rate_at_primary": near_copy_rates(accounting_table[accounting_table["fraction"] == f0]),
+               "delta_percentile": cfg.filtering.delta_percentile,
                "sampler_comparison": comparison.to_dict(orient="records")}
     return metrics
+
+
+def near_copy_rates(accounting_rows: pd.DataFrame) -> dict:
+    """Per generator: near copies among its candidates, pooled over the given rows."""
+    return {g: float(rows["near_copies"].sum() / max(1, rows["candidates"].sum()))
+            for g, rows in accounting_rows.groupby("generator", sort=False)}
+
+
+def class_faithfulness(cfg: Config, sets, reference, gen: "Generation", kept_only: bool) -> dict:
+    """Whether guided images show their target class, judged by the independent reference classifier,
+    pooled over the primary cell's label draws (each judged with its own latent classifier): on the
+    images the filter kept, or on every candidate. Returns {"accuracy" (balanced over the classes that
+    have images), "n", "per_class", "classes_without_images"}."""
+    judged = []
+    for draw, frame in sets:
+        frame = frame[frame["kept"]] if kept_only else frame
+        if len(frame):
+            judged.append(guided_class_judgement(cfg, frame, reference, load_latent_classifier(cfg, primary_fraction(cfg),
+                                                                                               draw), gen))
+    if not judged:
+        return {"accuracy": None, "n": 0, "per_class": [], "classes_without_images": list(cfg.data.classes)}
+    labels, pred, latent_pred = (torch.cat([j[k] for j in judged]) for k in range(3))
+    rows = guided_faithfulness(cfg, labels, pred, latent_pred)
+    return {"accuracy": float(np.mean([r["reference_accuracy"] for r in rows])), "n": int(len(labels)),
+            "per_class": rows, "classes_without_images": [c for c in cfg.data.classes
+                                                           if c not in {r["class"] for r in rows}]}

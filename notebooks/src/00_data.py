@@ -27,7 +27,7 @@ import pandas as pd
 
 from hdlib import plots
 from hdlib.io import atomic_write_csv
-from hdlib.paths import StudyPaths
+from hdlib.paths import StudyPaths, percent_text
 from hdlib.stages.common import setup_notebook
 from hdlib.study.preparation import prepare_data
 from hdlib.study.splits import load_split_images, split_labels, split_sources
@@ -58,7 +58,7 @@ counts
 
 # %%
 fractions = pd.DataFrame(summary["fractions"])
-fractions.columns = [f"{float(c):.0%}" for c in fractions.columns]
+fractions.columns = [percent_text(c) for c in fractions.columns]
 fractions.loc["total"] = fractions.sum()
 atomic_write_csv(fractions.reset_index(names="class"), paths.table("data_fractions"))
 fractions
@@ -106,7 +106,7 @@ plots.save(fig, cfg, "data_pool_per_source")
 # %%
 frac_long = (pd.DataFrame(summary["fractions"]).reset_index(names="class")
              .melt(id_vars="class", var_name="fraction", value_name="images"))
-frac_long["fraction"] = frac_long["fraction"].astype(float).map(lambda f: f"{f:.0%}")
+frac_long["fraction"] = frac_long["fraction"].astype(float).map(percent_text)
 fig = plots.bar(frac_long, x="class", y="images", hue="fraction", log_y=True, ylabel="labeled images (log scale)",
                 title="Labeled training images per class and label fraction")
 plots.save(fig, cfg, "data_fractions")

@@ -29,7 +29,7 @@ from IPython.display import Markdown, display
 from hdlib import plots, train
 from hdlib.downstream import evaluate
 from hdlib.io import atomic_write_csv
-from hdlib.paths import GENERATORS, StudyPaths, synthetic_set_name
+from hdlib.paths import GENERATORS, StudyPaths, percent_text, synthetic_set_name
 from hdlib.stages.common import setup_notebook
 from hdlib.stages.synthesis import synthesis_stage
 from hdlib.study.classifiers import reference_classifier
@@ -68,8 +68,11 @@ metrics["reference_val"] = ref_val
 write_metrics(cfg, "04_synthesis", metrics)
 accounting = pd.DataFrame(metrics["accounting"])
 f0, d0 = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+kept_acc = metrics["guided_class_accuracy"]
 print(f"chosen on validation: guidance scale {metrics['guidance_scale']:g}, adaptation `{metrics['adaptation']}`; "
-      f"reference classifier's class accuracy of the chosen samples: {metrics['guided_class_accuracy']:.3f}")
+      f"at the primary cell the reference classifier gives {metrics['guided_class_accuracy_n']} kept images their "
+      f"target class for " + ("n/a" if kept_acc is None else f"{kept_acc:.3f}") + " (balanced over classes), and "
+      f"{metrics['guided_class_accuracy_candidates_n']} candidates for {metrics['guided_class_accuracy_candidates']:.3f}")
 
 # %% [markdown]
 # ## Figure: choosing the guidance scale and adaptation on validation
@@ -86,11 +89,16 @@ sel.round(3)
 # %% [markdown] id="08a"
 # ## Figure: which classes guidance gets right
 #
-# For the guided samples of the primary cell and first label draw (before filtering), per target class: blue, the share the independent reference classifier gives their target class (above the bar, its most frequent other call); orange, the share the latent classifier that guided them gives their target class, on the re-encoded image. **Good:** both bars high for every class. A class with a high orange bar and a low blue one is where guidance satisfied the latent classifier without producing the class's appearance: the latent classifier, trained on few labels, is the weak link there, not the sampler.
+# For the HistoDiffusion images the filter **kept** at the primary cell (every label draw there), per target class: blue, the share the independent reference classifier gives their target class (above the bar, its most frequent other call); orange, the share the latent classifier that guided them gives their target class, on the re-encoded image. A class with no kept image has no bar (the table below names it). The same on every candidate, before the filter, is in `tables/guided_class_faithfulness_candidates.csv`. **Good:** both bars high for every class. A class with a high orange bar and a low blue one is where guidance satisfied the latent classifier without producing the class's appearance: the latent classifier, trained on few labels, is the weak link there, not the sampler.
 
 # %% id="08b"
 faith = pd.DataFrame(metrics["guided_class_faithfulness"])
-fig = plots.guided_faithfulness(faith)
+if faith.empty:  # the filter kept nothing at the primary cell: say so, and show the candidates instead
+    print("The filter kept no HistoDiffusion image at the primary cell; the figure shows every candidate instead.")
+    faith = pd.DataFrame(metrics["guided_class_faithfulness_candidates"])
+    fig = plots.guided_faithfulness(faith, title="Which classes guidance gets right: every candidate (none was kept)")
+else:
+    fig = plots.guided_faithfulness(faith)
 plots.save(fig, cfg, "guided_class_faithfulness")
 faith.round(3)
 
@@ -132,7 +140,7 @@ for g, kept, label in [("histodiffusion", True, "histodiffusion"), ("histodiffus
     name = synthetic_set_name(g, f0, d0)
     if (paths.synthetic(name) / "manifest.csv").exists():
         sets[label] = first_images(cfg, load_set(cfg, name), kept, n=3)
-fig = plots.comparison_grid(sets, cfg.data.classes, n=3, title=f"Real and generated images per class, {f0:.0%} labels")
+fig = plots.comparison_grid(sets, cfg.data.classes, n=3, title=f"Real and generated images per class, {percent_text(f0)} labels")
 plots.save(fig, cfg, "synthesis_comparison_grid")
 
 # %% [markdown]
@@ -144,6 +152,6 @@ plots.save(fig, cfg, "synthesis_comparison_grid")
 hd = load_set(cfg, synthetic_set_name("histodiffusion", f0, d0))
 outcome = hd.pivot_table(index="class_name", columns="decision", values="index", aggfunc="count",
                          fill_value=0).reindex(cfg.data.classes, fill_value=0).reset_index()
-fig = plots.filtering_outcomes(outcome, title=f"Filtering outcome per class, histodiffusion, {f0:.0%} labels")
+fig = plots.filtering_outcomes(outcome, title=f"Filtering outcome per class, histodiffusion, {percent_text(f0)} labels")
 plots.save(fig, cfg, "filtering_acceptance")
 outcome

@@ -27,7 +27,7 @@ from IPython.display import Markdown, display
 
 from hdlib import plots
 from hdlib.io import atomic_write_csv
-from hdlib.paths import TRAINING_SETS, StudyPaths
+from hdlib.paths import TRAINING_SETS, StudyPaths, percent_text
 from hdlib.stages.common import setup_notebook
 from hdlib.stages.downstream import gain_table, primary_result
 from hdlib.stats import grid_summary
@@ -124,7 +124,7 @@ if cfg.downstream.ratio_sweep:  # the ratio sweep lives in params/ablations.yaml
     atomic_write_csv(ratio_summary, paths.table("downstream_ratio_sweep"))
     atomic_write_csv(ratio_comps, paths.table("downstream_ratio_sweep_vs_real"))
     fig = plots.ratio_sweep(ratio_summary, "test accuracy",
-                            title=f"Synthetic-to-real ratio at {cfg.downstream.ratio_sweep_fraction:.0%} labels")
+                            title=f"Synthetic-to-real ratio at {percent_text(cfg.downstream.ratio_sweep_fraction)} labels")
     plots.save(fig, cfg, "downstream_ratio_sweep")
 ratio_summary.round(4)
 
@@ -140,7 +140,7 @@ picks = results[(results["fraction"] == f0) & (results["seed"] == cfg.downstream
                 & results["ratio"].isin([0.0, cfg.downstream.ratio])]
 for _, r in picks.iterrows():
     fig = plots.confusion(r["test.confusion_matrix"], cfg.data.classes,
-                          title=f"{r['training_set']}, {f0:.0%} labels, seed {r['seed']}")
+                          title=f"{r['training_set']}, {percent_text(f0)} labels, seed {r['seed']}")
     plots.save(fig, cfg, f"downstream_confusion_{r['training_set']}")
 
 # %%
