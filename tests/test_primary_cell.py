@@ -45,10 +45,6 @@ def test_without_real_only_results_it_refuses():
         primary_cell(_grid({}, {0.05: 0.9}), 0.99, 0.10)
 
 
-def test_the_rule_lives_in_the_default_params():
-    assert load_config(Path(__file__).resolve().parent.parent / "params" / "default.yaml").downstream.primary_cell_gap == pytest.approx(0.10)
-
-
 def test_min_detectable_difference_matches_a_simulated_power():
     import numpy as np
     from scipy import stats as st
@@ -91,7 +87,8 @@ def _arms(gains, seeds=10):
 
 def _cfg():
     return load_config(Path(__file__).resolve().parent.parent / "params" / "default.yaml",
-                       ["downstream.fractions=[0.05, 0.2]", "data.label_fractions=[0.05, 0.2]"])
+                       ["downstream.fractions=[0.05, 0.2]", "data.label_fractions=[0.05, 0.2]",
+                        "downstream.primary_cell_frozen.fraction=0"])
 
 
 def test_primary_result_reports_both_comparisons_mdd_and_a_computed_verdict():
@@ -155,3 +152,76 @@ def test_near_copy_rates_are_those_of_the_rows_given():
                          "near_copies": [30, 10, 0, 1], "candidates": [50, 50, 100, 10]})
     assert near_copy_rates(acct) == {"histodiffusion": 0.2, "scratch": 0.1}  # pooled over label counts
     assert near_copy_rates(acct[acct["fraction"] == 0.025]) == {"histodiffusion": 0.4, "scratch": 0.1}
+
+
+def _sweep(means_by_fraction, seeds=3):
+    import pandas as pd
+
+    rows = [{"training_set": "real", "fraction": f, "seed": s, "test.accuracy": m + 0.01 * (s - 1)}
+            for f, m in means_by_fraction.items() for s in range(seeds)]
+    return pd.DataFrame(rows)
+
+
+def test_a_frozen_cell_never_moves_and_the_rule_reports_its_margin(monkeypatch):
+    """The rule now picks 0.05 (real-only 0.80, 0.19 below 0.99) but the cell was frozen at 0.025:
+    the cell stays, the record says the rule disagrees, with the margin at the frozen cell and its
+    standard error over seeds."""
+    from hdlib.study import primary
+
+    monkeypatch.setattr(primary, "run_downstream_grid", lambda cfg, primary, training_sets: _sweep(
+        {0.025: 0.77, 0.05: 0.80, 0.1: 0.95}))
+    monkeypatch.setattr(primary, "reference_classifier", lambda cfg: None)
+    monkeypatch.setattr(primary, "evaluate", lambda *a, **k: {"accuracy": 0.99})
+    monkeypatch.setattr(primary, "labels_per_class", lambda cfg, f, d: {"total": int(f * 160)})
+    frozen = load_config("params/default.yaml")
+    cell, _ = primary.fix_primary_cell(frozen)
+    assert cell["fraction"] == 0.025 and cell["rule_fraction"] == 0.05 and cell["rule_agrees"] is False
+    assert cell["frozen_at"] == "4e9f45c" and cell["frozen_from"]["real_only_mean"] == 0.773
+    m = cell["rule_margin"]
+    assert abs(m["margin"] - (0.99 - 0.77 - 0.10)) < 1e-9 and m["n_seeds"] == 3 and abs(m["se"] - 0.01 / 3 ** 0.5) < 1e-9
+    assert abs(cell["real_only_mean"] - 0.77) < 1e-9  # this run's real-only figure at the frozen cell
+    free = load_config("params/default.yaml", ["downstream.primary_cell_frozen.fraction=0"])
+    cell, _ = primary.fix_primary_cell(free)
+    assert cell["fraction"] == 0.05 and cell["rule_agrees"] is True and "frozen_at" not in cell
+
+
+def test_a_frozen_cell_must_be_a_grid_fraction():
+    import pytest
+
+    from hdlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="primary_cell_frozen.fraction: 0.3 is not in downstream.fractions"):
+        load_config("params/default.yaml", ["downstream.primary_cell_frozen.fraction=0.3"])
+
+
+def test_the_combined_arm_adds_the_rivals_images_and_the_kept_synthetic_ones(monkeypatch):
+    """histodiffusion+pseudo_label: the rival's pseudo-labeled images (predicted labels of unlabeled
+    training images, never a test label) followed by HistoDiffusion's best-ranked kept images."""
+    import pandas as pd
+    import torch
+
+    from hdlib.paths import training_set_generator
+    from hdlib.study import synthetic_sets as ss
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, n, tag):
+            self.n, self.tag = n, tag
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return torch.full((3, 4, 4), self.tag, dtype=torch.uint8), -1
+
+    monkeypatch.setattr(ss, "pseudo_label_images", lambda cfg, f, r, d: (Items(2, 7), torch.tensor([1, 0]), "pl"))
+    syn = pd.DataFrame({"label": [0, 0, 1, 1], "kept": [True, True, True, False], "rank": [1, 0, 0, -1],
+                        "index": [0, 1, 0, 1], "path": ["a", "b", "c", "d"]})
+    monkeypatch.setattr(ss, "load_set", lambda cfg, name: syn)
+    monkeypatch.setattr(ss, "fraction_labels", lambda cfg, f, d: torch.tensor([0, 1]))
+    monkeypatch.setattr(ss, "set_content_key", lambda cfg, name: "hd")
+    monkeypatch.setattr(ss, "set_images", lambda cfg, frame: Items(len(frame), 9))
+    cfg = load_config("params/smoke.yaml")
+    x, y, key = ss.added_training_images(cfg, "histodiffusion+pseudo_label", 0.25, 1.0, 0)
+    assert len(x) == 4 and y.tolist() == [1, 0, 0, 1]  # the rival's two, then one kept image per class
+    assert [int(x[i][0][0, 0, 0]) for i in range(4)] == [7, 7, 9, 9] and key
+    assert training_set_generator("histodiffusion+pseudo_label") == "histodiffusion"

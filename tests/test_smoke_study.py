@@ -83,6 +83,24 @@ def test_the_runner_sees_progress_from_inside_each_training_stage_and_no_bar_rea
 
 
 @pytest.mark.slow
+def test_the_combined_arm_adds_the_rivals_and_histodiffusions_images(study):
+    """histodiffusion+pseudo_label trains on the rival's pseudo-labeled images plus HistoDiffusion's kept
+    ones, cell for cell; its comparison with the rival is a pre-declared, Holm-corrected headline figure."""
+    cfg = study[0]
+    raw = pd.read_csv(cfg.results_dir / "tables" / "downstream_grid_raw.csv")
+    key = ["fraction", "ratio", "seed"]
+    arms = {s: raw[raw.training_set == s].set_index(key)["n_synthetic"]
+            for s in ("histodiffusion", "pseudo_label", "histodiffusion+pseudo_label")}
+    both = arms["histodiffusion+pseudo_label"]
+    assert len(both) and (both == arms["histodiffusion"].loc[both.index] + arms["pseudo_label"].loc[both.index]).all()
+    m = json.loads((cfg.results_dir / "metrics" / "05_downstream.json").read_text())
+    for k in ("vs_real", "vs_rival", "combined_vs_rival"):
+        assert {"mean_diff", "ci_low", "ci_high", "p_holm"} <= set(m[k])
+        assert not m[k]["p_holm"] < m[k]["t_pvalue"] - 1e-12  # Holm never lowers a p-value (NaN: no spread)
+    assert m["primary_cell"]["rule_agrees"] and "margin" in m["primary_cell"]["rule_margin"]  # not frozen: the rule's cell
+
+
+@pytest.mark.slow
 def test_report_tables_match_metrics(study):
     cfg, _, _ = study
     out = cfg.results_dir

@@ -24,6 +24,10 @@ READS = {
 
 METHOD = "histodiffusion"
 RIVALS = {"real": "vs real-only", "pseudo_label": "vs pseudo-label rival"}
+COMBINED = "histodiffusion+pseudo_label"
+# the headline's pre-declared comparisons: (arm, against); combined - rival is what generation adds to self-training
+HEADLINE_COMPARISONS = {"vs_real": (METHOD, "real"), "vs_rival": (METHOD, "pseudo_label"),
+                        "combined_vs_rival": (COMBINED, "pseudo_label")}
 
 
 def _paired(results: pd.DataFrame, fraction: float, a: str, b: str, ratio: float,
@@ -69,12 +73,14 @@ def primary_result(cfg: Config, results: pd.DataFrame, primary: dict, metric: st
     f = primary["fraction"]
     out = {"primary_cell": {k: primary[k] for k in ("fraction", "labels_per_class", "rule", "rule_met",
                                                      "real_only_mean", "all_labels_accuracy", "gap")}}
+    out["primary_cell"].update({k: primary.get(k) for k in ("frozen_at", "frozen_from", "rule_fraction", "rule_agrees",
+                                                            "rule_margin")})
     # the rule read real-only over stage 03's sweep seeds; the headline's own real-only figure is over its seeds
     out["primary_cell"]["rule_seeds"] = primary.get("real_only_seeds")
     real = results[(results["fraction"] == f) & (results["training_set"] == "real")][metric]
     out["real_only_at_primary"] = {"mean": float(real.mean()), "n": int(len(real))} if len(real) else None
-    for other, key in (("real", "vs_real"), ("pseudo_label", "vs_rival")):
-        pair = _paired(results, f, METHOD, other, cfg.downstream.ratio, metric)
+    for key, (arm, other) in HEADLINE_COMPARISONS.items():
+        pair = _paired(results, f, arm, other, cfg.downstream.ratio, metric)
         if pair is None:
             out[key] = None
             continue
@@ -82,6 +88,10 @@ def primary_result(cfg: Config, results: pd.DataFrame, primary: dict, metric: st
         sd = float(np.std(pair[0] - pair[1], ddof=1))
         out[key] = {k: c[k] for k in ("mean_diff", "ci_low", "ci_high", "t_pvalue", "n")}
         out[key]["mdd_points"] = 100 * min_detectable_difference(sd, c["n"])
+    # the pre-declared comparisons at the primary cell, Holm-corrected across each other
+    ran = [k for k in HEADLINE_COMPARISONS if out.get(k)]
+    for k, p in zip(ran, holm_adjust([out[k]["t_pvalue"] for k in ran])):
+        out[k]["p_holm"] = float(p)
     out["n_seeds"] = int(out["vs_real"]["n"]) if out.get("vs_real") else 0
     out["mdd_points"] = out["vs_real"]["mdd_points"] if out.get("vs_real") else float("nan")
     vr, vv = out.get("vs_real"), out.get("vs_rival")

@@ -97,6 +97,13 @@ def headline(cfg: Config) -> str:
     p = m["primary_cell"]
     lpc = p["labels_per_class"]
     rule_seeds = f" over {p['rule_seeds']} seeds" if p.get("rule_seeds") else ""
+    freeze = ""
+    if p.get("frozen_at"):
+        mg, agrees = p.get("rule_margin") or {}, p.get("rule_agrees")
+        verdict = "agrees" if agrees else f"would now pick {percent_text(p['rule_fraction'])} labels; the cell stays"
+        freeze = (f" The cell is frozen (decided at {p['frozen_at']}); this run's rule {verdict} (margin at the cell "
+                  f"{100 * mg.get('margin', float('nan')):+.1f} ± {100 * mg.get('se', float('nan')):.1f} points, "
+                  f"{mg.get('n_seeds', '?')} seeds).")
     real = m.get("real_only_at_primary")
     here = (f"real-only there {real['mean']:.3f} over {real['n']} seeds; " if real else "")
     text = (f"Primary cell (fixed before any HistoDiffusion run by the rule: {p['rule']}): {lpc['total']} labels per "
@@ -105,7 +112,14 @@ def headline(cfg: Config) -> str:
             f"HistoDiffusion - real-only: {_points(m['vs_real'])}")
     if m.get("vs_rival"):
         text += f"; HistoDiffusion - pseudo-label rival: {_points(m['vs_rival'])}"
-    return text + ". " + VERDICTS[m["verdict"]]
+    if m.get("combined_vs_rival"):
+        text += (f"; HistoDiffusion + pseudo-labels - the rival (what generation adds to self-training): "
+                 f"{_points(m['combined_vs_rival'])}")
+    holm = [f"{k} {m[k]['p_holm']:.3f}" for k in ("vs_real", "vs_rival", "combined_vs_rival")
+            if m.get(k) and m[k].get("p_holm") is not None]
+    if holm:
+        text += f" (Holm-corrected p across these: {', '.join(holm)})"
+    return text + ". " + VERDICTS[m["verdict"]] + freeze
 
 
 def _row(records, **match) -> dict:
@@ -159,9 +173,10 @@ def chain_section(cfg: Config) -> str:
     if d4.get("near_copy_rate_at_primary"):
         lines.append("| near-copy rate among candidates | " + ", ".join(
             f"{g} {v:.1%}" for g, v in d4["near_copy_rate_at_primary"].items()) + " | low for HistoDiffusion |")
-    for key, name in (("vs_real", "real-only"), ("vs_rival", "the pseudo-label rival")):
+    for key, name in (("vs_real", "HistoDiffusion - real-only"), ("vs_rival", "HistoDiffusion - the pseudo-label rival"),
+                      ("combined_vs_rival", "HistoDiffusion + pseudo-labels - the rival")):
         if d5.get(key):
-            lines.append(f"| accuracy, HistoDiffusion - {name} (paired) | {_points(d5[key])} | CI above 0 |")
+            lines.append(f"| accuracy, {name} (paired) | {_points(d5[key])} | CI above 0 |")
     if d5.get("verdict"):
         lines += ["", VERDICTS[d5["verdict"]]]
         if d5["verdict"] != "beats_both":
@@ -250,7 +265,13 @@ def build_report(cfg: Config) -> Path:
                  + (f", and for its latent classifier the images outside the draw's labeled subset that the draw's "
                     f"real-only classifier labels with confidence >= {lc_pl:g}" if lc_pl > 0 else "")
                  + "; `pseudo_label` the target's training images outside the draw's labeled subset, labeled by the "
-                 f"real-only classifier where its confidence is >= {ds.pseudo_label_threshold:g}. The chosen "
+                 f"real-only classifier where its confidence is >= {ds.pseudo_label_threshold:g}"
+                 + ("; `histodiffusion+pseudo_label` the rival's images and HistoDiffusion's kept images together, with "
+                    "the same lambda" if "histodiffusion+pseudo_label" in ds.training_sets else "")
+                 + ". The budgets differ on purpose: the rival (and the combined arm) add as many pseudo-labeled "
+                 "images per class as HistoDiffusion adds synthetic ones (the ratio x real count, the most "
+                 "confident), so the arms compare like for like at the same added count, while the latent "
+                 "classifier learns from every confident one, since more labels make guidance better. The chosen "
                  f"adaptation this run: `{d4.get('adaptation', '?')}`.\n")
     ablation = [s for s in ds.training_sets if s in ("scratch", "classifier_free")]
     parts.append(f"- Label fractions in the grid: {fr_text}; "

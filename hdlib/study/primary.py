@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..config import Config
 from ..downstream import evaluate
-from ..stats import primary_cell
+from ..stats import primary_cell, rule_margin
 from .classifiers import reference_classifier
 from .context import device
 from .grid_cells import run_downstream_grid
@@ -22,7 +22,17 @@ def fix_primary_cell(cfg: Config) -> tuple[dict, pd.DataFrame]:
     names = list(cfg.data.classes)
     ref = evaluate(reference_classifier(cfg), split_images(cfg, "target_test"), split_labels(cfg, "target_test"),
                    num_classes=len(names), class_names=names, device=device(cfg))
-    cell = primary_cell(sweep, ref["accuracy"], cfg.downstream.primary_cell_gap, key="fraction")
+    gap, frozen = cfg.downstream.primary_cell_gap, cfg.downstream.primary_cell_frozen
+    cell = primary_cell(sweep, ref["accuracy"], gap, key="fraction")
+    cell["rule_fraction"] = cell["fraction"]
+    if frozen.fraction:  # decided once; this run recomputes the rule and says whether it still agrees
+        cell.update({"fraction": float(frozen.fraction), "frozen_at": frozen.frozen_at,
+                     "frozen_from": {"real_only_mean": frozen.real_only_mean,
+                                     "all_labels_accuracy": frozen.all_labels_accuracy,
+                                     "real_only_seeds": frozen.real_only_seeds},
+                     "real_only_mean": cell["real_only_means"][float(frozen.fraction)]})
+    cell["rule_agrees"] = cell["rule_fraction"] == cell["fraction"]
+    cell["rule_margin"] = rule_margin(sweep, cell["fraction"], ref["accuracy"], gap)
     first = cfg.downstream.seeds[0]
     cell["labels_per_class"] = labels_per_class(cfg, cell["fraction"], first)
     cell["labels_per_class_by_fraction"] = {f"{f:g}": labels_per_class(cfg, f, first) for f in cfg.downstream.fractions}

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import ConcatDataset
 
 from ..config import Config
 from ..data.streaming import ManifestImages, load_into_memory
@@ -17,6 +18,7 @@ from ..io import atomic_torch_save
 from ..launch import launch
 from ..paths import (
     GENERATORS,
+    COMBINED_SETS,
     PSEUDO_LABEL_SETS,
     REPO_ROOT,
     StudyPaths,
@@ -150,6 +152,13 @@ def added_training_images(cfg: Config, training_set: str, fraction: float, ratio
     real count) kept images (best ranked) of a filtered synthetic set, or the first candidates
     of an unfiltered one, or (`pseudo_label`) the most confident pseudo-labeled unlabeled
     target images. Returns (dataset, labels, content key) or (None, None, "")."""
+    if training_set in COMBINED_SETS:  # each part at the ratio, concatenated (the rival's images first)
+        parts = [added_training_images(cfg, part, fraction, ratio, draw) for part in COMBINED_SETS[training_set]]
+        parts = [p for p in parts if p[0] is not None and len(p[0])]
+        if not parts:
+            return None, None, ""
+        key = hashlib.sha1("|".join(p[2] for p in parts).encode()).hexdigest()
+        return ConcatDataset([p[0] for p in parts]), torch.cat([p[1] for p in parts]), key
     if training_set in PSEUDO_LABEL_SETS:
         return pseudo_label_images(cfg, fraction, ratio, draw) if ratio else (None, None, "")
     gen = training_set_generator(training_set)
