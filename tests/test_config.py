@@ -17,12 +17,19 @@ def test_shipped_params_load(name):
     assert cfg.results_dir == Path("results") / name
 
 
-def test_paper_sizes_in_nct_crc():
+def test_nct_crc_builds_the_papers_autoencoder():
+    """The paper's autoencoder, built from params/nct_crc.yaml, takes a 256 px tile to a 3 x 64 x 64
+    latent (f = 4) and back."""
+    import torch
+
+    from hdlib.models import build_autoencoder
+
     cfg = load_config(ROOT / "params" / "nct_crc.yaml")
-    assert cfg.autoencoder.block_out_channels == [128, 256, 512] and cfg.autoencoder.latent_channels == 3
-    assert cfg.diffusion.block_out_channels[0] == 192 and cfg.diffusion.schedule == "paper"
-    assert cfg.sampling.guidance_scale == 10.0 and cfg.sampling.num_inference_steps == 50
-    assert cfg.data.target == "class_folders"
+    vae = build_autoencoder(cfg.autoencoder).eval()
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)).latent_dist.mean
+        assert tuple(z.shape) == (1, 3, 64, 64)
+        assert tuple(vae.decode(z).sample.shape) == (1, 3, 256, 256)
 
 
 def test_overrides_are_typed():

@@ -189,7 +189,8 @@ def test_pretrain_card_holds_the_provenance_judges_verdict(pretrained_run):
     """The second judge, trained on the pool's provenance: in the card, with its figure."""
     card = pretrained_run.card
     pj = card["pool_judge"]
-    assert set(pj["models"]) == {"shipped", "in_study_seed0", "in_study_seed1"} and pj["split_half"]["fid"] >= 0
+    assert set(pj["models"]) == {"shipped", "in_study_seed0", "in_study_seed1"}
+    assert pj["split_half"]["fid"] < max(m["fid"] for m in pj["models"].values())  # real halves beat some model
     assert pj["in_study_over_seeds"]["fid"]["values"] == [pj["models"][f"in_study_seed{s}"]["fid"] for s in (0, 1)]
     assert pj["models"]["in_study_seed0"]["fid"] != pj["models"]["in_study_seed1"]["fid"]  # another draw indeed
     assert len(pj["judge"]["classes"]) >= 2 and 0 <= pj["judge"]["holdout_accuracy"] <= 1
@@ -330,7 +331,8 @@ def test_verdicts_follow_the_numbers_and_every_code_has_its_sentence():
         numbers |= v if isinstance(v, dict) else {}
     for name, text in VERDICTS.items():
         for code in (text if isinstance(text, dict) else [None]):
-            assert isinstance(say(numbers | {"verdict": code}, name), str)
+            text = say(numbers | {"verdict": code}, name)
+            assert "{" not in text and "}" not in text  # every placeholder filled from the card's numbers
 
 
 def test_autoencoder_init_from_fine_tunes_an_external_vae(folder, tmp_path):
