@@ -186,6 +186,26 @@ tenths of FID are within the noise of {r0[samples]} samples.
 
 {verdict}
 """
+SWEEP_JUDGED = """
+### {title}
+`make pretrain-sweep`: every variant trained {r0[steps]} steps from the same seed on the same pool latents,
+then {r0[samples]} samples (DDIM {r0[ddim_steps]} steps, the same seeds) judged by the provenance-trained
+judge against the pool's held-out tiles: FID, precision and recall in its feature space, the total-variation
+distance between the mix of tissue classes it calls among the samples and among the real tiles, and the
+class with the smallest share relative to its real share; the untrained judge's FID is a second opinion, not
+the decision. Best first; short runs rank recipes early in training only.
+
+{table}
+
+![samples of each variant](pretrain_recipe_sweep.png)
+
+{verdict}
+"""
+SWEEP_JUDGED_ROWS = ("| variant | overrides | parameters | s/step | FID | precision | recall | mixture TV | least-drawn "
+                     "class (share / real share) | FID, untrained judge |",
+                     "| {variant} | `{overrides}` | {mparams:.1f} M | {s_per_step:.2f} | {fid:.1f} | {precision:.3f} | "
+                     "{recall:.3f} | {mixture_tv:.3f} | {worst_share_class} {worst_share_ratio:.2f} | "
+                     "{random_judge_fid:.2f} |")
 SWEEP_TITLES = {"recipe_sweep": "How the recipe was chosen",
                 "previous_recipe_sweep": "The recipe sweep (measured on the previous version's latents)"}
 SWEEP_ROWS = ("| variant | overrides | weights | parameters | FID | KID | precision | recall |",
@@ -347,6 +367,12 @@ def model_card_text(card: dict) -> str:
 def sweep_text(rows: list[dict] | None, verdict: dict | None, name: str) -> str:
     if not rows:
         return ""
+    if "mixture_tv" in rows[0]:  # judged by the provenance-trained judge (v4 onwards)
+        ranked = sorted(rows, key=lambda r: r["fid"])
+        return fill(SWEEP_JUDGED, {"title": SWEEP_TITLES[name], "r0": ranked[0],
+                                   "verdict": say(verdict, "recipe_sweep"),
+                                   "table": table(*SWEEP_JUDGED_ROWS, [r | {"mparams": r["parameters"] / 1e6}
+                                                                       for r in ranked])})
     return fill(SWEEP, {"title": SWEEP_TITLES[name], "r0": rows[0], "verdict": say(verdict, "recipe_sweep"),
                         "table": table(*SWEEP_ROWS, [r | {"mparams": r["parameters"] / 1e6} for r in rows])})
 

@@ -29,7 +29,7 @@ from .card import card_files
 from .recipe import vae_sha256
 from .samples import final_quality, holdout_images
 
-FIGURES = ("pretrain_curves", "pretrain_samples", "pretrain_comparison", "pretrain_mixture")
+FIGURES = ("pretrain_curves", "pretrain_samples", "pretrain_comparison", "pretrain_mixture", "pretrain_recipe_sweep")
 
 
 def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None) -> Path:

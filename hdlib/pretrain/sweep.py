@@ -20,7 +20,7 @@ from ..study.preparation import prepare_data
 from ..train import train_task
 from ..weights import load_final
 from .recipe import config_with
-from .run import check_pretrain_source, encoded_pool, train_autoencoder_tracked
+from .run import check_pretrain_source, encoded_pool
 from .samples import sample_images
 from .scoring import ProvenanceScorer
 
@@ -53,7 +53,7 @@ def recipe_sweep(params: str, overrides=()) -> pd.DataFrame:
     if not paths.manifest("pool").exists():
         prepare_data(cfg)
     if not cfg.pretrained.path:
-        train_autoencoder_tracked(cfg)
+        train_task(cfg, "autoencoder")  # its ceiling is measured by the main run, where it ends
     vae, scale = encoded_pool(cfg)
     scorer = ProvenanceScorer(cfg)
     out_csv = paths.metrics_dir / "pretrain_recipe_sweep.csv"

@@ -118,7 +118,7 @@ def ceiling_verdict(pj: dict, n: int = 3) -> dict:
 def sweep_verdict(rows: list[dict]) -> dict:
     """Which variant of the recipe sweep ranked first by FID (EMA weights), against the configured recipe."""
     r0 = rows[0]
-    best = min((r for r in rows if r["weights"] == "ema"), key=lambda r: r["fid"])
+    best = min((r for r in rows if r.get("weights", "ema") == "ema"), key=lambda r: r["fid"])
     return {"verdict": "configured_first" if best["variant"] == r0["variant"] else "variant_first",
             "best_variant": best["variant"], "best_fid": best["fid"], "configured_variant": r0["variant"],
             "configured_fid": r0["fid"]}
