@@ -19,7 +19,6 @@ import argparse
 import sys
 
 import yaml
-from accelerate import PartialState
 
 from .config import load_config, resolve_device
 from .errors import one_line_errors
@@ -27,8 +26,8 @@ from .export import augment_dataset, export_study
 from .pretrain import main as pretrain_main
 from .readme import readme_path, sync_readme
 from .runner import run_study
-from .sample import sample_main
-from .study.context import config_from_results
+from .sample import sample_main, serve_main
+from .study.context import config_from_results, launched_rank
 from .study.latents import encode_shard
 from .train import TASKS, train_task
 
@@ -65,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--generator", required=True)
     sa.add_argument("--fraction", type=float, required=True)
     sa.add_argument("--draw", type=int, required=True)
-    sa.add_argument("--request", required=True, help="a .pt file with the request's labels and seeds")
+    sa_mode = sa.add_mutually_exclusive_group(required=True)
+    sa_mode.add_argument("--request", help="a .pt file with the request's labels and seeds")
+    sa_mode.add_argument("--serve", metavar="FOLDER",
+                         help="answer round after round of requests in FOLDER until it holds sampling.stop")
     sa.add_argument("--adaptation", default="none")
     sa.add_argument("--guidance-scale", type=float)
     sa.add_argument("--guidance-interval", type=int, nargs="*",
@@ -137,15 +139,16 @@ def main(argv=None) -> int:
         train_task(cfg, args.task, args.fraction, args.adaptation, args.draw)
     elif args.command == "sample":
 
+        if args.serve:
+            return serve_main(args.study_dir, args.generator, args.fraction, args.draw, args.serve, args.adaptation,
+                              args.guidance_scale, args.guidance_interval)
         return sample_main(args.study_dir, args.generator, args.fraction, args.draw, args.request,
                            args.adaptation, args.guidance_scale, args.guidance_interval)
     elif args.command == "encode":
 
 
-        state = PartialState()
-        encode_shard(config_from_results(args.study_dir), state.process_index, state.num_processes,
-                     dev=str(state.device))
-        state.wait_for_everyone()
+        rank, world = launched_rank()  # each rank encodes its shard (PartialState on a CPU said rank 0 of 1)
+        encode_shard(config_from_results(args.study_dir), rank, world)
     elif args.command == "export":
 
         print(export_study(args.study_dir, args.out))

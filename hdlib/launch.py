@@ -23,6 +23,23 @@ def launch(script_args: Sequence[str], num_processes: int, backend: str | None =
     or ["train_script.py", "--arg", ...]. Extra keyword arguments (cwd=...) go to subprocess.run. backend: "gloo" runs CPU processes (sets
     ACCELERATE_USE_CPU=1), "nccl" one process per GPU; default: nccl when CUDA is there.
     """
+    cmd, child_env = _command(script_args, num_processes, backend, env)
+    proc = subprocess.run(cmd, env=child_env, timeout=timeout, **popen_kwargs)
+    if check and proc.returncode != 0:
+        raise HDLibError(f"launch: {' '.join(script_args)} failed in {num_processes} processes "
+                         f"(exit {proc.returncode})")
+    return proc
+
+
+def launch_background(script_args: Sequence[str], num_processes: int, backend: str | None = None,
+                      env: dict | None = None, **popen_kwargs) -> subprocess.Popen:
+    """`launch` without waiting: the process group keeps running (e.g. a sampling server that holds its
+    models across rounds) until the caller stops it."""
+    cmd, child_env = _command(script_args, num_processes, backend, env)
+    return subprocess.Popen(cmd, env=child_env, **popen_kwargs)
+
+
+def _command(script_args, num_processes: int, backend: str | None, env: dict | None) -> tuple[list[str], dict]:
     import torch
 
     if num_processes < 1:
@@ -43,7 +60,4 @@ def launch(script_args: Sequence[str], num_processes: int, backend: str | None =
     if backend == "gloo":
         child_env["ACCELERATE_USE_CPU"] = "1"
     child_env.update(env or {})
-    proc = subprocess.run(cmd, env=child_env, timeout=timeout, **popen_kwargs)
-    if check and proc.returncode != 0:
-        raise HDLibError(f"launch: {' '.join(args)} failed in {num_processes} processes (exit {proc.returncode})")
-    return proc
+    return cmd, child_env

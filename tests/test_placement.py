@@ -207,3 +207,16 @@ def test_every_device_bound_call_names_its_device():
                 if name in DEVICE_BOUND and not on_self and not any(k.arg in ("device", None) for k in node.keywords):
                     missing.append(f"{path}:{node.lineno} {name}")
     assert not missing, missing
+
+
+def test_a_launched_process_knows_its_rank_from_the_launcher(monkeypatch):
+    """Sampling and encoding shards come from the launcher's RANK / WORLD_SIZE: accelerate's PartialState()
+    on a CPU said rank 0 of 1 in every process, so each process generated the whole request."""
+    from hdlib.study.context import launched_rank
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launched_rank() == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_rank() == (1, 2)

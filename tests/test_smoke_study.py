@@ -167,24 +167,28 @@ def test_target_absent_from_every_pretraining_batch(study):
 
 @pytest.mark.slow
 def test_sharded_sampling_on_two_processes_matches_one(study):
-    """A sampling round split over 2 processes (the launcher, gloo on the CPU) gives the
-    latents of a 1-process run: each image has its own seed, whatever its shard."""
+    """Rounds split over 2 processes (the launcher, gloo on the CPU) give the latents of a 1-process
+    run (each image has its own seed, whatever its shard), and every round of a set is answered by
+    one process group that loaded its models once (before: one launch per round)."""
     from hdlib.paths import StudyPaths
     from hdlib.study.context import config_from_results
     from hdlib.study.generation import Generation
-    from hdlib.study.synthetic_sets import _sharded
+    from hdlib.study.synthetic_sets import ShardedSampler
 
     cfg, _, _ = study
     two = config_from_results(cfg.results_dir, ["study.num_processes=2"])
     f, d = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
     labels = torch.arange(len(cfg.data.classes)).repeat_interleave(2)
     seeds = torch.arange(len(labels)) + 12345
-    z2, _ = _sharded(Generation(two), "histodiffusion", f, d, labels, seeds, None,
-                     StudyPaths(two).synthetic("shard_check"))
-    z1 = Generation(config_from_results(cfg.results_dir)).latents("histodiffusion", f, labels, seeds, draw=d,
-                                                                  progress=False)
-    # batch composition differs between the runs, so agreement is to float tolerance, not bitwise
-    assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-4 * max(1.0, z1.abs().max().item()))
+    one = Generation(config_from_results(cfg.results_dir))
+    launches = ShardedSampler.launches
+    with ShardedSampler(Generation(two), "histodiffusion", f, d, None, StudyPaths(two).synthetic("shard_check")) as s:
+        rounds = [(s(labels[:5], seeds[:5])[0], slice(0, 5)), (s(labels[5:], seeds[5:])[0], slice(5, None))]
+    assert ShardedSampler.launches == launches + 1
+    for z2, sl in rounds:
+        z1 = one.latents("histodiffusion", f, labels[sl], seeds[sl], draw=d, progress=False)
+        # batch composition differs between the runs, so agreement is to float tolerance, not bitwise
+        assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-4 * max(1.0, z1.abs().max().item()))
 
 
 @pytest.mark.slow

@@ -35,6 +35,13 @@ def device(cfg: Config) -> str:
     return dev
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) of this process under the launcher (torchrun sets RANK and WORLD_SIZE), (0, 1)
+    outside it. Read from the environment: accelerate's PartialState() on the CPU reports rank 0 of 1 in
+    every process when no process group is asked for, so each rank did the whole request."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_rank() -> bool:
     """True outside a launcher and on its rank 0 (torchrun / accelerate set RANK before any group exists)."""
     return int(os.environ.get("RANK", "0")) == 0
