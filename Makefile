@@ -74,17 +74,17 @@ lab: $(STAMP)
 # The stage notebooks are built from their sources: edit notebooks/src/NN_*.py (jupytext percent
 # format), then rebuild notebooks/NN_*.ipynb (deterministic; a test checks they agree).
 notebooks: $(STAMP)
-	$(BIN)/python -m hdlib.notebook_build
+	$(BIN)/python -m hdlib.tools.notebook_build
 
 # Paper-size dry run on the CPU: params/nct_crc.yaml end to end (stages 00-07) with the paper's
 # model sizes on a tiny dataset in the real layout (NCT-CRC-HE-100K / CRC-VAL-HE-7K class folders
 # of 224 px .tif, a folder pool source and a pyramidal slide). The overrides, listed in ONE place
-# (hdlib.paper_layout.dryrun_overrides; print them with the --print-overrides line below), change
+# (hdlib.tools.paper_layout.dryrun_overrides; print them with the --print-overrides line below), change
 # only step counts, sample counts, seeds, the grid and paths/device: no model size.
 DRYRUN_DATA    ?= data/paper_layout
 DRYRUN_RESULTS ?= data/dryrun-results
 DRYRUN_LAYOUT  ?= --n-train 3 --n-test 1 --n-pool 12
 
 dryrun: $(STAMP)
-	$(BIN)/python -m hdlib.paper_layout $(DRYRUN_DATA) $(DRYRUN_LAYOUT)
-	eval "$(BIN)/python -m hdlib run params/nct_crc.yaml $$($(BIN)/python -m hdlib.paper_layout $(DRYRUN_DATA) --print-overrides --results-root $(DRYRUN_RESULTS)) $(ARGS)"
+	$(BIN)/python -m hdlib.tools.paper_layout $(DRYRUN_DATA) $(DRYRUN_LAYOUT)
+	eval "$(BIN)/python -m hdlib run params/nct_crc.yaml $$($(BIN)/python -m hdlib.tools.paper_layout $(DRYRUN_DATA) --print-overrides --results-root $(DRYRUN_RESULTS)) $(ARGS)"

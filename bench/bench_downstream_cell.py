@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hdlib.config import load_config
-from hdlib.downstream import ClassifierOptions, train_classifier
+from hdlib.evaluation.downstream import ClassifierOptions, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 

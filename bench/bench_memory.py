@@ -182,8 +182,8 @@ def measured_run(a) -> None:
     import torch
 
     from hdlib.config import load_config
-    from hdlib.models import build_autoencoder
-    from hdlib.pretrained import export_pretrained
+    from hdlib.models.builders import build_autoencoder
+    from hdlib.models.pretrained import export_pretrained
     from hdlib.study.latents import encode_latents
     from hdlib.study.preparation import prepare_data
     mark("imports", t0)

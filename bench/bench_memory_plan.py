@@ -1,7 +1,7 @@
 """The memory plan of the paper-size study (params/nct_crc.yaml): each network's training-step
 memory measured at batch 1 and batch 2 (bench_paper.py's rows, bf16 autocast, one fresh process
 per row), the per-image activation memory from their difference, and the micro-batch that
-hdlib.memory_plan takes for each budget of hdlib.memory_plan.BUDGETS_GB (24, 40, 80, 141 GB).
+hdlib.training.memory_plan takes for each budget of hdlib.training.memory_plan.BUDGETS_GB (24, 40, 80, 141 GB).
 
     python bench/bench_memory_plan.py [--device cpu|cuda] [--models ae unet classifier vit] [--markdown]
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_paper import LABELS, device_name, launch  # noqa: E402
 
 from hdlib.config import load_config  # noqa: E402
-from hdlib.memory_plan import BUDGETS_GB, StepMemory, plan_micro_batch  # noqa: E402
+from hdlib.training.memory_plan import BUDGETS_GB, StepMemory, plan_micro_batch  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parent.parent / "params" / "nct_crc.yaml"
 TRAIN_BATCH = {"ae": ("autoencoder", "train"), "unet": ("diffusion", "pretrain"),

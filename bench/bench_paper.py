@@ -132,14 +132,10 @@ def run_row(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     from hdlib.config import load_config
-    from hdlib.diffusion import (
-        diffusion_loss,
-        draw_noise_and_timesteps,
-        make_noise_scheduler,
-    )
-    from hdlib.downstream import build_classifier
-    from hdlib.latent_classifier import classifier_loss
-    from hdlib.models import (
+    from hdlib.models.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
+    from hdlib.evaluation.downstream import build_classifier
+    from hdlib.models.latent_classifier import classifier_loss
+    from hdlib.models.builders import (
         autoencoder_downsampling,
         autoencoder_loss,
         build_autoencoder,
@@ -147,7 +143,7 @@ def run_row(spec: dict) -> dict:
         build_unet,
         count_parameters,
     )
-    from hdlib.sampling import guided_ddim_sample
+    from hdlib.sampling.samplers import guided_ddim_sample
 
     model, device, b, steps = spec["model"], spec["device"], spec["batch"], spec["steps"]
     dev_type = device.split(":")[0]

@@ -45,7 +45,7 @@ class StudyConfig:
     num_processes: int = _f(1, lo=1, doc="processes for training under accelerate (one per GPU)")
     workers: int = _f(1, lo=1, doc="parallel processes for the downstream grid")
     mixed_precision: str = _f("no", choices=("no", "bf16", "fp16"))
-    max_memory_gb: float = _f(0.0, lo=0.0, doc="per-GPU memory budget of the micro-batch plan (hdlib.memory_plan); "
+    max_memory_gb: float = _f(0.0, lo=0.0, doc="per-GPU memory budget of the micro-batch plan (hdlib.training.memory_plan); "
                               "0 = the GPU's own memory; on the CPU a batch runs in one forward")
     progress: bool = _f(True)
 
@@ -253,7 +253,7 @@ class DownstreamConfig:
                                            "real-only baseline confidence is at least this are added with their "
                                            "predicted class")
     primary_cell_gap: float = _f(0.10, lo=0.0, hi=1.0,
-                                 doc="headline cell rule (hdlib.stats.primary_cell): the largest label count whose "
+                                 doc="headline cell rule (hdlib.evaluation.stats.primary_cell): the largest label count whose "
                                      "real-only mean test accuracy is at least this far below the all-labels classifier")
     primary_cell_frozen: FrozenPrimaryCell = _f(factory=FrozenPrimaryCell,
                                                 doc="the cell the rule decided, kept: later runs recompute the rule and "
@@ -300,7 +300,7 @@ class PretrainConfig:
                                    "initialisation and noise")
     ae_eval_every: int = _f(0, lo=0, doc="autoencoder steps between measurements of its ceiling (held-out tiles "
                             "through it, judged by the provenance-trained judge) while it trains; 0 = not measured")
-    judge_epochs: int = _f(4, lo=1, doc="epochs of the provenance-trained judge (hdlib.pool_judge) over the pool's "
+    judge_epochs: int = _f(4, lo=1, doc="epochs of the provenance-trained judge (hdlib.evaluation.pool_judge) over the pool's "
                            "training split")
     committed_run: str = _f("", doc="folder (in git) that mirrors the run's latest checkpoint and curves after each "
                             "evaluation, and that a fresh clone resumes from; empty = none")

@@ -35,7 +35,7 @@ def tiny_unet():
 @pytest.fixture
 def tiny_classifier():
     """Builder of a small seeded noise-aware latent classifier on 4 x 8 x 8 latents (eval mode)."""
-    from hdlib.latent_classifier import NoiseAwareLatentClassifier
+    from hdlib.models.latent_classifier import NoiseAwareLatentClassifier
 
     def build(num_classes=3, seed=1):
         with torch.random.fork_rng(devices=[]):

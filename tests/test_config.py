@@ -22,7 +22,7 @@ def test_nct_crc_builds_the_papers_autoencoder():
     latent (f = 4) and back."""
     import torch
 
-    from hdlib.models import build_autoencoder
+    from hdlib.models.builders import build_autoencoder
 
     cfg = load_config(ROOT / "params" / "nct_crc.yaml")
     vae = build_autoencoder(cfg.autoencoder).eval()

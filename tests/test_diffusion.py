@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from hdlib.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler, min_snr_weights
+from hdlib.models.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler, min_snr_weights
 from hdlib.errors import DataError
-from hdlib.latent_classifier import NoiseAwareLatentClassifier, accuracy_by_timestep_bucket, classifier_loss
+from hdlib.models.latent_classifier import NoiseAwareLatentClassifier, accuracy_by_timestep_bucket, classifier_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,7 +201,7 @@ def test_pretrained_encoder_classifier_trains_only_its_head_and_guides(tiny_unet
     it has no optimizer state), the head learns the toy classes, and the logits have a
     gradient with respect to z_t (what guidance needs)."""
     from hdlib.config import LatentClassifierConfig
-    from hdlib.models import build_latent_classifier
+    from hdlib.models.builders import build_latent_classifier
 
     unet = tiny_unet()
     before = {k: v.clone() for k, v in unet.state_dict().items()}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hdlib.errors import DataError
-from hdlib.filtering import REASONS, filter_synthetic
+from hdlib.sampling.filtering import REASONS, filter_synthetic
 
 # class 0 around (1, 0), class 1 around (-1, 0): centroids exactly (1, 0) and (-1, 0)
 REAL = np.array([[1, 0], [1, 0.2], [1, -0.2], [-1, 0], [-1, 0.2], [-1, -0.2]])

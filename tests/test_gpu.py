@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdlib import sampling
-from hdlib.batching import TensorBatchSource
+from hdlib.sampling import samplers as sampling
+from hdlib.training.batching import TensorBatchSource
 from hdlib.config import load_config
-from hdlib.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
-from hdlib.models import autoencoder_loss, build_autoencoder, build_latent_classifier, build_unet
-from hdlib.trainer import Trainer
-from hdlib.training_config import TrainConfig
-from hdlib.weights import load_final
+from hdlib.models.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
+from hdlib.models.builders import autoencoder_loss, build_autoencoder, build_latent_classifier, build_unet
+from hdlib.training.trainer import Trainer
+from hdlib.training.settings import TrainConfig
+from hdlib.training.weights import load_final
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def test_classifier_free_guidance_on_gpu_matches_the_cpu():
 
 
 def test_smoke_study_end_to_end_on_cuda(tmp_path):
-    from hdlib.runner import run_study
+    from hdlib.tools.runner import run_study
 
     status = run_study(ROOT / "params/smoke.yaml", [f"study.results_root={tmp_path}", "study.device=cuda"],
                        log=lambda *a: None)
@@ -107,7 +107,7 @@ def test_smoke_study_end_to_end_on_cuda(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_process_nccl_training_matches_one_process(tmp_path):
-    from hdlib.launch import launch
+    from hdlib.parallel.launch import launch
 
     toy = ROOT / "tests" / "_train_toy.py"
     launch([str(toy), "--out", str(tmp_path / "two"), "--max-steps", "8", "--ckpt-every", "100"], 2,
@@ -163,8 +163,8 @@ def _paper_step(model, loss_fn, batch):
 def test_one_paper_size_step_of_each_network(network, capsys):
     """One bf16 training step of each network at the paper's sizes (params/nct_crc.yaml), with its peak
     memory; the memory plan's micro-batch for this GPU is printed beside it."""
-    from hdlib.downstream import build_classifier
-    from hdlib.memory_plan import GB, budget_gb, plan_micro_batch, probe_train_step
+    from hdlib.evaluation.downstream import build_classifier
+    from hdlib.training.memory_plan import GB, budget_gb, plan_micro_batch, probe_train_step
 
     size, C = PAPER.data.image_size, PAPER.autoencoder.latent_channels
     S = size // 2 ** (len(PAPER.autoencoder.block_out_channels) - 1)

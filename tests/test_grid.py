@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # so workers can import _grid_cells too
 
 from hdlib.errors import HDLibError  # noqa: E402
-from hdlib.grid import GridCellError, cell_id, remove_other_results, run_grid  # noqa: E402
+from hdlib.parallel.grid import GridCellError, cell_id, remove_other_results, run_grid  # noqa: E402
 
 FN = "_grid_cells:toy_cell"
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from hdlib.config import load_config
-from hdlib.diffusion import make_noise_scheduler
+from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.errors import ConfigError
 from hdlib.paths import model_name
-from hdlib.sampling import guided_ddim_sample
+from hdlib.sampling.samplers import guided_ddim_sample
 from hdlib.study.context import write_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

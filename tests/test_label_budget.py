@@ -167,7 +167,7 @@ def test_the_real_only_cells_model_is_the_draws_baseline(tmp_path, monkeypatch):
     another draw's or another setting's baseline is trained anew."""
     import torch
 
-    from hdlib.downstream import build_classifier
+    from hdlib.evaluation.downstream import build_classifier
     from hdlib.study import classifiers
 
     cfg = _fake_study(tmp_path)

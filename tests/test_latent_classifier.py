@@ -6,14 +6,10 @@ import torch
 from test_sampling import TimestepSpy
 
 from hdlib.config import load_config
-from hdlib.diffusion import make_noise_scheduler
+from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.errors import ConfigError
-from hdlib.sampling import (
-    guided_ddim_sample,
-    guided_ddpm_sample,
-    guided_dpm_solver_sample,
-)
-from hdlib.train import (
+from hdlib.sampling.samplers import guided_ddim_sample, guided_ddpm_sample, guided_dpm_solver_sample
+from hdlib.study.train import (
     LATENT_CLASSIFIER_EVAL_T,
     latent_classifier_scores,
     latent_classifier_selection_timesteps,

@@ -8,7 +8,7 @@ import torch
 from scipy import linalg, stats
 
 from hdlib.errors import DataError, HDLibError
-from hdlib.metrics import (
+from hdlib.evaluation.metrics import (
     classification_metrics,
     feature_stats,
     fid_kid,
@@ -16,7 +16,7 @@ from hdlib.metrics import (
     inception_fid,
     precision_recall,
 )
-from hdlib.stats import paired_comparison, summarize
+from hdlib.evaluation.stats import paired_comparison, summarize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

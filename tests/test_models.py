@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from hdlib.config import load_config
-from hdlib.models import (autoencoder_downsampling, autoencoder_loss, build_autoencoder, build_unet, decode_latents,
-                          encode_images, psnr_ssim)
+from hdlib.models.builders import (
+    autoencoder_downsampling,
+    autoencoder_loss,
+    build_autoencoder,
+    build_unet,
+    decode_latents,
+    encode_images,
+    psnr_ssim,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from hdlib import notebook_build
+from hdlib.tools import notebook_build
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "notebooks" / "src"

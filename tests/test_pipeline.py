@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hdlib.diffusion import make_noise_scheduler
-from hdlib.pipeline import SAMPLER_METHODS, GuidedLatentPipeline
+from hdlib.models.diffusion import make_noise_scheduler
+from hdlib.sampling.pipeline import SAMPLER_METHODS, GuidedLatentPipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SCHED = make_noise_scheduler("paper")

@@ -5,11 +5,11 @@ that is not moved stays on the CPU, and the entry point's check names it."""
 import pytest
 import torch
 
-from hdlib import sampling
+from hdlib.sampling import samplers as sampling
 from hdlib.config import load_config
-from hdlib.diffusion import make_noise_scheduler
-from hdlib.models import build_latent_classifier, build_unet
-from hdlib.pipeline import ClassifierGuidance, GuidedLatentPipeline
+from hdlib.models.diffusion import make_noise_scheduler
+from hdlib.models.builders import build_latent_classifier, build_unet
+from hdlib.sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
 from hdlib.placement import DevicePlacementError, check_placement, same_device
 
 SMOKE = load_config("params/smoke.yaml")
@@ -87,7 +87,7 @@ def test_pretrain_samples_move_the_unet(monkeypatch):
 # ------------------------------------------------------------------ study.device, several GPUs, config checks
 
 def test_study_device_cpu_keeps_training_on_the_cpu_beside_a_gpu(monkeypatch):
-    from hdlib.train_runtime import trains_on_cpu
+    from hdlib.training.runtime import trains_on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
@@ -96,7 +96,7 @@ def test_study_device_cpu_keeps_training_on_the_cpu_beside_a_gpu(monkeypatch):
 
 
 def test_trainer_settings_carry_the_study_device():
-    from hdlib.training_config import TrainConfig
+    from hdlib.training.settings import TrainConfig
 
     tc = TrainConfig.from_settings(SMOKE.diffusion.pretrain, out_dir="x", seed=0, device="cpu")
     assert tc.device == "cpu" and "device" not in tc.trajectory_key()  # a resume may move devices
@@ -128,7 +128,7 @@ def test_auto_never_falls_back_to_the_cpu_quietly_beside_an_unusable_gpu(monkeyp
 
 def test_a_gpu_study_without_a_gpu_fails_before_stage_00(tmp_path, monkeypatch):
     from hdlib.errors import ConfigError
-    from hdlib.runner import run_study
+    from hdlib.tools.runner import run_study
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA is not available"):
@@ -152,7 +152,7 @@ def test_grid_workers_each_get_their_own_gpu(tmp_path):
     import sys
     from pathlib import Path
 
-    from hdlib.grid import run_grid, worker_count
+    from hdlib.parallel.grid import run_grid, worker_count
 
     sys.path.insert(0, str(Path(__file__).parent))
     assert worker_count(4, ["0", "1"]) == 2 and worker_count(4, None) == 4
@@ -166,7 +166,7 @@ def test_grid_workers_each_get_their_own_gpu(tmp_path):
 
 
 def test_an_empty_shard_decodes_to_no_images():
-    from hdlib.models import build_autoencoder, decode_latents, encode_images
+    from hdlib.models.builders import build_autoencoder, decode_latents, encode_images
 
     vae = build_autoencoder(SMOKE.autoencoder)
     out = decode_latents(vae, torch.empty(0, 4, 4, 4))

@@ -8,8 +8,16 @@ import torch
 
 from hdlib import demo as D
 from hdlib.demo.files import png_bytes
-from hdlib.pool_judge import (JudgeTraining, copying_rate, load_judge, mixture, provenance_labels,
-                              save_judge, total_variation, train_pool_judge)
+from hdlib.evaluation.pool_judge import (
+    JudgeTraining,
+    copying_rate,
+    load_judge,
+    mixture,
+    provenance_labels,
+    save_judge,
+    total_variation,
+    train_pool_judge,
+)
 
 TINY = dict(image_size=24, n_train_per_class=1, n_test_per_class=1, n_pool_per_style=12,
             pool_styles=("classic", "pale"), target_style="target", difficulty=0.5, seed=3, progress=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hdlib.config import load_config
-from hdlib.diffusion import draw_noise_and_timesteps, make_noise_scheduler, timestep_probabilities
+from hdlib.models.diffusion import draw_noise_and_timesteps, make_noise_scheduler, timestep_probabilities
 from hdlib.errors import ConfigError
 from hdlib.paths import StudyPaths
 from hdlib.pretrain.recipe import check_run_recipe

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from hdlib.config import load_config
-from hdlib.stats import primary_cell
+from hdlib.evaluation.stats import primary_cell
 
 
 def _grid(real_means, hd_means, seeds=3):
@@ -49,7 +49,7 @@ def test_min_detectable_difference_matches_a_simulated_power():
     import numpy as np
     from scipy import stats as st
 
-    from hdlib.stats import min_detectable_difference
+    from hdlib.evaluation.stats import min_detectable_difference
 
     sd, n = 0.012, 10
     mdd = min_detectable_difference(sd, n)
@@ -63,7 +63,7 @@ def test_min_detectable_difference_matches_a_simulated_power():
 def test_holm_adjusts_step_down_and_keeps_nan():
     import numpy as np
 
-    from hdlib.stats import holm_adjust
+    from hdlib.evaluation.stats import holm_adjust
 
     adj = holm_adjust([0.01, 0.04, float("nan"), 0.03])
     assert np.allclose(adj[[0, 1, 3]], [0.03, 0.06, 0.06]) and np.isnan(adj[2])

@@ -4,7 +4,7 @@ import io
 import json
 import time
 
-from hdlib.progress import ENV, Progress, ProgressView, eta_text, read_events
+from hdlib.parallel.progress import ENV, Progress, ProgressView, eta_text, read_events
 
 
 def test_nothing_is_written_without_the_channel(monkeypatch, tmp_path):

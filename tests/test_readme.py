@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hdlib.readme import README_END, README_START, results_block
+from hdlib.tools.readme import README_END, README_START, results_block
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"

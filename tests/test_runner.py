@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat as nbf
 import pytest
 
-from hdlib.runner import StageFailed, discover_stages, run_study
+from hdlib.tools.runner import StageFailed, discover_stages, run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -147,22 +147,22 @@ def test_bad_params_fail_before_any_stage(toy, tmp_path):
 def test_a_code_change_stops_the_run_naming_the_stage_until_accepted_or_forced(toy, monkeypatch):
     """Inputs unchanged but the hdlib code a stage runs changed: a one-line stop that names the stage, the
     changed module and the two ways on; --accept-code records the current code, --force recomputes."""
-    import hdlib.runner as runner
-    from hdlib.runner import StageCodeChanged
+    import hdlib.tools.runner as runner
+    from hdlib.tools.runner import StageCodeChanged
 
     tmp_path, nbs, log = toy
     _run(tmp_path, nbs)
     real = runner.code_key
 
-    def edited(name):  # as if hdlib/sampling.py had changed under stage 01
+    def edited(name):  # as if hdlib/sampling/samplers.py had changed under stage 01
         k = real(name)
         if name != "01_autoencoder":
             return k
-        return {"key": "changed", "modules": {**k["modules"], "hdlib.sampling": "0" * 12}}
+        return {"key": "changed", "modules": {**k["modules"], "hdlib.sampling.samplers": "0" * 12}}
 
     monkeypatch.setattr(runner, "code_key", edited)
     with pytest.raises(StageCodeChanged, match=r"stage 01_autoencoder was made by other hdlib code \(changed: "
-                                               r"hdlib/sampling\.py\); --force recomputes") as err:
+                                               r"hdlib/sampling/samplers\.py\); --force recomputes") as err:
         _run(tmp_path, nbs)
     assert "\n" not in str(err.value)
     assert _run(tmp_path, nbs, accept_code=True) == {"00_data": "skipped", "01_autoencoder": "skipped"}
@@ -174,7 +174,7 @@ def test_a_code_change_stops_the_run_naming_the_stage_until_accepted_or_forced(t
 
 
 def test_a_marker_without_recorded_code_is_not_reported_as_current(toy):
-    from hdlib.runner import StageCodeChanged
+    from hdlib.tools.runner import StageCodeChanged
 
     tmp_path, nbs, _ = toy
     _run(tmp_path, nbs)

@@ -7,10 +7,17 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from hdlib.diffusion import make_noise_scheduler
+from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.errors import DataError
-from hdlib.sampling import (cfg_ddim_sample, classifier_log_prob_grad, guided_ddim_sample, guided_ddpm_sample,
-                            guided_dpm_solver_sample, sampler_timesteps, shard)
+from hdlib.sampling.samplers import (
+    cfg_ddim_sample,
+    classifier_log_prob_grad,
+    guided_ddim_sample,
+    guided_ddpm_sample,
+    guided_dpm_solver_sample,
+    sampler_timesteps,
+    shard,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,8 +11,8 @@ import torch
 
 from hdlib.config import load_config
 from hdlib.errors import ConfigError
-from hdlib.filtering import FeatureFilter, filter_synthetic, random_keys, selection_order
-from hdlib.quota import fill_quota
+from hdlib.sampling.filtering import FeatureFilter, filter_synthetic, random_keys, selection_order
+from hdlib.sampling.quota import fill_quota
 from test_config import ROOT
 from test_method import CLASSES, fake_sample, seeds_of
 
@@ -220,12 +220,12 @@ def test_fill_quota_a_changed_selection_starts_over_and_the_judge_sets_the_defau
 
 
 def test_feature_filter_returns_its_features_and_saves_its_selection(tmp_path):
-    from hdlib.downstream import build_classifier
+    from hdlib.evaluation.downstream import build_classifier
 
     model = build_classifier("resnet18", num_classes=2, image_size=16)
     g = torch.Generator().manual_seed(0)
     real = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
-    from hdlib.downstream import extract_features
+    from hdlib.evaluation.downstream import extract_features
 
     ff = FeatureFilter(model, extract_features(model, real), torch.tensor([0, 0, 0, 1, 1, 1]), 0.0, 0.0,
                        ["A", "B"], selection="random", seed=5)

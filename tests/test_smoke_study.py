@@ -9,7 +9,7 @@ import pytest
 
 from hdlib.config import load_config
 from hdlib.stages.report import accuracy_table
-from hdlib.runner import run_study
+from hdlib.tools.runner import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -54,7 +54,7 @@ def test_every_stage_reads_only_the_config_it_declares(study):
     (hdlib.config_reads); a read outside the stage's READS declaration would key no fingerprint,
     so changing that setting would leave a stale result. Stage 00 reads downstream.seeds, for one."""
     from hdlib.config_reads import read_keys
-    from hdlib.stage_inputs import declared_reads, undeclared
+    from hdlib.tools.stage_inputs import declared_reads, undeclared
 
     reads_dir = study[0].results_dir.parent.parent / "reads"
     recorded = {s: read_keys(reads_dir / f"{s}.txt") for s in STAGES}
@@ -147,7 +147,7 @@ def test_target_absent_from_every_pretraining_batch(study):
     no pool row is a target image, and no pool latent equals a target latent."""
     from hdlib.study.latents import latent_store
     from hdlib.study.splits import split_images
-    from hdlib.train import build_task
+    from hdlib.study.train import build_task
 
     cfg, _, _ = study
     target = torch.cat([torch.stack([ds[i][0] for i in range(len(ds))])
@@ -235,13 +235,13 @@ def test_export_and_augment_give_imagefolder_datasets(study, tmp_path):
     from diffusers import AutoencoderKL, UNet2DModel
     from torchvision.datasets import ImageFolder
 
-    from hdlib.export import augment_dataset, export_study
+    from hdlib.tools.export import augment_dataset, export_study
 
     cfg, _, _ = study
     exported = export_study(cfg.results_dir, tmp_path / "export")
     AutoencoderKL.from_pretrained(exported / "vae", use_safetensors=True)
     UNet2DModel.from_pretrained(exported / "unet", use_safetensors=True)
-    from hdlib.pipeline import GuidedLatentPipeline
+    from hdlib.sampling.pipeline import GuidedLatentPipeline
 
     pipe = GuidedLatentPipeline.from_pretrained(exported, use_safetensors=True)
     assert pipe.unet.config.in_channels == cfg.autoencoder.latent_channels and pipe.vae is not None

@@ -6,14 +6,8 @@ import ast
 import pytest
 
 from hdlib.config import load_config
-from hdlib.runner import discover_stages, stage_fingerprints
-from hdlib.stage_inputs import (
-    _without_docstrings,
-    code_closure,
-    config_values,
-    declared_reads,
-    undeclared,
-)
+from hdlib.tools.runner import discover_stages, stage_fingerprints
+from hdlib.tools.stage_inputs import _without_docstrings, code_closure, config_values, declared_reads, undeclared
 
 STAGES = discover_stages()
 SMOKE = "params/smoke.yaml"
@@ -54,7 +48,7 @@ def test_a_key_no_stage_reads_changes_no_fingerprint():
 
 def test_code_closure_follows_imports():
     closure = code_closure("05_downstream")
-    assert "hdlib.stages.downstream" in closure and "hdlib.trainer" in closure and "hdlib.study.grid_cells" in closure
+    assert "hdlib.stages.downstream" in closure and "hdlib.training.trainer" in closure and "hdlib.study.grid_cells" in closure
     assert "hdlib.pretrain.card" not in closure  # a tool the stage never runs
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdlib.batching import BatchPlan, TensorBatchSource
+from hdlib.training.batching import BatchPlan, TensorBatchSource
 from hdlib.config import TrainingConfig
 from hdlib.errors import ConfigError, DataError, HDLibError
-from hdlib.launch import launch
-from hdlib.trainer import Trainer
-from hdlib.training_config import TrainConfig, lr_factor
-from hdlib.weights import load_final
+from hdlib.parallel.launch import launch
+from hdlib.training.trainer import Trainer
+from hdlib.training.settings import TrainConfig, lr_factor
+from hdlib.training.weights import load_final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_toy import toy_config, toy_data, toy_loss, toy_model  # noqa: E402

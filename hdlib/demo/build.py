@@ -58,7 +58,7 @@ _PARAMS_CACHE: dict[Path, dict | None] = {}
 def pool_tile_class(path) -> str | None:
     """The tissue class the generator drew for a procedural pool tile of a built demo dataset
     (<root>/pool/procedural_<style>/<index>.png), re-derived from the build's seed; None for any
-    other file. For judging generators (hdlib.pool_judge), never for training the study."""
+    other file. For judging generators (hdlib.evaluation.pool_judge), never for training the study."""
     p = Path(path)
     if not (p.parent.name.startswith("procedural_") and p.parent.parent.name == "pool" and p.stem.isdigit()):
         return None

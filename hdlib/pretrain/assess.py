@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import plots
+from ..evaluation import plots
 from ..config import Config
 from ..io import atomic_write_json
 from ..paths import StudyPaths
-from ..pool_judge import copying_rate, mixture, provenance_labels, total_variation
-from ..pretrained import load_vae, read_latent_info
+from ..evaluation.pool_judge import copying_rate, mixture, provenance_labels, total_variation
+from ..models.pretrained import load_vae, read_latent_info
 from ..study.latents import load_autoencoder
 from ..study.splits import load_split_images, split_images, split_sources
 from .export import update_card

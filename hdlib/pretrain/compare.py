@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from .. import plots
+from ..evaluation import plots
 from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_write_json

@@ -6,7 +6,7 @@ toward one of them; embeddings of untrained networks rank generators consistentl
 2020, "Reliable fidelity and diversity metrics for generative models"). Its values are not
 comparable with Inception FIDs, only with each other.
 
-The second judge (`hdlib.pool_judge`) is the same architecture trained on the pool's provenance;
+The second judge (`hdlib.evaluation.pool_judge`) is the same architecture trained on the pool's provenance;
 `pool_judge` trains it once per pool and caches it. `autoencoder_ceiling` is what both judges say
 of held-out tiles passed through an autoencoder alone."""
 
@@ -19,17 +19,11 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..metrics import fid_kid, precision_recall
-from ..models import decode_latents, encode_images
+from ..evaluation.metrics import fid_kid, precision_recall
+from ..models.builders import decode_latents, encode_images
 from ..paths import StudyPaths
-from ..pool_judge import (
-    JudgeTraining,
-    load_judge,
-    provenance_labels,
-    save_judge,
-    train_pool_judge,
-)
-from ..pretrained import _sha256
+from ..evaluation.pool_judge import JudgeTraining, load_judge, provenance_labels, save_judge, train_pool_judge
+from ..models.pretrained import _sha256
 from ..study.splits import split_images
 
 JUDGE_SEED = 0
@@ -107,7 +101,7 @@ def matched_size_fid(fake_feats: torch.Tensor, ref_feats: torch.Tensor, n: int, 
 
 
 def pool_judge(cfg: Config, progress: bool = False):
-    """The provenance-trained judge of this pool (hdlib.pool_judge), trained once on the pool's
+    """The provenance-trained judge of this pool (hdlib.evaluation.pool_judge), trained once on the pool's
     training split and cached in the study's cache, keyed by the pool manifest's content."""
     paths = StudyPaths(cfg)
     settings = JudgeTraining(epochs=cfg.pretrain.judge_epochs)

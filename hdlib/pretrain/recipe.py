@@ -12,7 +12,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..paths import StudyPaths
-from ..pretrained import file_hashes
+from ..models.pretrained import file_hashes
 
 RUN_KEY = "pretrain_run_key"
 

@@ -15,8 +15,8 @@ from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_write_csv, atomic_write_json
 from ..paths import StudyPaths
-from ..pool_judge import provenance_labels
-from ..pretrained import check_compatible, has_unet
+from ..evaluation.pool_judge import provenance_labels
+from ..models.pretrained import check_compatible, has_unet
 from ..study.context import device
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import (
@@ -27,7 +27,7 @@ from ..study.latents import (
 )
 from ..study.preparation import prepare_data
 from ..study.splits import load_split_images, split_images
-from ..train import train_task
+from ..study.train import train_task
 from .export import export_study_pretrained
 from .judges import RandomResNetJudge, autoencoder_ceiling, pool_judge
 from .recipe import check_run_recipe, config_with

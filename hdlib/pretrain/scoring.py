@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..pool_judge import mixture, total_variation
+from ..evaluation.pool_judge import mixture, total_variation
 from .judges import RandomResNetJudge, pool_judge, pool_quality, tissue_group
 from .samples import holdout_images
 

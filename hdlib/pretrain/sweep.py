@@ -9,7 +9,7 @@ import matplotlib
 import pandas as pd
 import torch
 
-from .. import plots
+from ..evaluation import plots
 from ..config import load_config
 from ..errors import ConfigError
 from ..io import atomic_write_csv
@@ -17,8 +17,8 @@ from ..paths import StudyPaths
 from ..study.context import device
 from ..study.latent_models import build_denoiser, noise_scheduler
 from ..study.preparation import prepare_data
-from ..train import train_task
-from ..weights import load_final
+from ..study.train import train_task
+from ..training.weights import load_final
 from .recipe import config_with
 from .run import check_pretrain_source, encoded_pool
 from .samples import sample_images

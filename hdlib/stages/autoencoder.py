@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..models import decode_latents, encode_images
+from ..models.builders import decode_latents, encode_images
 from ..study.context import device
 from ..study.latents import (
     encode_and_measure,
@@ -18,8 +18,8 @@ from ..study.latents import (
 from ..study.splits import load_split_images, split_images, split_sources
 
 
-# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
-# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.
 READS = {
     "config": ["study.seed", "study.mixed_precision", "data.image_size", "autoencoder", "pretrained"],

@@ -7,18 +7,18 @@ import pandas as pd
 import torch
 
 from ..config import Config
-from ..metrics import feature_stats, frechet_distance
-from ..models import decode_latents
+from ..evaluation.metrics import feature_stats, frechet_distance
+from ..models.builders import decode_latents
 from ..paths import request_seeds
-from ..sampling import guided_ddim_sample
+from ..sampling.samplers import guided_ddim_sample
 from ..study.context import device
 from ..study.latent_models import latent_shape, load_denoiser, noise_scheduler
 from ..study.latents import latent_scale, latent_store, load_autoencoder
 from ..study.splits import split_sources
 
 
-# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
-# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.
 READS = {
     "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..stats import holm_adjust, min_detectable_difference, paired_comparison
+from ..evaluation.stats import holm_adjust, min_detectable_difference, paired_comparison
 
-# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
-# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.
 READS = {
     "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..latent_classifier import accuracy_by_timestep_bucket
+from ..models.latent_classifier import accuracy_by_timestep_bucket
 from ..paths import StudyPaths, model_name
 from ..study.latent_models import load_latent_classifier, noise_scheduler
 from ..study.latents import latent_store
@@ -16,8 +16,8 @@ from ..study.pseudo_labels import confident_pseudo_labels
 from ..study.splits import draws_for, split_labels
 
 
-# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
-# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.
 READS = {
     "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",

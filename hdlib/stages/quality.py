@@ -12,13 +12,13 @@ import pandas as pd
 import torch
 
 from ..config import Config
-from ..metrics import fid_kid, precision_recall
+from ..evaluation.metrics import fid_kid, precision_recall
 from ..paths import StudyPaths, synthetic_set_name
 from ..study.splits import load_split_images, split_images, split_labels
 from ..study.synthetic_sets import load_set, set_images
 
-# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
-# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.
 READS = {
     "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",

@@ -12,12 +12,12 @@ import pandas as pd
 from ..config import Config
 from ..io import atomic_write_text
 from ..paths import REPO_ROOT, StudyPaths, percent_text
-from ..pretrained import folder_sha256
+from ..models.pretrained import folder_sha256
 from ..study.context import read_metrics
 from ..study.decisions import primary_fraction
 
-# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
-# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.
 READS = {
     "config": ["study.seed", "data.classes", "data.target", "downstream", "filtering",

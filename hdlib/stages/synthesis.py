@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 
 from ..config import Config, parse_samplers
-from ..downstream import extract_features, predict
+from ..evaluation.downstream import extract_features, predict
 from ..io import atomic_write_csv
-from ..metrics import feature_stats, frechet_distance
-from ..models import encode_images
+from ..evaluation.metrics import feature_stats, frechet_distance
+from ..models.builders import encode_images
 from ..paths import StudyPaths, request_seeds, synthetic_set_name
 from ..study.classifiers import SelectiveFilter, reference_classifier
 from ..study.context import device
@@ -51,8 +51,8 @@ from ..study.synthetic_sets import (
     synthesize,
 )
 
-# What this stage reads (hdlib.stage_inputs): config keys whose values key its results (settings that
-# only say how it runs are hdlib.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
+# What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
+# only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.
 READS = {
     "config": ["study.seed", "study.mixed_precision", "data.classes", "data.image_size",

@@ -9,14 +9,9 @@ import numpy as np
 import torch
 
 from ..config import Config, TrainingConfig
-from ..downstream import (
-    ClassifierOptions,
-    build_classifier,
-    extract_features,
-    train_classifier,
-)
+from ..evaluation.downstream import ClassifierOptions, build_classifier, extract_features, train_classifier
 from ..errors import ConfigError
-from ..filtering import FeatureFilter, calibrate_delta
+from ..sampling.filtering import FeatureFilter, calibrate_delta
 from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from ..paths import StudyPaths, model_name
 from .context import device

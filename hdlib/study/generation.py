@@ -9,10 +9,10 @@ import torch
 from ..config import Config, check_guidance_interval
 from ..errors import HDLibError
 from ..io import files_sha1
-from ..models import decode_latents
+from ..models.builders import decode_latents
 from ..paths import GENERATORS, StudyPaths, model_name
-from ..pretrained import folder_sha256
-from ..pipeline import ClassifierGuidance, GuidedLatentPipeline
+from ..models.pretrained import folder_sha256
+from ..sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
 from .context import device, require
 from .latent_models import (
     latent_shape,

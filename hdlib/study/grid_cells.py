@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..downstream import evaluate
-from ..grid import cell_id, remove_other_results, run_grid, worker_count
+from ..evaluation.downstream import evaluate
+from ..parallel.grid import cell_id, remove_other_results, run_grid, worker_count
 from ..paths import REPO_ROOT, StudyPaths
 from .classifiers import fit_image_classifier, real_only_seed, store_baseline
 from .context import config_from_results, device

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..config import Config
-from ..diffusion import make_noise_scheduler
-from ..models import build_latent_classifier, build_unet
+from ..models.diffusion import make_noise_scheduler
+from ..models.builders import build_latent_classifier, build_unet
 from ..paths import StudyPaths, model_name
-from ..pretrained import has_unet, load_scheduler, load_unet, unet_like
-from ..weights import load_final
+from ..models.pretrained import has_unet, load_scheduler, load_unet, unet_like
+from ..training.weights import load_final
 from .context import read_metrics, require
 
 

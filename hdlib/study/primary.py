@@ -1,14 +1,14 @@
 """The primary (headline) cell, fixed before any generation by a rule over real-only
 results: real-only downstream cells at every label count (the sweep's draws) and the
-classifier trained on all labels, judged by `hdlib.stats.primary_cell`."""
+classifier trained on all labels, judged by `hdlib.evaluation.stats.primary_cell`."""
 
 from __future__ import annotations
 
 import pandas as pd
 
 from ..config import Config
-from ..downstream import evaluate
-from ..stats import primary_cell, rule_margin
+from ..evaluation.downstream import evaluate
+from ..evaluation.stats import primary_cell, rule_margin
 from .classifiers import reference_classifier
 from .context import device
 from .grid_cells import run_downstream_grid

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from ..config import Config
-from ..downstream import predict
+from ..evaluation.downstream import predict
 from ..io import atomic_write_csv, files_sha1
 from ..paths import StudyPaths, model_name
 from .classifiers import baseline_classifier

@@ -18,7 +18,7 @@ from ..config import Config
 from ..data.streaming import ManifestImages, load_into_memory
 from ..errors import HDLibError
 from ..io import atomic_torch_save
-from ..launch import launch_background
+from ..parallel.launch import launch_background
 from ..paths import (
     COMBINED_SETS,
     GENERATORS,
@@ -31,7 +31,7 @@ from ..paths import (
     task_seed,
     training_set_generator,
 )
-from ..quota import fill_quota
+from ..sampling.quota import fill_quota
 from .context import require
 from .generation import Generation
 from .pseudo_labels import pseudo_label_images

@@ -25,7 +25,7 @@ overrides = []
 import numpy as np
 import pandas as pd
 
-from hdlib import plots
+from hdlib.evaluation import plots
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths, percent_text
 from hdlib.stages.common import setup_notebook

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from hdlib import plots, train
+from hdlib.evaluation import plots
+from hdlib.study import train
 from hdlib.paths import StudyPaths
 from hdlib.stages.autoencoder import autoencoder_stage, reconstruction_examples
 from hdlib.stages.common import setup_notebook

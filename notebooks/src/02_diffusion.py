@@ -25,7 +25,8 @@ overrides = []
 import torch
 from IPython.display import Markdown, display
 
-from hdlib import plots, train
+from hdlib.evaluation import plots
+from hdlib.study import train
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths, model_name
 from hdlib.stages.common import setup_notebook

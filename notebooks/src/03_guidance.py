@@ -22,7 +22,8 @@ params_file = "params/default.yaml"
 overrides = []
 
 # %%
-from hdlib import plots, train
+from hdlib.evaluation import plots
+from hdlib.study import train
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths, model_name
 from hdlib.stages.common import setup_notebook

@@ -26,8 +26,9 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from hdlib import plots, train
-from hdlib.downstream import evaluate
+from hdlib.evaluation import plots
+from hdlib.study import train
+from hdlib.evaluation.downstream import evaluate
 from hdlib.io import atomic_write_csv
 from hdlib.paths import GENERATORS, StudyPaths, percent_text, synthetic_set_name
 from hdlib.stages.common import setup_notebook

@@ -25,8 +25,8 @@ overrides = []
 import numpy as np
 import pandas as pd
 
-from hdlib import plots
-from hdlib.downstream import extract_features
+from hdlib.evaluation import plots
+from hdlib.evaluation.downstream import extract_features
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths
 from hdlib.stages.common import setup_notebook
@@ -133,7 +133,7 @@ else:
 inception = None
 if cfg.quality.inception_weights and "histodiffusion" in sets:
     from hdlib.data.streaming import load_into_memory
-    from hdlib.metrics import inception_fid
+    from hdlib.evaluation.metrics import inception_fid
 
     real_test = load_into_memory(split_images(cfg, "target_test"))[0]
     inception = inception_fid(real_test, load_into_memory(set_images(cfg, sets["histodiffusion"]))[0],

@@ -1,0 +1,195 @@
+"""Models and synthetic datasets out of a study.
+
+    python -m hdlib export results/<study> OUT
+        the study's models as a diffusers folder (vae/, unet/, scheduler/, MANIFEST.sha256),
+        plus latent_classifier/<name>/ (safetensors + config.json) and filter/<fraction>_s<draw>/
+        (the selective filter: baseline classifier, real features, thresholds) for augment.
+    python -m hdlib augment SOURCE OUT --per-class N [--fraction F] [--draw D] [--guidance-scale S]
+        SOURCE is a study folder or an exported folder. Generates, filters and writes
+        OUT/<class>/*.png (readable by torchvision.datasets.ImageFolder) and OUT/manifest.csv
+        (class, seed, guidance scale, model, filter decision and score of every candidate).
+        Resumable: work happens in OUT.partial/ and a re-run continues after the last round.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..config import LatentClassifierConfig
+from ..errors import ConfigError
+from ..sampling.filtering import FeatureFilter
+from ..io import atomic_write_csv, atomic_write_json
+from ..models.builders import build_latent_classifier, decode_latents
+from ..paths import StudyPaths, model_name
+from ..sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
+from ..models.pretrained import (
+    MANIFEST,
+    export_pretrained,
+    file_hashes,
+    load_scheduler,
+    load_unet,
+    load_vae,
+    read_latent_info,
+)
+from ..sampling.quota import fill_quota
+from ..study.classifiers import SelectiveFilter
+from ..study.context import config_from_results
+from ..study.decisions import chosen_generation
+from ..study.latent_models import latent_shape, load_denoiser, load_latent_classifier, noise_scheduler
+from ..study.latents import latent_scale, load_autoencoder
+from ..study.splits import grid_fractions
+
+EXPORT_INFO = "hdlib_export.json"
+
+
+def export_study(study_dir: str | Path, out: str | Path) -> Path:
+    """A study's trained models as a diffusers folder (vae/, unet/, scheduler/) plus
+    latent_classifier/<name>/ (weights + config) and filter/<fraction>_s<draw>/ for augment."""
+    from safetensors.torch import save_model
+
+    cfg = config_from_results(study_dir)
+    out = Path(out)
+    f0, d0 = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+    gen = chosen_generation(cfg)
+    unet = load_denoiser(cfg, gen.denoiser_name(f0, d0))
+    info = {"study": str(study_dir), "classes": list(cfg.data.classes), "image_size": cfg.data.image_size,
+            "latent_shape": list(latent_shape(cfg)), "guidance_scale": gen.sampling.guidance_scale,
+            "sampling": vars(gen.sampling), "denoiser": gen.denoiser_name(f0, d0), "latent_classifiers": [],
+            "filters": []}
+    vae, sched = load_autoencoder(cfg), noise_scheduler(cfg)
+    export_pretrained(out, vae, unet.cpu(), sched, scaling_factor=latent_scale(cfg))
+    GuidedLatentPipeline(unet, sched, vae).save_config(out)  # model_index.json: GuidedLatentPipeline.from_pretrained(out)
+    C, _, S = latent_shape(cfg)
+    for draw in cfg.downstream.seeds:
+        for f in grid_fractions(cfg):
+            name = model_name("latent_classifier", f, draw=draw)
+            if not (StudyPaths(cfg).model(name) / "final").exists():
+                continue
+            clf = load_latent_classifier(cfg, f, draw)
+            folder = out / "latent_classifier" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_model(clf, str(folder / "model.safetensors"))
+            atomic_write_json(folder / "config.json", {**vars(cfg.latent_classifier), "train": None,
+                                                       "in_channels": C, "sample_size": S,
+                                                       "classes": list(cfg.data.classes), "fraction": f,
+                                                       "draw": draw})
+            info["latent_classifiers"].append(name)
+            judge = SelectiveFilter(cfg, f, draw)
+            judge.save(out / "filter" / f"{f:g}_s{draw}", cfg.downstream.backbone, cfg.data.image_size)
+            info["filters"].append(f"{f:g}_s{draw}")
+    atomic_write_json(out / EXPORT_INFO, info)
+
+    (out / MANIFEST).write_text("".join(f"{v}  {k}\n" for k, v in file_hashes(out).items()))
+    return out
+
+
+def _export_sampler(source: Path, fraction: float, draw: int, guidance_scale: float | None, device: str):
+    """(sample(labels, seeds) -> images, judge, description) from an exported folder."""
+    from safetensors.torch import load_model
+
+    info = json.loads((source / EXPORT_INFO).read_text())
+    name = f"latent_classifier_f{fraction:g}_s{draw}"
+    if name not in info["latent_classifiers"]:
+        raise ConfigError(f"{source}: no latent classifier for fraction {fraction:g}, draw {draw} "
+                          f"(exported: {', '.join(info['latent_classifiers'])})")
+    c = json.loads((source / "latent_classifier" / name / "config.json").read_text())
+    lc = LatentClassifierConfig(**{k: v for k, v in c.items() if k in LatentClassifierConfig.__dataclass_fields__
+                                   and k != "train"})
+    # its own denoiser instance: loading the classifier's weights must not touch the sampler's
+    skeleton = load_unet(source) if lc.backbone == "pretrained_unet" else None
+    clf = build_latent_classifier(lc, c["in_channels"], c["sample_size"], len(c["classes"]), encoder_unet=skeleton)
+    load_model(clf, str(source / "latent_classifier" / name / "model.safetensors"))
+    vae = load_vae(source).to(device)
+    pipe = GuidedLatentPipeline(load_unet(source).to(device), load_scheduler(source))
+    scale = read_latent_info(source)["scaling_factor"]
+    s = info["sampling"]  # the study's chosen sampler, steps, guidance scale and interval
+    gs = info["guidance_scale"] if guidance_scale is None else guidance_scale
+    cond_fn = ClassifierGuidance(clf.to(device).eval())
+
+    def sample(labels, seeds):
+        z = pipe(labels, seeds, method=s["method"], num_inference_steps=s["num_inference_steps"], eta=s["eta"],
+                 cond_fn=cond_fn, guidance_scale=gs, guidance_interval=tuple(s.get("guidance_interval") or ()) or None,
+                 latent_shape=tuple(info["latent_shape"]), batch_size=s["batch_size"], device=device,
+                 progress=False)
+        return decode_latents(vae, z, scale, device=device)
+
+    judge = FeatureFilter.load(source / "filter" / f"{fraction:g}_s{draw}", device=device)
+    return sample, judge, {"model": str(source), "guidance_scale": gs,
+                           "sampler": f"{s['method']}:{s['num_inference_steps']}"}, info["classes"]
+
+
+def augment_dataset(source: str | Path, out: str | Path, per_class: int, fraction: float | None = None,
+            draw: int | None = None, guidance_scale: float | None = None, filtered: bool = True,
+            device: str = "cpu") -> Path:
+    """A class-folder dataset of `per_class` filtered synthetic images per class:
+    OUT/<class>/*.png and OUT/manifest.csv (class, seed, guidance scale, model, filter
+    decision and score, for every candidate). Resumable: generation works in OUT.partial/."""
+    import hashlib
+
+    source, out = Path(source), Path(out)
+    if per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {per_class}")
+    if (source / EXPORT_INFO).exists():
+        info = json.loads((source / EXPORT_INFO).read_text())
+        first = info["latent_classifiers"][0] if info["latent_classifiers"] else ""
+        fraction = fraction if fraction is not None else float(first.split("_f")[1].split("_s")[0])
+        draw = draw if draw is not None else int(first.rsplit("_s", 1)[1])
+        sample, judge, meta, classes = _export_sampler(source, fraction, draw, guidance_scale, device)
+        seed_tag = f"augment/{source.resolve().name}"
+    elif (source / "config.json").exists():
+        cfg = config_from_results(source)
+        fraction = min(cfg.downstream.fractions) if fraction is None else fraction
+        draw = cfg.downstream.seeds[0] if draw is None else draw
+        gen = chosen_generation(cfg)
+        judge = SelectiveFilter(cfg, fraction, draw)
+        classes = list(cfg.data.classes)
+
+        def sample(labels, seeds):
+            return gen.decode(gen.latents("histodiffusion", fraction, labels, seeds, guidance_scale=guidance_scale,
+                                          draw=draw))
+        meta = {"model": gen.models_of("histodiffusion", fraction, draw)["denoiser"],
+                "guidance_scale": gen.guidance_scale("histodiffusion", guidance_scale),
+                "sampler": f"{gen.sampling.method}:{gen.sampling.num_inference_steps}"}
+        seed_tag = f"augment/{cfg.study.name}"
+    else:
+        raise ConfigError(f"{source}: neither a study folder (config.json) nor an exported folder ({EXPORT_INFO})")
+    request = {"source": str(source.resolve()), "fraction": fraction, "draw": draw, **meta}
+    request = json.loads(json.dumps({**request, "per_class": per_class, "filtered": filtered}, default=str))
+    done = out / "request.json"
+    if (out / "manifest.csv").exists() and done.exists() and json.loads(done.read_text()).get("request") == request:
+        return out  # already written for exactly this request
+    work = out.parent / f"{out.name}.partial"  # outside OUT: ImageFolder treats every sub-folder as a class
+    base = int(hashlib.sha1(seed_tag.encode()).hexdigest()[:8], 16)
+
+    def seeds_of(c, start, n):  # candidate k of class c always gets the same seed
+        return (base * 1_000_003 + c * 10_000_019 + start + np.arange(n)) % 2**62
+
+    df = fill_quota(work, classes, per_class, sample, seeds_of, request, judge=judge if filtered else None,
+                    meta={"fraction": fraction, "draw": draw, **meta})
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for c in classes:
+        (out / c).mkdir()
+    files = []
+    for _, r in df.iterrows():
+        dest = ""
+        if r["kept"]:
+            dest = str(Path(r["class_name"]) / Path(r["path"]).name)
+            shutil.copy2(r["path"], out / dest)
+        files.append(dest)
+    manifest = df.assign(file=files, score=df["distance"])[
+        ["file", "class_name", "seed", "guidance_scale", "sampler", "model", "decision", "score", "confidence",
+         "nn_distance", "fraction", "draw"]].rename(columns={"class_name": "class"})
+    atomic_write_csv(manifest, out / "manifest.csv")
+    shortfall = {c: int(per_class - df[(df["class_name"] == c) & df["kept"]].shape[0]) for c in classes}
+    atomic_write_json(done, {"request": request, "shortfall": {k: v for k, v in shortfall.items() if v > 0}})
+    shutil.rmtree(work, ignore_errors=True)
+    if any(shortfall.values()):  # written and reported, never padded
+        print(f"{out}: short of {per_class} kept images in: "
+              + ", ".join(f"{k} (-{v})" for k, v in shortfall.items() if v > 0) + " (cap reached; see manifest.csv)")
+    return out

@@ -1,0 +1,146 @@
+"""The Trainer's settings (`TrainConfig`, None = off), its learning-rate schedule and
+the `TrainResult` it returns.
+
+A YAML `TrainingConfig` (hdlib.config; 0 = off) becomes a TrainConfig in one place only,
+`TrainConfig.from_settings`.
+
+Which fields a resume must match is decided here (`trajectory_key`): the rest (output
+folder, logging, checkpoint cadence, micro-batching) may change between a run and its resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import TrainingConfig
+from ..errors import ConfigError
+
+# Settings that do not change the trajectory: they may differ between a run and its resume.
+_NON_TRAJECTORY_FIELDS = ("out_dir", "progress", "log_every", "checkpointing_steps", "checkpoints_total_limit",
+                          "micro_batch_size", "device", "max_memory_gb")
+_LR_SCHEDULES = ("constant", "cosine")
+_PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str                          # checkpoints/, log.csv, final/ go here
+    max_steps: int
+    global_batch_size: int                # independent of the number of processes
+    micro_batch_size: int | None = None   # per-process batch per forward; accumulation = global / (world * micro)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0                 # linear warm-up, then `lr_schedule`
+    lr_schedule: str = "constant"         # "constant" | "cosine" (decay to 0 at max_steps)
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None        # EMA of the weights, used for sampling
+    mixed_precision: str = "no"           # "no" | "bf16" | "fp16" (fp16 falls back to "no" on a CPU)
+    checkpointing_steps: int = 500        # save every N steps (and at max_steps)
+    checkpoints_total_limit: int = 2      # keep the last N complete checkpoints
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+    device: str = "auto"                  # study.device: "cpu" keeps training on the CPU even beside a GPU
+    max_memory_gb: float = 0.0            # study.max_memory_gb: the micro-batch plan's budget on a GPU (0 = its memory)
+
+    @classmethod
+    def from_settings(cls, settings: TrainingConfig, *, out_dir, seed: int, mixed_precision: str = "no",
+                      progress: bool = False, device: str = "auto", max_memory_gb: float = 0.0,
+                      **overrides) -> TrainConfig:
+        """The Trainer's settings from a YAML `TrainingConfig`: the one place where its
+        `batch_size` becomes `global_batch_size` and its 0 = off (micro_batch_size, grad_clip,
+        ema_decay) becomes None = off. `overrides` replace any other TrainConfig field
+        (e.g. a classifier's step count, batch with its synthetic share, lr_schedule)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"TrainConfig.from_settings: unknown field(s) {', '.join(unknown)}")
+        values = {
+            "out_dir": str(out_dir),
+            "max_steps": settings.max_steps,
+            "global_batch_size": settings.batch_size,
+            "micro_batch_size": settings.micro_batch_size or None,
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+            "warmup_steps": settings.warmup_steps,
+            "grad_clip": settings.grad_clip or None,
+            "ema_decay": settings.ema_decay or None,
+            "mixed_precision": mixed_precision,
+            "checkpointing_steps": settings.checkpointing_steps,
+            "seed": seed,
+            "progress": progress,
+            "device": device,
+            "max_memory_gb": max_memory_gb,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line, naming the field) on a bad value."""
+        def need(ok, field, what):
+            if not ok:
+                raise ConfigError(f"TrainConfig.{field} = {getattr(self, field)!r}: {what}")
+
+        need(isinstance(self.max_steps, int) and self.max_steps >= 1, "max_steps", "must be an int >= 1")
+        need(isinstance(self.global_batch_size, int) and self.global_batch_size >= 1, "global_batch_size",
+             "must be an int >= 1")
+        need(self.micro_batch_size is None or (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1),
+             "micro_batch_size", "must be None or an int >= 1")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a finite number > 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(len(tuple(self.betas)) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0")
+        need(self.lr_schedule in _LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(_LR_SCHEDULES)}")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be None or > 0")
+        need(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be None or in (0, 1)")
+        need(self.mixed_precision in _PRECISIONS, "mixed_precision", f"must be one of {', '.join(_PRECISIONS)}")
+        need(isinstance(self.checkpointing_steps, int) and self.checkpointing_steps >= 1, "checkpointing_steps",
+             "must be an int >= 1")
+        need(isinstance(self.checkpoints_total_limit, int) and self.checkpoints_total_limit >= 1,
+             "checkpoints_total_limit", "must be an int >= 1")
+        need(isinstance(self.log_every, int) and self.log_every >= 1, "log_every", "must be an int >= 1")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be an int >= 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+    def trajectory_key(self) -> dict:
+        """The settings that determine the weights at every step (a resume must match them).
+        max_steps only matters through a cosine schedule, so a constant-lr run can be extended."""
+        d = self.to_dict()
+        for k in _NON_TRAJECTORY_FIELDS:
+            d.pop(k)
+        if self.lr_schedule == "constant":
+            d.pop("max_steps")
+        return d
+
+
+@dataclass
+class TrainResult:
+    step: int                  # final step
+    last_loss: float           # loss of the last log row (mean over its steps and processes)
+    final_dir: str             # out_dir/final
+    weights_dir: str           # the weights to use: final/ema when there is an EMA, else final/model
+    wall_s: float              # wall time of this call's training loop (0 when nothing was left to do)
+    images_per_s: float        # training throughput of this call
+    resumed_from_step: int = 0 # 0 for a fresh run
+
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """LR multiplier of step s (0-based): linear warm-up (s+1)/W, then constant or cosine to 0 at max_steps."""
+    warm, total, cosine = config.warmup_steps, config.max_steps, config.lr_schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cosine:
+            done = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1.0 + math.cos(math.pi * done))
+        return 1.0
+
+    return factor
