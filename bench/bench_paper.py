@@ -132,9 +132,7 @@ def run_row(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     from hdlib.config import load_config
-    from hdlib.models.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
     from hdlib.evaluation.downstream import build_classifier
-    from hdlib.models.latent_classifier import classifier_loss
     from hdlib.models.builders import (
         autoencoder_downsampling,
         autoencoder_loss,
@@ -143,6 +141,12 @@ def run_row(spec: dict) -> dict:
         build_unet,
         count_parameters,
     )
+    from hdlib.models.diffusion import (
+        diffusion_loss,
+        draw_noise_and_timesteps,
+        make_noise_scheduler,
+    )
+    from hdlib.models.latent_classifier import classifier_loss
     from hdlib.sampling.samplers import guided_ddim_sample
 
     model, device, b, steps = spec["model"], spec["device"], spec["batch"], spec["steps"]

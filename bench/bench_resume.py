@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hdlib.training.batching import TensorBatchSource  # noqa: E402
-from hdlib.training.trainer import Trainer  # noqa: E402
 from hdlib.training.settings import TrainConfig  # noqa: E402
+from hdlib.training.trainer import Trainer  # noqa: E402
 
 
 def build(args):

@@ -20,8 +20,13 @@ from pathlib import Path
 import torch
 
 from hdlib.config import load_config, resolve_device
+from hdlib.models.builders import (
+    autoencoder_downsampling,
+    build_latent_classifier,
+    build_unet,
+    count_parameters,
+)
 from hdlib.models.diffusion import make_noise_scheduler
-from hdlib.models.builders import autoencoder_downsampling, build_latent_classifier, build_unet, count_parameters
 from hdlib.sampling.samplers import cfg_ddim_sample, guided_ddim_sample
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,17 @@ from pathlib import Path
 import torch
 
 from hdlib.config import load_config, resolve_device
-from hdlib.models.builders import autoencoder_downsampling, autoencoder_loss, build_autoencoder, build_unet
-from hdlib.models.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
+from hdlib.models.builders import (
+    autoencoder_downsampling,
+    autoencoder_loss,
+    build_autoencoder,
+    build_unet,
+)
+from hdlib.models.diffusion import (
+    diffusion_loss,
+    draw_noise_and_timesteps,
+    make_noise_scheduler,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"default": ROOT / "params/default.yaml", "paper": ROOT / "params/nct_crc.yaml"}

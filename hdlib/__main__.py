@@ -22,14 +22,14 @@ import yaml
 
 from .config import load_config, resolve_device
 from .errors import one_line_errors
-from .tools.export import augment_dataset, export_study
 from .pretrain import main as pretrain_main
-from .tools.readme import readme_path, sync_readme
-from .tools.runner import run_study
-from .tools.sample import sample_main, serve_main
 from .study.context import config_from_results, launched_rank
 from .study.latents import encode_shard
 from .study.train import TASKS, train_task
+from .tools.export import augment_dataset, export_study
+from .tools.readme import readme_path, sync_readme
+from .tools.runner import run_study
+from .tools.sample import sample_main, serve_main
 
 
 def _parser() -> argparse.ArgumentParser:

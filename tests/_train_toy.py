@@ -17,8 +17,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hdlib.training.batching import TensorBatchSource  # noqa: E402
-from hdlib.training.trainer import Trainer  # noqa: E402
 from hdlib.training.settings import TrainConfig  # noqa: E402
+from hdlib.training.trainer import Trainer  # noqa: E402
 
 
 def toy_model(seed: int = 0, dim: int = 8, hidden: int = 16) -> nn.Module:

@@ -16,8 +16,17 @@ from hdlib.data.hashing import file_sha1
 from hdlib.data.manifests import write_manifest
 from hdlib.data.pixels import load_images, read_image
 from hdlib.data.pool import PoolSource, build_pool
-from hdlib.data.records import ImageRecord, load_npz_dataset, scan_class_folders, scan_unlabeled_folder
-from hdlib.data.splits import nested_label_fractions, stratified_split, stratified_subsample
+from hdlib.data.records import (
+    ImageRecord,
+    load_npz_dataset,
+    scan_class_folders,
+    scan_unlabeled_folder,
+)
+from hdlib.data.splits import (
+    nested_label_fractions,
+    stratified_split,
+    stratified_subsample,
+)
 from hdlib.data.tiling import tile_large_image
 from hdlib.errors import DataError
 

@@ -4,9 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from hdlib.models.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler, min_snr_weights
 from hdlib.errors import DataError
-from hdlib.models.latent_classifier import NoiseAwareLatentClassifier, accuracy_by_timestep_bucket, classifier_loss
+from hdlib.models.diffusion import (
+    diffusion_loss,
+    draw_noise_and_timesteps,
+    make_noise_scheduler,
+    min_snr_weights,
+)
+from hdlib.models.latent_classifier import (
+    NoiseAwareLatentClassifier,
+    accuracy_by_timestep_bucket,
+    classifier_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hdlib.config import TrainingConfig
+from hdlib.errors import DataError
 from hdlib.evaluation.downstream import (
     ClassifierOptions,
     HistologyAugment,
@@ -16,7 +17,6 @@ from hdlib.evaluation.downstream import (
     predict,
     train_classifier,
 )
-from hdlib.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -515,8 +515,8 @@ def test_training_precision_keys_cells_classifiers_and_stages(monkeypatch):
     """A cell, a cached classifier or a stage computed in fp32 is never reused for bf16."""
     import dataclasses
 
-    from hdlib.tools.runner import discover_stages, stage_fingerprints
     from hdlib.study.classifiers import _classifier_key
+    from hdlib.tools.runner import discover_stages, stage_fingerprints
 
     stage, cfg, _ = _patch_cell(monkeypatch, "[1.0]", {})
     bf16 = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, mixed_precision="bf16"))

@@ -12,13 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from hdlib.config import load_config
+from hdlib.models.builders import (
+    autoencoder_loss,
+    build_autoencoder,
+    build_latent_classifier,
+    build_unet,
+)
+from hdlib.models.diffusion import (
+    diffusion_loss,
+    draw_noise_and_timesteps,
+    make_noise_scheduler,
+)
 from hdlib.sampling import samplers as sampling
 from hdlib.training.batching import TensorBatchSource
-from hdlib.config import load_config
-from hdlib.models.diffusion import diffusion_loss, draw_noise_and_timesteps, make_noise_scheduler
-from hdlib.models.builders import autoencoder_loss, build_autoencoder, build_latent_classifier, build_unet
-from hdlib.training.trainer import Trainer
 from hdlib.training.settings import TrainConfig
+from hdlib.training.trainer import Trainer
 from hdlib.training.weights import load_final
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -164,7 +173,12 @@ def test_one_paper_size_step_of_each_network(network, capsys):
     """One bf16 training step of each network at the paper's sizes (params/nct_crc.yaml), with its peak
     memory; the memory plan's micro-batch for this GPU is printed beside it."""
     from hdlib.evaluation.downstream import build_classifier
-    from hdlib.training.memory_plan import GB, budget_gb, plan_micro_batch, probe_train_step
+    from hdlib.training.memory_plan import (
+        GB,
+        budget_gb,
+        plan_micro_batch,
+        probe_train_step,
+    )
 
     size, C = PAPER.data.image_size, PAPER.autoencoder.latent_channels
     S = size // 2 ** (len(PAPER.autoencoder.block_out_channels) - 1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hdlib.config import load_config
-from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.errors import ConfigError
+from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.paths import model_name
 from hdlib.sampling.samplers import guided_ddim_sample
 from hdlib.study.context import write_metrics

@@ -8,11 +8,21 @@ import pandas as pd
 import pytest
 
 from hdlib.config import load_config
-from hdlib.data.splits import labeled_validation_mask, nested_label_fractions, nested_label_order
+from hdlib.data.splits import (
+    labeled_validation_mask,
+    nested_label_fractions,
+    nested_label_order,
+)
 from hdlib.paths import StudyPaths
 from hdlib.study import pseudo_labels
-from hdlib.study.splits import (fraction_column, fraction_indices, labeled_val_indices, labels_per_class,
-                                order_column, validation_set)
+from hdlib.study.splits import (
+    fraction_column,
+    fraction_indices,
+    labeled_val_indices,
+    labels_per_class,
+    order_column,
+    validation_set,
+)
 
 LABELS = np.repeat(np.arange(3), 40)          # 3 classes x 40 training images
 FRACTIONS = [0.05, 0.1, 0.2, 0.4]             # 2, 4, 8, 16 labels per class

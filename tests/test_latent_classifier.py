@@ -6,9 +6,13 @@ import torch
 from test_sampling import TimestepSpy
 
 from hdlib.config import load_config
-from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.errors import ConfigError
-from hdlib.sampling.samplers import guided_ddim_sample, guided_ddpm_sample, guided_dpm_solver_sample
+from hdlib.models.diffusion import make_noise_scheduler
+from hdlib.sampling.samplers import (
+    guided_ddim_sample,
+    guided_ddpm_sample,
+    guided_dpm_solver_sample,
+)
 from hdlib.study.train import (
     LATENT_CLASSIFIER_EVAL_T,
     latent_classifier_scores,

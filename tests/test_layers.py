@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from test_imports import import_graph, module_files
 
 from hdlib.config import load_config
-from test_imports import import_graph, module_files
 
 ROOT = Path(__file__).resolve().parent.parent
 

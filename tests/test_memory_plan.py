@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from hdlib.errors import ConfigError
-from hdlib.training.memory_plan import HEADROOM, StepMemory, budget_gb, plan_micro_batch, probe_train_step
+from hdlib.training.memory_plan import (
+    HEADROOM,
+    StepMemory,
+    budget_gb,
+    plan_micro_batch,
+    probe_train_step,
+)
 
 
 def test_the_largest_fitting_divisor_is_taken():

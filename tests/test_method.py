@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hdlib.sampling.quota import fill_quota
 from hdlib.sampling.filtering import calibrate_delta, filter_synthetic
+from hdlib.sampling.quota import fill_quota
 
 CLASSES = ["A", "B", "C"]
 

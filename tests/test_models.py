@@ -1,8 +1,7 @@
 """Model builders follow the study config; losses and image metrics are right."""
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import pytest
 import torch

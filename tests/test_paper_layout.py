@@ -12,8 +12,13 @@ from hdlib.data.streaming import ManifestImages
 from hdlib.data.tiling import tile_large_image
 from hdlib.demo import CRC_CLASSES
 from hdlib.errors import ConfigError, DataError
-from hdlib.tools.paper_layout import MARKER, dryrun_overrides, read_layout, write_paper_layout
 from hdlib.paths import REPO_ROOT
+from hdlib.tools.paper_layout import (
+    MARKER,
+    dryrun_overrides,
+    read_layout,
+    write_paper_layout,
+)
 
 
 @pytest.fixture(scope="module")

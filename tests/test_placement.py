@@ -5,12 +5,12 @@ that is not moved stays on the CPU, and the entry point's check names it."""
 import pytest
 import torch
 
-from hdlib.sampling import samplers as sampling
 from hdlib.config import load_config
-from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.models.builders import build_latent_classifier, build_unet
-from hdlib.sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
+from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.placement import DevicePlacementError, check_placement, same_device
+from hdlib.sampling import samplers as sampling
+from hdlib.sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
 
 SMOKE = load_config("params/smoke.yaml")
 

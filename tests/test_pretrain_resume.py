@@ -7,11 +7,18 @@ import pytest
 import torch
 
 from hdlib.config import load_config
-from hdlib.models.diffusion import draw_noise_and_timesteps, make_noise_scheduler, timestep_probabilities
 from hdlib.errors import ConfigError
+from hdlib.models.diffusion import (
+    draw_noise_and_timesteps,
+    make_noise_scheduler,
+    timestep_probabilities,
+)
 from hdlib.paths import StudyPaths
 from hdlib.pretrain.recipe import check_run_recipe
-from hdlib.pretrain.resume import keep_committed_checkpoint, seed_from_committed_checkpoint
+from hdlib.pretrain.resume import (
+    keep_committed_checkpoint,
+    seed_from_committed_checkpoint,
+)
 
 
 def _run(tmp_path, name, extra=()):

@@ -15,12 +15,6 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
 from hdlib.config import load_config
 from hdlib.errors import ConfigError
 from hdlib.models.builders import autoencoder_downsampling, build_autoencoder
-from hdlib.paths import StudyPaths
-from hdlib.pretrain import (RUN_KEY, RandomResNetJudge, card_verdicts, check_run_recipe, config_with, judge_sensitivity,
-                            matched_size_fid, model_card_text, parse_other_run, train_autoencoder_tracked, update_card)
-from hdlib.pretrain import main as pretrain_main
-from hdlib.pretrain.card import VERDICTS, card_files, say
-from hdlib.pretrain.verdicts import comparison_verdict, pool_judge_verdict, sweep_verdict
 from hdlib.models.pretrained import (
     MANIFEST,
     check_compatible,
@@ -33,9 +27,30 @@ from hdlib.models.pretrained import (
     read_latent_info,
     verify,
 )
-from hdlib.tools.runner import discover_stages, stage_fingerprints
+from hdlib.paths import StudyPaths
+from hdlib.pretrain import (
+    RUN_KEY,
+    RandomResNetJudge,
+    card_verdicts,
+    check_run_recipe,
+    config_with,
+    judge_sensitivity,
+    matched_size_fid,
+    model_card_text,
+    parse_other_run,
+    train_autoencoder_tracked,
+    update_card,
+)
+from hdlib.pretrain import main as pretrain_main
+from hdlib.pretrain.card import VERDICTS, card_files, say
+from hdlib.pretrain.verdicts import (
+    comparison_verdict,
+    pool_judge_verdict,
+    sweep_verdict,
+)
 from hdlib.stages.report import pretrained_section
 from hdlib.study.preparation import prepare_data
+from hdlib.tools.runner import discover_stages, stage_fingerprints
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "demo-pool"

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.errors import DataError
+from hdlib.models.diffusion import make_noise_scheduler
 from hdlib.sampling.samplers import (
     cfg_ddim_sample,
     classifier_log_prob_grad,

@@ -8,13 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_config import ROOT
+from test_method import CLASSES, fake_sample, seeds_of
 
 from hdlib.config import load_config
 from hdlib.errors import ConfigError
-from hdlib.sampling.filtering import FeatureFilter, filter_synthetic, random_keys, selection_order
+from hdlib.sampling.filtering import (
+    FeatureFilter,
+    filter_synthetic,
+    random_keys,
+    selection_order,
+)
 from hdlib.sampling.quota import fill_quota
-from test_config import ROOT
-from test_method import CLASSES, fake_sample, seeds_of
 
 SELECTIONS = ("closest", "random", "diverse")
 

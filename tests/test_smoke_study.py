@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 import pytest
+import torch
 
 from hdlib.config import load_config
 from hdlib.stages.report import accuracy_table

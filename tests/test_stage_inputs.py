@@ -7,7 +7,13 @@ import pytest
 
 from hdlib.config import load_config
 from hdlib.tools.runner import discover_stages, stage_fingerprints
-from hdlib.tools.stage_inputs import _without_docstrings, code_closure, config_values, declared_reads, undeclared
+from hdlib.tools.stage_inputs import (
+    _without_docstrings,
+    code_closure,
+    config_values,
+    declared_reads,
+    undeclared,
+)
 
 STAGES = discover_stages()
 SMOKE = "params/smoke.yaml"

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdlib.training.batching import BatchPlan, TensorBatchSource
 from hdlib.config import TrainingConfig
 from hdlib.errors import ConfigError, DataError, HDLibError
 from hdlib.parallel.launch import launch
-from hdlib.training.trainer import Trainer
+from hdlib.training.batching import BatchPlan, TensorBatchSource
 from hdlib.training.settings import TrainConfig, lr_factor
+from hdlib.training.trainer import Trainer
 from hdlib.training.weights import load_final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

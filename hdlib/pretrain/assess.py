@@ -11,12 +11,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..evaluation import plots
 from ..config import Config
+from ..evaluation import plots
+from ..evaluation.pool_judge import (
+    copying_rate,
+    mixture,
+    provenance_labels,
+    total_variation,
+)
 from ..io import atomic_write_json
-from ..paths import StudyPaths
-from ..evaluation.pool_judge import copying_rate, mixture, provenance_labels, total_variation
 from ..models.pretrained import load_vae, read_latent_info
+from ..paths import StudyPaths
 from ..study.latents import load_autoencoder
 from ..study.splits import load_split_images, split_images, split_sources
 from .export import update_card

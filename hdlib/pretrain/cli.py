@@ -6,8 +6,8 @@ import torch
 
 from ..config import Config, load_config
 from ..errors import ConfigError
-from ..paths import StudyPaths
 from ..models.pretrained import verify
+from ..paths import StudyPaths
 from ..study.preparation import prepare_data
 from .assess import assess_into_card
 from .compare import compare_pretraining, parse_other_run

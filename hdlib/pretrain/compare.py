@@ -10,9 +10,9 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from ..evaluation import plots
 from ..config import Config
 from ..errors import ConfigError
+from ..evaluation import plots
 from ..io import atomic_write_json
 from ..paths import StudyPaths
 from ..study.context import device

@@ -12,11 +12,17 @@ import matplotlib
 import pandas as pd
 import torch
 
-from ..evaluation import plots
 from ..config import Config
+from ..evaluation import plots
 from ..io import atomic_path, atomic_write_text
+from ..models.pretrained import (
+    MANIFEST,
+    _sha256,
+    export_pretrained,
+    file_hashes,
+    folder_sha256,
+)
 from ..paths import StudyPaths
-from ..models.pretrained import MANIFEST, _sha256, export_pretrained, file_hashes, folder_sha256
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import load_autoencoder, training_log
 from .card import card_files

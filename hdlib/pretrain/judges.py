@@ -20,10 +20,16 @@ import torch
 
 from ..config import Config
 from ..evaluation.metrics import fid_kid, precision_recall
+from ..evaluation.pool_judge import (
+    JudgeTraining,
+    load_judge,
+    provenance_labels,
+    save_judge,
+    train_pool_judge,
+)
 from ..models.builders import decode_latents, encode_images
-from ..paths import StudyPaths
-from ..evaluation.pool_judge import JudgeTraining, load_judge, provenance_labels, save_judge, train_pool_judge
 from ..models.pretrained import _sha256
+from ..paths import StudyPaths
 from ..study.splits import split_images
 
 JUDGE_SEED = 0

@@ -11,8 +11,8 @@ import json
 from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_write_json
-from ..paths import StudyPaths
 from ..models.pretrained import file_hashes
+from ..paths import StudyPaths
 
 RUN_KEY = "pretrain_run_key"
 

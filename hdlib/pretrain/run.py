@@ -13,10 +13,10 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError
-from ..io import atomic_write_csv, atomic_write_json
-from ..paths import StudyPaths
 from ..evaluation.pool_judge import provenance_labels
+from ..io import atomic_write_csv, atomic_write_json
 from ..models.pretrained import check_compatible, has_unet
+from ..paths import StudyPaths
 from ..study.context import device
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import (

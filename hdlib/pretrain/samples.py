@@ -13,8 +13,14 @@ import torch
 from ..config import Config
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.builders import decode_latents
+from ..models.pretrained import (
+    folder_sha256,
+    load_scheduler,
+    load_unet,
+    load_vae,
+    read_latent_info,
+)
 from ..paths import StudyPaths
-from ..models.pretrained import folder_sha256, load_scheduler, load_unet, load_vae, read_latent_info
 from ..sampling.samplers import guided_ddim_sample
 from ..study.context import device
 from ..study.latent_models import load_denoiser, noise_scheduler

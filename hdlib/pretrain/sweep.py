@@ -5,14 +5,16 @@ card of the next export."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 import pandas as pd
 import torch
 
-from ..evaluation import plots
 from ..config import load_config
 from ..errors import ConfigError
-from ..io import atomic_write_csv
+from ..evaluation import plots
+from ..io import atomic_path, atomic_write_csv
 from ..paths import StudyPaths
 from ..study.context import device
 from ..study.latent_models import build_denoiser, noise_scheduler
@@ -85,4 +87,18 @@ def recipe_sweep(params: str, overrides=()) -> pd.DataFrame:
     fig = plots.image_rows(grid, n=GRID_SAMPLES, title=f"Recipe sweep: samples after {p.sweep_steps} steps "
                            "(judge FID in brackets, best first)")
     plots.save(fig, cfg, "pretrain_recipe_sweep")
+    keep_committed_sweep(cfg)
     return table
+
+
+def keep_committed_sweep(cfg) -> None:
+    """The sweep's table and sample grid beside the committed run (pretrain.committed_run/sweep/), so the
+    recipe choice travels with the run it chose."""
+    if not cfg.pretrain.committed_run:
+        return
+    paths, dest = StudyPaths(cfg), Path(cfg.pretrain.committed_run) / "sweep"
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in (paths.metrics_dir / "pretrain_recipe_sweep.csv", paths.figure("pretrain_recipe_sweep")):
+        if src.exists():
+            with atomic_path(dest / src.name) as tmp:
+                tmp.write_bytes(src.read_bytes())

@@ -40,10 +40,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..evaluation.downstream import build_classifier, extract_features, predict
 from ..errors import DataError
-from ..io import atomic_write_json
+from ..evaluation.downstream import build_classifier, extract_features, predict
 from ..evaluation.metrics import as_features
+from ..io import atomic_write_json
 
 REASONS = ("kept", "wrong_centroid", "low_confidence", "near_copy", "over_quota")
 SELECTIONS = ("closest", "random", "diverse")

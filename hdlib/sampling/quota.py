@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .filtering import check_selection, selection_order
 from ..io import atomic_path, atomic_write_csv, atomic_write_json, files_sha1
 from ..parallel.progress import Progress
+from .filtering import check_selection, selection_order
 
 
 def _save_features(path: Path, labels, index, features) -> None:

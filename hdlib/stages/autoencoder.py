@@ -17,7 +17,6 @@ from ..study.latents import (
 )
 from ..study.splits import load_split_images, split_images, split_sources
 
-
 # What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
 # only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.

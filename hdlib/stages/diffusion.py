@@ -16,7 +16,6 @@ from ..study.latent_models import latent_shape, load_denoiser, noise_scheduler
 from ..study.latents import latent_scale, latent_store, load_autoencoder
 from ..study.splits import split_sources
 
-
 # What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
 # only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.

@@ -15,7 +15,6 @@ from ..study.latents import latent_store
 from ..study.pseudo_labels import confident_pseudo_labels
 from ..study.splits import draws_for, split_labels
 
-
 # What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
 # only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
 # fingerprint is made from it; the smoke study fails on a config read outside it.

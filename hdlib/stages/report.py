@@ -11,8 +11,8 @@ import pandas as pd
 
 from ..config import Config
 from ..io import atomic_write_text
-from ..paths import REPO_ROOT, StudyPaths, percent_text
 from ..models.pretrained import folder_sha256
+from ..paths import REPO_ROOT, StudyPaths, percent_text
 from ..study.context import read_metrics
 from ..study.decisions import primary_fraction
 

@@ -26,8 +26,8 @@ import torch
 
 from ..config import Config, parse_samplers
 from ..evaluation.downstream import extract_features, predict
-from ..io import atomic_write_csv
 from ..evaluation.metrics import feature_stats, frechet_distance
+from ..io import atomic_write_csv
 from ..models.builders import encode_images
 from ..paths import StudyPaths, request_seeds, synthetic_set_name
 from ..study.classifiers import SelectiveFilter, reference_classifier

@@ -9,11 +9,16 @@ import numpy as np
 import torch
 
 from ..config import Config, TrainingConfig
-from ..evaluation.downstream import ClassifierOptions, build_classifier, extract_features, train_classifier
 from ..errors import ConfigError
-from ..sampling.filtering import FeatureFilter, calibrate_delta
+from ..evaluation.downstream import (
+    ClassifierOptions,
+    build_classifier,
+    extract_features,
+    train_classifier,
+)
 from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from ..paths import StudyPaths, model_name
+from ..sampling.filtering import FeatureFilter, calibrate_delta
 from .context import device
 from .splits import (
     fraction_indices,

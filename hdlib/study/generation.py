@@ -10,8 +10,8 @@ from ..config import Config, check_guidance_interval
 from ..errors import HDLibError
 from ..io import files_sha1
 from ..models.builders import decode_latents
-from ..paths import GENERATORS, StudyPaths, model_name
 from ..models.pretrained import folder_sha256
+from ..paths import GENERATORS, StudyPaths, model_name
 from ..sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
 from .context import device, require
 from .latent_models import (

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..config import Config
-from ..models.diffusion import make_noise_scheduler
 from ..models.builders import build_latent_classifier, build_unet
-from ..paths import StudyPaths, model_name
+from ..models.diffusion import make_noise_scheduler
 from ..models.pretrained import has_unet, load_scheduler, load_unet, unet_like
+from ..paths import StudyPaths, model_name
 from ..training.weights import load_final
 from .context import read_metrics, require
 

@@ -10,10 +10,16 @@ from ..config import Config
 from ..data.latents import LatentStore, LatentWriter
 from ..data.streaming import loader
 from ..io import atomic_write_csv, atomic_write_json
-from ..parallel.launch import launch
-from ..models.builders import build_autoencoder, decode_latents, encode_images, images_to_model_range, psnr_ssim
-from ..paths import REPO_ROOT, StudyPaths
+from ..models.builders import (
+    build_autoencoder,
+    decode_latents,
+    encode_images,
+    images_to_model_range,
+    psnr_ssim,
+)
 from ..models.pretrained import load_vae, read_latent_info
+from ..parallel.launch import launch
+from ..paths import REPO_ROOT, StudyPaths
 from ..sampling.samplers import shard
 from ..training.weights import load_final
 from .context import device, read_metrics, require, write_metrics

@@ -19,24 +19,37 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..training.batching import GroupPlan
 from ..config import Config, TrainingConfig
 from ..data.latents import posterior_sample
 from ..data.streaming import StreamingSource
-from ..models.diffusion import diffusion_loss, draw_noise_and_timesteps, timestep_probabilities
 from ..errors import ConfigError, HDLibError
+from ..models.builders import (
+    autoencoder_loss,
+    build_autoencoder,
+    build_latent_classifier,
+)
+from ..models.diffusion import (
+    diffusion_loss,
+    draw_noise_and_timesteps,
+    timestep_probabilities,
+)
 from ..models.latent_classifier import classifier_loss
-from ..parallel.launch import launch
-from ..models.builders import autoencoder_loss, build_autoencoder, build_latent_classifier
-from ..paths import StudyPaths, model_name, task_seed
 from ..models.pretrained import check_init_vae
+from ..parallel.launch import launch
+from ..paths import StudyPaths, model_name, task_seed
 from ..sampling.samplers import sampler_timesteps
-from .latent_models import build_denoiser, load_denoiser, noise_scheduler, uses_pretrained_unet
+from ..training.batching import GroupPlan
+from ..training.settings import TrainConfig
+from ..training.trainer import Trainer
+from .latent_models import (
+    build_denoiser,
+    load_denoiser,
+    noise_scheduler,
+    uses_pretrained_unet,
+)
 from .latents import latent_store
 from .pseudo_labels import confident_pseudo_labels
 from .splits import fraction_indices, labeled_val_indices, split_images
-from ..training.trainer import Trainer
-from ..training.settings import TrainConfig
 
 TASKS = ("autoencoder", "denoiser_pretrained", "denoiser_adapted", "denoiser_scratch", "denoiser_classifier_free",
          "latent_classifier")

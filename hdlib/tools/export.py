@@ -21,11 +21,8 @@ import numpy as np
 
 from ..config import LatentClassifierConfig
 from ..errors import ConfigError
-from ..sampling.filtering import FeatureFilter
 from ..io import atomic_write_csv, atomic_write_json
 from ..models.builders import build_latent_classifier, decode_latents
-from ..paths import StudyPaths, model_name
-from ..sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
 from ..models.pretrained import (
     MANIFEST,
     export_pretrained,
@@ -35,11 +32,19 @@ from ..models.pretrained import (
     load_vae,
     read_latent_info,
 )
+from ..paths import StudyPaths, model_name
+from ..sampling.filtering import FeatureFilter
+from ..sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
 from ..sampling.quota import fill_quota
 from ..study.classifiers import SelectiveFilter
 from ..study.context import config_from_results
 from ..study.decisions import chosen_generation
-from ..study.latent_models import latent_shape, load_denoiser, load_latent_classifier, noise_scheduler
+from ..study.latent_models import (
+    latent_shape,
+    load_denoiser,
+    load_latent_classifier,
+    noise_scheduler,
+)
 from ..study.latents import latent_scale, load_autoencoder
 from ..study.splits import grid_fractions
 

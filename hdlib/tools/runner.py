@@ -32,12 +32,18 @@ from ..config import Config, load_config, resolve_device
 from ..config_reads import ENV as RECORD_READS_ENV
 from ..errors import HDLibError
 from ..io import atomic_write_json
-from ..paths import REPO_ROOT
-from ..models.pretrained import check_compatible, check_init_vae, file_hashes, folder_sha256, verify
+from ..models.pretrained import (
+    check_compatible,
+    check_init_vae,
+    file_hashes,
+    folder_sha256,
+    verify,
+)
 from ..parallel.progress import ENV as PROGRESS_ENV
 from ..parallel.progress import ProgressView
-from .stage_inputs import changed_modules, code_key, config_values, declared_reads
+from ..paths import REPO_ROOT
 from ..study.context import QUIET_ENV
+from .stage_inputs import changed_modules, code_key, config_values, declared_reads
 
 
 class StageFailed(HDLibError):

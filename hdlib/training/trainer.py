@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import BatchPlan
 from ..errors import ConfigError, DataError, HDLibError
 from ..io import atomic_write_json, atomic_write_text
-from .memory_plan import budget_gb, cuda_peak_meter, plan_micro_batch, probe_train_step
 from ..parallel.progress import Progress as ProgressReport
+from .batching import BatchPlan
+from .memory_plan import budget_gb, cuda_peak_meter, plan_micro_batch, probe_train_step
 from .runtime import LossModule, Progress, make_accelerator
 from .settings import TrainConfig, TrainResult, lr_factor
 from .weights import save_weights
@@ -129,7 +129,9 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(c))
         self.ema = None
         if c.ema_decay:
-            from diffusers.training_utils import EMAModel  # imported only when needed: slow to import
+            from diffusers.training_utils import (
+                EMAModel,  # imported only when needed: slow to import
+            )
 
             self.ema = EMAModel(model.parameters(), decay=c.ema_decay, foreach=True)
         self.progress_state = Progress()

@@ -27,10 +27,10 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from hdlib.evaluation import plots
-from hdlib.study import train
 from hdlib.paths import StudyPaths
 from hdlib.stages.autoencoder import autoencoder_stage, reconstruction_examples
 from hdlib.stages.common import setup_notebook
+from hdlib.study import train
 from hdlib.study.latents import latent_store, training_log
 
 cfg = setup_notebook(params_file, overrides)  # prints where results go and the device

@@ -26,11 +26,11 @@ import torch
 from IPython.display import Markdown, display
 
 from hdlib.evaluation import plots
-from hdlib.study import train
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths, model_name
 from hdlib.stages.common import setup_notebook
 from hdlib.stages.diffusion import per_source_realism, unconditional_samples
+from hdlib.study import train
 from hdlib.study.context import write_metrics
 from hdlib.study.latent_models import uses_pretrained_unet
 from hdlib.study.latents import training_log

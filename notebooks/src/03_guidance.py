@@ -23,15 +23,15 @@ overrides = []
 
 # %%
 from hdlib.evaluation import plots
-from hdlib.study import train
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths, model_name
 from hdlib.stages.common import setup_notebook
 from hdlib.stages.guidance import accuracy_by_t, latent_classifier_selection
+from hdlib.study import train
 from hdlib.study.context import write_metrics
+from hdlib.study.decisions import record
 from hdlib.study.grid_cells import run_downstream_grid
 from hdlib.study.latents import training_log
-from hdlib.study.decisions import record
 from hdlib.study.primary import fix_primary_cell
 from hdlib.study.splits import draws_for, grid_fractions
 

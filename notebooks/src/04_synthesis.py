@@ -27,12 +27,12 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from hdlib.evaluation import plots
-from hdlib.study import train
 from hdlib.evaluation.downstream import evaluate
 from hdlib.io import atomic_write_csv
 from hdlib.paths import GENERATORS, StudyPaths, percent_text, synthetic_set_name
 from hdlib.stages.common import setup_notebook
 from hdlib.stages.synthesis import synthesis_stage
+from hdlib.study import train
 from hdlib.study.classifiers import reference_classifier
 from hdlib.study.context import device, write_metrics
 from hdlib.study.splits import load_split_images, split_images, split_labels

@@ -26,11 +26,11 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from hdlib.evaluation import plots
+from hdlib.evaluation.stats import grid_summary
 from hdlib.io import atomic_write_csv
 from hdlib.paths import TRAINING_SETS, StudyPaths, percent_text
 from hdlib.stages.common import setup_notebook
 from hdlib.stages.downstream import gain_table, primary_result
-from hdlib.evaluation.stats import grid_summary
 from hdlib.study.context import write_metrics
 from hdlib.study.decisions import primary_cell
 from hdlib.study.grid_cells import run_downstream_grid
