@@ -176,14 +176,50 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
         threads_per_worker = max(1, (os.cpu_count() or 1) // workers)
     out_dir = Path(out_dir)
     ids = [cell_id(c, id_keys) for c in cells]
+    unique = _unique_cells(ids, cells)
+    load_cell_fn(cell_fn)  # fail on a bad spec before any work
+    todo, rerun = _cells_to_run(unique, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    bar = tqdm(total=len(unique), initial=len(unique) - len(todo), desc="grid", disable=not progress)
+    channel = Progress("grid cells", len(unique), "cells", start=len(unique) - len(todo))
+
+    def done(cid, err):
+        if err:
+            failures[cid] = err
+        bar.update(1)
+        channel.update(1)
+
+    failures: dict[str, str] = {}
+    run = (_run_here if workers == 1 or len(todo) <= 1 else _run_in_workers)
+    run(todo, cell_fn, out_dir, threads_per_worker, context, min(workers, len(todo)), devices, done)
+    bar.close()
+    if failures:
+        listed = "; ".join(f"{cid}: {err}" for cid, err in sorted(failures.items()))
+        raise GridCellError(f"{len(failures)} of {len(unique)} grid cells failed: {listed}")
+
+    rows = []
+    for cid, cell in zip(ids, cells):
+        rec = read_json(out_dir / f"{cid}.json")
+        rows.append({**cell, "id": cid, "elapsed_s": rec["elapsed_s"], **_flatten(rec["result"])})
+    df = pd.DataFrame(rows)
+    df.attrs["computed"] = [cid for cid, _ in todo]
+    df.attrs["stale_recomputed"] = rerun
+    return df
+
+
+def _unique_cells(ids, cells) -> list[tuple[str, dict]]:
+    """(id, cell) once per id; two different cells under one id are an error."""
     seen: dict[str, dict] = {}
     for cid, cell in zip(ids, cells):
         if cid in seen and _normalized(seen[cid]) != _normalized(cell):
             raise HDLibError(f"run_grid: two different cells share the id {cid!r}")
         seen[cid] = cell
-    unique = list(seen.items())
-    load_cell_fn(cell_fn)  # fail on a bad spec before any work
+    return list(seen.items())
 
+
+def _cells_to_run(unique, out_dir: Path) -> tuple[list, list]:
+    """(cells without a result or with a stale one, the ids of the stale ones)."""
     todo, rerun = [], []
     for cid, cell in unique:
         path = out_dir / f"{cid}.json"
@@ -199,52 +235,32 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
             # labeled subset): the stored result is stale and is recomputed, never reported.
             todo.append((cid, cell))
             rerun.append(cid)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return todo, rerun
 
-    failures: dict[str, str] = {}
-    bar = tqdm(total=len(unique), initial=len(unique) - len(todo), desc="grid", disable=not progress)
-    channel = Progress("grid cells", len(unique), "cells", start=len(unique) - len(todo))
-    if workers == 1 or len(todo) <= 1:
-        for cid, cell in todo:
-            _, err = _run_one(cell_fn, cell, cid, str(out_dir), threads_per_worker, context)
-            if err:
-                failures[cid] = err
-            bar.update(1)
-            channel.update(1)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        n_workers = min(workers, len(todo))
-        ctx = mp.get_context("spawn")
-        init = {}
-        if devices:
-            queue = ctx.Queue()
-            for i in range(n_workers):
-                queue.put(str(devices[i % len(devices)]))
-            init = {"initializer": _pin_worker_device, "initargs": (queue,)}
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, **init) as pool:
-            futures = {pool.submit(_run_one, cell_fn, cell, cid, str(out_dir), threads_per_worker, context): cid
-                       for cid, cell in todo}
-            for fut in as_completed(futures):
-                try:
-                    _, err = fut.result()
-                except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by the OS
-                    err = f"{type(exc).__name__}: {exc}"
-                if err:
-                    failures[futures[fut]] = err
-                bar.update(1)
-                channel.update(1)
-    bar.close()
-    if failures:
-        listed = "; ".join(f"{cid}: {err}" for cid, err in sorted(failures.items()))
-        raise GridCellError(f"{len(failures)} of {len(unique)} grid cells failed: {listed}")
+def _run_here(todo, cell_fn, out_dir, threads, context, n_workers, devices, done) -> None:
+    for cid, cell in todo:
+        done(*_run_one(cell_fn, cell, cid, str(out_dir), threads, context))
 
-    rows = []
-    for cid, cell in zip(ids, cells):
-        rec = read_json(out_dir / f"{cid}.json")
-        rows.append({**cell, "id": cid, "elapsed_s": rec["elapsed_s"], **_flatten(rec["result"])})
-    df = pd.DataFrame(rows)
-    df.attrs["computed"] = [cid for cid, _ in todo]
-    df.attrs["stale_recomputed"] = rerun
-    return df
+
+def _run_in_workers(todo, cell_fn, out_dir, threads, context, n_workers, devices, done) -> None:
+    """Cells in spawned worker processes, each pinned to one of `devices` when given."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")
+    init = {}
+    if devices:
+        queue = ctx.Queue()
+        for i in range(n_workers):
+            queue.put(str(devices[i % len(devices)]))
+        init = {"initializer": _pin_worker_device, "initargs": (queue,)}
+    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, **init) as pool:
+        futures = {pool.submit(_run_one, cell_fn, cell, cid, str(out_dir), threads, context): cid
+                   for cid, cell in todo}
+        for fut in as_completed(futures):
+            try:
+                _, err = fut.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by the OS
+                err = f"{type(exc).__name__}: {exc}"
+            done(futures[fut], err)

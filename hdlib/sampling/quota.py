@@ -64,8 +64,6 @@ def fill_quota(folder: str | Path, classes: Sequence[str], quota, sample: Callab
     (ranked by index; selection does not apply). A shortfall is recorded (fewer `kept` than
     `quota`), never hidden. A different `request` (a non-default selection or its seed is
     part of it) starts over; the same one resumes after the last round."""
-    from PIL import Image
-
     folder, K = Path(folder), len(classes)
     quota = np.broadcast_to(np.asarray(quota, dtype=np.int64), (K,)).copy()
     selection = check_selection(selection if selection is not None else getattr(judge, "selection", "closest"))
@@ -77,37 +75,54 @@ def fill_quota(folder: str | Path, classes: Sequence[str], quota, sample: Callab
                                     default=str))
     diverse = judge is not None and selection == "diverse"
     manifest_path, request_path = folder / "manifest.csv", folder / "request.json"
-    rows = []
-    if request_path.exists() and json.loads(request_path.read_text()).get("request") == request:
-        state = json.loads(request_path.read_text())
-        if manifest_path.exists():
-            rows = pd.read_csv(manifest_path).to_dict("records")
-        if state.get("complete"):
-            return pd.DataFrame(rows)
-    else:  # another request, or none: start over (old PNGs removed so nothing stale is read)
-        for old in [*folder.glob("*.png"), *folder.glob("features-r*.npz")]:
-            old.unlink()
-        manifest_path.unlink(missing_ok=True)
+    rows, complete = _resume_or_start(folder, request)
+    if complete:
+        return pd.DataFrame(rows)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(request_path, {"request": request, "complete": False})
     cap = np.maximum(np.ceil(quota * (cap_factor if judge is not None else 1.0)), quota).astype(np.int64)
+    _fill_rounds(folder, classes, quota, cap, sample, seeds_of, judge, diverse, meta, rows)
+    df = _keep_per_class(pd.DataFrame(rows), quota, judge, selection, seed, diverse, folder)
+    atomic_write_csv(df, manifest_path)
+    atomic_write_json(request_path, {"request": request, "complete": True, "content_key": files_sha1([manifest_path])})
+    return df
 
-    def counts(key=None):
-        out = np.zeros(K, dtype=np.int64)
-        for r in rows:
-            if key is None or r[key]:
-                out[int(r["label"])] += 1
-        return out
 
+def _resume_or_start(folder: Path, request: dict) -> tuple[list[dict], bool]:
+    """(the rows of earlier rounds of the same request, whether it is complete); another request, or
+    none, starts over (old PNGs removed so nothing stale is read)."""
+    manifest_path, request_path = folder / "manifest.csv", folder / "request.json"
+    if request_path.exists() and json.loads(request_path.read_text()).get("request") == request:
+        rows = pd.read_csv(manifest_path).to_dict("records") if manifest_path.exists() else []
+        return rows, bool(json.loads(request_path.read_text()).get("complete"))
+    for old in [*folder.glob("*.png"), *folder.glob("features-r*.npz")]:
+        old.unlink()
+    manifest_path.unlink(missing_ok=True)
+    return [], False
+
+
+def _counts(rows, K: int, key=None) -> np.ndarray:
+    out = np.zeros(K, dtype=np.int64)
+    for r in rows:
+        if key is None or r[key]:
+            out[int(r["label"])] += 1
+    return out
+
+
+def _fill_rounds(folder, classes, quota, cap, sample, seeds_of, judge, diverse, meta, rows) -> None:
+    """Rounds of candidates, each sized by the acceptance seen so far, until every class has its quota of
+    accepted images or its cap of candidates; `rows` grows by one row per candidate, and the manifest is
+    written after each round (a killed run resumes after it)."""
+    K = len(classes)
     round_no = max([int(r["round"]) for r in rows], default=-1) + 1
     channel = Progress(f"{folder.name}: images accepted", int(quota.sum()), "images",
-                       start=int(np.minimum(counts("accepted"), quota).sum()))
+                       start=int(np.minimum(_counts(rows, K, "accepted"), quota).sum()))
     while True:
-        made, accepted = counts(), counts("accepted")
+        made, accepted = _counts(rows, K), _counts(rows, K, "accepted")
         channel.set(int(np.minimum(accepted, quota).sum()))
         short = (accepted < quota) & (made < cap)
         if not short.any():
-            break
+            return
         # ask for what is missing, scaled by the acceptance seen so far (at least half a quota)
         rate = np.where(made > 0, np.maximum(accepted / np.maximum(made, 1), 0.2), 1.0 if judge is None else 0.5)
         want = np.where(short, np.ceil((quota - accepted) / rate), 0).astype(np.int64)
@@ -121,24 +136,37 @@ def fill_quota(folder: str | Path, classes: Sequence[str], quota, sample: Callab
         if diverse:
             verdict, feats = judge(images, torch.as_tensor(labels), return_features=True)
             _save_features(folder / f"features-r{round_no:04d}.npz", labels, index, feats)
-        for i, (img, y, k, sd) in enumerate(zip(images, labels, index, seeds)):
-            fname = f"{classes[y]}_{k:05d}.png"
-            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / fname)
-            row = {"path": str(folder / fname), "key": "", "label": int(y), "class_name": classes[y],
-                   "index": int(k), "seed": int(sd), "round": round_no, **(meta or {})}
-            if verdict is not None:
-                row.update({c: (v.item() if hasattr(v, "item") else v) for c, v in verdict.iloc[i].items()})
-            else:
-                row.update({"accepted": True, "reason": "kept", "distance": np.nan, "confidence": np.nan,
-                            "nn_distance": np.nan, "nn_train_index": -1, "near_copy": False})
-            rows.append(row)
-        atomic_write_csv(pd.DataFrame(rows), manifest_path)  # a killed run resumes after this round
+        rows += _round_rows(folder, classes, images, labels, index, seeds, round_no, verdict, meta)
+        atomic_write_csv(pd.DataFrame(rows), folder / "manifest.csv")  # a killed run resumes after this round
         round_no += 1
 
-    df = pd.DataFrame(rows)
+
+def _round_rows(folder, classes, images, labels, index, seeds, round_no, verdict, meta) -> list[dict]:
+    """Write one round's candidates as PNGs; their manifest rows (the filter's verdict, or kept)."""
+    from PIL import Image
+
+    rows = []
+    for i, (img, y, k, sd) in enumerate(zip(images, labels, index, seeds)):
+        fname = f"{classes[y]}_{k:05d}.png"
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / fname)
+        row = {"path": str(folder / fname), "key": "", "label": int(y), "class_name": classes[y],
+               "index": int(k), "seed": int(sd), "round": round_no, **(meta or {})}
+        if verdict is not None:
+            row.update({c: (v.item() if hasattr(v, "item") else v) for c, v in verdict.iloc[i].items()})
+        else:
+            row.update({"accepted": True, "reason": "kept", "distance": np.nan, "confidence": np.nan,
+                        "nn_distance": np.nan, "nn_train_index": -1, "near_copy": False})
+        rows.append(row)
+    return rows
+
+
+def _keep_per_class(df: pd.DataFrame, quota, judge, selection: str, seed: int, diverse: bool,
+                    folder: Path) -> pd.DataFrame:
+    """The first `quota` accepted candidates of each class in the selection order are kept; `rank` is
+    that order (0 = first choice) and `decision` says what happened to every candidate."""
     df["kept"], df["rank"] = False, -1
     feats = _load_features(folder, df["round"]) if diverse and len(df) else {}
-    for c in range(K):
+    for c in range(len(quota)):
         acc = df[(df["label"] == c) & df["accepted"]]
         if judge is None:
             order = acc.sort_values("index").index
@@ -151,7 +179,4 @@ def fill_quota(folder: str | Path, classes: Sequence[str], quota, sample: Callab
         df.loc[order, "rank"] = np.arange(len(order))
         df.loc[order[:quota[c]], "kept"] = True
     df["decision"] = np.where(df["kept"], "kept", np.where(df["accepted"], "over_quota", df["reason"]))
-    df = df.sort_values(["label", "index"]).reset_index(drop=True)
-    atomic_write_csv(df, manifest_path)
-    atomic_write_json(request_path, {"request": request, "complete": True, "content_key": files_sha1([manifest_path])})
-    return df
+    return df.sort_values(["label", "index"]).reset_index(drop=True)

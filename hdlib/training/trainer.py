@@ -399,6 +399,42 @@ class Trainer:
     def optimizer_params(self):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def _resume(self) -> int:
+        """The step to start from: the latest complete checkpoint's (restored), or 0; the log is cut back
+        to it and a killed save's leftovers removed."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out_dir / "train_config.json", self.config.to_dict())
+        start = self.load_checkpoint()
+        if acc.is_main_process:
+            self._reset_log(start)
+            for stale in self.checkpoint_root.glob("tmp-*") if self.checkpoint_root.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
+        acc.wait_for_everyone()
+        return start
+
+    def _log_interval(self, lr: float, interval: dict, log_file, bar) -> float:
+        """Close a log interval: mean loss and gradient norm since the last row, throughput; a log row
+        (rank 0) and the bar's figures. Returns the interval's mean loss (a non-finite one stops training)."""
+        prog = self.progress_state
+        last_loss = (prog.loss_sum / prog.count).item()
+        mean_gn = (prog.grad_norm_sum / prog.count).item()
+        if not math.isfinite(last_loss):
+            raise HDLibError(f"{self.out_dir}: training diverged, loss is {last_loss} at step {prog.step}")
+        now = time.perf_counter()
+        ips = interval["images"] / max(now - interval["t"], 1e-9)
+        interval["t"], interval["images"] = now, 0
+        prog.loss_sum.zero_()
+        prog.grad_norm_sum.zero_()
+        prog.count = 0
+        if log_file is not None:
+            csv.writer(log_file, lineterminator="\n").writerow(
+                [prog.step, repr(last_loss), repr(float(lr)), repr(mean_gn), f"{ips:.2f}", f"{prog.elapsed_s:.3f}"])
+            log_file.flush()
+        bar.set_postfix(loss=f"{last_loss:.4g}", img_s=f"{ips:.0f}")
+        return last_loss
+
     def train(self) -> TrainResult:
         """Train to max_steps, resuming from the latest complete checkpoint in out_dir/checkpoints;
         returns at once if out_dir/final already holds this run."""
@@ -407,15 +443,7 @@ class Trainer:
         acc, c = self.accelerator, self.config
         if self._final_is_done():
             return self._read_result()
-        if acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out_dir / "train_config.json", c.to_dict())
-        start = self.load_checkpoint()
-        if acc.is_main_process:
-            self._reset_log(start)
-            for stale in self.checkpoint_root.glob("tmp-*") if self.checkpoint_root.is_dir() else []:
-                shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
-        acc.wait_for_everyone()
+        start = self._resume()
         self.plan_memory(start)
 
         self._stream = iter(self.dataset.batches(self._index_lists(start))) if hasattr(self.dataset, "batches") \
@@ -425,7 +453,6 @@ class Trainer:
         prog.grad_norm_sum = prog.grad_norm_sum.to(acc.device)
         t_start = time.perf_counter()
         elapsed_before = prog.elapsed_s
-        t_interval, images_interval = t_start, 0
         last_loss = float("nan")
         bar = tqdm(total=c.max_steps, initial=start, desc=self.out_dir.name, dynamic_ncols=True,
                    disable=not (c.progress and acc.is_main_process))
@@ -434,6 +461,7 @@ class Trainer:
             if acc.is_main_process else None
         self.loss_module.train()
         log_file = open(self.log_path, "a", newline="") if acc.is_main_process else None
+        interval = {"t": t_start, "images": 0}
         try:
             for step in range(start, c.max_steps):
                 lr = self.lr_scheduler.get_last_lr()[0]  # the lr this step uses
@@ -442,25 +470,10 @@ class Trainer:
                 prog.loss_sum += loss.double()
                 prog.grad_norm_sum += grad_norm.double()
                 prog.count += 1
-                images_interval += c.global_batch_size
+                interval["images"] += c.global_batch_size
                 prog.elapsed_s = elapsed_before + time.perf_counter() - t_start
                 if prog.step % c.log_every == 0 or prog.step == c.max_steps:
-                    last_loss = (prog.loss_sum / prog.count).item()
-                    mean_gn = (prog.grad_norm_sum / prog.count).item()
-                    if not math.isfinite(last_loss):
-                        raise HDLibError(f"{self.out_dir}: training diverged, loss is {last_loss} at step {prog.step}")
-                    now = time.perf_counter()
-                    ips = images_interval / max(now - t_interval, 1e-9)
-                    t_interval, images_interval = now, 0
-                    prog.loss_sum.zero_()
-                    prog.grad_norm_sum.zero_()
-                    prog.count = 0
-                    if log_file is not None:
-                        csv.writer(log_file, lineterminator="\n").writerow(
-                            [prog.step, repr(last_loss), repr(float(lr)), repr(mean_gn), f"{ips:.2f}",
-                             f"{prog.elapsed_s:.3f}"])
-                        log_file.flush()
-                    bar.set_postfix(loss=f"{last_loss:.4g}", img_s=f"{ips:.0f}")
+                    last_loss = self._log_interval(lr, interval, log_file, bar)
                 bar.update(1)
                 if channel is not None:
                     channel.update(1)
