@@ -209,8 +209,10 @@ def test_train_classifier_honours_every_training_setting(colour_data, tmp_path):
         assert not torch.allclose(w(base), w(m))
     again, _ = _train(colour_data, seed=0, max_steps=6, micro_batch_size=4)
     assert torch.equal(w(again), w(variants[0]))
+    # bf16 runs end to end (a lower lr: one fresh-clone run of the suite once met a NaN at step 2 with
+    # 2e-3 in bf16, not seen again in isolation or in order)
     _train(colour_data, seed=0, max_steps=4, mixed_precision="bf16", out_dir=tmp_path / "run",
-           checkpointing_steps=2)
+           checkpointing_steps=2, lr=2e-4)
     assert (tmp_path / "run" / "final" / "best" / "selection.json").exists()
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
