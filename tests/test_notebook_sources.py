@@ -1,5 +1,5 @@
 """The stage notebooks notebooks/NN_*.ipynb are built from notebooks/src/NN_*.py (jupytext percent
-format) by hdlib.notebook_build: the sources are valid Python with one papermill parameters cell,
+format) by hdlib.tools.notebook_build: the sources are valid Python with one papermill parameters cell,
 the committed notebooks are exactly what the sources build to, and no notebook carries a machine
 path."""
 
@@ -46,7 +46,7 @@ def test_building_the_sources_gives_the_committed_notebooks(tmp_path):
     for path in written:
         committed = NOTEBOOKS / path.name
         assert committed.read_bytes() == path.read_bytes(), \
-            f"notebooks/{path.name} differs from its source: run `make notebooks` (python -m hdlib.notebook_build)"
+            f"notebooks/{path.name} differs from its source: run `make notebooks` (python -m hdlib.tools.notebook_build)"
     assert notebook_build.stale(SRC, NOTEBOOKS) == []
 
 

@@ -1,4 +1,4 @@
-"""The paper-layout dataset (hdlib.paper_layout) and the dry run's overrides."""
+"""The paper-layout dataset (hdlib.tools.paper_layout) and the dry run's overrides."""
 
 import json
 

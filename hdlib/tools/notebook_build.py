@@ -2,8 +2,8 @@
 (jupytext percent format: `# %%` code cells, `# %% [markdown]` text cells, the papermill
 parameters cell `# %% tags=["parameters"]`). Run after editing a source:
 
-    python -m hdlib.notebook_build            # or: make notebooks
-    python -m hdlib.notebook_build --check    # exit 1 when a committed notebook is out of date
+    python -m hdlib.tools.notebook_build            # or: make notebooks
+    python -m hdlib.tools.notebook_build --check    # exit 1 when a committed notebook is out of date
 
 The .ipynb files are what papermill executes and what users open in JupyterLab; an edit made
 there must be ported to the source, or the next build overwrites it (tests/test_notebook_sources.py
@@ -101,7 +101,7 @@ def stale(src_dir: Path = SRC_DIR, out_dir: Path = OUT_DIR) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hdlib.notebook_build", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hdlib.tools.notebook_build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=SRC_DIR, help="folder of NN_*.py sources")
     ap.add_argument("--out", type=Path, default=OUT_DIR, help="folder the NN_*.ipynb notebooks go to")
     ap.add_argument("--check", action="store_true", help="only check that the notebooks are up to date")

@@ -17,8 +17,8 @@ sibling folder and swapped in with a rename, so `root` is always complete or abs
 `make dryrun` runs `params/nct_crc.yaml` on such a layout on the CPU: model sizes stay the
 paper's; only step counts, sample counts, seeds, the grid and the paths change.
 
-    python -m hdlib.paper_layout data/paper_layout --n-train 3 --n-test 1 --n-pool 12
-    python -m hdlib.paper_layout data/paper_layout --print-overrides --results-root data/dryrun-results
+    python -m hdlib.tools.paper_layout data/paper_layout --n-train 3 --n-test 1 --n-pool 12
+    python -m hdlib.tools.paper_layout data/paper_layout --print-overrides --results-root data/dryrun-results
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def read_layout(root) -> PaperLayout:
         rec = json.loads((root / MARKER).read_text())
         return _paths(root, rec["params"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"{root}: no paper layout here (run `python -m hdlib.paper_layout {root}` first)") from None
+        raise DataError(f"{root}: no paper layout here (run `python -m hdlib.tools.paper_layout {root}` first)") from None
 
 
 # ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[st
 
 @one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hdlib.paper_layout", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hdlib.tools.paper_layout", description=__doc__.split("\n\n")[0])
     ap.add_argument("root")
     ap.add_argument("--n-train", type=int, default=3, help="training tiles per class")
     ap.add_argument("--n-test", type=int, default=1, help="test tiles per class")
