@@ -316,36 +316,66 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
     Same arguments and seed give identical weights on the same machine.
     Returns (model in eval mode, history with one row per evaluation)."""
     o = options
-    num_classes, batch_size, synthetic_images, synthetic_labels = (o.num_classes, settings.batch_size,
-                                                                   o.synthetic_images, o.synthetic_labels)
-    _check_images(train_images, train_labels, num_classes, "train_classifier: training set")
-    _check_images(val_images, val_labels, num_classes, "train_classifier: validation set")
+    n_syn = _checked_synthetic_per_batch(train_images, train_labels, val_images, val_labels, settings, o)
+    n = len(train_images)
+    batch = min(settings.batch_size, n)
+    steps_per_epoch = math.ceil(n / batch)
+    source, groups = _batch_source(train_images, train_labels, o, n_syn, batch)
+    plan = GroupPlan(o.seed, groups, balanced=o.balanced)
+    image_size = int(train_images[0][0].shape[-1]) if _is_dataset(train_images) else int(train_images.shape[-1])
+    model = build_classifier(o.backbone, o.num_classes, o.pretrained_weights, seed=o.seed, image_size=image_size)
+    augmenter = HistologyAugment() if o.augment else None
+    loss_fn = _classifier_loss(augmenter, o.label_smoothing, batch, n_syn, o.synthetic_loss_weight)
+
+    def evaluate_fn(m):
+        dev = next(m.parameters()).device
+        return _val_scores(m, val_images, val_labels, o.num_classes, max(batch, 64), str(dev))
+
+    tmp, out_dir = None, o.out_dir
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hdlib-clf-")
+        out_dir = tmp.name
+    try:
+        history = _train_and_read_history(model, loss_fn, source, plan, evaluate_fn, settings, o, out_dir,
+                                          eval_every=max(1, int(o.eval_every or steps_per_epoch)),
+                                          steps_per_epoch=steps_per_epoch)
+        best = build_classifier(o.backbone, o.num_classes, seed=o.seed, image_size=image_size)
+        load_final(best, out_dir, module="best")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return best.eval(), history
+
+
+def _checked_synthetic_per_batch(train_images, train_labels, val_images, val_labels, settings: TrainingConfig,
+                                 o: ClassifierOptions) -> int:
+    """Checks the sets and settings before any compute; returns the synthetic images per batch (0: none)."""
+    _check_images(train_images, train_labels, o.num_classes, "train_classifier: training set")
+    _check_images(val_images, val_labels, o.num_classes, "train_classifier: validation set")
     n_syn = 0
-    if synthetic_images is not None and len(synthetic_images):
-        _check_images(synthetic_images, synthetic_labels, num_classes, "train_classifier: synthetic set")
-        n_syn = int(round(o.synthetic_per_real * batch_size)) if o.synthetic_per_real > 0 else 0
+    if o.synthetic_images is not None and len(o.synthetic_images):
+        _check_images(o.synthetic_images, o.synthetic_labels, o.num_classes, "train_classifier: synthetic set")
+        n_syn = int(round(o.synthetic_per_real * settings.batch_size)) if o.synthetic_per_real > 0 else 0
     if not (math.isfinite(o.synthetic_loss_weight) and o.synthetic_loss_weight >= 0):
         raise ValueError(f"train_classifier: synthetic_loss_weight must be finite and >= 0, "
                          f"got {o.synthetic_loss_weight}")
     if o.synthetic_loss_weight == 0:
         n_syn = 0  # their loss term would be 0: train on the real images alone, exactly as without them
-    if batch_size < 1 or settings.max_steps < 1:
+    if settings.batch_size < 1 or settings.max_steps < 1:
         raise ValueError("train_classifier: batch_size and max_steps must be >= 1")
-    n = len(train_images)
-    if n < 2:
-        raise DataError(f"train_classifier: training set: need at least 2 images, got {n}")
-    batch = min(batch_size, n)
-    steps_per_epoch = math.ceil(n / batch)
-    total = settings.max_steps
-    eval_every = max(1, int(o.eval_every or steps_per_epoch))
-    warmup = int(settings.warmup_steps) if o.warmup_fraction is None else int(round(o.warmup_fraction * total))
+    if len(train_images) < 2:
+        raise DataError(f"train_classifier: training set: need at least 2 images, got {len(train_images)}")
+    return n_syn
 
+
+def _batch_source(train_images, train_labels, o: ClassifierOptions, n_syn: int, batch: int):
+    """(source of the real then the synthetic items, the batch plan's groups): streamed from disk by
+    DataLoader workers when either set is a dataset, else held as tensors."""
+    n, synthetic_images, synthetic_labels = len(train_images), o.synthetic_images, o.synthetic_labels
     groups = [(torch.arange(n), train_labels, batch)]
     if n_syn:
         groups.append((torch.arange(n, n + len(synthetic_labels)), synthetic_labels, n_syn))
-    streaming = _is_dataset(train_images) or (n_syn and _is_dataset(synthetic_images))
-    if streaming:  # decoded on the fly by DataLoader workers; nothing held in memory
-
+    if _is_dataset(train_images) or (n_syn and _is_dataset(synthetic_images)):
         parts = [train_images if _is_dataset(train_images) else _Items(train_images, train_labels)]
         if n_syn:  # items carry whether they are synthetic, for the loss
             parts = [_Flagged(parts[0], False),
@@ -360,43 +390,31 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, val
                                    torch.arange(n + len(synthetic_labels)) >= n)
     else:
         source = TensorBatchSource(train_images, train_labels)
-    plan = GroupPlan(o.seed, groups, balanced=o.balanced)
-    image_size = int(train_images[0][0].shape[-1]) if _is_dataset(train_images) else int(train_images.shape[-1])
-    model = build_classifier(o.backbone, num_classes, o.pretrained_weights, seed=o.seed, image_size=image_size)
-    augmenter = HistologyAugment() if o.augment else None
-    loss_fn = _classifier_loss(augmenter, o.label_smoothing, batch, n_syn, o.synthetic_loss_weight)
+    return source, groups
 
-    def evaluate_fn(m):
-        dev = next(m.parameters()).device
-        return _val_scores(m, val_images, val_labels, num_classes, max(batch, 64), str(dev))
 
-    tmp, out_dir = None, o.out_dir
-    if out_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="hdlib-clf-")
-        out_dir = tmp.name
-    try:
-        tc = TrainConfig.from_settings(settings, out_dir=out_dir, seed=int(o.seed), mixed_precision=o.mixed_precision,
-                                       progress=o.progress, device=o.device, max_memory_gb=o.max_memory_gb, max_steps=int(total), global_batch_size=plan.batch,
-                                       warmup_steps=min(warmup, total), lr_schedule="cosine",
-                                       checkpoints_total_limit=1, log_every=1)
-        trainer = Trainer(model, loss_fn, source, tc, plan=plan, evaluate=evaluate_fn,
-                          eval_every=eval_every, select=lambda r: (r["val_balanced_accuracy"], -r["val_loss"]))
-        trainer.train()
-        history = pd.read_csv(Path(out_dir) / "eval.csv")
-        log = pd.read_csv(Path(out_dir) / "log.csv").set_index("step")
-        prev = [0] + list(history["step"][:-1])
-        history.insert(1, "train_loss", [log.loss.loc[a + 1:b].mean() for a, b in zip(prev, history["step"])])
-        history.insert(1, "lr", [log.lr.loc[b] for b in history["step"]])
-        selected = json.loads((Path(out_dir) / "final" / "best" / "selection.json").read_text())["step"]
-        best = build_classifier(o.backbone, num_classes, seed=o.seed, image_size=image_size)
-        load_final(best, out_dir, module="best")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+def _train_and_read_history(model, loss_fn, source, plan, evaluate_fn, settings: TrainingConfig,
+                            o: ClassifierOptions, out_dir, eval_every: int, steps_per_epoch: int) -> pd.DataFrame:
+    """The Trainer's run, and its evaluations with each one's lr, mean training loss since the previous
+    and whether it is the selected state."""
+    total = settings.max_steps
+    warmup = int(settings.warmup_steps) if o.warmup_fraction is None else int(round(o.warmup_fraction * total))
+    tc = TrainConfig.from_settings(settings, out_dir=out_dir, seed=int(o.seed), mixed_precision=o.mixed_precision,
+                                   progress=o.progress, device=o.device, max_memory_gb=o.max_memory_gb,
+                                   max_steps=int(total), global_batch_size=plan.batch,
+                                   warmup_steps=min(warmup, total), lr_schedule="cosine",
+                                   checkpoints_total_limit=1, log_every=1)
+    Trainer(model, loss_fn, source, tc, plan=plan, evaluate=evaluate_fn, eval_every=eval_every,
+            select=lambda r: (r["val_balanced_accuracy"], -r["val_loss"])).train()
+    history = pd.read_csv(Path(out_dir) / "eval.csv")
+    log = pd.read_csv(Path(out_dir) / "log.csv").set_index("step")
+    prev = [0] + list(history["step"][:-1])
+    history.insert(1, "train_loss", [log.loss.loc[a + 1:b].mean() for a, b in zip(prev, history["step"])])
+    history.insert(1, "lr", [log.lr.loc[b] for b in history["step"]])
+    selected = json.loads((Path(out_dir) / "final" / "best" / "selection.json").read_text())["step"]
     history["epoch"] = history["step"] / steps_per_epoch
     history["selected"] = history["step"] == selected
-    history = history.drop(columns=["improved"])
-    return best.eval(), history
+    return history.drop(columns=["improved"])
 
 
 def _classifier_loss(augmenter: HistologyAugment | None, label_smoothing: float, n_real: int,

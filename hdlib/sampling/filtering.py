@@ -209,35 +209,11 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
     pass steps 1-3 come first (module docstring); seed: the random selection's seed. A
     candidate's id (random key, tie-breaker) is its position among its class's rows."""
     check_selection(selection)
-    real = as_features(real_features, "real_features")
-    syn = as_features(syn_features, "syn_features")
-    if len(syn) == 0:
-        raise DataError("no synthetic candidates to filter (syn_features is empty)")
-    if real.shape[1] != syn.shape[1]:
-        raise DataError(f"real_features have {real.shape[1]} dims but syn_features have {syn.shape[1]}")
-    real_y = _labels(real_labels, "real_labels", len(real), num_classes)
-    syn_y = _labels(syn_labels, "syn_labels", len(syn), num_classes)
-    conf = np.asarray(syn_confidence, dtype=np.float64).reshape(-1)
-    if len(conf) != len(syn):
-        raise DataError(f"syn_confidence has {len(conf)} entries but syn_features have {len(syn)} rows")
-    if near_copy_metric not in ("euclidean", "cosine"):
-        raise ValueError(f"unknown near_copy_metric {near_copy_metric!r} (euclidean, cosine)")
-    if (train_features is None) != (delta is None):
-        raise ValueError("the near-copy check needs both train_features and delta")
-    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"class_names has {len(names)} names for num_classes={num_classes}")
+    real, real_y, syn, syn_y, conf, train, names = _checked_inputs(
+        real_features, real_labels, syn_features, syn_labels, syn_confidence, train_features, delta, num_classes,
+        near_copy_metric, class_names)
     real_counts = np.bincount(real_y, minlength=num_classes)
-    empty = np.flatnonzero(real_counts == 0)
-    if len(empty):
-        raise DataError(f"class {names[empty[0]]} (id {empty[0]}) has no real image to build a centroid from")
     quotas = _per_class_quota(quota, quota_ratio, real_counts, num_classes)
-    train = None
-    if train_features is not None:
-        train = as_features(train_features, "train_features")
-        if train.shape[1] != syn.shape[1] or len(train) == 0:
-            raise DataError(f"train_features must be non-empty with {syn.shape[1]} dims, got shape {train.shape}")
-
     if normalize:
         real, syn = _l2_normalise(real), _l2_normalise(syn)
         train = _l2_normalise(train) if train is not None else None
@@ -268,16 +244,54 @@ def filter_synthetic(real_features, real_labels, syn_features, syn_labels, syn_c
         rank[order] = np.arange(len(order))
         reason[order[quotas[c]:]] = "over_quota"
     keep = reason == "kept"
+    return FilterResult(keep=keep, rank=rank, reason=reason.astype(str), distance=distance, nearest_class=nearest,
+                        summary=_summary(names, real_counts, syn_y, keep, reason), nn_distance=nn_distance,
+                        nn_index=nn_index, near_copy=near_copy)
 
+
+def _checked_inputs(real_features, real_labels, syn_features, syn_labels, syn_confidence, train_features, delta,
+                    num_classes: int, near_copy_metric: str, class_names):
+    """filter_synthetic's inputs as arrays, each checked with a one-line error naming it:
+    (real, real labels, candidates, their labels, their confidence, training features or None, class names)."""
+    real = as_features(real_features, "real_features")
+    syn = as_features(syn_features, "syn_features")
+    if len(syn) == 0:
+        raise DataError("no synthetic candidates to filter (syn_features is empty)")
+    if real.shape[1] != syn.shape[1]:
+        raise DataError(f"real_features have {real.shape[1]} dims but syn_features have {syn.shape[1]}")
+    real_y = _labels(real_labels, "real_labels", len(real), num_classes)
+    syn_y = _labels(syn_labels, "syn_labels", len(syn), num_classes)
+    conf = np.asarray(syn_confidence, dtype=np.float64).reshape(-1)
+    if len(conf) != len(syn):
+        raise DataError(f"syn_confidence has {len(conf)} entries but syn_features have {len(syn)} rows")
+    if near_copy_metric not in ("euclidean", "cosine"):
+        raise ValueError(f"unknown near_copy_metric {near_copy_metric!r} (euclidean, cosine)")
+    if (train_features is None) != (delta is None):
+        raise ValueError("the near-copy check needs both train_features and delta")
+    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names for num_classes={num_classes}")
+    empty = np.flatnonzero(np.bincount(real_y, minlength=num_classes) == 0)
+    if len(empty):
+        raise DataError(f"class {names[empty[0]]} (id {empty[0]}) has no real image to build a centroid from")
+    train = None
+    if train_features is not None:
+        train = as_features(train_features, "train_features")
+        if train.shape[1] != syn.shape[1] or len(train) == 0:
+            raise DataError(f"train_features must be non-empty with {syn.shape[1]} dims, got shape {train.shape}")
+    return real, real_y, syn, syn_y, conf, train, names
+
+
+def _summary(names: list, real_counts, syn_y, keep, reason) -> pd.DataFrame:
+    """One row per class: real images, candidates, kept, and the candidates each rule dropped."""
     rows = []
-    for c in range(num_classes):
+    for c, name in enumerate(names):
         in_c = syn_y == c
-        row = {"class_id": c, "class_name": names[c], "real": int(real_counts[c]), "candidates": int(in_c.sum()),
+        row = {"class_id": c, "class_name": name, "real": int(real_counts[c]), "candidates": int(in_c.sum()),
                "kept": int((keep & in_c).sum())}
         row.update({r: int(((reason == r) & in_c).sum()) for r in REASONS[1:]})
         rows.append(row)
-    return FilterResult(keep=keep, rank=rank, reason=reason.astype(str), distance=distance, nearest_class=nearest,
-                        summary=pd.DataFrame(rows), nn_distance=nn_distance, nn_index=nn_index, near_copy=near_copy)
+    return pd.DataFrame(rows)
 
 
 def calibrate_delta(train_features, train_labels, val_features, val_labels, num_classes: int,

@@ -221,84 +221,97 @@ def guided_faithfulness(cfg: Config, labels: torch.Tensor, reference_pred: torch
 # the stage
 # ---------------------------------------------------------------------------
 
-def synthesis_stage(cfg: Config, train_model=None) -> dict:
-    """Choose guidance on validation, then fill every (generator, fraction, draw) set.
-    `train_model(task, fraction, adaptation, draw)` trains a model the choice needs that
-    stage 02 did not (adapted denoisers of other fractions and draws).
-    Returns the metrics for metrics/04_synthesis.json."""
-
-    paths = StudyPaths(cfg)
-    draws, fractions = list(cfg.downstream.seeds), grid_fractions(cfg)
-    # choices and the faithfulness check at the primary cell (stage 03), first label draw
-    primary = primary_fraction(cfg)
-    f0, d0 = primary, draws[0]
-    reference = reference_classifier(cfg)
+def _decide_guidance(cfg: Config, f0: float, d0: int, reference, train_model) -> tuple[dict, pd.DataFrame]:
+    """Stage 04's decision (guidance scale, interval, adaptation, sampler), chosen on the labeled validation
+    images at the primary cell's first draw or taken from the params, recorded once in decisions/guidance.json.
+    Trains the adapted denoisers the chosen adaptation needs. Returns (the decision, the sweep table)."""
     choice, sweep = None, pd.DataFrame()
     if cfg.sampling.select_on_validation:
         choice, sweep = choose_guidance(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference)
-        atomic_write_csv(sweep, paths.table("guidance_selection"))
-    scale = choice["guidance_scale"] if choice else cfg.sampling.guidance_scale
-    adaptation = choice["adaptation"] if choice else cfg.diffusion.grid_adaptation
-    interval = choice["guidance_interval"] if choice else list(cfg.sampling.guidance_interval)
-    if adaptation == "labeled" and train_model is not None:
-        for f in fractions:
-            for draw in draws_for(cfg, f, primary):
+        atomic_write_csv(sweep, StudyPaths(cfg).table("guidance_selection"))
+    decision = {"guidance_scale": choice["guidance_scale"] if choice else cfg.sampling.guidance_scale,
+                "guidance_interval": choice["guidance_interval"] if choice else list(cfg.sampling.guidance_interval),
+                "adaptation": choice["adaptation"] if choice else cfg.diffusion.grid_adaptation,
+                "sampler": {"method": cfg.sampling.method, "num_inference_steps": cfg.sampling.num_inference_steps},
+                "chosen_on": "validation" if choice else "params", "selection": choice}
+    if decision["adaptation"] == "labeled" and train_model is not None:
+        for f in grid_fractions(cfg):
+            for draw in draws_for(cfg, f, f0):
                 train_model("denoiser_adapted", f, "labeled", draw)
-    record(cfg, "guidance", {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
-                             "sampler": {"method": cfg.sampling.method,
-                                         "num_inference_steps": cfg.sampling.num_inference_steps},
-                             "chosen_on": "validation" if choice else "params", "selection": choice})
-    comparison = pd.DataFrame()
-    if cfg.sampling.sampler_comparison:  # e.g. DPM-Solver++ in few steps vs DDIM, the same guidance
-        comparison = compare_samplers(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference, scale, adaptation,
-                                      samplers=parse_samplers(cfg.sampling.sampler_comparison, "sampling.sampler_comparison"),
-                                      guidance_interval=interval)
-        atomic_write_csv(comparison, paths.table("sampler_comparison"))
-    gen = Generation(cfg, adaptation, scale, guidance_interval=interval)
+    record(cfg, "guidance", decision)
+    return decision, sweep
+
+
+def _fill_sets(cfg: Config, gen: Generation, primary: float) -> tuple[pd.DataFrame, dict]:
+    """Every (generator, fraction, draw) set filled to its quota of kept images, and the unguided pre-trained
+    model's set for the quality comparison. Returns (the accounting table, {set name: manifest})."""
     acct, frames = [], {}
-    for f in fractions:
+    f_min = min(cfg.downstream.fractions)  # where the ablation generators' sets are (stage 06 compares there)
+    for f in grid_fractions(cfg):
         for draw in draws_for(cfg, f, primary):
             judge = SelectiveFilter(cfg, f, draw)
             quota = quota_per_class(cfg, f, draw)
             for g in generators_needed(cfg):
-                if g in ("scratch", "classifier_free") and f != min(cfg.downstream.fractions):
+                if g in ("scratch", "classifier_free") and f != f_min:
                     continue  # ablation generators at the smallest fraction only (CPU budget; see README)
                 name = synthetic_set_name(g, f, draw)
                 df = synthesize(gen, g, f, draw, quota, judge=judge)
                 frames[name] = df
                 acct.append(accounting(cfg, df, quota, name).assign(generator=g, fraction=f, draw=draw))
     # the unguided pre-trained model, for the quality comparison only (its class label is the request's)
-    f_min = min(cfg.downstream.fractions)  # where the ablation generators' sets are (stage 06 compares there)
-    n_quality = int(quota_per_class(cfg, f_min, d0).max())
-    synthesize(gen, "pretrained", f_min, d0, n_quality)
+    d0 = cfg.downstream.seeds[0]
+    synthesize(gen, "pretrained", f_min, d0, int(quota_per_class(cfg, f_min, d0).max()))
     accounting_table = pd.concat(acct, ignore_index=True)
-    atomic_write_csv(accounting_table, paths.table("synthesis_accounting"))
+    atomic_write_csv(accounting_table, StudyPaths(cfg).table("synthesis_accounting"))
+    return accounting_table, frames
 
-    primary_sets = [(d, frames[synthetic_set_name("histodiffusion", f0, d)]) for d in draws_for(cfg, f0, primary)
+
+def _faithfulness_metrics(cfg: Config, gen: Generation, frames: dict, reference, f0: float) -> dict:
+    """Guided class accuracy by the reference classifier at the primary cell: on the kept images (what the
+    downstream classifier sees) and, under its own name, on every candidate the sampler made."""
+    paths = StudyPaths(cfg)
+    primary_sets = [(d, frames[synthetic_set_name("histodiffusion", f0, d)]) for d in draws_for(cfg, f0, f0)
                     if synthetic_set_name("histodiffusion", f0, d) in frames]
     kept = class_faithfulness(cfg, primary_sets, reference, gen, kept_only=True)
     candidates = class_faithfulness(cfg, primary_sets, reference, gen, kept_only=False)
     atomic_write_csv(pd.DataFrame(kept["per_class"]), paths.table("guided_class_faithfulness"))
     atomic_write_csv(pd.DataFrame(candidates["per_class"]), paths.table("guided_class_faithfulness_candidates"))
-    metrics = {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
-               "selection": choice, "selection_table": sweep.to_dict(orient="records"),
-               # what the filter kept, at the primary cell (the images the downstream classifier sees)
-               "guided_class_accuracy": kept["accuracy"], "guided_class_accuracy_n": kept["n"],
-               "guided_class_accuracy_on": "kept",
-               "guided_class_accuracy_per_class": {r["class"]: r["reference_accuracy"] for r in kept["per_class"]},
-               "guided_class_accuracy_classes_without_kept_images": kept["classes_without_images"],
-               "guided_class_accuracy_at": {"fraction": f0, "draws": len(primary_sets)},
-               "guided_class_faithfulness": kept["per_class"],
-               # the sampler's own figure, on every candidate it made there (before the filter)
-               "guided_class_accuracy_candidates": candidates["accuracy"],
-               "guided_class_accuracy_candidates_n": candidates["n"],
-               "guided_class_faithfulness_candidates": candidates["per_class"],
-               "accounting": accounting_table.to_dict(orient="records"),
-               "near_copy_rate": near_copy_rates(accounting_table),
-               "near_copy_rate_at_primary": near_copy_rates(accounting_table[accounting_table["fraction"] == f0]),
-               "delta_percentile": cfg.filtering.delta_percentile,
-               "sampler_comparison": comparison.to_dict(orient="records")}
-    return metrics
+    return {"guided_class_accuracy": kept["accuracy"], "guided_class_accuracy_n": kept["n"],
+            "guided_class_accuracy_on": "kept",
+            "guided_class_accuracy_per_class": {r["class"]: r["reference_accuracy"] for r in kept["per_class"]},
+            "guided_class_accuracy_classes_without_kept_images": kept["classes_without_images"],
+            "guided_class_accuracy_at": {"fraction": f0, "draws": len(primary_sets)},
+            "guided_class_faithfulness": kept["per_class"],
+            "guided_class_accuracy_candidates": candidates["accuracy"],
+            "guided_class_accuracy_candidates_n": candidates["n"],
+            "guided_class_faithfulness_candidates": candidates["per_class"]}
+
+
+def synthesis_stage(cfg: Config, train_model=None) -> dict:
+    """Choose guidance on validation, then fill every (generator, fraction, draw) set.
+    `train_model(task, fraction, adaptation, draw)` trains a model the choice needs that
+    stage 02 did not (adapted denoisers of other fractions and draws).
+    Returns the metrics for metrics/04_synthesis.json."""
+    f0, d0 = primary_fraction(cfg), cfg.downstream.seeds[0]  # the primary cell (stage 03), first label draw
+    reference = reference_classifier(cfg)
+    decision, sweep = _decide_guidance(cfg, f0, d0, reference, train_model)
+    scale, interval, adaptation = decision["guidance_scale"], decision["guidance_interval"], decision["adaptation"]
+    comparison = pd.DataFrame()
+    if cfg.sampling.sampler_comparison:  # e.g. DPM-Solver++ in few steps vs DDIM, the same guidance
+        comparison = compare_samplers(cfg, f0, d0, SelectiveFilter(cfg, f0, d0), reference, scale, adaptation,
+                                      samplers=parse_samplers(cfg.sampling.sampler_comparison, "sampling.sampler_comparison"),
+                                      guidance_interval=interval)
+        atomic_write_csv(comparison, StudyPaths(cfg).table("sampler_comparison"))
+    gen = Generation(cfg, adaptation, scale, guidance_interval=interval)
+    accounting_table, frames = _fill_sets(cfg, gen, f0)
+    return {"guidance_scale": scale, "guidance_interval": interval, "adaptation": adaptation,
+            "selection": decision["selection"], "selection_table": sweep.to_dict(orient="records"),
+            **_faithfulness_metrics(cfg, gen, frames, reference, f0),
+            "accounting": accounting_table.to_dict(orient="records"),
+            "near_copy_rate": near_copy_rates(accounting_table),
+            "near_copy_rate_at_primary": near_copy_rates(accounting_table[accounting_table["fraction"] == f0]),
+            "delta_percentile": cfg.filtering.delta_percentile,
+            "sampler_comparison": comparison.to_dict(orient="records")}
 
 
 def near_copy_rates(accounting_rows: pd.DataFrame) -> dict:

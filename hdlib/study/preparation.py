@@ -129,10 +129,11 @@ def _check_bad(cfg: Config, bad: list, n_total: int, what: str) -> None:
                         f"{cfg.data.max_bad_fraction} allows {allowed}), first {rec.path} ({why})")
 
 
-def prepare_data(cfg: Config) -> dict:
-    """Stage 00: manifests only (the index every later stage streams from); no image is kept
-    in memory. Returns a summary (also metrics/00_data.json)."""
-    c, seed, paths = cfg.data, cfg.study.seed, StudyPaths(cfg)
+def _labeled_splits(cfg: Config):
+    """Training/validation/test records of the labeled target, unreadable images dropped (before fractions
+    are drawn, so every manifest row is an image the study really uses): (all train records, train, val,
+    test, {split: unreadable})."""
+    c, seed = cfg.data, cfg.study.seed
     train_recs, test_recs = target_records(cfg)
     labels = np.array([r.label for r in train_recs])
     if c.max_train_images and len(train_recs) > c.max_train_images:
@@ -140,14 +141,18 @@ def prepare_data(cfg: Config) -> dict:
         train_recs = [train_recs[i] for i in keep]
         labels = labels[keep]
     tr_idx, va_idx = stratified_split(labels, c.val_fraction, seed, class_names=c.classes)
-
-    # Unreadable labeled images are dropped before fractions are drawn, so every manifest
-    # row is an image the study really uses.
     train, bad_tr = _scan(cfg, [train_recs[i] for i in tr_idx], "target_train")
     val, bad_va = _scan(cfg, [train_recs[i] for i in va_idx], "target_val")
     test, bad_te = _scan(cfg, test_recs, "target_test")
     _check_bad(cfg, bad_tr + bad_va + bad_te, len(train_recs) + len(test_recs), "labeled target")
-    train_labels = np.array([r.label for r in train])
+    return train_recs + test_recs, train, val, test, {"target_train": bad_tr, "target_val": bad_va,
+                                                       "target_test": bad_te}
+
+
+def _label_draws(cfg: Config, train_labels: np.ndarray):
+    """Each seed's nested label fractions and label order; with data.labeled_val_every, every class of every
+    fraction must keep both a training and a validation image."""
+    c = cfg.data
     draws = {d: nested_label_fractions(train_labels, c.label_fractions, draw_seed(cfg, d), class_names=c.classes)
              for d in cfg.downstream.seeds}
     orders = {d: nested_label_order(train_labels, draw_seed(cfg, d)) for d in cfg.downstream.seeds}
@@ -161,61 +166,77 @@ def prepare_data(cfg: Config) -> dict:
                     raise DataError(f"data.label_fractions: {f:g} leaves class {short[0]} without both a training "
                                     f"and a validation image (data.labeled_val_every={c.labeled_val_every} needs >= 2 "
                                     "labels per class)")
+    return draws, orders
 
+
+def _pool_splits(cfg: Config, target_records_all: list):
+    """The unlabeled pool (no target image in it) and a few held-out tiles per source, never trained on,
+    to evaluate the autoencoder: (pool, holdout, trainable sources, pool summary, {split: unreadable})."""
+    c = cfg.data
     sources = []
     for src in c.pool_sources:
         recs = pool_source_records(cfg, src)
         if not recs:
             raise DataError(f"pool source {src.name!r}: no images found")
         sources.append(PoolSource(src.name, recs, src.weight))
-    # Hold out a few tiles per source (never trained on) to evaluate the autoencoder.
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cfg.study.seed)
     holdout, trainable = [], []
     for s in sources:
         order = rng.permutation(len(s.records))
         n_hold = min(c.pool_holdout, max(1, len(s.records) // 5))
         holdout += [s.records[i] for i in order[:n_hold]]
         trainable.append(PoolSource(s.name, [s.records[i] for i in order[n_hold:]], s.weight))
-    pool, pool_summary = build_pool(trainable, train_recs + test_recs, c.pool_size, seed,
-                                      progress=cfg.study.progress)
+    pool, pool_summary = build_pool(trainable, target_records_all, c.pool_size, cfg.study.seed,
+                                    progress=cfg.study.progress)
     pool, bad_po = _scan(cfg, pool, "pool")
     holdout, bad_ho = _scan(cfg, holdout, "pool_holdout")
     _check_bad(cfg, bad_po + bad_ho, len(pool) + len(holdout) + len(bad_po) + len(bad_ho), "pool")
+    return pool, holdout, trainable, pool_summary, {"pool": bad_po, "pool_holdout": bad_ho}
 
-    for name, recs in [("target_train", train), ("target_val", val), ("target_test", test),
-                       ("pool", pool), ("pool_holdout", holdout)]:
-        write_manifest(recs, paths.manifest(name), classes=c.classes, progress=cfg.study.progress)
-    unreadable = bad_tr + bad_va + bad_te + bad_po + bad_ho
-    atomic_write_csv(pd.DataFrame([{"split": s, "path": str(r.path), "key": r.key, "reason": w}
-                                   for s, r, w in unreadable], columns=["split", "path", "key", "reason"]),
-                     paths.manifest("unreadable"))
-    frac_df = pd.DataFrame({"train_index": np.arange(len(train))})
+
+def _write_fraction_table(cfg: Config, n_train: int, draws: dict, orders: dict) -> None:
+    """fractions.csv: per training image, whether each draw's fraction labels it, and each draw's order."""
+    frac_df = pd.DataFrame({"train_index": np.arange(n_train)})
     for d, fractions in draws.items():
         for f, idx in fractions.items():
-            col = np.zeros(len(train), dtype=bool)
+            col = np.zeros(n_train, dtype=bool)
             col[idx] = True
             frac_df[fraction_column(f, d)] = col
         frac_df[order_column(d)] = orders[d]
-    atomic_write_csv(frac_df, paths.fractions_csv)
+    atomic_write_csv(frac_df, StudyPaths(cfg).fractions_csv)
 
-    names = [s.name for s in c.pool_sources]
+
+def prepare_data(cfg: Config) -> dict:
+    """Stage 00: manifests only (the index every later stage streams from); no image is kept
+    in memory. Returns a summary (also metrics/00_data.json)."""
+    c, paths = cfg.data, StudyPaths(cfg)
+    target_all, train, val, test, bad = _labeled_splits(cfg)
+    draws, orders = _label_draws(cfg, np.array([r.label for r in train]))
+    pool, holdout, trainable, pool_summary, bad_pool = _pool_splits(cfg, target_all)
+    bad.update(bad_pool)
+    splits = {"target_train": train, "target_val": val, "target_test": test, "pool": pool, "pool_holdout": holdout}
+    for name, recs in splits.items():
+        write_manifest(recs, paths.manifest(name), classes=c.classes, progress=cfg.study.progress)
+    atomic_write_csv(pd.DataFrame([{"split": s, "path": str(r.path), "key": r.key, "reason": w}
+                                   for s, r, w in (row for rows in bad.values() for row in rows)],
+                                  columns=["split", "path", "key", "reason"]), paths.manifest("unreadable"))
+    _write_fraction_table(cfg, len(train), draws, orders)
 
     def counts(recs):
         return {cls: int(sum(r.label == k for r in recs)) for k, cls in enumerate(c.classes)}
 
-    first = draws[cfg.downstream.seeds[0]]
+    names = [s.name for s in c.pool_sources]
     summary = {
         "classes": list(c.classes),
         "counts": {"train": counts(train), "val": counts(val), "test": counts(test)},
         "fractions": {f"{f:g}": {cls: int(sum(train[i].label == k for i in idx)) for k, cls in enumerate(c.classes)}
-                      for f, idx in first.items()},
+                      for f, idx in draws[cfg.downstream.seeds[0]].items()},
         "labeled_val_every": c.labeled_val_every,
         "label_draws": list(cfg.downstream.seeds),
         "pool": {n: int(sum(r.source == n for r in pool)) for n in names},
         "pool_available": {s.name: len(s.records) for s in trainable},
         "pool_holdout": {n: int(sum(r.source == n for r in holdout)) for n in names},
-        "unreadable": {"target_train": len(bad_tr), "target_val": len(bad_va), "target_test": len(bad_te),
-                       "pool": len(bad_po), "pool_holdout": len(bad_ho)},
+        "unreadable": {split: len(rows) for split, rows in bad.items()},
         "pool_summary": pool_summary,
         "image_size": c.image_size,
     }

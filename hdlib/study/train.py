@@ -132,11 +132,8 @@ def latent_classifier_scores(model, z0: torch.Tensor, labels: torch.Tensor, sche
     return out
 
 
-def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
-               draw: int | None = None) -> TaskSpec:
-    """Model, loss and (streaming) training data of one task, from what earlier stages wrote.
-    Models that learn from a labeled subset use label draw `draw` (default: the first seed)."""
-
+def _labeled_draw(cfg: Config, task: str, fraction, adaptation, draw) -> tuple[bool, int | None]:
+    """Checks a task's arguments before any compute: (learns from a labeled subset, the label draw)."""
     if task not in TASKS:
         raise HDLibError(f"unknown training task {task!r} (tasks: {', '.join(TASKS)})")
     labeled = task in ("denoiser_scratch", "denoiser_classifier_free", "latent_classifier") or (
@@ -145,32 +142,28 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
         raise HDLibError(f"task {task}: --fraction is required")
     if task == "denoiser_adapted" and adaptation not in ("labeled", "target_unlabeled"):
         raise HDLibError(f"task denoiser_adapted: --adaptation must be labeled or target_unlabeled, got {adaptation!r}")
-    draw = (cfg.downstream.seeds[0] if draw is None else int(draw)) if labeled else None
-    name = model_name(task, fraction, adaptation, draw)
-    seed = task_seed(cfg, name)
-
     if (task == "autoencoder" and cfg.pretrained.path) or (task == "denoiser_pretrained" and uses_pretrained_unet(cfg)):
         raise ConfigError(f"task {task}: pretrained.path is set ({cfg.pretrained.path}), so this model is "
                           "loaded, not trained; clear pretrained.path to train it")
-    if task == "autoencoder":
-        a = cfg.autoencoder
+    return labeled, ((cfg.downstream.seeds[0] if draw is None else int(draw)) if labeled else None)
 
-        def ae_loss(model, batch, seeds):
-            return autoencoder_loss(model, batch[0], seeds, a.kl_weight, a.ssim_weight)
 
-        pool = StreamingSource(split_images(cfg, "pool"), cfg.data.num_workers,
-                               transform=lambda b: (b[0].float() / 127.5 - 1.0,))
-        if a.init_from:  # before any compute
+def _autoencoder_task(cfg: Config, name: str, seed: int) -> TaskSpec:
+    a = cfg.autoencoder
 
-            check_init_vae(a.init_from, cfg.data.image_size)
-        return TaskSpec(build_autoencoder(a, weights=True), ae_loss, pool, a.train, name, seed)
+    def ae_loss(model, batch, seeds):
+        return autoencoder_loss(model, batch[0], seeds, a.kl_weight, a.ssim_weight)
 
-    store = latent_store(cfg)
-    d = cfg.diffusion
-    scheduler = noise_scheduler(cfg)
-    shape = store.shape
-    C, S = shape[0], shape[-1]
-    K = len(cfg.data.classes)
+    pool = StreamingSource(split_images(cfg, "pool"), cfg.data.num_workers,
+                           transform=lambda b: (b[0].float() / 127.5 - 1.0,))
+    if a.init_from:  # before any compute
+        check_init_vae(a.init_from, cfg.data.image_size)
+    return TaskSpec(build_autoencoder(a, weights=True), ae_loss, pool, a.train, name, seed)
+
+
+def _denoiser_losses(cfg: Config, shape, scheduler):
+    """The unconditional denoising loss and the classifier-free one (labels dropped to the null label K)."""
+    d, K = cfg.diffusion, len(cfg.data.classes)
     t_probs = timestep_probabilities(scheduler, d.timestep_sampling, d.lognormal_mean, d.lognormal_std)
 
     def denoise_loss(model, batch, seeds):
@@ -179,43 +172,30 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
         return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
                               snr_gamma=d.snr_gamma)
 
-    if task == "denoiser_pretrained":
-        return TaskSpec(build_denoiser(cfg), denoise_loss, store.source("pool"), d.pretrain, name, seed)
+    def classifier_free_loss(model, batch, seeds):
+        z0, labels = posterior_sample(batch[0], batch[1], seeds), batch[2]
+        drop = _per_sample_uniform(seeds, salt=7919).to(labels.device) < d.classifier_free_label_dropout
+        labels = torch.where(drop, torch.full_like(labels, K), labels)
+        noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps, t_probs)
+        return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
+                              class_labels=labels, snr_gamma=d.snr_gamma)
 
-    rows = None if not labeled else fraction_indices(cfg, fraction, draw)
+    return denoise_loss, classifier_free_loss
+
+
+def _latent_classifier_task(cfg: Config, store, scheduler, fraction, draw, name: str, seed: int) -> TaskSpec:
+    """Noise-aware (z_t at uniformly random t, conditioned on t), flip/rot90 augmentation of latents,
+    class-balanced batches, selected on validation accuracy at the timesteps the sampler guides."""
+    lc, d, shape = cfg.latent_classifier, cfg.diffusion, store.shape
+    rows = fraction_indices(cfg, fraction, draw)
     data = store.source("target_train", rows, labels=True)
-
-    if task == "denoiser_adapted":
-        unet = load_denoiser(cfg, "denoiser_pretrained").requires_grad_(True).train()
-        return TaskSpec(unet, denoise_loss, data, d.adapt, name, seed)
-
-    if task == "denoiser_scratch":
-        return TaskSpec(build_denoiser(cfg), denoise_loss, data, d.scratch, name, seed)
-
-    if task == "denoiser_classifier_free":
-        p_drop = d.classifier_free_label_dropout
-
-        def classifier_free_loss(model, batch, seeds):
-            z0, labels = posterior_sample(batch[0], batch[1], seeds), batch[2]
-            drop = _per_sample_uniform(seeds, salt=7919).to(labels.device) < p_drop
-            labels = torch.where(drop, torch.full_like(labels, K), labels)  # K = the null label
-            noise, t = draw_noise_and_timesteps(seeds, shape, d.num_train_timesteps, t_probs)
-            return diffusion_loss(model, z0, noise.to(z0.device), t.to(z0.device), scheduler, loss_type=d.loss,
-                                  class_labels=labels, snr_gamma=d.snr_gamma)
-
-        return TaskSpec(build_denoiser(cfg, conditional=True), classifier_free_loss, data, d.classifier_free,
-                        name, seed)
-
-    # latent_classifier: noise-aware (z_t at uniformly random t, conditioned on t), flip/rot90
-    # augmentation of latents, class-balanced batches, selected on validation accuracy by t
-    lc = cfg.latent_classifier
     if lc.pseudo_label_threshold > 0:  # + the unlabeled images the draw's real-only classifier labels confidently
         extra = confident_pseudo_labels(cfg, fraction, draw, lc.pseudo_label_threshold)
         labeled = store.labels("target_train")[torch.from_numpy(rows)].numpy()
         data = store.source("target_train", np.concatenate([rows, extra["train_index"].to_numpy()]),
                             label_values=np.concatenate([labeled, extra["pred"].to_numpy()]))
     encoder = load_denoiser(cfg, "denoiser_pretrained") if lc.backbone == "pretrained_unet" else None
-    clf = build_latent_classifier(lc, C, S, K, encoder_unet=encoder)
+    clf = build_latent_classifier(lc, shape[0], shape[-1], len(cfg.data.classes), encoder_unet=encoder)
 
     def clf_loss(model, batch, seeds):
         z0, labels = posterior_sample(batch[0], batch[1], seeds), batch[2]
@@ -238,6 +218,31 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
                     evaluate=lambda m: latent_classifier_scores(m, vz, vy, scheduler, selection_timesteps=select_t),
                     select=lambda r: (r["val_acc_selection"], r["val_acc_all_t"]),
                     eval_every=lc.eval_every or max(1, lc.train.max_steps // 10))
+
+
+def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
+               draw: int | None = None) -> TaskSpec:
+    """Model, loss and (streaming) training data of one task, from what earlier stages wrote.
+    Models that learn from a labeled subset use label draw `draw` (default: the first seed)."""
+    labeled, draw = _labeled_draw(cfg, task, fraction, adaptation, draw)
+    name = model_name(task, fraction, adaptation, draw)
+    seed = task_seed(cfg, name)
+    if task == "autoencoder":
+        return _autoencoder_task(cfg, name, seed)
+    store, d = latent_store(cfg), cfg.diffusion
+    scheduler = noise_scheduler(cfg)
+    if task == "latent_classifier":
+        return _latent_classifier_task(cfg, store, scheduler, fraction, draw, name, seed)
+    denoise_loss, classifier_free_loss = _denoiser_losses(cfg, store.shape, scheduler)
+    if task == "denoiser_pretrained":
+        return TaskSpec(build_denoiser(cfg), denoise_loss, store.source("pool"), d.pretrain, name, seed)
+    data = store.source("target_train", None if not labeled else fraction_indices(cfg, fraction, draw), labels=True)
+    if task == "denoiser_adapted":
+        unet = load_denoiser(cfg, "denoiser_pretrained").requires_grad_(True).train()
+        return TaskSpec(unet, denoise_loss, data, d.adapt, name, seed)
+    if task == "denoiser_scratch":
+        return TaskSpec(build_denoiser(cfg), denoise_loss, data, d.scratch, name, seed)
+    return TaskSpec(build_denoiser(cfg, conditional=True), classifier_free_loss, data, d.classifier_free, name, seed)
 
 
 def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,

@@ -233,6 +233,66 @@ def _failing_cell_error(exc: Exception) -> str:
     return f"{ename}: {evalue}".strip()
 
 
+def _check_before_compute(cfg) -> None:
+    """What can fail before any stage runs: the device, the pre-trained model or the initial autoencoder."""
+    resolve_device(cfg.study.device)  # a GPU study on a machine without a usable GPU fails here, not in stage 01
+    if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
+        verify(cfg.pretrained.path, cfg.pretrained.sha256)
+        check_compatible(cfg.pretrained.path, cfg.data.image_size)
+    elif cfg.autoencoder.init_from:
+        check_init_vae(cfg.autoencoder.init_from, cfg.data.image_size)
+
+
+def _skip_if_current(st, marker: Path, done: dict, fingerprint: str, code: dict, out_dir: Path, accept_code: bool,
+                     log, head: str) -> bool:
+    """True when the stage's inputs are unchanged and its notebook exists (its code is checked and, with
+    `accept_code`, recorded); a changed code key stops the run (code_verdict)."""
+    if done.get("fingerprint") != fingerprint or not (out_dir / f"{st.name}.ipynb").exists():
+        return False
+    if code_verdict(st, done, code, out_dir, accept_code) == "accepted":
+        atomic_write_json(marker, {**done, "code": code["key"], "code_modules": code["modules"],
+                                   "code_accepted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        log(f"{head}: unchanged, skipped (current code recorded)")
+    else:
+        log(f"{head}: unchanged, skipped")
+    return True
+
+
+def _execute_stage(st, params_file, overrides, out_dir: Path, head: str, record_reads, on_progress) -> None:
+    """Runs one stage's notebook into out_dir with a live progress line; a failing cell leaves
+    <stage>.failed.ipynb and raises StageFailed naming it."""
+    tmp, marker = out_dir / f".{st.name}.running.ipynb", out_dir / "stages" / f"{st.name}.json"
+    os.environ[QUIET_ENV] = "1"  # the kernel inherits it: no progress bars inside the notebook
+    if record_reads is not None:
+        Path(record_reads).mkdir(parents=True, exist_ok=True)
+        (Path(record_reads) / f"{st.name}.txt").unlink(missing_ok=True)
+        os.environ[RECORD_READS_ENV] = str(Path(record_reads) / f"{st.name}.txt")
+    channel = Path(tempfile.mkdtemp(prefix="hdlib-progress-")) / "events.jsonl"
+    os.environ[PROGRESS_ENV] = str(channel)
+    try:
+        with ProgressView(channel, head,
+                          on_event=(lambda e, name=st.name: on_progress(name, e)) if on_progress else None):
+            pm.execute_notebook(
+                str(st.notebook), str(tmp),
+                parameters={"params_file": _notebook_path_param(params_file), "overrides": list(overrides)},
+                cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False, log_output=False,
+                kernel_manager_class=IPCKernelManager,
+            )
+        scrub_notebook(tmp)
+    except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
+        failed = out_dir / f"{st.name}.failed.ipynb"
+        if tmp.exists():
+            os.replace(tmp, failed)
+        marker.unlink(missing_ok=True)
+        raise StageFailed(f"stage {st.name} failed: {_failing_cell_error(exc)} (see {failed})") from None
+    finally:
+        os.environ.pop(RECORD_READS_ENV, None)
+        os.environ.pop(PROGRESS_ENV, None)
+        shutil.rmtree(channel.parent, ignore_errors=True)
+    os.replace(tmp, out_dir / f"{st.name}.ipynb")
+    (out_dir / f"{st.name}.failed.ipynb").unlink(missing_ok=True)
+
+
 def run_study(params_file: str | Path, overrides: list[str] = (), only: str | None = None,
               start: str | None = None, force: bool = False, notebooks_dir: Path | None = None,
               log=print, accept_code: bool = False, record_reads: Path | None = None,
@@ -243,83 +303,39 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
     (<stage>.txt; hdlib.config_reads). While a stage runs, its kernel's progress (hdlib.parallel.progress) is a
     live line on stderr, and each event also goes to `on_progress(stage, event)` when given."""
     cfg = load_config(params_file, list(overrides))  # validates before any compute
-    resolve_device(cfg.study.device)  # a GPU study on a machine without a usable GPU fails here, not in stage 01
-    if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
-
-        verify(cfg.pretrained.path, cfg.pretrained.sha256)
-        check_compatible(cfg.pretrained.path, cfg.data.image_size)
-    elif cfg.autoencoder.init_from:
-        check_init_vae(cfg.autoencoder.init_from, cfg.data.image_size)
+    _check_before_compute(cfg)
     stages = discover_stages(notebooks_dir)
     prints = stage_fingerprints(cfg, stages)
     selected = _select(stages, only, start)
     out_dir = cfg.results_dir
     (out_dir / "stages").mkdir(parents=True, exist_ok=True)
-    timings_path = out_dir / "stages" / "timings.json"
+    timings_path, memory_path = out_dir / "stages" / "timings.json", out_dir / "stages" / "peak_memory_mb.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    memory_path = out_dir / "stages" / "peak_memory_mb.json"
     memory = json.loads(memory_path.read_text()) if memory_path.exists() else {}
     status = {}
     commit = provenance(cfg)["git_commit"]
     log(f"study {cfg.study.name}: {len(selected)} stage(s) -> {out_dir}")
     forced = force or bool(only) or bool(start)
     for i, st in enumerate(selected, 1):
-        marker = out_dir / "stages" / f"{st.name}.json"
-        executed = out_dir / f"{st.name}.ipynb"
+        marker, head = out_dir / "stages" / f"{st.name}.json", f"[{i}/{len(selected)}] {st.name}"
         done = json.loads(marker.read_text()) if marker.exists() else {}
         code = code_key(st.name)
-        if not forced and done.get("fingerprint") == prints[st.name] and executed.exists():
-            if code_verdict(st, done, code, out_dir, accept_code) == "accepted":
-                atomic_write_json(marker, {**done, "code": code["key"], "code_modules": code["modules"],
-                                           "code_accepted": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                log(f"[{i}/{len(selected)}] {st.name}: unchanged, skipped (current code recorded)")
-            else:
-                log(f"[{i}/{len(selected)}] {st.name}: unchanged, skipped")
+        if not forced and _skip_if_current(st, marker, done, prints[st.name], code, out_dir, accept_code, log, head):
             status[st.name] = "skipped"
             continue
-        log(f"[{i}/{len(selected)}] {st.name}: running ...")
+        log(f"{head}: running ...")
         t0 = time.time()
-        tmp = out_dir / f".{st.name}.running.ipynb"
-        os.environ[QUIET_ENV] = "1"  # the kernel inherits it: no progress bars inside the notebook
-        if record_reads is not None:
-            Path(record_reads).mkdir(parents=True, exist_ok=True)
-            (Path(record_reads) / f"{st.name}.txt").unlink(missing_ok=True)
-            os.environ[RECORD_READS_ENV] = str(Path(record_reads) / f"{st.name}.txt")
-        channel = Path(tempfile.mkdtemp(prefix="hdlib-progress-")) / "events.jsonl"
-        os.environ[PROGRESS_ENV] = str(channel)
-        try:
-            with ProgressView(channel, f"[{i}/{len(selected)}] {st.name}",
-                              on_event=(lambda e, name=st.name: on_progress(name, e)) if on_progress else None):
-                pm.execute_notebook(
-                    str(st.notebook), str(tmp),
-                    parameters={"params_file": _notebook_path_param(params_file), "overrides": list(overrides)},
-                    cwd=str(REPO_ROOT), kernel_name="python3", progress_bar=False, log_output=False,
-                    kernel_manager_class=IPCKernelManager,
-                )
-            scrub_notebook(tmp)
-        except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error
-            failed = out_dir / f"{st.name}.failed.ipynb"
-            if tmp.exists():
-                os.replace(tmp, failed)
-            marker.unlink(missing_ok=True)
-            raise StageFailed(f"stage {st.name} failed: {_failing_cell_error(exc)} (see {failed})") from None
-        finally:
-            os.environ.pop(RECORD_READS_ENV, None)
-            os.environ.pop(PROGRESS_ENV, None)
-            shutil.rmtree(channel.parent, ignore_errors=True)
-        os.replace(tmp, executed)
-        (out_dir / f"{st.name}.failed.ipynb").unlink(missing_ok=True)
+        _execute_stage(st, params_file, overrides, out_dir, head, record_reads, on_progress)
         elapsed = time.time() - t0
         timings[st.name] = round(elapsed, 1)
         # Peak resident memory of any finished child (the kernel and its grid workers), so far.
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        memory[st.name] = round(peak_mb, 1)
+        memory[st.name] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
         atomic_write_json(marker, {"fingerprint": prints[st.name], "seconds": round(elapsed, 1),
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": commit,
                                    "code": code["key"], "code_modules": code["modules"]})
         atomic_write_json(timings_path, timings)
         atomic_write_json(memory_path, memory)
-        log(f"[{i}/{len(selected)}] {st.name}: done in {elapsed:.0f} s")
+        log(f"{head}: done in {elapsed:.0f} s")
         status[st.name] = "ran"
         forced = True  # a stage that ran may change what every later stage reads
     markers = {st.name: json.loads((out_dir / "stages" / f"{st.name}.json").read_text())

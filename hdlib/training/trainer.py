@@ -55,6 +55,23 @@ def _step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _checked_modules_and_data(extra_modules, dataset) -> tuple[dict, int]:
+    """extra_modules as a dict of named nn.Modules, and the dataset's length (>= 1), each checked."""
+    extra = dict(extra_modules or {})
+    for name, mod in extra.items():
+        if not name.isidentifier() or name in ("model", "ema"):
+            raise ConfigError(f"extra_modules: bad name {name!r} (an identifier other than 'model'/'ema')")
+        if not isinstance(mod, nn.Module):
+            raise ConfigError(f"extra_modules[{name!r}] is a {type(mod).__name__}, not an nn.Module")
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise DataError(f"dataset {type(dataset).__name__} has no len()") from None
+    if n < 1:
+        raise DataError("training dataset is empty")
+    return extra, n
+
+
 class Trainer:
     """Train `model` by minimising `loss_fn(model, batch, sample_seeds, **extra_modules)`.
 
@@ -81,40 +98,14 @@ class Trainer:
                  plan=None, evaluate: Callable[[nn.Module], dict] | None = None, eval_every: int = 0,
                  select: Callable[[dict], tuple] | None = None):
         config.validate()
-        extra = dict(extra_modules or {})
-        for name, mod in extra.items():
-            if not name.isidentifier() or name in ("model", "ema"):
-                raise ConfigError(f"extra_modules: bad name {name!r} (an identifier other than 'model'/'ema')")
-            if not isinstance(mod, nn.Module):
-                raise ConfigError(f"extra_modules[{name!r}] is a {type(mod).__name__}, not an nn.Module")
-        try:
-            n = len(dataset)
-        except TypeError:
-            raise DataError(f"dataset {type(dataset).__name__} has no len()") from None
-        if n < 1:
-            raise DataError("training dataset is empty")
+        extra, n = _checked_modules_and_data(extra_modules, dataset)
         self.config = c = config
         self.dataset = dataset
         self.out_dir = Path(c.out_dir)
         self.checkpoint_root = self.out_dir / "checkpoints"
         self.final_dir = self.out_dir / "final"
-
         self.accelerator = acc = make_accelerator(c.mixed_precision, find_unused_parameters, c.device)
-        world = acc.num_processes
-        if c.global_batch_size % world:
-            raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by the "
-                              f"{world} processes")
-        self.per_process_batch = c.global_batch_size // world
-        self.micro_batch_size = c.micro_batch_size or self.per_process_batch
-        self._memory_planned = c.micro_batch_size is not None  # a configured micro-batch is kept as it is
-        self.memory_plan: dict | None = None
-        if c.global_batch_size % (world * self.micro_batch_size):
-            raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by {world} process(es) "
-                              f"x micro_batch_size {self.micro_batch_size}")
-        self.accumulation_steps = self.per_process_batch // self.micro_batch_size
-        self.plan = plan if plan is not None else BatchPlan(c.seed, n, c.global_batch_size)
-        if int(self.plan.batch) != c.global_batch_size:
-            raise ConfigError(f"plan batch {self.plan.batch} differs from global_batch_size {c.global_batch_size}")
+        self._set_batching(acc.num_processes, plan, n)
         if evaluate is not None and (select is None or eval_every < 1):
             raise ConfigError("evaluate needs select and eval_every >= 1")
         self.evaluate, self.eval_every, self.select = evaluate, int(eval_every), select
@@ -141,6 +132,24 @@ class Trainer:
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
         self._seed_global_rngs()
+
+    def _set_batching(self, world: int, plan, n: int) -> None:
+        """Per-process batch, micro-batch, accumulation and the batch plan, each checked against the others."""
+        c = self.config
+        if c.global_batch_size % world:
+            raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by the "
+                              f"{world} processes")
+        self.per_process_batch = c.global_batch_size // world
+        self.micro_batch_size = c.micro_batch_size or self.per_process_batch
+        self._memory_planned = c.micro_batch_size is not None  # a configured micro-batch is kept as it is
+        self.memory_plan: dict | None = None
+        if c.global_batch_size % (world * self.micro_batch_size):
+            raise ConfigError(f"global_batch_size {c.global_batch_size} is not divisible by {world} process(es) "
+                              f"x micro_batch_size {self.micro_batch_size}")
+        self.accumulation_steps = self.per_process_batch // self.micro_batch_size
+        self.plan = plan if plan is not None else BatchPlan(c.seed, n, c.global_batch_size)
+        if int(self.plan.batch) != c.global_batch_size:
+            raise ConfigError(f"plan batch {self.plan.batch} differs from global_batch_size {c.global_batch_size}")
 
     # -- public state -------------------------------------------------------------
     @property
@@ -485,19 +494,22 @@ class Trainer:
             bar.close()
             if log_file is not None:
                 log_file.close()
-        wall = time.perf_counter() - t_start
-        if math.isnan(last_loss) and self.log_path.exists():  # nothing left to train: report the last logged loss
-            rows = list(csv.DictReader(io.StringIO(self.log_path.read_text())))
-            last_loss = float(rows[-1]["loss"]) if rows else float("nan")
-        weights = self.final_dir / ("ema" if self.ema is not None else "model")
-        result = TrainResult(step=self.step, last_loss=last_loss, final_dir=str(self.final_dir),
-                             weights_dir=str(weights), wall_s=wall,
-                             images_per_s=(self.step - start) * c.global_batch_size / max(wall, 1e-9),
-                             resumed_from_step=start)
+        result = self._result(start, time.perf_counter() - t_start, last_loss)
         acc.wait_for_everyone()
         self._export_final(result)
         acc.wait_for_everyone()
         return result
+
+    def _result(self, start: int, wall: float, last_loss: float) -> TrainResult:
+        c = self.config
+        if math.isnan(last_loss) and self.log_path.exists():  # nothing left to train: report the last logged loss
+            rows = list(csv.DictReader(io.StringIO(self.log_path.read_text())))
+            last_loss = float(rows[-1]["loss"]) if rows else float("nan")
+        weights = self.final_dir / ("ema" if self.ema is not None else "model")
+        return TrainResult(step=self.step, last_loss=last_loss, final_dir=str(self.final_dir),
+                           weights_dir=str(weights), wall_s=wall,
+                           images_per_s=(self.step - start) * c.global_batch_size / max(wall, 1e-9),
+                           resumed_from_step=start)
 
 
 class _null:
