@@ -77,6 +77,9 @@ class DemoDataConfig:
     n_test_per_class: int = _f(60, lo=1)
     n_pool_per_style: int = _f(300, lo=1)
     target_style: str = _f("target")
+    shifted_test_style: str = _f("aged", doc="a second test cohort (a secondary endpoint): test images rendered anew "
+                                 "in this held-out look, never in the pool nor in training, as CRC-VAL-HE-7K is to "
+                                 "NCT-CRC-HE-100K; '' = none")
     difficulty: float = _f(0.5, lo=0.0, hi=1.0)
     render_size: int = _f(64, lo=16, hi=1024)
 
@@ -86,6 +89,8 @@ class DataConfig:
     target: str = _f("demo", choices=("demo", "class_folders", "npz"))
     train_path: str = _f("", doc="class_folders: training root (e.g. NCT-CRC-HE-100K); npz: the .npz file")
     test_path: str = _f("", doc="class_folders: test root (e.g. CRC-VAL-HE-7K); npz: same .npz file")
+    shifted_test_path: str = _f("", doc="class_folders: a second labeled test root in another look (stain, scanner, "
+                                "centre), scored as a secondary endpoint; '' = none")
     classes: list[str] = _f(factory=lambda: ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"])
     image_size: int = _f(64, lo=16, hi=1024)
     val_fraction: float = _f(0.2, lo=0.01, hi=0.9)
@@ -533,6 +538,15 @@ def _check_consistency(cfg: Config, label: str) -> None:
             raise ConfigError(f"{label}: data.pool_sources.{s.name}.path: required for kind {s.kind}")
         if s.kind == "demo_procedural" and s.style == cfg.data.demo.target_style:
             raise ConfigError(f"{label}: data.pool_sources.{s.name}.style: the target style may not be in the pool")
+        if s.kind == "demo_procedural" and s.style == cfg.data.demo.shifted_test_style:
+            raise ConfigError(f"{label}: data.pool_sources.{s.name}.style: the shifted test cohort's style "
+                              f"{s.style!r} (data.demo.shifted_test_style) may not be in the pool")
+    if cfg.data.demo.shifted_test_style and cfg.data.demo.shifted_test_style == cfg.data.demo.target_style:
+        raise ConfigError(f"{label}: data.demo.shifted_test_style: must differ from data.demo.target_style "
+                          f"({cfg.data.demo.target_style!r}): the shifted cohort is another look")
+    if cfg.data.shifted_test_path and cfg.data.target != "class_folders":
+        raise ConfigError(f"{label}: data.shifted_test_path: only for data.target class_folders (the demo renders "
+                          "its own: data.demo.shifted_test_style)")
     if not cfg.data.pool_sources:
         raise ConfigError(f"{label}: data.pool_sources: at least one unlabeled pre-training source is needed")
     _check_batches(cfg, label)

@@ -171,7 +171,8 @@ def test_a_frozen_cell_never_moves_and_the_rule_reports_its_margin(monkeypatch):
     monkeypatch.setattr(primary, "run_downstream_grid", lambda cfg, primary, training_sets: _sweep(
         {0.025: 0.77, 0.05: 0.80, 0.1: 0.95}))
     monkeypatch.setattr(primary, "reference_classifier", lambda cfg: None)
-    monkeypatch.setattr(primary, "evaluate", lambda *a, **k: {"accuracy": 0.99})
+    monkeypatch.setattr(primary, "test_scores", lambda *a, **k: {"accuracy": 0.99})
+    monkeypatch.setattr(primary, "has_shifted_cohort", lambda cfg: False)
     monkeypatch.setattr(primary, "labels_per_class", lambda cfg, f, d: {"total": int(f * 160)})
     frozen = load_config("params/default.yaml")
     cell, _ = primary.fix_primary_cell(frozen)

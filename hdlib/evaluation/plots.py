@@ -405,25 +405,31 @@ def primary_cell_rule(sweep: pd.DataFrame, primary: dict, title: str = "The prim
 def gain_vs_labels(table: pd.DataFrame, primary_labels: int | None = None,
                    title: str = "Gain of HistoDiffusion by labels per class (paired over seeds, 95% CI)"):
     """Mean paired test-accuracy difference (points) with its CI, per label count, one line
-    per comparison (`comparison` column: e.g. vs real-only, vs the pseudo-label rival)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    comps = list(dict.fromkeys(table["comparison"]))
-    for i, comp in enumerate(comps):
-        g = table[table["comparison"] == comp].sort_values("labels_per_class")
-        x = g["labels_per_class"].to_numpy(float) * (1 + 0.04 * (i - (len(comps) - 1) / 2))
-        y = 100 * g["mean_diff"].to_numpy()
-        err = np.vstack([y - 100 * g["ci_low"].to_numpy(), 100 * g["ci_high"].to_numpy() - y])
-        ax.errorbar(x, y, yerr=err, fmt="-o", capsize=3, label=comp)
-    ax.axhline(0, color="k", lw=1)
-    if primary_labels is not None:
-        ax.axvline(primary_labels, color="C3", ls=":", lw=1.5, label="primary cell")
-    ax.set_xscale("log", base=2)
-    ticks = sorted(table["labels_per_class"].unique())
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(int(v)) for v in ticks])
-    ax.set_xlabel("labels per class (training + validation)")
-    ax.set_ylabel("accuracy difference (points)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    per comparison (`comparison` column: e.g. vs real-only, vs the pseudo-label rival); one panel
+    per test cohort when a `cohort` column names several (shared y axis)."""
+    cohorts = list(dict.fromkeys(table["cohort"])) if "cohort" in table else [None]
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(6.5 * len(cohorts), 4), sharey=True, squeeze=False)
+    for ax, cohort in zip(axes[0], cohorts):
+        part = table if cohort is None else table[table["cohort"] == cohort]
+        comps = list(dict.fromkeys(part["comparison"]))
+        for i, comp in enumerate(comps):
+            g = part[part["comparison"] == comp].sort_values("labels_per_class")
+            x = g["labels_per_class"].to_numpy(float) * (1 + 0.04 * (i - (len(comps) - 1) / 2))
+            y = 100 * g["mean_diff"].to_numpy()
+            err = np.vstack([y - 100 * g["ci_low"].to_numpy(), 100 * g["ci_high"].to_numpy() - y])
+            ax.errorbar(x, y, yerr=err, fmt="-o", capsize=3, label=comp)
+        ax.axhline(0, color="k", lw=1)
+        if primary_labels is not None:
+            ax.axvline(primary_labels, color="C3", ls=":", lw=1.5, label="primary cell")
+        ax.set_xscale("log", base=2)
+        ticks = sorted(part["labels_per_class"].unique())
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(int(v)) for v in ticks])
+        ax.set_xlabel("labels per class (training + validation)")
+        ax.set_title(title if cohort is None else f"{cohort} test cohort", fontsize=10 if cohort else None)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("accuracy difference (points)")
+    if cohorts != [None]:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

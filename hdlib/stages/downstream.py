@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..evaluation.stats import holm_adjust, min_detectable_difference, paired_comparison
+from ..evaluation.stats import grid_summary, holm_adjust, min_detectable_difference, paired_comparison
 
 # What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
 # only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
@@ -99,3 +99,22 @@ def primary_result(cfg: Config, results: pd.DataFrame, primary: dict, metric: st
                       "beats_real_only" if vr and vr["ci_low"] > 0 else
                       "worse_than_real_only" if vr and vr["ci_high"] < 0 else "no_detectable_gain")
     return out
+
+
+SHIFTED_METRIC = "test_shifted.accuracy"
+
+
+def shifted_cohort_result(cfg: Config, results: pd.DataFrame, primary: dict) -> dict | None:
+    """The secondary endpoint: every arm's accuracy on the shifted test cohort (another look, never in the pool
+    nor in training), the pre-declared comparisons at the primary cell on it (Holm across the three) and the
+    gain by label count. None when the study has no shifted cohort."""
+    if SHIFTED_METRIC not in results.columns:
+        return None
+    main = results[results["ratio"].isin([0.0, cfg.downstream.ratio]) & results["fraction"].isin(cfg.downstream.fractions)]
+    at_primary = primary_result(cfg, results, primary, metric=SHIFTED_METRIC)
+    return {"split": "target_test_shifted", "metric": "accuracy",
+            "all_labels_accuracy": primary.get("all_labels_accuracy_shifted"),
+            "accuracy": grid_summary(main, SHIFTED_METRIC)[0].to_dict(orient="records"),
+            **{k: at_primary[k] for k in ("real_only_at_primary", *HEADLINE_COMPARISONS, "n_seeds", "mdd_points")},
+            "gain_vs_labels": gain_table(cfg, results, primary["labels_per_class_by_fraction"],
+                                         metric=SHIFTED_METRIC).to_dict(orient="records")}

@@ -125,6 +125,10 @@ def headline(cfg: Config) -> str:
     return text + ". " + VERDICTS[m["verdict"]] + freeze
 
 
+COMPARISON_NAMES = [("vs_real", "HistoDiffusion - real-only"), ("vs_rival", "HistoDiffusion - the pseudo-label rival"),
+                    ("combined_vs_rival", "HistoDiffusion + pseudo-labels - the rival")]
+
+
 def _row(records, **match) -> dict:
     for r in records or []:
         if all(r.get(k) == v for k, v in match.items()):
@@ -176,8 +180,7 @@ def chain_section(cfg: Config) -> str:
     if d4.get("near_copy_rate_at_primary"):
         lines.append("| near-copy rate among candidates | " + ", ".join(
             f"{g} {v:.1%}" for g, v in d4["near_copy_rate_at_primary"].items()) + " | low for HistoDiffusion |")
-    for key, name in (("vs_real", "HistoDiffusion - real-only"), ("vs_rival", "HistoDiffusion - the pseudo-label rival"),
-                      ("combined_vs_rival", "HistoDiffusion + pseudo-labels - the rival")):
+    for key, name in COMPARISON_NAMES:
         if d5.get(key):
             lines.append(f"| accuracy, {name} (paired) | {_points(d5[key])} | CI above 0 |")
     if d5.get("verdict"):
@@ -245,6 +248,8 @@ def _downstream_tables(cfg: Config, d5: dict, per: dict) -> dict:
     if d5.get("gain_vs_labels"):
         tables["gain_vs_labels"] = _md(pd.DataFrame(d5["gain_vs_labels"])[
             ["comparison", "labels_per_class", "mean_diff", "ci_low", "ci_high", "t_pvalue", "holm_pvalue", "n"]], ".4f")
+    if d5.get("shifted_cohort"):
+        tables["shifted_accuracy"] = _md(accuracy_table(d5["shifted_cohort"]["accuracy"], per))
     if d5.get("ratio_sweep"):
         tables["ratio_sweep"] = _md(pd.DataFrame(d5["ratio_sweep"])[
             ["training_set", "ratio", "mean", "std", "ci_low", "ci_high", "n"]])
@@ -323,6 +328,8 @@ def report_context(cfg: Config) -> dict:
         "ablation": [s for s in ds.training_sets if s in ("scratch", "classifier_free")],
         "sampler_name": SAMPLER_NAMES[cfg.sampling.method],
         "validation_agreement": (d4.get("selection") or {}).get("validation_agreement", float("nan")),
+        "shifted": d5.get("shifted_cohort"), "shifted_n": sum((d0.get("counts") or {}).get("test_shifted", {}).values()),
+        "comparisons": COMPARISON_NAMES, "points": _points,
         "tables": defaultdict(str, {**_downstream_tables(cfg, d5, per), **_synthesis_tables(cfg, d4, f0),
                                  **_core_tables(d0, d1, d2, d6), "timings": _timings_table(cfg)})}  # absent: ""
 

@@ -24,6 +24,7 @@ from .context import config_from_results, device
 from .splits import (
     draws_for,
     fraction_indices,
+    has_shifted_cohort,
     manifest_hash,
     split_images,
     split_labels,
@@ -48,6 +49,8 @@ def cell_inputs_key(cfg: Config, training_set: str, fraction: float, ratio: floa
     _, _, syn_key = added_training_images(cfg, training_set, fraction, ratio, draw)
     parts = [manifest_hash(cfg, "target_train", fraction, draw), validation_set(cfg, fraction, draw)[2],
              manifest_hash(cfg, "target_test"), syn_key, _settings_key(cfg)]
+    if has_shifted_cohort(cfg):  # a cell is judged on it too (absent: the key is the one before cohorts existed)
+        parts.append("shifted:" + manifest_hash(cfg, "target_test_shifted"))
     if syn_key:  # the loss over added images (mean real + lambda x mean added) and its lambda candidates
         lambdas = [float(v) for v in cfg.downstream.synthetic_loss_weights]
         parts.append("loss=real+lambda*added:" + json.dumps(lambdas))
@@ -123,15 +126,23 @@ def run_downstream_cell(cell: dict) -> dict:
         val = score(model)
         if cell["training_set"] == "real":  # the same model is the draw's baseline (filter, pseudo-labels)
             store_baseline(cfg, f, draw, model, history)
-    test = evaluate(model, split_images(cfg, "target_test"), split_labels(cfg, "target_test"),
-                    num_classes=len(names), class_names=names, device=device(cfg))
     per_class_real = np.bincount(y.numpy(), minlength=len(names))
     out = {"n_real": int(len(idx)), "n_synthetic": n_syn, "labels_per_class": int(per_class_real.min()),
-           "test": test, "val_balanced_accuracy": val["balanced_accuracy"], "val_accuracy": val["accuracy"]}
+           "test": test_scores(cfg, model), "val_balanced_accuracy": val["balanced_accuracy"],
+           "val_accuracy": val["accuracy"]}
+    if has_shifted_cohort(cfg):  # the secondary endpoint: the same model on the shifted cohort
+        out["test_shifted"] = test_scores(cfg, model, "target_test_shifted")
     if n_syn:
         out["synthetic_loss_weight"] = lam
         out["val_accuracy_by_lambda"] = {f"{v:g}": acc for v, acc in val_by_lambda.items()}
     return out
+
+
+def test_scores(cfg: Config, model, split: str = "target_test") -> dict:
+    """A trained classifier's scores on a test cohort (evaluated once, never used to choose)."""
+    names = list(cfg.data.classes)
+    return evaluate(model, split_images(cfg, split), split_labels(cfg, split), num_classes=len(names),
+                    class_names=names, device=device(cfg))
 
 
 def select_synthetic_loss_weight(fit, lambdas, score):

