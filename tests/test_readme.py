@@ -74,3 +74,21 @@ def test_readme_names_the_two_commands():
     text = README.read_text()
     for command in ("make study", "make test"):
         assert command in text, f"README.md does not mention `{command}`"
+
+
+def test_the_readmes_numbers_outside_the_generated_block_are_read_back_from_what_they_describe():
+    """Claims typed into the README's prose must say what the committed runs measured: the ablation study's
+    label counts and seeds, and the shipped model's pool size."""
+    import json
+
+    text = README.read_text()
+    ablations = REPO_ROOT / "results" / "ablations" / "metrics" / "05_downstream.json"
+    m = re.search(r"Ablations \(`params/ablations\.yaml`; (\d+) and (\d+) labels/class, (\d+) seeds\)", text)
+    assert m, "the README's ablations line changed its form: update this test with it"
+    if ablations.exists():
+        d5 = json.loads(ablations.read_text())
+        assert sorted(v["total"] for v in d5["labels_per_class"].values()) == [int(m[1]), int(m[2])]
+        assert {r["n"] for r in d5["accuracy"]} == {int(m[3])}
+    pool = re.search(r"pre-trained on a ([\d,]+)-tile demo pool", text)
+    card = json.loads((REPO_ROOT / "models" / "demo-pool" / "card.json").read_text())
+    assert pool and int(pool[1].replace(",", "")) == sum(card["data"]["pool_sources"].values())

@@ -10,7 +10,12 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..evaluation.stats import grid_summary, holm_adjust, min_detectable_difference, paired_comparison
+from ..evaluation.stats import (
+    grid_summary,
+    holm_adjust,
+    min_detectable_difference,
+    paired_comparison,
+)
 
 # What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
 # only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The

@@ -18,6 +18,7 @@ from ..models.pretrained import folder_sha256
 from ..paths import REPO_ROOT, StudyPaths, percent_text
 from ..study.context import read_metrics
 from ..study.decisions import primary_fraction
+from ..study.splits import first_draw, smallest_fraction
 
 # What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
 # only say how it runs are hdlib.tools.stage_inputs.HOW_IT_RUNS), and the files earlier stages wrote. The
@@ -172,11 +173,7 @@ def chain_section(cfg: Config) -> str:
             lines.append(f"| HistoDiffusion kept / requested (all seeds) | {int(hd['achieved'].sum())} / "
                          f"{int(hd['requested'].sum())} (acceptance {hd['achieved'].sum() / max(1, hd['candidates'].sum()):.2f}) | "
                          "no shortfall |")
-    q = {r["set"]: r for r in d6.get("overall", [])}
-    if "histodiffusion" in q and "fid" in q["histodiffusion"]:
-        other = q.get("scratch", {}).get("fid")
-        lines.append(f"| FID, HistoDiffusion vs from-scratch (equal-size sets) | {q['histodiffusion']['fid']:.1f} vs "
-                     f"{other if other is None else f'{other:.1f}'} | lower than from scratch |")
+    lines += _fid_rows(d6)
     if d4.get("near_copy_rate_at_primary"):
         lines.append("| near-copy rate among candidates | " + ", ".join(
             f"{g} {v:.1%}" for g, v in d4["near_copy_rate_at_primary"].items()) + " | low for HistoDiffusion |")
@@ -188,6 +185,20 @@ def chain_section(cfg: Config) -> str:
         if d5["verdict"] != "beats_both":
             lines += ["", broken_links(d4, d5, acc_rows=hd if len(acc) else None)]
     return "\n".join(lines) + "\n"
+
+
+def _fid_rows(d6: dict) -> list[str]:
+    """The chain's FID row: on every class where the filtered set has them all, else on the classes every
+    set holds (the filter kept no image of the others)."""
+    q = {r["set"]: r for r in d6.get("overall", [])}
+    shared = {r["set"]: r for r in d6.get("overall_shared_classes", [])}
+    for table, where in ((q, "equal-size sets"),
+                         (shared, f"equal-size sets on the {len(d6.get('shared_classes', []))} classes every set holds")):
+        if "histodiffusion" in table and "fid" in table["histodiffusion"]:
+            other = table.get("scratch", {}).get("fid")
+            return [f"| FID, HistoDiffusion vs from-scratch ({where}) | {table['histodiffusion']['fid']:.1f} vs "
+                    f"{other if other is None else f'{other:.1f}'} | lower than from scratch |"]
+    return []
 
 
 def broken_links(d4: dict, d5: dict, acc_rows: pd.DataFrame | None = None) -> str:
@@ -268,7 +279,7 @@ def _synthesis_tables(cfg: Config, d4: dict, f0: float) -> dict:
                                                       "near_copies"]].sum().reset_index()
         tot["fraction"] = tot["fraction"].map(percent_text)  # a '.0f' table format printed every fraction as 0
         tables["accounting"] = _md(tot, ".0f")
-        first = acc[(acc["fraction"] == f0) & (acc["draw"] == cfg.downstream.seeds[0])]
+        first = acc[(acc["fraction"] == f0) & (acc["draw"] == first_draw(cfg))]
         wide = first.pivot_table(index="class", columns="generator", values=["requested", "achieved"], aggfunc="sum")
         wide.columns = [f"{g} {k}" for k, g in wide.columns]
         tables["accounting_per_class"] = _md(wide.reset_index(), ".0f")
@@ -279,6 +290,8 @@ def _core_tables(d0: dict, d1: dict, d2: dict, d6: dict) -> dict:
     tables = {}
     if d6.get("overall"):
         tables["quality"] = _md(pd.DataFrame(d6["overall"]), ".4f")
+    if d6.get("overall_shared_classes"):
+        tables["quality_shared"] = _md(pd.DataFrame(d6["overall_shared_classes"]), ".4f")
     if d1:
         tables["reconstruction"] = _md(pd.DataFrame(d1.get("reconstruction", [])))
     if d2.get("realism_frechet"):
@@ -317,7 +330,7 @@ def report_context(cfg: Config) -> dict:
     d0, d1, d2 = _read(cfg, "00_data"), _read(cfg, "01_autoencoder"), _read(cfg, "02_diffusion")
     d4, d5, d6 = _read(cfg, "04_synthesis"), _read(cfg, "05_downstream"), _read(cfg, "06_quality")
     ds, per = cfg.downstream, labels_per_class(cfg)
-    f0 = min(ds.fractions)  # stage 06 and the per-class accounting describe the smallest label count
+    f0 = smallest_fraction(cfg)  # stage 06 and the per-class accounting describe the smallest label count
     pre = d1.get("pretrained")
     return {
         "cfg": cfg, "ds": ds, "d0": d0, "d1": d1, "d4": d4, "d5": d5, "d6": d6, "per": per, "f0": f0,

@@ -38,8 +38,10 @@ from ..study.latent_models import load_latent_classifier
 from ..study.pseudo_labels import unlabeled_rows
 from ..study.splits import (
     draws_for,
+    first_draw,
     fraction_indices,
     grid_fractions,
+    smallest_fraction,
     split_images,
     validation_set,
 )
@@ -246,7 +248,7 @@ def _fill_sets(cfg: Config, gen: Generation, primary: float) -> tuple[pd.DataFra
     """Every (generator, fraction, draw) set filled to its quota of kept images, and the unguided pre-trained
     model's set for the quality comparison. Returns (the accounting table, {set name: manifest})."""
     acct, frames = [], {}
-    f_min = min(cfg.downstream.fractions)  # where the ablation generators' sets are (stage 06 compares there)
+    f_min = smallest_fraction(cfg)  # where the ablation generators' sets are (stage 06 compares there)
     for f in grid_fractions(cfg):
         for draw in draws_for(cfg, f, primary):
             judge = SelectiveFilter(cfg, f, draw)
@@ -259,7 +261,7 @@ def _fill_sets(cfg: Config, gen: Generation, primary: float) -> tuple[pd.DataFra
                 frames[name] = df
                 acct.append(accounting(cfg, df, quota, name).assign(generator=g, fraction=f, draw=draw))
     # the unguided pre-trained model, for the quality comparison only (its class label is the request's)
-    d0 = cfg.downstream.seeds[0]
+    d0 = first_draw(cfg)
     synthesize(gen, "pretrained", f_min, d0, int(quota_per_class(cfg, f_min, d0).max()))
     accounting_table = pd.concat(acct, ignore_index=True)
     atomic_write_csv(accounting_table, StudyPaths(cfg).table("synthesis_accounting"))
@@ -292,7 +294,7 @@ def synthesis_stage(cfg: Config, train_model=None) -> dict:
     `train_model(task, fraction, adaptation, draw)` trains a model the choice needs that
     stage 02 did not (adapted denoisers of other fractions and draws).
     Returns the metrics for metrics/04_synthesis.json."""
-    f0, d0 = primary_fraction(cfg), cfg.downstream.seeds[0]  # the primary cell (stage 03), first label draw
+    f0, d0 = primary_fraction(cfg), first_draw(cfg)  # the primary cell (stage 03), first label draw
     reference = reference_classifier(cfg)
     decision, sweep = _decide_guidance(cfg, f0, d0, reference, train_model)
     scale, interval, adaptation = decision["guidance_scale"], decision["guidance_interval"], decision["adaptation"]

@@ -22,6 +22,7 @@ from .latent_models import (
     uses_pretrained_unet,
 )
 from .latents import latent_scale, load_autoencoder
+from .splits import first_draw
 
 
 def weights_key(cfg: Config, name: str) -> str:
@@ -112,7 +113,7 @@ class Generation:
     def latents(self, generator: str, fraction: float, labels, seeds, guidance_scale: float | None = None,
                 draw: int | None = None, progress: bool | None = None) -> torch.Tensor:
         s, cfg = self.sampling, self.cfg
-        draw = cfg.downstream.seeds[0] if draw is None else draw
+        draw = first_draw(cfg) if draw is None else draw
         labels = torch.as_tensor(labels, dtype=torch.long)
         seeds = torch.as_tensor(seeds, dtype=torch.long)
         kw = dict(latent_shape=self.latent_shape, batch_size=s.batch_size, device=self.device,

@@ -26,6 +26,7 @@ from .splits import (
     fraction_indices,
     has_shifted_cohort,
     manifest_hash,
+    smallest_fraction,
     split_images,
     split_labels,
     validation_set,
@@ -66,7 +67,7 @@ def downstream_cells(cfg: Config, primary: float | None = None, training_sets=No
     fraction are `draws_for(cfg, fraction, primary)`; `training_sets` restricts the sets."""
     ds = cfg.downstream
     sets = [s for s in ds.training_sets if training_sets is None or s in training_sets]
-    f0 = min(ds.fractions)
+    f0 = smallest_fraction(cfg)
     cells = []
 
     def add(f, s, r, seed):

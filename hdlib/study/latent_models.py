@@ -9,6 +9,7 @@ from ..models.pretrained import has_unet, load_scheduler, load_unet, unet_like
 from ..paths import StudyPaths, model_name
 from ..training.weights import load_final
 from .context import read_metrics, require
+from .splits import first_draw
 
 
 def uses_pretrained_unet(cfg: Config) -> bool:
@@ -59,7 +60,7 @@ def load_denoiser(cfg: Config, name: str, conditional: bool = False):
 def load_latent_classifier(cfg: Config, fraction: float, draw: int | None = None):
     """The selected (best validation) weights of one fraction's and draw's latent classifier."""
 
-    draw = cfg.downstream.seeds[0] if draw is None else draw
+    draw = first_draw(cfg) if draw is None else draw
     C, _, S = latent_shape(cfg)
     skeleton = build_denoiser(cfg) if cfg.latent_classifier.backbone == "pretrained_unet" else None  # weights below
     clf = build_latent_classifier(cfg.latent_classifier, C, S, len(cfg.data.classes), encoder_unet=skeleton)

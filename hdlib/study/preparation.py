@@ -28,12 +28,17 @@ from ..data.splits import (
 )
 from ..data.streaming import scan_readable
 from ..data.tiling import tile_large_image
-from ..demo import DEFAULT_WHEEL_SOURCES, build_demo_cohort, build_demo_data, fetch_wheel_images
+from ..demo import (
+    DEFAULT_WHEEL_SOURCES,
+    build_demo_cohort,
+    build_demo_data,
+    fetch_wheel_images,
+)
 from ..errors import DataError
 from ..io import atomic_write_csv
 from ..paths import StudyPaths
 from .context import write_metrics
-from .splits import draw_seed, fraction_column, order_column
+from .splits import draw_seed, first_draw, fraction_column, order_column
 
 
 def demo_root(cfg: Config) -> Path:
@@ -264,7 +269,7 @@ def prepare_data(cfg: Config) -> dict:
         "counts": {"train": counts(train), "val": counts(val), "test": counts(test),
                    **({"test_shifted": counts(shifted)} if shifted is not None else {})},
         "fractions": {f"{f:g}": {cls: int(sum(train[i].label == k for i in idx)) for k, cls in enumerate(c.classes)}
-                      for f, idx in draws[cfg.downstream.seeds[0]].items()},
+                      for f, idx in draws[first_draw(cfg)].items()},
         "labeled_val_every": c.labeled_val_every,
         "label_draws": list(cfg.downstream.seeds),
         "pool": {n: int(sum(r.source == n for r in pool)) for n in names},

@@ -10,7 +10,7 @@ from ..config import Config
 from ..evaluation.stats import primary_cell, rule_margin
 from .classifiers import reference_classifier
 from .grid_cells import run_downstream_grid, test_scores
-from .splits import has_shifted_cohort, labels_per_class
+from .splits import first_draw, has_shifted_cohort, labels_per_class
 
 
 def fix_primary_cell(cfg: Config) -> tuple[dict, pd.DataFrame]:
@@ -30,7 +30,7 @@ def fix_primary_cell(cfg: Config) -> tuple[dict, pd.DataFrame]:
                      "real_only_mean": cell["real_only_means"][float(frozen.fraction)]})
     cell["rule_agrees"] = cell["rule_fraction"] == cell["fraction"]
     cell["rule_margin"] = rule_margin(sweep, cell["fraction"], ref["accuracy"], gap)
-    first = cfg.downstream.seeds[0]
+    first = first_draw(cfg)
     cell["labels_per_class"] = labels_per_class(cfg, cell["fraction"], first)
     cell["labels_per_class_by_fraction"] = {f"{f:g}": labels_per_class(cfg, f, first) for f in cfg.downstream.fractions}
     cell["real_only_seeds"] = int(sweep.groupby("fraction")["seed"].nunique().min())

@@ -21,6 +21,16 @@ def draw_seed(cfg: Config, draw: int) -> int:
     return int(hashlib.sha1(repr((cfg.study.seed, "labels", int(draw))).encode()).hexdigest()[:8], 16)
 
 
+def first_draw(cfg: Config) -> int:
+    """The first label draw (downstream.seeds[0]): the one single-draw figures, choices and defaults use."""
+    return int(cfg.downstream.seeds[0])
+
+
+def smallest_fraction(cfg: Config) -> float:
+    """The grid's smallest label fraction: where the ablation generators' sets and stage 06's comparison are."""
+    return float(min(cfg.downstream.fractions))
+
+
 SPLITS = ("target_train", "target_val", "target_test", "pool", "pool_holdout", "target_test_shifted")
 
 
@@ -57,7 +67,7 @@ def order_column(draw: int) -> str:
 
 def _labeled_rows(cfg: Config, fraction: float, draw: int | None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """(the fractions table, training mask, validation mask) of a label draw of a fraction."""
-    draw = cfg.downstream.seeds[0] if draw is None else draw
+    draw = first_draw(cfg) if draw is None else draw
     df = pd.read_csv(require(StudyPaths(cfg).fractions_csv, "label-fraction manifest"))
     col = fraction_column(fraction, draw)
     if col not in df:

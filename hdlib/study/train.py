@@ -49,7 +49,7 @@ from .latent_models import (
 )
 from .latents import latent_store
 from .pseudo_labels import confident_pseudo_labels
-from .splits import fraction_indices, labeled_val_indices, split_images
+from .splits import first_draw, fraction_indices, labeled_val_indices, split_images
 
 TASKS = ("autoencoder", "denoiser_pretrained", "denoiser_adapted", "denoiser_scratch", "denoiser_classifier_free",
          "latent_classifier")
@@ -145,7 +145,7 @@ def _labeled_draw(cfg: Config, task: str, fraction, adaptation, draw) -> tuple[b
     if (task == "autoencoder" and cfg.pretrained.path) or (task == "denoiser_pretrained" and uses_pretrained_unet(cfg)):
         raise ConfigError(f"task {task}: pretrained.path is set ({cfg.pretrained.path}), so this model is "
                           "loaded, not trained; clear pretrained.path to train it")
-    return labeled, ((cfg.downstream.seeds[0] if draw is None else int(draw)) if labeled else None)
+    return labeled, ((first_draw(cfg) if draw is None else int(draw)) if labeled else None)
 
 
 def _autoencoder_task(cfg: Config, name: str, seed: int) -> TaskSpec:
@@ -227,6 +227,14 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
     labeled, draw = _labeled_draw(cfg, task, fraction, adaptation, draw)
     name = model_name(task, fraction, adaptation, draw)
     seed = task_seed(cfg, name)
+    # a model's initial weights come from its task's seed alone, never from what ran before in this process
+    # (an evaluation's DataLoader draws from the global RNG); the caller's RNG state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _task_spec(cfg, task, fraction, adaptation, draw, labeled, name, seed)
+
+
+def _task_spec(cfg: Config, task: str, fraction, adaptation, draw, labeled: bool, name: str, seed: int) -> TaskSpec:
     if task == "autoencoder":
         return _autoencoder_task(cfg, name, seed)
     store, d = latent_store(cfg), cfg.diffusion

@@ -46,7 +46,7 @@ from ..study.latent_models import (
     noise_scheduler,
 )
 from ..study.latents import latent_scale, load_autoencoder
-from ..study.splits import grid_fractions
+from ..study.splits import first_draw, grid_fractions, smallest_fraction
 
 EXPORT_INFO = "hdlib_export.json"
 
@@ -58,7 +58,7 @@ def export_study(study_dir: str | Path, out: str | Path) -> Path:
 
     cfg = config_from_results(study_dir)
     out = Path(out)
-    f0, d0 = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+    f0, d0 = smallest_fraction(cfg), first_draw(cfg)
     gen = chosen_generation(cfg)
     unet = load_denoiser(cfg, gen.denoiser_name(f0, d0))
     info = {"study": str(study_dir), "classes": list(cfg.data.classes), "image_size": cfg.data.image_size,
@@ -147,8 +147,8 @@ def augment_dataset(source: str | Path, out: str | Path, per_class: int, fractio
         seed_tag = f"augment/{source.resolve().name}"
     elif (source / "config.json").exists():
         cfg = config_from_results(source)
-        fraction = min(cfg.downstream.fractions) if fraction is None else fraction
-        draw = cfg.downstream.seeds[0] if draw is None else draw
+        fraction = smallest_fraction(cfg) if fraction is None else fraction
+        draw = first_draw(cfg) if draw is None else draw
         gen = chosen_generation(cfg)
         judge = SelectiveFilter(cfg, fraction, draw)
         classes = list(cfg.data.classes)

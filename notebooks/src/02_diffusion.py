@@ -34,7 +34,13 @@ from hdlib.study import train
 from hdlib.study.context import write_metrics
 from hdlib.study.latent_models import uses_pretrained_unet
 from hdlib.study.latents import training_log
-from hdlib.study.splits import grid_fractions, load_split_images, split_images
+from hdlib.study.splits import (
+    first_draw,
+    grid_fractions,
+    load_split_images,
+    smallest_fraction,
+    split_images,
+)
 
 cfg = setup_notebook(params_file, overrides)  # prints where results go and the device
 paths = StudyPaths(cfg)
@@ -51,7 +57,7 @@ else:
     train.launch_task(cfg, params_file, overrides, "denoiser_pretrained")
     display(Markdown("**Unconditional denoiser pre-trained in this study** on the unlabeled pool "
                      "(settings: `diffusion`, `diffusion.pretrain`)."))
-f0, d0 = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+f0, d0 = smallest_fraction(cfg), first_draw(cfg)
 # adaptation candidates at the smallest fraction and first draw: stage 04 chooses on validation
 # (and trains the chosen adaptation for the other fractions and draws)
 if "labeled" in cfg.diffusion.adaptations:

@@ -33,7 +33,7 @@ from hdlib.study.decisions import record
 from hdlib.study.grid_cells import run_downstream_grid
 from hdlib.study.latents import training_log
 from hdlib.study.primary import fix_primary_cell
-from hdlib.study.splits import draws_for, grid_fractions
+from hdlib.study.splits import draws_for, first_draw, grid_fractions, smallest_fraction
 
 cfg = setup_notebook(params_file, overrides)  # prints where results go and the device
 paths = StudyPaths(cfg)
@@ -70,7 +70,7 @@ real_cells = run_downstream_grid(cfg, primary=primary["fraction"], training_sets
 print(f"{len(real_cells)} real-only cells ({len(real_cells.attrs['computed'])} computed now)")
 
 # %%
-fractions, f0, d0 = grid_fractions(cfg), min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+fractions, f0, d0 = grid_fractions(cfg), smallest_fraction(cfg), first_draw(cfg)
 needed = set(cfg.downstream.training_sets) | set(cfg.downstream.ratio_sweep_sets)
 for f in fractions:  # each seed re-draws the labeled subset, so its own classifiers
     for d in draws_for(cfg, f, primary["fraction"]):

@@ -35,7 +35,13 @@ from hdlib.stages.synthesis import synthesis_stage
 from hdlib.study import train
 from hdlib.study.classifiers import reference_classifier
 from hdlib.study.context import device, write_metrics
-from hdlib.study.splits import load_split_images, split_images, split_labels
+from hdlib.study.splits import (
+    first_draw,
+    load_split_images,
+    smallest_fraction,
+    split_images,
+    split_labels,
+)
 from hdlib.study.synthetic_sets import first_images, generators_needed, load_set
 
 cfg = setup_notebook(params_file, overrides)  # prints where results go and the device
@@ -68,7 +74,7 @@ metrics = synthesis_stage(cfg, train_model=train_model)
 metrics["reference_val"] = ref_val
 write_metrics(cfg, "04_synthesis", metrics)
 accounting = pd.DataFrame(metrics["accounting"])
-f0, d0 = min(cfg.downstream.fractions), cfg.downstream.seeds[0]
+f0, d0 = smallest_fraction(cfg), first_draw(cfg)
 kept_acc = metrics["guided_class_accuracy"]
 print(f"chosen on validation: guidance scale {metrics['guidance_scale']:g}, adaptation `{metrics['adaptation']}`; "
       f"at the primary cell the reference classifier gives {metrics['guided_class_accuracy_n']} kept images their "

@@ -30,10 +30,16 @@ from hdlib.evaluation.stats import grid_summary
 from hdlib.io import atomic_write_csv
 from hdlib.paths import TRAINING_SETS, StudyPaths, percent_text
 from hdlib.stages.common import setup_notebook
-from hdlib.stages.downstream import HEADLINE_COMPARISONS, gain_table, primary_result, shifted_cohort_result
+from hdlib.stages.downstream import (
+    HEADLINE_COMPARISONS,
+    gain_table,
+    primary_result,
+    shifted_cohort_result,
+)
 from hdlib.study.context import write_metrics
 from hdlib.study.decisions import primary_cell
 from hdlib.study.grid_cells import run_downstream_grid
+from hdlib.study.splits import first_draw
 
 cfg = setup_notebook(params_file, overrides)  # prints where results go and the device
 paths = StudyPaths(cfg)
@@ -151,7 +157,7 @@ ratio_summary.round(4)
 
 # %%
 f0 = primary["fraction"]
-picks = results[(results["fraction"] == f0) & (results["seed"] == cfg.downstream.seeds[0])
+picks = results[(results["fraction"] == f0) & (results["seed"] == first_draw(cfg))
                 & results["training_set"].isin(["real", "histodiffusion"])
                 & results["ratio"].isin([0.0, cfg.downstream.ratio])]
 for _, r in picks.iterrows():

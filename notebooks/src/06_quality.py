@@ -30,7 +30,12 @@ from hdlib.evaluation.downstream import extract_features
 from hdlib.io import atomic_write_csv
 from hdlib.paths import StudyPaths
 from hdlib.stages.common import setup_notebook
-from hdlib.stages.quality import nearest_training_examples, quality_sets, quality_table
+from hdlib.stages.quality import (
+    nearest_training_examples,
+    quality_sets,
+    quality_table,
+    shared_class_sets,
+)
 from hdlib.study.classifiers import reference_classifier
 from hdlib.study.context import device, write_metrics
 from hdlib.study.splits import split_images, split_labels
@@ -61,7 +66,7 @@ atomic_write_csv(per_class, paths.table("quality_per_class"))
 # %% [markdown]
 # ## Table: overall generation quality
 #
-# Each row is an image set compared with the real test set: `real (val)` (real images: the floor a perfect generator would reach with this many images), the filtered sets the downstream classifier is trained on (`histodiffusion`, `scratch`, `classifier_free`), the same candidates before filtering (`*_unfiltered`) and unguided samples (`pretrained`). FID and KID measure how far the generated images' feature distribution is from the real one (lower is better; KID is less biased for small sets, `kid_std` is its spread over random subsets). Precision is the share of generated images that fall within the range of real ones (realism), recall the share of real images whose neighbourhood contains generated ones (diversity); both 0 to 1, higher is better. **Good:** `histodiffusion` closer to `real (val)` than the other generators, with high precision and recall.
+# Each row is an image set compared with the real test set: `real (val)` (real images: the floor a perfect generator would reach with this many images; with few images its KID scatters around 0 and can be negative, which `kid_resolved` = false marks as indistinguishable from 0), the filtered sets the downstream classifier is trained on (`histodiffusion`, `scratch`, `classifier_free`), the same candidates before filtering (`*_unfiltered`) and unguided samples (`pretrained`). FID and KID measure how far the generated images' feature distribution is from the real one (lower is better; KID is less biased for small sets, `kid_std` is its spread over random subsets). Precision is the share of generated images that fall within the range of real ones (realism), recall the share of real images whose neighbourhood contains generated ones (diversity); both 0 to 1, higher is better. **Good:** `histodiffusion` closer to `real (val)` than the other generators, with high precision and recall.
 
 # %%
 overall.round(4)
@@ -97,6 +102,27 @@ if "kid_mean" in overall:
 
 # %%
 per_class.pivot(index="class", columns="set", values="fid").round(3) if len(per_class) else per_class
+
+# %% [markdown]
+# ## Table: every set on the classes they all hold, the filtered ones included
+#
+# A filtered set that kept no image of some class is left out of the tables above (they need every class). Here every set is compared on the classes each of them holds at least 2 images of, cut to the same images per class, against the real test images of those classes; `real (val)` again gives the floor. The classes each set lacks are listed below the table. **Good:** `histodiffusion` close to `real (val)`, and no class missing.
+
+# %%
+shared_sets, shared_n, shared_classes, lacking = shared_class_sets(cfg)
+if shared_sets:
+    shared_val_rows = np.concatenate([np.flatnonzero(val_labels == k)[:shared_n] for k in shared_classes])
+    shared_sets = {"real (val)": pd.read_csv(paths.manifest("target_val"), keep_default_na=False).iloc[shared_val_rows]
+                   } | shared_sets
+    overall_shared, _ = quality_table(cfg, shared_sets, features, classes=shared_classes)
+    atomic_write_csv(overall_shared, paths.table("quality_overall_shared_classes"))
+    print(f"on {len(shared_classes)} classes ({', '.join(cfg.data.classes[k] for k in shared_classes)}), "
+          f"{shared_n} images per class; classes a set lacks: "
+          + ("; ".join(f"{k}: {', '.join(v)}" for k, v in lacking.items() if v) or "none"))
+else:
+    overall_shared = pd.DataFrame()
+    print("no class that every set holds 2 images of")
+overall_shared.round(4)
 
 # %% [markdown]
 # ## Figure: FID per class
@@ -143,7 +169,12 @@ else:
     print("Inception FID skipped (quality.inception_weights is empty, or no histodiffusion set)")
 write_metrics(cfg, "06_quality", {"overall": overall.to_dict(orient="records"),
                                   "per_class": per_class.to_dict(orient="records"),
-                                  "images_per_class": int(per_class_n), "inception_fid": inception})
+                                  "images_per_class": int(per_class_n), "inception_fid": inception,
+                                  # every set (the filtered ones too) on the classes they all hold
+                                  "overall_shared_classes": overall_shared.to_dict(orient="records"),
+                                  "shared_classes": [cfg.data.classes[k] for k in shared_classes],
+                                  "shared_images_per_class": int(shared_n),
+                                  "classes_lacking": {k: v for k, v in lacking.items() if v}})
 
 # %% [markdown]
 # ## Figure: memorisation check: the closest samples and their nearest labeled image
