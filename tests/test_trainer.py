@@ -157,6 +157,27 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         t.train()
 
 
+def test_a_long_run_may_resume_in_another_precision_and_records_it(tmp_path):
+    """Pre-training moves between CPUs with and without native bf16: with precision_may_change its resume
+    may change mixed_precision (logged in precision_changes.csv); without it, the resume is refused."""
+    _train(tmp_path, max_steps=4, ckpt_every=2, mixed_precision="bf16")
+    (tmp_path / "final" / "COMPLETE").unlink()
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        Trainer(toy_model(), toy_loss(), toy_data(), toy_config(tmp_path, max_steps=6, ckpt_every=2)).train()
+    result = Trainer(toy_model(), toy_loss(), toy_data(),
+                     toy_config(tmp_path, max_steps=6, ckpt_every=2, precision_may_change=True)).train()
+    assert result.resumed_from_step == 4 and result.step == 6
+    assert (tmp_path / "precision_changes.csv").read_text() == "step,from,to\n4,bf16,no\n"
+
+
+def test_bf16_is_native_only_with_its_cpu_flags():
+    from hdlib.training.runtime import cpu_bf16_is_native
+
+    assert cpu_bf16_is_native("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n") is True
+    assert cpu_bf16_is_native("flags\t\t: fpu amx_bf16 amx_tile\n") is True
+    assert cpu_bf16_is_native("processor : 0\nflags : fpu avx2 fma\n") is False  # AMD EPYC Zen 3, say
+
+
 def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
     _train(tmp_path / "acc", max_steps=5, micro=2)
     _train(tmp_path / "one", max_steps=5, micro=8)

@@ -36,6 +36,8 @@ def run_recipe_key(cfg: Config) -> dict:
     """What determines a pre-training run's weights and curves, except its lengths (constant lr after
     warm-up: a larger max_steps extends the same run) and settings that only say how it runs."""
     d = cfg.to_dict()
+    d["data"].pop("shifted_test_path")  # a second test cohort: never seen by pre-training
+    d["data"]["demo"].pop("shifted_test_style")
     ae, dm = d["autoencoder"], d["diffusion"]
     ae["train"].pop("max_steps")
     ae["train"].pop("checkpointing_steps")

@@ -79,12 +79,13 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
         if target in done:
             continue
         chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)  # constant lr: the same trajectory, extended
-        res = train_task(chunk, "denoiser_pretrained")
+        res = train_task(chunk, "denoiser_pretrained", precision_may_change=True)  # it moves between machines
         unet = load_denoiser(chunk, "denoiser_pretrained")
         imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps, device=device(cfg))
         q = scorer(imgs)
         rows.append({"step": target, "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
-                     **q, "loss": res.last_loss, "train_s": res.wall_s})
+                     **q, "loss": res.last_loss, "train_s": res.wall_s,
+                     "mixed_precision": cfg.study.mixed_precision})  # the run may move between CPUs (bf16 or not)
         atomic_write_csv(pd.DataFrame(rows), eval_path)
         keep_committed_checkpoint(cfg)
         print(f"[pretrain] step {target}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "

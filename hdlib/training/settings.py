@@ -20,7 +20,7 @@ from ..errors import ConfigError
 
 # Settings that do not change the trajectory: they may differ between a run and its resume.
 _NON_TRAJECTORY_FIELDS = ("out_dir", "progress", "log_every", "checkpointing_steps", "checkpoints_total_limit",
-                          "micro_batch_size", "device", "max_memory_gb")
+                          "micro_batch_size", "device", "max_memory_gb", "precision_may_change")
 _LR_SCHEDULES = ("constant", "cosine")
 _PRECISIONS = ("no", "bf16", "fp16")
 
@@ -46,6 +46,9 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"                  # study.device: "cpu" keeps training on the CPU even beside a GPU
     max_memory_gb: float = 0.0            # study.max_memory_gb: the micro-batch plan's budget on a GPU (0 = its memory)
+    # a long run that moves between machines (pre-training): its resume may change mixed_precision (a CPU
+    # without native bf16 runs fp32 instead); each change is logged in out_dir/precision_changes.csv
+    precision_may_change: bool = False
 
     @classmethod
     def from_settings(cls, settings: TrainingConfig, *, out_dir, seed: int, mixed_precision: str = "no",

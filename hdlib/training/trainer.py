@@ -224,6 +224,8 @@ class Trainer:
         meta = json.loads((path / "meta.json").read_text())
         saved = TrainConfig(**{**meta["config"], "betas": tuple(meta["config"]["betas"])})
         ours, theirs = self.config.trajectory_key(), saved.trajectory_key()
+        if self.config.precision_may_change:
+            ours.pop("mixed_precision"), theirs.pop("mixed_precision")
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
             raise ConfigError(f"{path}: checkpoint was made with other settings ({', '.join(diff)}); "
@@ -233,7 +235,18 @@ class Trainer:
         self.accelerator.load_state(str(path))
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
+        if saved.mixed_precision != self.config.mixed_precision:
+            self._record_precision_change(meta["step"], saved.mixed_precision)
         return self.step
+
+    def _record_precision_change(self, step: int, before: str) -> None:
+        """A resume in another precision (allowed with precision_may_change) is part of the run's history."""
+        if not self.accelerator.is_main_process:
+            return
+        path = self.out_dir / "precision_changes.csv"
+        new = not path.exists()
+        with open(path, "a") as f:
+            f.write(("step,from,to\n" if new else "") + f"{step},{before},{self.config.mixed_precision}\n")
 
     # -- log --------------------------------------------------------------------------
     @property
