@@ -10,7 +10,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-runs = [("bench_training.py", []), ("bench_sampling.py", []), ("bench_resume.py", []), ("bench_downstream_cell.py", [])]
+runs = [("bench_training.py", []), ("bench_sampling.py", []), ("bench_resume.py", []), ("bench_downstream_cell.py", []),
+        ("bench_pretrain_throughput.py", ["--steps", "2"]), ("bench_guided_sampling.py", ["--precisions", "fp32"])]
 has_cuda = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"],
                           check=False, capture_output=True).returncode == 0
 if has_cuda:
