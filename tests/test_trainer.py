@@ -18,7 +18,7 @@ from hdlib.config import TrainingConfig
 from hdlib.errors import ConfigError, DataError, HDLibError
 from hdlib.parallel.launch import launch
 from hdlib.training.batching import BatchPlan, TensorBatchSource
-from hdlib.training.settings import TrainConfig, lr_factor
+from hdlib.training.settings import TrainConfig, lr_scheduler
 from hdlib.training.trainer import Trainer
 from hdlib.training.weights import load_final
 
@@ -224,11 +224,21 @@ def test_batch_plan_is_a_function_of_seed_and_step():
     assert len(set(plan.sample_seeds(0).tolist())) == 4
 
 
-def test_lr_factor_warmup_and_cosine(tmp_path):
-    f = lr_factor(TrainConfig(out_dir=str(tmp_path), max_steps=12, global_batch_size=1, warmup_steps=2,
-                              lr_schedule="cosine"))
-    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
-    assert f(7) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+def test_lr_schedule_is_diffusers_warmup_then_cosine_or_constant(tmp_path):
+    def lrs(schedule):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = lr_scheduler(opt, TrainConfig(out_dir=str(tmp_path), max_steps=12, global_batch_size=1,
+                                              warmup_steps=2, lr_schedule=schedule))
+        out = []
+        for _ in range(13):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    cosine, constant = lrs("cosine"), lrs("constant")
+    assert cosine[:3] == [0.0, 0.5, 1.0] and cosine[7] == pytest.approx(0.5) and cosine[12] == pytest.approx(0.0)
+    assert constant[:3] == [0.0, 0.5, 1.0] and constant[3:] == [1.0] * 10
 
 
 def test_from_settings_is_the_one_yaml_to_trainer_translation(tmp_path):
@@ -249,7 +259,7 @@ def test_from_settings_is_the_one_yaml_to_trainer_translation(tmp_path):
     assert list(tc.to_dict()) == [  # what checkpoints and train_config.json hold: keep it stable
         "out_dir", "max_steps", "global_batch_size", "micro_batch_size", "lr", "weight_decay", "betas", "warmup_steps",
         "lr_schedule", "grad_clip", "ema_decay", "mixed_precision", "checkpointing_steps", "checkpoints_total_limit",
-        "log_every", "seed", "progress", "device", "max_memory_gb"]
+        "log_every", "seed", "progress", "device", "max_memory_gb", "precision_may_change"]
     moved = TrainConfig.from_settings(on, out_dir=tmp_path, seed=1, mixed_precision="bf16", progress=True,
                                       lr_schedule="cosine", log_every=1, max_steps=3, device="cpu", max_memory_gb=40)
     assert moved.trajectory_key() == tc.trajectory_key()  # where and in how many pieces it runs is not its trajectory

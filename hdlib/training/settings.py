@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 from ..config import TrainingConfig
 from ..errors import ConfigError
@@ -134,16 +133,10 @@ class TrainResult:
     resumed_from_step: int = 0 # 0 for a fresh run
 
 
-def lr_factor(config: TrainConfig) -> Callable[[int], float]:
-    """LR multiplier of step s (0-based): linear warm-up (s+1)/W, then constant or cosine to 0 at max_steps."""
-    warm, total, cosine = config.warmup_steps, config.max_steps, config.lr_schedule == "cosine"
+def lr_scheduler(optimizer, config: TrainConfig):
+    """diffusers' schedule of the run: linear warm-up from 0 over warmup_steps, then constant, or cosine to 0
+    at max_steps (a LambdaLR: its state is what checkpoints restore)."""
+    from diffusers.optimization import get_scheduler  # imported only when needed: slow to import
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cosine:
-            done = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1.0 + math.cos(math.pi * done))
-        return 1.0
-
-    return factor
+    name = "cosine" if config.lr_schedule == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)

@@ -45,7 +45,7 @@ from ..parallel.progress import Progress as ProgressReport
 from .batching import BatchPlan
 from .memory_plan import budget_gb, cuda_peak_meter, plan_micro_batch, probe_train_step
 from .runtime import LossModule, Progress, make_accelerator
-from .settings import TrainConfig, TrainResult, lr_factor
+from .settings import TrainConfig, TrainResult, lr_scheduler
 from .weights import save_weights
 
 LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
@@ -117,7 +117,7 @@ class Trainer:
             raise ConfigError("the model (and extra_modules) have no trainable parameters")
         optimizer = torch.optim.AdamW(trainable, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
         # Not passed through accelerator.prepare: its wrapper steps once per process.
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(c))
+        self.lr_scheduler = lr_scheduler(optimizer, c)
         self.ema = None
         if c.ema_decay:
             from diffusers.training_utils import (
