@@ -21,7 +21,6 @@ from ..errors import DataError, HDLibError
 
 __all__ = [
     "classification_metrics",
-    "feature_stats",
     "fid_kid",
     "frechet_distance",
     "inception_fid",
@@ -48,43 +47,21 @@ def as_features(x, name: str) -> np.ndarray:
     return x
 
 
-def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean vector and (unbiased) covariance matrix of an (N, d) feature array, float64."""
-    f = as_features(features, "features")
-    if len(f) < 2:
-        raise DataError(f"features: need at least 2 samples for a covariance, got {len(f)}")
-    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+def frechet_distance(real_features, fake_features) -> float:
+    """Frechet distance between the Gaussians fitted to two (N, d) feature sets, by torchmetrics' FID (the
+    one implementation hdlib uses, here on precomputed features): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
-    ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise DataError(f"frechet_distance: shapes do not match: mu {mu1.shape} vs {mu2.shape}, "
-                        f"sigma {sigma1.shape} vs {sigma2.shape}")
-    from scipy import linalg
-
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", linalg.LinAlgWarning)  # scipy's word that the product is singular
-        try:
-            covmean = linalg.sqrtm(sigma1 @ sigma2)
-        except linalg.LinAlgWarning:
-            covmean = np.full_like(sigma1, np.nan)
-    if not np.isfinite(covmean).all():
-        # Singular product (e.g. fewer samples than dimensions): regularise both
-        # covariances slightly, the usual fix from the reference FID code.
-        offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # Tiny imaginary parts are round-off; large ones mean the input is not a covariance.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.abs(covmean).max())):
-            raise HDLibError(f"frechet_distance: sqrtm has a large imaginary part "
-                             f"({np.abs(covmean.imag).max():.3g}); are sigma1/sigma2 covariance matrices?")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    real = torch.from_numpy(as_features(real_features, "real_features"))
+    fake = torch.from_numpy(as_features(fake_features, "fake_features"))
+    if real.shape[1] != fake.shape[1]:
+        raise DataError(f"frechet_distance: feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
+    if min(len(real), len(fake)) < 2:
+        raise DataError(f"frechet_distance: need at least 2 samples in each set, got {len(real)} and {len(fake)}")
+    fid = FrechetInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
 
 
 class _PrecomputedFeatures(nn.Module):
@@ -102,7 +79,6 @@ def fid_kid(real_features, fake_features, kid_subset_size: int | None = None, ki
             seed: int = 0) -> dict:
     """FID and KID (mean, std over `kid_subsets` random subsets of `kid_subset_size`,
     default min(1000, n_real, n_fake)) between two (N, d) feature sets, via torchmetrics."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     real = torch.from_numpy(as_features(real_features, "real_features"))
@@ -117,10 +93,6 @@ def fid_kid(real_features, fake_features, kid_subset_size: int | None = None, ki
         raise DataError(f"fid_kid: kid_subset_size={subset} must be in [2, {n_min}] "
                         f"(real {len(real)}, fake {len(fake)} samples)")
     d = real.shape[1]
-
-    fid = FrechetInceptionDistance(feature=_PrecomputedFeatures(d))
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # KID's "saves all features in a buffer" notice
         kid = KernelInceptionDistance(feature=_PrecomputedFeatures(d), subsets=int(kid_subsets), subset_size=subset)
@@ -131,7 +103,8 @@ def fid_kid(real_features, fake_features, kid_subset_size: int | None = None, ki
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+    return {"fid": frechet_distance(real_features, fake_features), "kid_mean": float(kid_mean),
+            "kid_std": float(kid_std)}
 
 
 def precision_recall(real_features, fake_features, k: int = 3, chunk_size: int = 1024) -> dict:

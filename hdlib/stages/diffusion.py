@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from ..config import Config
-from ..evaluation.metrics import feature_stats, frechet_distance
+from ..evaluation.metrics import frechet_distance
 from ..models.builders import decode_latents
 from ..paths import request_seeds
 from ..sampling.samplers import guided_ddim_sample
@@ -48,12 +48,12 @@ def per_source_realism(cfg: Config, sample_latents: dict[str, torch.Tensor], per
     src = np.array(split_sources(cfg, "pool"))
     real = {n: store.means("pool", np.flatnonzero(src == n)[:per_source]) for n in dict.fromkeys(src)}
     real["target"] = store.means("target_train", np.arange(min(per_source, len(store.mean("target_train")))))
-    stats = {n: feature_stats(latent_fingerprint_features(z).numpy()) for n, z in real.items() if len(z) > 2}
+    real_f = {n: latent_fingerprint_features(z).numpy() for n, z in real.items() if len(z) > 2}
     rows = []
     for model, z in sample_latents.items():
-        mu, sig = feature_stats(latent_fingerprint_features(z).numpy())
-        for n, (m2, s2) in stats.items():
-            rows.append({"model": model, "source": n, "frechet": float(frechet_distance(mu, sig, m2, s2))})
+        f = latent_fingerprint_features(z).numpy()
+        for n, rf in real_f.items():
+            rows.append({"model": model, "source": n, "frechet": frechet_distance(rf, f)})
     return pd.DataFrame(rows)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..config import Config, parse_samplers
 from ..evaluation.downstream import extract_features, predict
-from ..evaluation.metrics import feature_stats, frechet_distance
+from ..evaluation.metrics import frechet_distance
 from ..io import atomic_write_csv
 from ..models.builders import encode_images
 from ..paths import StudyPaths, request_seeds, synthetic_set_name
@@ -97,7 +97,7 @@ def target_features(cfg: Config, judge: SelectiveFilter, fraction: float, draw: 
 def frechet_to_target(judge: SelectiveFilter, images: torch.Tensor, target_f) -> float:
     """Frechet distance of samples to the target's unlabeled images, in the baseline's features."""
     feats = extract_features(judge.model, images, batch_size=128, device=judge.device).double().numpy()
-    return frechet_distance(*feature_stats(feats), *feature_stats(target_f))
+    return frechet_distance(target_f, feats)
 
 
 def choose_guidance(cfg: Config, fraction: float, draw: int, judge: SelectiveFilter,
@@ -175,8 +175,7 @@ def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFi
                      "guidance_interval": list(gen.sampling.guidance_interval), "adaptation": gen.adaptation,
                      "validation_agreement": validation_agreement(judge, imgs, labels),
                      "reference_class_accuracy": float((pred == labels).float().mean()),
-                     "frechet_to_validation": frechet_distance(*feature_stats(feats.double().numpy()),
-                                                               *feature_stats(val.double().numpy())),
+                     "frechet_to_validation": frechet_distance(val.double().numpy(), feats.double().numpy()),
                      "seconds_per_image": took / len(labels)})
     return pd.DataFrame(rows)
 
