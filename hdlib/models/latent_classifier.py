@@ -176,13 +176,26 @@ class PretrainedEncoderClassifier(nn.Module):
             t = t.expand(z_t.shape[0])
         temb = e["time_embedding"](e["time_proj"](t).to(z_t.dtype))
         h = e["conv_in"](z_t)
-        feats = []
+        levels = []
         for block in e["down_blocks"]:
             h, _ = block(hidden_states=h, temb=temb)
-            feats += [h.mean((2, 3)), h.flatten(2).std(2)]
-        h = e["mid_block"](h, temb)
-        feats += [h.mean((2, 3)), h.flatten(2).std(2)]
+            levels.append(h)
+        levels.append(e["mid_block"](h, temb))
+        return self.logits_from_levels(levels)
+
+    def logits_from_levels(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """The head on the encoder's level outputs (each down block's, then the middle block's): also what
+        guidance calls with the levels of the sampling U-Net's own forward when it is this encoder."""
+        feats = [f for h in levels for f in (h.mean((2, 3)), h.flatten(2).std(2))]
         return self.head(torch.cat(feats, 1).float())
+
+    def encoder_is(self, unet: nn.Module) -> bool:
+        """Whether `unet`'s encoder half holds exactly this classifier's frozen encoder weights."""
+        ours = [p for k in ("conv_in", "time_embedding", "down_blocks", "mid_block") for p in self.encoder[k].parameters()]
+        theirs = [p for k in ("conv_in", "time_embedding", "down_blocks", "mid_block")
+                  for p in getattr(unet, k).parameters()]
+        return len(ours) == len(theirs) and all(
+            a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b)) for a, b in zip(ours, theirs))
 
 
 def _num_classes(classifier) -> int | None:

@@ -124,6 +124,31 @@ class ClassifierGuidance:
     def num_classes(self) -> int | None:
         return getattr(self.module, "num_classes", None)
 
+    def shares_encoder(self, unet: torch.nn.Module) -> bool:
+        """Whether the classifier is the sampling U-Net's own frozen encoder plus a head: then one U-Net
+        forward gives both the denoiser's output and the classifier's features (`fused`)."""
+        is_it = getattr(self.module, "encoder_is", None)
+        return bool(is_it is not None and is_it(unet))
+
+    def fused(self, unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        """(the U-Net's output, grad log p(y | z_t, t)) from one U-Net forward: its down and middle blocks'
+        outputs, caught by hooks, feed the classifier's head, and the gradient flows back through the encoder
+        half only. Saves the second encoder forward a guided step otherwise runs (`shares_encoder` first)."""
+        levels: list[torch.Tensor] = []
+        hooks = [b.register_forward_hook(lambda m, i, o: levels.append(o[0] if isinstance(o, tuple) else o))
+                 for b in [*unet.down_blocks, unet.mid_block]]
+        try:
+            with torch.enable_grad():
+                z_in = z.detach().to(unet.dtype).requires_grad_(True)
+                out = unet(z_in, t).sample
+                log_probs = self.module.logits_from_levels(levels).log_softmax(dim=-1)
+                selected = log_probs.gather(1, y.view(-1, 1).to(log_probs.device)).sum()
+                (grad,) = torch.autograd.grad(selected, z_in)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out.detach().to(z.dtype), grad.to(z.dtype)
+
 
 @contextmanager
 def eval_mode(*modules):
@@ -255,12 +280,19 @@ class GuidedLatentPipeline(DiffusionPipeline):
         rule = step_scheduler(self.scheduler, method, steps)
         # the unet is told its own training schedule's abar; DDIM and DDPM rebuild the same table
         table = (self.scheduler if method == "dpm_solver" else rule).alphas_cumprod.to(z.device)
+        fused = cond_fn is not None and cfg_scale is None and hasattr(cond_fn, "shares_encoder") \
+            and cond_fn.shares_encoder(self.unet)
         for t in rule.timesteps.tolist():
             abar = table[t]
-            eps = self._eps(z, t, y, abar, prediction_type, cfg_scale, null_label)
             guide = cond_fn is not None and in_interval(t, interval)
-            if guide:
-                grad = cond_fn(z, torch.full((len(z),), t, dtype=torch.long, device=z.device), y)
+            t_batch = torch.full((len(z),), t, dtype=torch.long, device=z.device)
+            if guide and fused:  # one U-Net forward serves the denoiser and the classifier
+                out, grad = cond_fn.fused(self.unet, z, t_batch, y)
+                eps = model_output_to_eps(out, z, abar, prediction_type)
+            else:
+                eps = self._eps(z, t, y, abar, prediction_type, cfg_scale, null_label)
+                if guide:
+                    grad = cond_fn(z, t_batch, y)
             if method == "ddpm":
                 # the library draws step noise from each generator itself (only when t > 0)
                 z_next = rule.step(eps, t, z, generator=list(gens) if len(gens) > 1 else gens[0]).prev_sample
