@@ -2,6 +2,7 @@
 default study's latent classifier (params/default.yaml: the denoiser's frozen encoder + a trained head),
 through the one GuidedLatentPipeline, for DDIM 25 steps and DPM-Solver++ 10 steps, in fp32 and bf16 autocast.
 One run prints every row, the guided/unguided ratio per sampler and precision (the issue's aim: <= 1.3x),
+with the classifier's encoder forward run again (two passes) or taken from the U-Net's own forward (one pass),
 and the CPU (its name and whether it computes bf16 natively).
 
     python bench/bench_guided_sampling.py [--n 64] [--repeats 2] [--precisions fp32 bf16] [--threads 2]
@@ -21,7 +22,7 @@ import torch
 from hdlib.config import load_config
 from hdlib.models.builders import build_latent_classifier, build_unet
 from hdlib.models.diffusion import make_noise_scheduler
-from hdlib.sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
+from hdlib.sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline, classifier_log_prob_grad
 from hdlib.training.runtime import cpu_bf16_is_native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,24 +56,26 @@ def main():
     sched = make_noise_scheduler(recipe.diffusion.schedule, prediction_type=recipe.diffusion.prediction_type)
     pipe = GuidedLatentPipeline(unet, sched)
     labels, seeds = torch.arange(args.n) % K, torch.arange(args.n)
-    guidance = ClassifierGuidance(clf)
+    # one pass: the U-Net's own forward feeds the classifier's head (its encoder is the U-Net's);
+    # two passes: the classifier runs the encoder again, as it must when the denoiser was adapted
+    modes = {"unguided": None, "two passes": lambda z, t, y: classifier_log_prob_grad(clf, z, t, y),
+             "one pass": ClassifierGuidance(clf)}
 
-    def run(method, steps, guided, precision):
+    def run(method, steps, mode, precision):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             return pipe(labels, seeds, latent_shape=(C, S, S), method=method, num_inference_steps=steps,
-                        cond_fn=guidance if guided else None, guidance_scale=args.guidance_scale if guided else 0.0,
+                        cond_fn=modes[mode], guidance_scale=args.guidance_scale if modes[mode] else 0.0,
                         batch_size=args.n, device="cpu", progress=False)
 
-    settings = [(name, precision, guided) for precision in args.precisions for name in SAMPLERS
-                for guided in (False, True)]
+    settings = [(name, precision, mode) for precision in args.precisions for name in SAMPLERS for mode in modes]
     seconds = {s: float("inf") for s in settings}
-    for name, precision, guided in settings:  # warm-up: one step each
-        run(SAMPLERS[name][0], 1 if SAMPLERS[name][0] == "ddim" else 2, guided, precision)
+    for name, precision, mode in settings:  # warm-up: one step each
+        run(SAMPLERS[name][0], 1 if SAMPLERS[name][0] == "ddim" else 2, mode, precision)
     for _ in range(max(1, args.repeats)):
         for s in settings:
-            name, precision, guided = s
+            name, precision, mode = s
             t0 = time.perf_counter()
-            run(*SAMPLERS[name], guided, precision)
+            run(*SAMPLERS[name], mode, precision)
             seconds[s] = min(seconds[s], time.perf_counter() - t0)
     native = cpu_bf16_is_native()
     print(f"guided sampling, the shipped recipe (U-Net {recipe.diffusion.block_out_channels}, 4x16x16 latents; "
@@ -80,12 +83,13 @@ def main():
           f"CPU: {cpu_name()}, {args.threads} thread(s), native bf16: "
           f"{'yes' if native else 'no' if native is False else 'unknown'}; torch {torch.__version__}; "
           f"fastest of {args.repeats}\n")
-    print("| sampler | precision | unguided s | guided s | guided / unguided | guided images/s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| sampler | precision | unguided s | guided, two passes s | guided, one pass s | two passes / unguided "
+          "| one pass / unguided |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for precision in args.precisions:
         for name in SAMPLERS:
-            u, g = seconds[(name, precision, False)], seconds[(name, precision, True)]
-            print(f"| {name} | {precision} | {u:.2f} | {g:.2f} | {g / u:.2f}x | {args.n / g:.2f} |")
+            u, two, one = (seconds[(name, precision, m)] for m in modes)
+            print(f"| {name} | {precision} | {u:.2f} | {two:.2f} | {one:.2f} | {two / u:.2f}x | {one / u:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -137,10 +137,16 @@ class ClassifierGuidance:
         levels: list[torch.Tensor] = []
         hooks = [b.register_forward_hook(lambda m, i, o: levels.append(o[0] if isinstance(o, tuple) else o))
                  for b in [*unet.down_blocks, unet.mid_block]]
+        # the decoder half needs no graph: recording it would cost more than the saved encoder pass
+        def no_graph(module, inputs):
+            torch.set_grad_enabled(False)
+
+        hooks.append(unet.up_blocks[0].register_forward_pre_hook(no_graph))
         try:
             with torch.enable_grad():
                 z_in = z.detach().to(unet.dtype).requires_grad_(True)
                 out = unet(z_in, t).sample
+                torch.set_grad_enabled(True)
                 log_probs = self.module.logits_from_levels(levels).log_softmax(dim=-1)
                 selected = log_probs.gather(1, y.view(-1, 1).to(log_probs.device)).sum()
                 (grad,) = torch.autograd.grad(selected, z_in)
