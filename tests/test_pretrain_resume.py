@@ -79,3 +79,25 @@ def test_lognormal_timesteps_follow_edm_noise_levels():
     _, tu = draw_noise_and_timesteps(torch.arange(8), (1, 1, 1), 1000)
     _, tu2 = draw_noise_and_timesteps(torch.arange(8), (1, 1, 1), 1000, None)
     assert torch.equal(tu, tu2)
+
+
+def test_a_long_run_is_scored_by_its_committed_judge_on_every_machine(tmp_path, monkeypatch):
+    """A judge retrained on another CPU scores on another scale: the committed run's judge, when its key
+    matches, is used instead of training one; each curve row names the judge's weights."""
+    from hdlib.evaluation.pool_judge import JudgeTraining, PoolJudge, save_judge
+    from hdlib.models.pretrained import _sha256
+    from hdlib.paths import StudyPaths
+    from hdlib.pretrain import judges
+
+    committed = tmp_path / "committed"
+    cfg = load_config("params/smoke.yaml", [f"study.results_root={tmp_path / 'results'}",
+                                            f"pretrain.committed_run={committed}"])
+    manifest = StudyPaths(cfg).manifest("pool")
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("path,label\nx.png,0\n")
+    key = {"pool_manifest_sha256": _sha256(manifest), "training": vars(JudgeTraining(epochs=cfg.pretrain.judge_epochs))}
+    save_judge(PoolJudge(["a", "b"]), committed / judges.POOL_JUDGE_DIR, {"key": key})
+    monkeypatch.setattr(judges, "train_pool_judge", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    judge, info = judges.pool_judge(cfg)
+    assert judge.classes == ["a", "b"] and info["key"] == key
+    assert judges.judge_id(cfg) == _sha256(committed / judges.POOL_JUDGE_DIR / "judge.safetensors")[:12]

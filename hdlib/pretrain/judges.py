@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,13 +109,18 @@ def matched_size_fid(fake_feats: torch.Tensor, ref_feats: torch.Tensor, n: int, 
 
 def pool_judge(cfg: Config, progress: bool = False):
     """The provenance-trained judge of this pool (hdlib.evaluation.pool_judge), trained once on the pool's
-    training split and cached in the study's cache, keyed by the pool manifest's content."""
+    training split and cached in the study's cache, keyed by the pool manifest's content. A long run's
+    committed folder (pretrain.committed_run) holds the judge it has been scored with: with the same key it
+    is used as it is, since a judge retrained on another CPU scores on another scale."""
     paths = StudyPaths(cfg)
     settings = JudgeTraining(epochs=cfg.pretrain.judge_epochs)
     key = {"pool_manifest_sha256": _sha256(paths.manifest("pool")), "training": vars(settings)}
     folder = paths.cache / POOL_JUDGE_DIR
-    if (folder / "judge.json").exists() and json.loads((folder / "judge.json").read_text()).get("key") == key:
-        return load_judge(folder)
+    committed = Path(cfg.pretrain.committed_run) / POOL_JUDGE_DIR if cfg.pretrain.committed_run else None
+    for place in (committed, folder):  # the committed one first: the scale the curve was scored on
+        if place is not None and (place / "judge.json").exists() \
+                and json.loads((place / "judge.json").read_text()).get("key") == key:
+            return load_judge(place)
     ds = split_images(cfg, "pool")
     labels = provenance_labels([ds.record(i) for i in range(len(ds))])
     t = time.time()
@@ -123,6 +129,17 @@ def pool_judge(cfg: Config, progress: bool = False):
             "train_s": time.time() - t}
     save_judge(judge, folder, info)
     return judge, {"classes": judge.classes, **info}
+
+
+def judge_id(cfg: Config) -> str:
+    """The first 12 hex digits of the sha256 of the judge's weights in use (pool_judge): each row of a
+    curve names the judge that scored it."""
+    paths = StudyPaths(cfg)
+    for place in (Path(cfg.pretrain.committed_run) / POOL_JUDGE_DIR if cfg.pretrain.committed_run else None,
+                  paths.cache / POOL_JUDGE_DIR):
+        if place is not None and (place / "judge.safetensors").exists():
+            return _sha256(place / "judge.safetensors")[:12]
+    return ""
 
 
 def tissue_group(label: str) -> str:

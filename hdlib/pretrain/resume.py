@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError
 from ..paths import StudyPaths
+from .judges import POOL_JUDGE_DIR
 from .recipe import RUN_KEY
 
 CHECKPOINT = "checkpoint"
@@ -104,6 +105,9 @@ def keep_committed_checkpoint(cfg: Config) -> Path | None:
     for stale in complete_checkpoints(root / CHECKPOINT):
         if stale != dst:
             shutil.rmtree(stale, ignore_errors=True)
+    judge = paths.cache / POOL_JUDGE_DIR  # the judge the curve was scored with, once (pool_judge reads it)
+    if (judge / "judge.json").exists() and not (root / POOL_JUDGE_DIR / "judge.json").exists():
+        _copy_tree(judge, root / POOL_JUDGE_DIR)
     for name in MIRRORED_METRICS:
         if (paths.metrics_dir / name).exists():
             _copy_file(paths.metrics_dir / name, root / "metrics" / name)

@@ -29,7 +29,7 @@ from ..study.preparation import prepare_data
 from ..study.splits import load_split_images, split_images
 from ..study.train import train_task
 from .export import export_study_pretrained
-from .judges import RandomResNetJudge, autoencoder_ceiling, pool_judge
+from .judges import RandomResNetJudge, autoencoder_ceiling, judge_id, pool_judge
 from .recipe import check_run_recipe, config_with
 from .resume import keep_committed_checkpoint, seed_from_committed_checkpoint
 from .samples import holdout_images, sample_images
@@ -85,7 +85,7 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
         q = scorer(imgs)
         rows.append({"step": target, "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
                      **q, "loss": res.last_loss, "train_s": res.wall_s,
-                     "mixed_precision": cfg.study.mixed_precision})  # the run may move between CPUs (bf16 or not)
+                     "mixed_precision": cfg.study.mixed_precision, "judge": judge_id(cfg)})  # the run may move between CPUs (bf16 or not)
         atomic_write_csv(pd.DataFrame(rows), eval_path)
         keep_committed_checkpoint(cfg)
         print(f"[pretrain] step {target}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "
