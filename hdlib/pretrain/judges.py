@@ -111,16 +111,20 @@ def pool_judge(cfg: Config, progress: bool = False):
     """The provenance-trained judge of this pool (hdlib.evaluation.pool_judge), trained once on the pool's
     training split and cached in the study's cache, keyed by the pool manifest's content. A long run's
     committed folder (pretrain.committed_run) holds the judge it has been scored with: with the same key it
-    is used as it is, since a judge retrained on another CPU scores on another scale."""
+    is used whenever its training settings match, since a judge retrained on another CPU scores on another scale."""
     paths = StudyPaths(cfg)
     settings = JudgeTraining(epochs=cfg.pretrain.judge_epochs)
     key = {"pool_manifest_sha256": _sha256(paths.manifest("pool")), "training": vars(settings)}
     folder = paths.cache / POOL_JUDGE_DIR
     committed = Path(cfg.pretrain.committed_run) / POOL_JUDGE_DIR if cfg.pretrain.committed_run else None
-    for place in (committed, folder):  # the committed one first: the scale the curve was scored on
-        if place is not None and (place / "judge.json").exists() \
-                and json.loads((place / "judge.json").read_text()).get("key") == key:
-            return load_judge(place)
+    # the committed one first: the scale the curve was scored on. Its pool is the run's (the committed run
+    # resumes only under the same run key, data settings included), so its training settings must match; the
+    # manifest's file hashes may differ by a rendered pixel on another CPU
+    if committed is not None and (committed / "judge.json").exists() \
+            and json.loads((committed / "judge.json").read_text()).get("key", {}).get("training") == key["training"]:
+        return load_judge(committed)
+    if (folder / "judge.json").exists() and json.loads((folder / "judge.json").read_text()).get("key") == key:
+        return load_judge(folder)
     ds = split_images(cfg, "pool")
     labels = provenance_labels([ds.record(i) for i in range(len(ds))])
     t = time.time()
