@@ -103,3 +103,20 @@ def test_a_long_run_is_scored_by_its_committed_judge_on_every_machine(tmp_path, 
     manifest.write_text("path,label\nx.png,1\n")  # a pixel rendered differently on another CPU: still used
     assert judges.pool_judge(cfg)[0].classes == ["a", "b"]
     assert judges.judge_id(cfg) == _sha256(committed / judges.POOL_JUDGE_DIR / "judge.safetensors")[:12]
+
+
+def test_a_cool_down_branch_starts_from_the_trunk_checkpoint_at_its_step(tmp_path):
+    from hdlib.pretrain.cooldown import branch_name, seed_branch
+
+    cfg = _run(tmp_path, "trunk")
+    _checkpoint(cfg, 250)
+    _checkpoint(cfg, 500)
+    out = seed_branch(cfg, 250, 100)
+    assert out == StudyPaths(cfg).model(branch_name(250, 100))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000250"]
+    assert (out / "checkpoints" / "step-00000250" / "model.safetensors").read_text() == "w250"
+    (out / "checkpoints" / "step-00000300").mkdir()  # the branch has gone on: it resumes, nothing is copied
+    (out / "checkpoints" / "step-00000300" / "COMPLETE").write_text("300\n")
+    assert seed_branch(cfg, 250, 100) == out and not (out / "checkpoints" / "step-00000250" / "x").exists()
+    with pytest.raises(ConfigError, match=r"--from-step 400: .*\[250, 500\]"):
+        seed_branch(cfg, 400, 100)

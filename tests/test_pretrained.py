@@ -5,6 +5,7 @@ pickled weights are one-line errors before any compute; export round-trips."""
 import dataclasses
 import json
 from pathlib import Path
+import shutil
 from types import SimpleNamespace
 
 import pandas as pd
@@ -432,3 +433,44 @@ def test_report_and_card_name_the_second_judges_figures():
         assert r["gap"] == m["mean"] - pj["models"]["shipped"]["matched_size"]["mean"]
     rendered = model_card_text(card)
     assert "Each in-study run alone" in rendered and all(f"| seed {s} |" in rendered for s in seeds)
+
+
+@pytest.mark.slow
+def test_a_cool_down_branch_ships_judged_beside_the_version_it_replaces(pretrained_run, tmp_path):
+    """Warmup-stable-decay: a branch of the constant-lr run from one of its checkpoints, its lr falling to 0,
+    judged like the run's rows; shipped, the card puts it beside the previous version by the same judge, holdout
+    and seeds, with samples per tissue class. Runs after the longer run (checkpoints at 4 and 6)."""
+    from hdlib.pretrain.cooldown import cool_down
+    from hdlib.pretrain.ship import ship
+
+    previous = tmp_path / "previous"
+    shutil.copytree(pretrained_run.model, previous)
+    cfg = load_config(SMOKE, pretrained_run.ov)
+    rows = cool_down(cfg, 4, 2)
+    assert list(rows["step"]) == [6] and (rows["fid"] > 0).all()
+    log = pd.read_csv(cfg.results_dir / "models" / "denoiser_pretrained_cooldown_4_2" / "log.csv")
+    assert log["lr"].iloc[-1] < log["lr"].iloc[0]  # falling towards 0
+    ship(cfg, (4, 2), str(previous))
+    card = json.loads((pretrained_run.model / "card.json").read_text())
+    assert card["denoiser"]["cooldown"] == {"from_step": 4, "steps": 2} and card["denoiser"]["steps"] == 6
+    assert [r["phase"] for r in card["quality_during_training"]][-1] == "cool-down"
+    v = card["versions"]
+    assert list(v["models"]) == ["previous", "this model"] and v["previous_sha256"] == verify(previous)
+    assert all(m["samples"] == 8 and m["fid"] > 0 for m in v["models"].values())
+    text = (pretrained_run.model / "MODEL_CARD.md").read_text()
+    assert "judged alike" in text and "pretrain_per_class.png" in text and text == model_card_text(card)
+    assert (pretrained_run.model / "pretrain_per_class.png").exists()
+    verify(pretrained_run.model)
+
+
+def test_ship_checks_its_inputs_before_any_compute(tmp_path):
+    from hdlib.pretrain.ship import check_inputs, parse_cooldown
+
+    assert parse_cooldown("4000+1000") == (4000, 1000) and parse_cooldown(None) is None
+    with pytest.raises(ConfigError, match="--cooldown '4000': expected FROM_STEP"):
+        parse_cooldown("4000")
+    cfg = load_config(SMOKE, [f"study.results_root={tmp_path}", f"pretrain.export_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"--cooldown 4\+2: that branch has not finished"):
+        check_inputs(cfg, (4, 2), None)
+    with pytest.raises(ConfigError, match="--previous .*: not an exported model folder"):
+        check_inputs(cfg, None, str(tmp_path))

@@ -256,9 +256,11 @@ def test_from_settings_is_the_one_yaml_to_trainer_translation(tmp_path):
     assert (tc.micro_batch_size, tc.grad_clip, tc.ema_decay) == (4, 0.5, 0.99)
     assert (tc.mixed_precision, tc.progress, tc.lr_schedule, tc.log_every, tc.max_steps) == ("bf16", True, "cosine", 1, 3)
     tc.validate()
-    assert list(tc.to_dict()) == [  # what checkpoints and train_config.json hold: keep it stable
+    # what checkpoints and train_config.json hold: keep it stable (a field added later has a default that
+    # leaves the trajectory key of older checkpoints as it was, as cooldown_* does)
+    assert list(tc.to_dict()) == [
         "out_dir", "max_steps", "global_batch_size", "micro_batch_size", "lr", "weight_decay", "betas", "warmup_steps",
-        "lr_schedule", "grad_clip", "ema_decay", "mixed_precision", "checkpointing_steps", "checkpoints_total_limit",
+        "lr_schedule", "cooldown_start", "cooldown_steps", "grad_clip", "ema_decay", "mixed_precision", "checkpointing_steps", "checkpoints_total_limit",
         "log_every", "seed", "progress", "device", "max_memory_gb", "precision_may_change"]
     moved = TrainConfig.from_settings(on, out_dir=tmp_path, seed=1, mixed_precision="bf16", progress=True,
                                       lr_schedule="cosine", log_every=1, max_steps=3, device="cpu", max_memory_gb=40)
@@ -301,3 +303,31 @@ def test_streaming_loader_shards_across_two_processes(tmp_path):
         part = [by_rank[r][epoch * 24:(epoch + 1) * 24] for r in (0, 1)]
         assert not set(part[0]) & set(part[1])
         assert sorted(part[0] + part[1]) == list(range(48))
+
+
+def test_cool_down_branch_decays_lr_to_zero_from_its_trunk_checkpoint(tmp_path):
+    """Warmup-stable-decay: a branch resumes the constant-lr trunk's checkpoint at cooldown_start (the same
+    trajectory until there), then its lr falls linearly to 0; a trunk checkpoint past cooldown_start is refused."""
+    _train(tmp_path / "trunk", max_steps=8, ckpt_every=4)
+    branch = tmp_path / "branch"
+    (branch / "checkpoints").mkdir(parents=True)
+    import shutil
+    shutil.copytree(tmp_path / "trunk" / "checkpoints" / "step-00000004", branch / "checkpoints" / "step-00000004")
+    res = Trainer(toy_model(), toy_loss(), toy_data(),
+                  toy_config(branch, max_steps=8, ckpt_every=4, cooldown_start=4, cooldown_steps=4)).train()
+    assert res.resumed_from_step == 4 and res.step == 8
+    # steps 5-8 (the branch's log starts at its resume): constant until step 4, then falling towards 0
+    assert [float(r[2]) for r in _log(branch)] == pytest.approx([1e-2, 0.75e-2, 0.5e-2, 0.25e-2])
+    assert [float(r[2]) for r in _log(tmp_path / "trunk")][4:] == pytest.approx([1e-2] * 4)
+    late = tmp_path / "late"
+    shutil.copytree(tmp_path / "trunk" / "checkpoints" / "step-00000008", late / "checkpoints" / "step-00000008")
+    with pytest.raises(ConfigError, match="cooldown_start"):
+        Trainer(toy_model(), toy_loss(), toy_data(),
+                toy_config(late, max_steps=10, ckpt_every=4, cooldown_start=4, cooldown_steps=4)).train()
+
+
+def test_a_cool_down_only_branches_a_constant_lr_run(tmp_path):
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        toy_config(tmp_path, lr_schedule="cosine", cooldown_start=4, cooldown_steps=4).validate()
+    # off, it leaves the key of runs made before cool-downs existed as it was
+    assert "cooldown_start" not in toy_config(tmp_path).trajectory_key()

@@ -136,7 +136,7 @@ Pool manifest sha256: `{data[pool_manifest_sha256]}`.
 | denoiser | `UNet2DModel`, channels {d[block_out_channels]!s}, attention {d[attention_levels]!s}, {d[layers_per_block]} res block(s) per level, {mparams:.1f} M parameters |
 | noise schedule | `{d[schedule]}` {schedule} |
 | objective | `{d[prediction_type]}` prediction, {loss} loss, min-SNR weighting gamma {d[snr_gamma]:g} (0: none) |
-| denoiser training | batch {d[batch_size]}, lr {d[lr]} (constant after warm-up), EMA {d[ema_decay]}; {d[steps]} steps in {unet_hours:.2f} h |
+| denoiser training | batch {d[batch_size]}, lr {d[lr]} ({lr_text}), EMA {d[ema_decay]}; {d[steps]} steps in {unet_hours:.2f} h |
 | hardware | {hardware} |
 {autoencoder_during_training}{recipe_sweep}
 ## Quality
@@ -151,7 +151,7 @@ During training (fewer samples and DDIM steps per point, so values sit above the
 ![loss and FID curves](pretrain_curves.png)
 
 ![samples](pretrain_samples.png)
-{comparison}{pool_judge}{previous}
+{versions}{comparison}{pool_judge}{previous}
 ## Files
 `MANIFEST.sha256` lists the sha256 of every file in this folder; `pretrained.sha256` in a params file pins
 the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
@@ -164,6 +164,36 @@ SCHEDULES = {"paper": "(linear in sqrt(beta), 0.0015-0.0155)", "linear": "(linea
 SOURCES = ("| source | pool tiles | held-out tiles |", "| {source} | {pool} | {holdout} |")
 DURING_TRAINING = ("| step | FID | KID | precision | recall | training loss |",
                    "| {step:.0f} | {fid:.2f} | {kid_mean:.4f} | {precision:.3f} | {recall:.3f} | {loss:.4f} |")
+# a long run's rows name their phase (constant lr, cool-down) and the judge that scored them
+DURING_TRAINING_JUDGED = ("| step | phase | FID | precision | recall | mixture TV | FID, untrained judge | judge |",
+                          "| {step:.0f} | {phase} | {fid:.2f} | {precision:.3f} | {recall:.3f} | {mixture_tv:.3f} | "
+                          "{random_judge_fid:.2f} | `{judge}` |")
+LR_TEXT = {False: "constant after warm-up",
+           True: "constant after warm-up, then falling linearly to 0 over {c[steps]} steps from step {c[from_step]}: "
+                 "a cool-down branch of the constant-lr run"}
+
+VERSIONS = """
+## This version and the previous one, judged alike
+Both models sampled with the same {n} seeds (DDIM {v[ddim_steps]} steps, eta 1) and scored by one judge, the
+provenance-trained judge the long run was tracked with (weights `{v[judge]}...`, described below), against the
+same {v[holdout_tiles]} held-out tiles; the untrained judge's FID is a second opinion. Each card's own tables
+further down came from the judge of its day and are on another scale.
+
+{table}
+
+Share of each tissue class (or real source) among the samples, as the judge calls them:
+
+{shares}
+
+What good looks like: each class's samples look like the real tiles beside them (muscle stripes, stroma
+fibres, adipose mesh, lymphocyte sheets), and every class is drawn about as often as it is real.
+
+![samples per class](pretrain_per_class.png)
+"""
+VERSIONS_ROWS = ("| model | samples | FID | precision | recall | mixture TV | tissue mixture TV | least-drawn class "
+                 "(share / real share) | FID, untrained judge |",
+                 "| {name} | {samples} | {fid:.1f} | {precision:.3f} | {recall:.3f} | {mixture_tv:.3f} | "
+                 "{tissue_mixture_tv:.3f} | {worst_share_class} {worst_share_ratio:.2f} | {random_judge_fid:.2f} |")
 
 AE_DURING_TRAINING = """
 ### The autoencoder's ceiling while it trained
@@ -355,7 +385,9 @@ def model_card_text(card: dict) -> str:
         "styles": sum(1 for k in data["pool_sources"] if k.startswith("procedural_")), "init": init,
         "ae_minutes": a["wall_s"] / 60, "unet_hours": d["wall_s"] / 3600, "mparams": d["parameters"] / 1e6,
         "schedule": SCHEDULES.get(d["schedule"], ""), "loss": d["loss"].upper(),
-        "during_training": table(*DURING_TRAINING, card["quality_during_training"]),
+        "lr_text": fill(LR_TEXT[bool(d.get("cooldown"))], {"c": d.get("cooldown")}),
+        "during_training": during_training_text(card["quality_during_training"]),
+        "versions": versions_text(card.get("versions")),
         "autoencoder_during_training": fill(AE_DURING_TRAINING, {"table": table(*AE_ROWS, card["autoencoder_during_training"])})
                                        if card.get("autoencoder_during_training") else "",
         "recipe_sweep": sweep_text(card.get("recipe_sweep"), v.get("recipe_sweep"), "recipe_sweep"),
@@ -444,3 +476,20 @@ def previous_text(card: dict, v: dict) -> str:
         "init": fill(PREVIOUS_INIT, prev) if prev.get("autoencoder_init_from") else "",
         "table": table(PREVIOUS_HEADER, "| {measure} | {previous} | {now} |", [
             {"measure": m, "previous": fill(f, prev), "now": fill(f, now)} for m, f in rows])})
+
+
+def during_training_text(rows: list[dict]) -> str:
+    if rows and all("judge" in r and "mixture_tv" in r for r in rows):
+        return table(*DURING_TRAINING_JUDGED, [{"phase": "constant lr"} | r for r in rows])  # missing numbers read n/a
+    return table(*DURING_TRAINING, rows)
+
+
+def versions_text(v: dict | None) -> str:
+    if not v:
+        return ""
+    ms = v["models"]
+    shares = lines_table("| class | " + " | ".join(ms) + " | real |",
+                         [f"| {g} | " + " | ".join(f"{m[f'share_{g}']:.0%}" for m in ms.values()) + f" | {r:.0%} |"
+                          for g, r in v["real_shares"].items()])
+    return fill(VERSIONS, {"v": v, "n": next(iter(ms.values()))["samples"], "shares": shares,
+                           "table": table(*VERSIONS_ROWS, [m | {"name": k} for k, m in ms.items()])})

@@ -26,22 +26,46 @@ from ..paths import StudyPaths
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import load_autoencoder, training_log
 from .card import card_files
-from .recipe import vae_sha256
+from .recipe import COOLDOWN_CURVE, branch_name, vae_sha256
 from .samples import final_quality, holdout_images
 
 FIGURES = ("pretrain_curves", "pretrain_samples", "pretrain_comparison", "pretrain_mixture", "pretrain_recipe_sweep")
 
 
-def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None) -> Path:
-    """The study's trained autoencoder + pre-trained denoiser -> diffusers folder with a card."""
+def run_history(cfg: Config, cooldown: tuple[int, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training log, judged rows) of the run, or of a cool-down branch of it: the trunk's up to the
+    branch point, then the branch's (its rows say phase "cool-down")."""
+    paths = StudyPaths(cfg)
+    log = training_log(cfg, "denoiser_pretrained")
+    evals = pd.read_csv(paths.metrics_dir / "pretrain_eval.csv").assign(phase="constant lr")
+    rescored = Path(cfg.pretrain.committed_run or "-") / "metrics" / "rescored.csv"  # hdlib.pretrain.rescore's rows
+    if rescored.exists():  # an earlier step scored again by a later judge: a row of its own, beside the original
+        evals = pd.concat([evals, pd.read_csv(rescored).assign(phase="constant lr, rescored")], ignore_index=True)
+        evals = evals.sort_values("step", kind="stable", ignore_index=True)
+    if cooldown is None:
+        return log, evals
+    start, steps = cooldown
+    branch = training_log(cfg, branch_name(start, steps))
+    rows = pd.read_csv(paths.metrics_dir / COOLDOWN_CURVE)
+    rows = rows[(rows["from_step"] == start) & (rows["cooldown_steps"] == steps)].assign(phase="cool-down")
+    return (pd.concat([log[log["step"] <= start], branch], ignore_index=True),
+            pd.concat([evals[evals["step"] <= start], rows.drop(columns=["from_step", "cooldown_steps"])],
+                      ignore_index=True))
+
+
+def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None,
+                            cooldown: tuple[int, int] | None = None) -> Path:
+    """The study's trained autoencoder + pre-trained denoiser (the run's, or its cool-down branch
+    `cooldown` = (from_step, steps)) -> diffusers folder with a card."""
     matplotlib.use("Agg")
     paths = StudyPaths(cfg)
+    name = branch_name(*cooldown) if cooldown else "denoiser_pretrained"
     replaced = previous_version_of(out)  # read before the folder is overwritten
-    final = final_quality(cfg, judge, real_feats)
+    unet_log, evals = run_history(cfg, cooldown)
+    final = final_quality(cfg, judge, real_feats, denoiser=name, step=int(unet_log["step"].max()))
     d1 = json.loads(paths.metrics("01_autoencoder").read_text())
     d0 = json.loads(paths.metrics("00_data").read_text())
-    evals = pd.read_csv(paths.metrics_dir / "pretrain_eval.csv")
-    unet_log, ae_log = training_log(cfg, "denoiser_pretrained"), training_log(cfg, "autoencoder")
+    ae_log = training_log(cfg, "autoencoder")
     pool_manifest = _sha256(paths.manifest("pool"))  # the manifest lists every tile with its sha1
     card = {
         "data": {"pool_sources": d0["pool"], "pool_holdout": d0["pool_holdout"], "image_size": cfg.data.image_size,
@@ -57,12 +81,13 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
                      "schedule": cfg.diffusion.schedule, "prediction_type": cfg.diffusion.prediction_type,
                      "loss": cfg.diffusion.loss, "snr_gamma": cfg.diffusion.snr_gamma, "batch_size": cfg.diffusion.pretrain.batch_size,
                      "lr": cfg.diffusion.pretrain.lr, "ema_decay": cfg.diffusion.pretrain.ema_decay,
+                     "cooldown": {"from_step": cooldown[0], "steps": cooldown[1]} if cooldown else None,
                      "steps": int(unet_log["step"].max()), "wall_s": float(unet_log["elapsed_s"].max()),
-                     "parameters": int(sum(p.numel() for p in load_denoiser(cfg, "denoiser_pretrained").parameters()))},
+                     "parameters": int(sum(p.numel() for p in load_denoiser(cfg, name).parameters()))},
         "quality_final": {k: final[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall")}
                          | {"samples": final["key"]["samples"], "ddim_steps": final["key"]["ddim_steps"],
                             "holdout_tiles": final["holdout"]},
-        "quality_during_training": evals.to_dict("records"),
+        "quality_during_training": evals.astype(object).where(evals.notna(), None).to_dict("records"),  # NaN: None
         "autoencoder_during_training": (pd.read_csv(paths.metrics_dir / "pretrain_ae_eval.csv").to_dict("records")
                                         if (paths.metrics_dir / "pretrain_ae_eval.csv").exists() else None),
         "recipe_sweep": (pd.read_csv(paths.metrics_dir / "pretrain_recipe_sweep.csv").to_dict("records")
@@ -75,8 +100,9 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s)",
     }
     vae = load_autoencoder(cfg)
-    unet = load_denoiser(cfg, "denoiser_pretrained")
-    fig = plots.pretrain_curves(unet_log, evals)
+    unet = load_denoiser(cfg, name)
+    judged = evals[evals["judge"] == evals["judge"].iloc[-1]] if "judge" in evals else evals  # one judge's scale
+    fig = plots.pretrain_curves(unet_log, judged)
     plots.save(fig, cfg, "pretrain_curves")
     samples = torch.load(paths.cache / "final_samples.pt")
     holdout = holdout_images(cfg)

@@ -15,6 +15,12 @@ from ..models.pretrained import file_hashes
 from ..paths import StudyPaths
 
 RUN_KEY = "pretrain_run_key"
+COOLDOWN_CURVE = "pretrain_cooldown.csv"  # the judged rows of the run's cool-down branches (metrics/)
+
+
+def branch_name(start: int, steps: int) -> str:
+    """The model folder of the run's cool-down branch from step `start` over `steps` (hdlib.pretrain.cooldown)."""
+    return f"denoiser_pretrained_cooldown_{start}_{steps}"
 
 
 def config_with(cfg, dotted: str, value):

@@ -74,12 +74,14 @@ def baseline_samples(cfg: Config, baseline: Config, n: int) -> torch.Tensor:
     return imgs
 
 
-def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
-    """Quality of the finished model at the card's sample count and DDIM steps (cached by step)."""
+def final_quality(cfg: Config, judge=None, real_feats=None, denoiser: str = "denoiser_pretrained",
+                  step: int | None = None) -> dict:
+    """Quality of the finished model (`denoiser`: the run, or a cool-down branch of it, at `step`) at the
+    card's sample count and DDIM steps (cached by model and step)."""
     p, paths = cfg.pretrain, StudyPaths(cfg)
     path = paths.metrics("pretrain_final")
-    key = {"step": cfg.diffusion.pretrain.max_steps, "samples": p.final_eval_samples,
-           "ddim_steps": p.final_inference_steps}
+    key = {"step": step or cfg.diffusion.pretrain.max_steps, "samples": p.final_eval_samples,
+           "ddim_steps": p.final_inference_steps, **({"denoiser": denoiser} if denoiser != "denoiser_pretrained" else {})}
     if path.exists() and json.loads(path.read_text()).get("key") == key:
         return json.loads(path.read_text())
     judge = judge or RandomResNetJudge()
@@ -88,7 +90,7 @@ def final_quality(cfg: Config, judge=None, real_feats=None) -> dict:
     vae = load_autoencoder(cfg)
     scale = latent_scale(cfg)
     t = time.time()
-    imgs = sample_images(load_denoiser(cfg, "denoiser_pretrained"), noise_scheduler(cfg), vae, scale,
+    imgs = sample_images(load_denoiser(cfg, denoiser), noise_scheduler(cfg), vae, scale,
                          p.final_eval_samples, p.final_inference_steps, device=device(cfg), progress=cfg.study.progress)
     out = {"key": key, **pool_quality(judge(imgs), real_feats), "holdout": int(len(real_feats)),
            "sampling_s": time.time() - t}

@@ -19,7 +19,7 @@ class ProvenanceScorer:
 
     def __init__(self, cfg: Config):
         self.judge, _ = pool_judge(cfg, progress=cfg.study.progress)
-        real = holdout_images(cfg)
+        self.real = real = holdout_images(cfg)
         self.real_f, real_c = self.judge.features_and_calls(real)
         self.classes = self.judge.classes
         self.real_mix = mixture(real_c, len(self.classes))

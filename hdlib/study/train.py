@@ -255,17 +255,18 @@ def _task_spec(cfg: Config, task: str, fraction, adaptation, draw, labeled: bool
 
 def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
                draw: int | None = None, progress: bool | None = None, out_dir: str | Path | None = None,
-               precision_may_change: bool = False):
+               precision_may_change: bool = False, **train_overrides):
     """Train one task in this process (resumes from its latest checkpoint). `out_dir` replaces
     the task's model folder (recipe sweeps train variants of one task side by side);
-    `precision_may_change`: a resume may use another study.mixed_precision (TrainConfig)."""
+    `precision_may_change`: a resume may use another study.mixed_precision (TrainConfig);
+    `train_overrides`: other TrainConfig fields (a pre-training cool-down's cooldown_start/_steps)."""
 
     spec = build_task(cfg, task, fraction, adaptation, draw)
     tc = TrainConfig.from_settings(spec.train, out_dir=out_dir or StudyPaths(cfg).model(spec.name), seed=spec.seed,
                                    mixed_precision=cfg.study.mixed_precision, device=cfg.study.device,
                                    max_memory_gb=cfg.study.max_memory_gb,
                                    progress=cfg.study.progress if progress is None else progress,
-                                   precision_may_change=precision_may_change)
+                                   precision_may_change=precision_may_change, **train_overrides)
     return Trainer(spec.model, spec.loss_fn, spec.dataset, tc, plan=spec.plan, evaluate=spec.evaluate,
                    eval_every=spec.eval_every, select=spec.select).train()
 

@@ -35,6 +35,10 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     warmup_steps: int = 0                 # linear warm-up, then `lr_schedule`
     lr_schedule: str = "constant"         # "constant" | "cosine" (decay to 0 at max_steps)
+    # a cool-down branch of a constant-lr run (warmup-stable-decay): from step cooldown_start the lr falls
+    # linearly to 0 over cooldown_steps; the run's checkpoints up to cooldown_start are its trunk (0 = off)
+    cooldown_start: int = 0
+    cooldown_steps: int = 0
     grad_clip: float | None = 1.0
     ema_decay: float | None = None        # EMA of the weights, used for sampling
     mixed_precision: str = "no"           # "no" | "bf16" | "fp16" (fp16 falls back to "no" on a CPU)
@@ -96,6 +100,11 @@ class TrainConfig:
         need(len(tuple(self.betas)) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "must be an int >= 0")
         need(self.lr_schedule in _LR_SCHEDULES, "lr_schedule", f"must be one of {', '.join(_LR_SCHEDULES)}")
+        need(isinstance(self.cooldown_steps, int) and self.cooldown_steps >= 0, "cooldown_steps", "must be an int >= 0")
+        need(isinstance(self.cooldown_start, int) and (not self.cooldown_steps or self.cooldown_start >= self.warmup_steps),
+             "cooldown_start", "must be an int >= warmup_steps")
+        need(not self.cooldown_steps or self.lr_schedule == "constant", "lr_schedule",
+             "a cool-down (cooldown_steps) branches a constant-lr run")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be None or > 0")
         need(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be None or in (0, 1)")
         need(self.mixed_precision in _PRECISIONS, "mixed_precision", f"must be one of {', '.join(_PRECISIONS)}")
@@ -119,7 +128,20 @@ class TrainConfig:
             d.pop(k)
         if self.lr_schedule == "constant":
             d.pop("max_steps")
+        if not self.cooldown_steps:  # off: the key of a run made before cool-downs existed
+            d.pop("cooldown_start"), d.pop("cooldown_steps")
         return d
+
+    def continues(self, saved: TrainConfig, step: int, ignore: tuple = ()) -> list[str]:
+        """The trajectory settings in which a checkpoint at `step` made with `saved` differs from this run
+        (empty: this run may resume from it). A cool-down branch continues its trunk's checkpoints up to
+        its cooldown_start: the lr was the same until there."""
+        ours, theirs = self.trajectory_key(), saved.trajectory_key()
+        if self.cooldown_steps and not saved.cooldown_steps and step <= self.cooldown_start:
+            ours.pop("cooldown_start"), ours.pop("cooldown_steps")
+        for k in ignore:
+            ours.pop(k, None), theirs.pop(k, None)
+        return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
 
 
 @dataclass
@@ -135,8 +157,14 @@ class TrainResult:
 
 def lr_scheduler(optimizer, config: TrainConfig):
     """diffusers' schedule of the run: linear warm-up from 0 over warmup_steps, then constant, or cosine to 0
-    at max_steps (a LambdaLR: its state is what checkpoints restore)."""
+    at max_steps (a LambdaLR: its state is what checkpoints restore). A cool-down multiplies the constant
+    schedule by a linear decay to 0 from cooldown_start over cooldown_steps (diffusers has no such one)."""
     from diffusers.optimization import get_scheduler  # imported only when needed: slow to import
+    from torch.optim.lr_scheduler import LambdaLR
 
     name = "cosine" if config.lr_schedule == "cosine" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+    base = get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps)
+    if not config.cooldown_steps:
+        return base
+    warm, start, length = base.lr_lambdas[0], config.cooldown_start, config.cooldown_steps
+    return LambdaLR(optimizer, lambda s: warm(s) * min(1.0, max(0.0, 1.0 - (s - start) / length)))

@@ -223,10 +223,8 @@ class Trainer:
             raise HDLibError(f"{path}: incomplete checkpoint (no COMPLETE marker)")
         meta = json.loads((path / "meta.json").read_text())
         saved = TrainConfig(**{**meta["config"], "betas": tuple(meta["config"]["betas"])})
-        ours, theirs = self.config.trajectory_key(), saved.trajectory_key()
-        if self.config.precision_may_change:
-            ours.pop("mixed_precision"), theirs.pop("mixed_precision")
-        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        diff = self.config.continues(saved, meta["step"],
+                                     ignore=("mixed_precision",) if self.config.precision_may_change else ())
         if diff:
             raise ConfigError(f"{path}: checkpoint was made with other settings ({', '.join(diff)}); "
                               f"use another out_dir or delete {self.out_dir}")

@@ -1,0 +1,109 @@
+"""A cool-down branch of the long pre-training run (warmup-stable-decay): from one of the run's checkpoints
+the learning rate falls linearly to 0, and the branch is judged like the run's own rows. The constant-lr
+run (the trunk) is left as it is and can go on; any of its checkpoints can be cooled down later.
+
+    python -m hdlib.pretrain.cooldown params/pretrain_demo.yaml --from-step 4000 --steps 600 [key=value ...]
+
+The branch trains in the study folder beside the trunk (models/denoiser_pretrained_cooldown_<from>_<steps>/,
+resumable), is judged every pretrain.eval_every steps and at its end (the same samples, DDIM steps and
+judge as the trunk's rows) and its rows go to metrics/pretrain_cooldown.csv, mirrored into
+pretrain.committed_run/metrics/. The trunk's checkpoint at --from-step must be in the study folder or be
+the committed one (a fresh clone seeds it from there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..config import Config, load_config
+from ..errors import ConfigError
+from ..io import atomic_write_csv
+from ..paths import StudyPaths
+from ..study.context import device
+from ..study.latent_models import build_denoiser, noise_scheduler
+from ..study.preparation import prepare_data
+from ..study.train import train_task
+from ..training.weights import load_final
+from .judges import judge_id
+from .recipe import COOLDOWN_CURVE, branch_name, check_run_recipe, config_with
+from .resume import _copy_file, complete_checkpoints, seed_from_committed_checkpoint
+from .run import check_pretrain_source, encoded_pool
+from .samples import sample_images
+from .scoring import ProvenanceScorer
+
+CURVE = COOLDOWN_CURVE
+
+
+def seed_branch(cfg: Config, start: int, steps: int):
+    """The branch's folder, holding the trunk's checkpoint at `start` when it has none of its own yet."""
+    paths = StudyPaths(cfg)
+    out = paths.model(branch_name(start, steps))
+    if complete_checkpoints(out / "checkpoints"):
+        return out
+    trunk = {int(p.name.split("-")[1]): p for p in complete_checkpoints(paths.model("denoiser_pretrained") / "checkpoints")}
+    if start not in trunk:
+        raise ConfigError(f"--from-step {start}: the run has no checkpoint at that step in "
+                          f"{paths.model('denoiser_pretrained')}/checkpoints (it has {sorted(trunk) or 'none'})")
+    shutil.copytree(trunk[start], out / "checkpoints" / trunk[start].name)
+    return out
+
+
+def cool_down(cfg: Config, start: int, steps: int) -> pd.DataFrame:
+    """Train the branch (resuming) and judge it; returns the branch's rows."""
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: a cool-down needs at least one step")
+    p, paths = cfg.pretrain, StudyPaths(cfg)
+    check_pretrain_source(cfg)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    check_run_recipe(cfg)  # the branch lives in the trunk's folder: the same recipe
+    if not paths.manifest("pool").exists():
+        prepare_data(cfg)
+    vae, scale = encoded_pool(cfg)
+    seed_from_committed_checkpoint(cfg)
+    out = seed_branch(cfg, start, steps)
+    scorer = ProvenanceScorer(cfg)
+    path = paths.metrics_dir / CURVE
+    rows = pd.read_csv(path).to_dict("records") if path.exists() else []
+    done = {(int(r["from_step"]), int(r["cooldown_steps"]), int(r["step"])) for r in rows}
+    end = start + steps
+    for target in sorted(set(range(start + p.eval_every, end, p.eval_every)) | {end}):
+        if (start, steps, target) in done:
+            continue
+        chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)
+        res = train_task(chunk, "denoiser_pretrained", out_dir=out, precision_may_change=True,
+                         cooldown_start=start, cooldown_steps=steps)
+        unet = build_denoiser(cfg)
+        load_final(unet, out, ema=True)
+        imgs = sample_images(unet.eval().requires_grad_(False), noise_scheduler(cfg), vae, scale, p.eval_samples,
+                             p.eval_inference_steps, device=device(cfg))
+        q = scorer(imgs)
+        rows.append({"from_step": start, "cooldown_steps": steps, "step": target, "samples": p.eval_samples,
+                     "ddim_steps": p.eval_inference_steps, **q, "loss": res.last_loss, "train_s": res.wall_s,
+                     "mixed_precision": cfg.study.mixed_precision, "judge": judge_id(cfg)})
+        atomic_write_csv(pd.DataFrame(rows), path)
+        if p.committed_run:
+            _copy_file(path, Path(p.committed_run) / "metrics" / CURVE)  # committed: the branch's curve survives
+        print(f"[pretrain] cool-down {start}+{steps}, step {target}: judge FID {q['fid']:.2f} "
+              f"P {q['precision']:.3f} R {q['recall']:.3f} mixture TV {q['mixture_tv']:.3f}", flush=True)
+    return pd.DataFrame([r for r in rows if int(r["from_step"]) == start and int(r["cooldown_steps"]) == steps])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m hdlib.pretrain.cooldown", description=__doc__.split("\n\n")[0])
+    ap.add_argument("params")
+    ap.add_argument("--from-step", type=int, required=True, help="the trunk's checkpoint to branch from")
+    ap.add_argument("--steps", type=int, required=True, help="length of the linear decay of the lr to 0")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_intermixed_args(argv)
+    rows = cool_down(load_config(a.params, a.overrides), a.from_step, a.steps)
+    print(rows[["step", "fid", "precision", "recall", "mixture_tv"]].to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
