@@ -175,9 +175,10 @@ LR_TEXT = {False: "constant after warm-up",
 VERSIONS = """
 ## This version and the previous one, judged alike
 Both models sampled with the same {n} seeds (DDIM {v[ddim_steps]} steps, eta 1) and scored by one judge, the
-provenance-trained judge the long run was tracked with (weights `{v[judge]}...`, described below), against the
-same {v[holdout_tiles]} held-out tiles; the untrained judge's FID is a second opinion. Each card's own tables
-further down came from the judge of its day and are on another scale.
+provenance-trained judge the long run was tracked with (weights `{v[judge]}...`: a ResNet-18 trained from scratch
+on the pool's training tiles to name what made each tile, its stain style and tissue class or its real source;
+`hdlib.evaluation.pool_judge`), against the same {v[holdout_tiles]} held-out tiles; the untrained judge's FID is a
+second opinion. Numbers a card measured with the judge of its day (the previous version's own) are on another scale.
 
 {table}
 
