@@ -116,6 +116,20 @@ def min_detectable_difference(paired_sd: float, n: int, alpha: float = 0.05, pow
     return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * paired_sd / math.sqrt(n))
 
 
+def seeds_for_mdd(paired_sd: float, target: float, alpha: float = 0.05, power: float = 0.8,
+                  max_n: int = 10_000) -> int | None:
+    """The fewest pairs whose minimum detectable difference (`min_detectable_difference`) is at most
+    `target` for this paired spread; None when not even max_n pairs reach it (or the spread is unknown)."""
+    if not np.isfinite(paired_sd):
+        return None
+    if paired_sd == 0:
+        return 2
+    for n in range(2, max_n + 1):
+        if min_detectable_difference(paired_sd, n, alpha, power) <= target:
+            return n
+    return None
+
+
 def holm_adjust(pvalues) -> np.ndarray:
     """Holm-Bonferroni step-down adjusted p-values (NaN stays NaN and is not counted)."""
     p = np.asarray(pvalues, dtype=np.float64)

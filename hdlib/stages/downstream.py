@@ -15,6 +15,7 @@ from ..evaluation.stats import (
     holm_adjust,
     min_detectable_difference,
     paired_comparison,
+    seeds_for_mdd,
 )
 
 # What this stage reads (hdlib.tools.stage_inputs): config keys whose values key its results (settings that
@@ -103,6 +104,31 @@ def primary_result(cfg: Config, results: pd.DataFrame, primary: dict, metric: st
     out["verdict"] = ("beats_both" if vr and vv and vr["ci_low"] > 0 and vv["ci_low"] > 0 else
                       "beats_real_only" if vr and vr["ci_low"] > 0 else
                       "worse_than_real_only" if vr and vr["ci_high"] < 0 else "no_detectable_gain")
+    return out
+
+
+# power: the MDD the issue asks for at the primary cell (points; aim, then bound), inside 45 minutes of stages
+POWER_TARGETS_POINTS = (1.5, 2.0)
+STAGE_BUDGET_S = 45 * 60
+
+
+def power_plan(cfg: Config, results: pd.DataFrame, primary: dict, headline: dict) -> dict:
+    """What a target MDD at the primary cell would cost, from this run: the paired spread of HistoDiffusion -
+    real-only, the seeds each target needs, and the primary cell's grid time at that many seeds from the
+    measured mean time of its cells (run `study.workers` at a time). Timing-derived keys end in _s."""
+    f, ratio = primary["fraction"], cfg.downstream.ratio
+    pair = _paired(results, f, METHOD, "real", ratio)
+    at = results[(results["fraction"] == f) & results["ratio"].isin([0.0, ratio])]
+    arms, cell_s, workers = int(at["training_set"].nunique()), float(at["elapsed_s"].mean()), max(1, cfg.study.workers)
+    sd = float(np.std(pair[0] - pair[1], ddof=1)) if pair is not None else float("nan")
+    out = {"paired_sd_points": 100 * sd, "n_seeds": headline.get("n_seeds"), "mdd_points": headline.get("mdd_points"),
+           "arms_at_primary": arms, "workers": workers, "primary_cell_mean_s": cell_s,
+           "stage_budget_s": STAGE_BUDGET_S, "targets": []}
+    for target in POWER_TARGETS_POINTS:
+        n = seeds_for_mdd(sd, target / 100)
+        grid_s = None if n is None else n * arms * cell_s / workers
+        out["targets"].append({"mdd_points": target, "seeds": n, "primary_cell_grid_s": grid_s,
+                               "fits_stage_budget": None if grid_s is None else bool(grid_s <= STAGE_BUDGET_S)})
     return out
 
 

@@ -219,10 +219,22 @@ def broken_links(d4: dict, d5: dict, acc_rows: pd.DataFrame | None = None) -> st
                       "requested images")
     mdd = d5.get("mdd_points")
     if mdd is not None and mdd > 1.5:
-        broken.append(f"the primary cell detects only differences of {mdd:.1f} points at 80% power (aim 1.5)")
+        broken.append(f"the primary cell detects only differences of {mdd:.1f} points at 80% power (aim 1.5)"
+                      + power_cost_text(d5.get("power")))
     if not broken:
         return "Every measured link meets its aim: the missing gain is not explained by one broken link."
     return "Where the chain breaks: " + "; ".join(broken) + "."
+
+
+def power_cost_text(power: dict | None) -> str:
+    """What the power targets would cost, from stage 05's `power` block (the measured trade-off)."""
+    if not power:
+        return ""
+    parts = [f"MDD {t['mdd_points']:g} needs {t['seeds']} seeds, about {t['primary_cell_grid_s'] / 60:.0f} min of "
+             f"primary-cell grid" for t in power["targets"] if t["seeds"] is not None]
+    return (f" with {power['n_seeds']} seeds ({'; '.join(parts)}, at this run's {power['primary_cell_mean_s']:.0f} s per "
+            f"cell, {power['arms_at_primary']} arms, {power['workers']} at a time; the study's stages have "
+            f"{power['stage_budget_s'] / 60:.0f} min)") if parts else ""
 
 
 def pretrained_section(path: str) -> str:

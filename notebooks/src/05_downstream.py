@@ -33,6 +33,7 @@ from hdlib.stages.common import setup_notebook
 from hdlib.stages.downstream import (
     HEADLINE_COMPARISONS,
     gain_table,
+    power_plan,
     primary_result,
     shifted_cohort_result,
 )
@@ -98,10 +99,21 @@ comps.round(4)
 headline = primary_result(cfg, results, primary)
 lpc = primary["labels_per_class"]
 rows = [{"comparison": name, **{k: v for k, v in (headline[key] or {}).items()}}
-        for key, name in (("vs_real", "HistoDiffusion - real-only"), ("vs_rival", "HistoDiffusion - pseudo-label rival"))]
+        for key, name in (("vs_real", "HistoDiffusion - real-only"), ("vs_rival", "HistoDiffusion - pseudo-label rival"),
+                          ("combined_vs_rival", "HistoDiffusion + pseudo-labels - pseudo-label rival"))]
 display(Markdown(f"Primary cell: {lpc['total']} labels per class ({lpc['train']} train + {lpc['val']} validation), "
                  f"{headline['n_seeds']} seeds. Rule: {primary['rule']}."))
 pd.DataFrame(rows).round(4)
+
+# %% [markdown]
+# ### Power: what a smaller detectable difference would cost
+#
+# The paired spread of HistoDiffusion - real-only at the primary cell sets how many seeds a target MDD needs; the primary cell's grid time at that many seeds is projected from this run's mean cell time (cells run `study.workers` at a time). **How to read:** a target whose grid time alone exceeds the study's 45 minutes of stages does not fit this design at this cost per cell.
+
+# %%
+power = power_plan(cfg, results, primary, headline)
+pd.DataFrame(power["targets"]).assign(seeds_now=power["n_seeds"], mdd_now=power["mdd_points"],
+                                      mean_cell_s=power["primary_cell_mean_s"]).round(2)
 
 # %% [markdown]
 # ## Figure: gain against labels per class
@@ -178,4 +190,5 @@ write_metrics(cfg, "05_downstream", {
     # the headline at the primary cell (stage 03's rule): primary_cell, vs_real, vs_rival, n_seeds, mdd_points
     **headline,
     "gain_vs_labels": gains.to_dict(orient="records"),
-    **({"shifted_cohort": shifted} if shifted is not None else {})})
+    **({"shifted_cohort": shifted} if shifted is not None else {}),
+    "power": power})
