@@ -83,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     au = sub.add_parser("augment", help="a filtered synthetic class-folder dataset from a study or export")
     au.add_argument("source", help="results/<study> or an exported folder")
     au.add_argument("out")
-    au.add_argument("--per-class", type=int, required=True)
+    au.add_argument("--per-class", type=int)
+    au.add_argument("--as-study", action="store_true",
+                    help="from an export: the study's own kept set again (its seeds, quota and selection)")
     au.add_argument("--fraction", type=float)
     au.add_argument("--draw", type=int)
     au.add_argument("--guidance-scale", type=float)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     elif args.command == "augment":
 
         print(augment_dataset(args.source, args.out, args.per_class, args.fraction, args.draw, args.guidance_scale,
-                              filtered=not args.no_filter, device=resolve_device(args.device)))
+                              filtered=not args.no_filter, device=resolve_device(args.device), as_study=args.as_study))
     elif args.command == "pretrain":
 
         return pretrain_main(args.params, overrides, compare=args.compare, sweep=args.sweep, assess=args.assess)

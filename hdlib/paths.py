@@ -98,13 +98,22 @@ def task_seed(cfg: Config, *parts) -> int:
     return int(h[:8], 16)
 
 
+def request_seed_base(cfg: Config, tag: str) -> int:
+    """Image 0's seed of the named sampling request `tag` (image i gets base + i, `seeds_from`)."""
+    return task_seed(cfg, "sample", tag) % (2**31)
+
+
+def seeds_from(base: int, start: int, n: int):
+    """Seeds of images start..start+n of a request whose image 0 has seed `base`."""
+    import numpy as np
+
+    return (int(base) + start + np.arange(n, dtype=np.int64)) % (2**62)
+
+
 def request_seeds(cfg: Config, tag: str, n: int):
     """Per-image seeds of a named sampling request: image i of request `tag` always gets
     the same seed, whatever the batch or shard it is generated in."""
-    import numpy as np
-
-    base = task_seed(cfg, "sample", tag) % (2**31)
-    return (base + np.arange(n, dtype=np.int64)) % (2**62)
+    return seeds_from(request_seed_base(cfg, tag), 0, n)
 
 
 class StudyPaths:

@@ -1,5 +1,6 @@
 """The whole smoke study (params/smoke.yaml) through papermill, as a user would run it."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from hdlib.config import load_config
+from hdlib.errors import ConfigError
+from hdlib.paths import StudyPaths
 from hdlib.stages.report import accuracy_table
 from hdlib.tools.runner import run_study
 
@@ -257,6 +260,22 @@ def test_export_and_augment_give_imagefolder_datasets(study, tmp_path):
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
         augment_dataset(source, out, per_class=2, filtered=False)
         assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    # --as-study: the export draws the study's own kept set again (its seeds, quota, cap, selection), bit for bit
+    recipe = json.loads((exported / "hdlib_export.json").read_text())["study_set"]
+    again = augment_dataset(exported, tmp_path / "as_study", None, as_study=True)
+    study_set = pd.read_csv(StudyPaths(cfg).synthetic(recipe["name"]) / "manifest.csv")
+    kept = study_set[study_set["kept"].astype(bool)]
+    theirs = sorted((r["class_name"], hashlib.sha1(Path(r["path"]).read_bytes()).hexdigest()) for _, r in kept.iterrows())
+    ours = sorted((p.parent.name, hashlib.sha1(p.read_bytes()).hexdigest()) for p in again.rglob("*.png"))
+    assert ours == theirs
+    # every candidate, kept or not (the smoke study's tiny filter may keep none): the same seeds, decisions and
+    # filter scores, which are computed from the images
+    mine = pd.read_csv(again / "manifest.csv")
+    cols = ["class_name", "seed", "decision", "distance", "confidence", "nn_distance"]
+    assert len(mine) == len(study_set) > 0
+    assert mine.rename(columns={"class": "class_name", "score": "distance"})[cols].equals(study_set[cols])
+    with pytest.raises(ConfigError, match="--as-study needs an export"):
+        augment_dataset(cfg.results_dir, tmp_path / "nope", None, as_study=True)
     filtered = augment_dataset(cfg.results_dir, tmp_path / "filtered", per_class=1)
     manifest = pd.read_csv(filtered / "manifest.csv")
     kept = manifest[manifest["decision"] == "kept"]

@@ -26,7 +26,8 @@ from ..paths import (
     REPO_ROOT,
     StudyPaths,
     is_filtered,
-    request_seeds,
+    request_seed_base,
+    seeds_from,
     synthetic_set_name,
     task_seed,
     training_set_generator,
@@ -52,6 +53,16 @@ def quota_per_class(cfg: Config, fraction: float, draw: int) -> np.ndarray:
     return np.ceil(ratio * counts - 1e-9).astype(np.int64)
 
 
+def set_recipe(cfg: Config, generator: str, fraction: float, draw: int) -> dict:
+    """How `synthesize` fills a filtered set (what `hdlib augment --as-study` needs to draw it again from an
+    export): its name, quota per class, candidate cap, the selection and its seed, each class's first seed."""
+    name = synthetic_set_name(generator, fraction, draw)
+    return {"name": name, "fraction": fraction, "draw": draw, "quota": quota_per_class(cfg, fraction, draw).tolist(),
+            "cap_factor": cfg.sampling.max_candidates_factor, "selection": cfg.filtering.selection,
+            "selection_seed": task_seed(cfg, "selection", name),
+            "seed_bases": [request_seed_base(cfg, f"{name}/class{c}") for c in range(len(cfg.data.classes))]}
+
+
 def synthesize(gen: Generation, generator: str, fraction: float, draw: int, quota, judge=None,
                guidance_scale: float | None = None, tag: str = "") -> pd.DataFrame:
     """Fill `quota` (an int or one per class) with `generator`'s images for label draw `draw`
@@ -73,7 +84,7 @@ def synthesize(gen: Generation, generator: str, fraction: float, draw: int, quot
                "inputs": gen.inputs_key(generator, fraction, draw)}
 
     def seeds_of(c, start, n):  # candidate k of a class always gets the same seed
-        return request_seeds(cfg, f"{name}/class{c}", start + n)[start:]
+        return seeds_from(request_seed_base(cfg, f"{name}/class{c}"), start, n)
 
     meta = {"source": generator, "guidance_scale": scale, "model": gen.models_of(generator, fraction, draw)["denoiser"],
             "fraction": fraction, "draw": draw}

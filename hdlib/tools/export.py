@@ -5,7 +5,10 @@
         plus latent_classifier/<name>/ (safetensors + config.json) and filter/<fraction>_s<draw>/
         (the selective filter: baseline classifier, real features, thresholds) for augment.
     python -m hdlib augment SOURCE OUT --per-class N [--fraction F] [--draw D] [--guidance-scale S]
-        SOURCE is a study folder or an exported folder. Generates, filters and writes
+    python -m hdlib augment EXPORT OUT --as-study
+        SOURCE is a study folder or an exported folder. --as-study draws the study's own kept set at the
+        smallest label fraction and first draw again from an export (its seeds, quota, cap and selection):
+        on the same machine the images are the study's, bit for bit. Generates, filters and writes
         OUT/<class>/*.png (readable by torchvision.datasets.ImageFolder) and OUT/manifest.csv
         (class, seed, guidance scale, model, filter decision and score of every candidate).
         Resumable: work happens in OUT.partial/ and a re-run continues after the last round.
@@ -32,7 +35,7 @@ from ..models.pretrained import (
     load_vae,
     read_latent_info,
 )
-from ..paths import StudyPaths, model_name
+from ..paths import StudyPaths, model_name, seeds_from
 from ..sampling.filtering import FeatureFilter
 from ..sampling.pipeline import ClassifierGuidance, GuidedLatentPipeline
 from ..sampling.quota import fill_quota
@@ -47,6 +50,7 @@ from ..study.latent_models import (
 )
 from ..study.latents import latent_scale, load_autoencoder
 from ..study.splits import first_draw, grid_fractions, smallest_fraction
+from ..study.synthetic_sets import set_recipe
 
 EXPORT_INFO = "hdlib_export.json"
 
@@ -86,6 +90,8 @@ def export_study(study_dir: str | Path, out: str | Path) -> Path:
             judge = SelectiveFilter(cfg, f, draw)
             judge.save(out / "filter" / f"{f:g}_s{draw}", cfg.downstream.backbone, cfg.data.image_size)
             info["filters"].append(f"{f:g}_s{draw}")
+    if f"{f0:g}_s{d0}" in info["filters"]:  # how the study filled its kept set there: augment --as-study redraws it
+        info["study_set"] = set_recipe(cfg, "histodiffusion", f0, d0)
     atomic_write_json(out / EXPORT_INFO, info)
 
     (out / MANIFEST).write_text("".join(f"{v}  {k}\n" for k, v in file_hashes(out).items()))
@@ -127,16 +133,29 @@ def _export_sampler(source: Path, fraction: float, draw: int, guidance_scale: fl
                            "sampler": f"{s['method']}:{s['num_inference_steps']}"}, info["classes"]
 
 
-def augment_dataset(source: str | Path, out: str | Path, per_class: int, fraction: float | None = None,
+def _study_set(source: Path) -> dict:
+    info = json.loads((source / EXPORT_INFO).read_text()) if (source / EXPORT_INFO).exists() else None
+    if info is None or "study_set" not in info:
+        raise ConfigError(f"{source}: --as-study needs an export that records the study's kept set "
+                          f"({EXPORT_INFO} 'study_set'; made by `hdlib export` from a study that filtered one)")
+    return info["study_set"]
+
+
+def augment_dataset(source: str | Path, out: str | Path, per_class: int | None, fraction: float | None = None,
             draw: int | None = None, guidance_scale: float | None = None, filtered: bool = True,
-            device: str = "cpu") -> Path:
+            device: str = "cpu", as_study: bool = False) -> Path:
     """A class-folder dataset of `per_class` filtered synthetic images per class:
     OUT/<class>/*.png and OUT/manifest.csv (class, seed, guidance scale, model, filter
-    decision and score, for every candidate). Resumable: generation works in OUT.partial/."""
+    decision and score, for every candidate). Resumable: generation works in OUT.partial/.
+    `as_study`: the study's own kept set of an export (per class its quota, the study's seeds,
+    cap and selection), instead of `per_class` images of augment's own seeds."""
     import hashlib
 
     source, out = Path(source), Path(out)
-    if per_class < 1:
+    recipe = _study_set(source) if as_study else None
+    if recipe is not None:
+        fraction, draw, per_class, guidance_scale = recipe["fraction"], recipe["draw"], recipe["quota"], None
+    elif per_class is None or per_class < 1:
         raise ConfigError(f"--per-class must be >= 1, got {per_class}")
     if (source / EXPORT_INFO).exists():
         info = json.loads((source / EXPORT_INFO).read_text())
@@ -171,10 +190,14 @@ def augment_dataset(source: str | Path, out: str | Path, per_class: int, fractio
     base = int(hashlib.sha1(seed_tag.encode()).hexdigest()[:8], 16)
 
     def seeds_of(c, start, n):  # candidate k of class c always gets the same seed
+        if recipe is not None:  # the study's own
+            return seeds_from(recipe["seed_bases"][c], start, n)
         return (base * 1_000_003 + c * 10_000_019 + start + np.arange(n)) % 2**62
 
+    how = ({} if recipe is None else
+           {"cap_factor": recipe["cap_factor"], "selection": recipe["selection"], "seed": recipe["selection_seed"]})
     df = fill_quota(work, classes, per_class, sample, seeds_of, request, judge=judge if filtered else None,
-                    meta={"fraction": fraction, "draw": draw, **meta})
+                    meta={"fraction": fraction, "draw": draw, **meta}, **how)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -191,10 +214,11 @@ def augment_dataset(source: str | Path, out: str | Path, per_class: int, fractio
         ["file", "class_name", "seed", "guidance_scale", "sampler", "model", "decision", "score", "confidence",
          "nn_distance", "fraction", "draw"]].rename(columns={"class_name": "class"})
     atomic_write_csv(manifest, out / "manifest.csv")
-    shortfall = {c: int(per_class - df[(df["class_name"] == c) & df["kept"]].shape[0]) for c in classes}
+    quota = np.broadcast_to(np.asarray(per_class), (len(classes),))
+    shortfall = {c: int(q - df[(df["class_name"] == c) & df["kept"]].shape[0]) for c, q in zip(classes, quota)}
     atomic_write_json(done, {"request": request, "shortfall": {k: v for k, v in shortfall.items() if v > 0}})
     shutil.rmtree(work, ignore_errors=True)
     if any(shortfall.values()):  # written and reported, never padded
-        print(f"{out}: short of {per_class} kept images in: "
+        print(f"{out}: short of its quota of kept images in: "
               + ", ".join(f"{k} (-{v})" for k, v in shortfall.items() if v > 0) + " (cap reached; see manifest.csv)")
     return out
