@@ -27,7 +27,7 @@ READS = {
     "config": ["study.seed", "data.classes", "data.target", "downstream", "filtering",
                "latent_classifier.backbone", "latent_classifier.pseudo_label_threshold",
                "latent_classifier.train", "sampling.eta", "sampling.method", "sampling.num_inference_steps",
-               "sampling.select_on_validation"],
+               "sampling.select_on_validation", "pretrained.sha256"],
     "files": ["metrics/", "tables/", "figures/", "provenance.json"],
 }
 
@@ -237,26 +237,42 @@ def power_cost_text(power: dict | None) -> str:
             f"{power['stage_budget_s'] / 60:.0f} min)") if parts else ""
 
 
-def pretrained_section(path: str) -> str:
-    """Which pre-trained model was used, with its card's key figures."""
+def pretrained_section(path: str, pinned: str = "") -> str:
+    """Which pre-trained model was used, with its card's key figures; when the folder now holds another model
+    than the study's pin (`pinned`, the study's pretrained.sha256), that is said and its card is not quoted."""
 
-    card_p = REPO_ROOT / path / "card.json" if not Path(path).is_absolute() else Path(path) / "card.json"
+    folder = REPO_ROOT / path if not Path(path).is_absolute() else Path(path)
+    now = folder_sha256(folder)
+    if pinned and pinned != now:
+        return (f"## Pre-trained model\n\nAutoencoder and unconditional denoiser loaded from `{path}`, the model pinned "
+                f"`{pinned[:16]}…`. The folder now holds another version (`{now[:16]}…`), so its card's figures are "
+                "not this study's and are not quoted here.\n")
     text = f"## Pre-trained model\n\nAutoencoder and unconditional denoiser loaded from `{path}` (sha256 of its model " \
-           f"files `{folder_sha256(REPO_ROOT / path if not Path(path).is_absolute() else path)[:16]}…`)."
-    if card_p.exists():
-        c = json.loads(card_p.read_text())
-        q, d = c["quality_final"], c["denoiser"]
-        text += (f" From its card: {sum(c['data']['pool_sources'].values())} unlabeled pool tiles; denoiser "
-                 f"{d['parameters'] / 1e6:.1f} M parameters, {d['steps']} steps in {d['wall_s'] / 3600:.1f} h "
-                 f"({c['hardware']}); FID to {q['holdout_tiles']} held-out pool tiles {q['fid']:.2f} "
-                 f"(untrained-ResNet features), precision {q['precision']:.2f}, recall {q['recall']:.2f}.")
-        pj = c.get("pool_judge")
-        if pj:  # the judge trained on the pool's provenance: it sees tissue classes the untrained one misses
-            s, b = pj["models"]["shipped"], pj["in_study_over_seeds"]["fid"]
-            text += (f" By the provenance-trained judge: FID {s['fid']:.1f}, against {b['mean']:.1f} ± {b['sd']:.1f} "
-                     f"for the old in-study pre-training over {len(b['values'])} seeds; its autoencoder keeps "
-                     f"{s['autoencoder_ceiling']['tissue_kept']:.0%} of held-out tiles' tissue class.")
+           f"files `{now[:16]}…`)."
+    if (folder / "card.json").exists():
+        text += _card_figures(json.loads((folder / "card.json").read_text()))
     return text + "\n"
+
+
+def _card_figures(c: dict) -> str:
+    q, d = c["quality_final"], c["denoiser"]
+    text = (f" From its card: {sum(c['data']['pool_sources'].values())} unlabeled pool tiles; denoiser "
+            f"{d['parameters'] / 1e6:.1f} M parameters, {d['steps']} steps in {d['wall_s'] / 3600:.1f} h "
+            f"({c['hardware']}); FID to {q['holdout_tiles']} held-out pool tiles {q['fid']:.2f} "
+            f"(untrained-ResNet features), precision {q['precision']:.2f}, recall {q['recall']:.2f}.")
+    pj, v = c.get("pool_judge"), c.get("versions")
+    if pj:  # the judge trained on the pool's provenance: it sees tissue classes the untrained one misses
+        s, b = pj["models"]["shipped"], pj["in_study_over_seeds"]["fid"]
+        text += (f" By the provenance-trained judge: FID {s['fid']:.1f}, against {b['mean']:.1f} ± {b['sd']:.1f} "
+                 f"for the old in-study pre-training over {len(b['values'])} seeds; its autoencoder keeps "
+                 f"{s['autoencoder_ceiling']['tissue_kept']:.0%} of held-out tiles' tissue class.")
+    if v and "previous" in v["models"]:  # both versions by one judge, the same holdout and seeds
+        a, b = v["models"]["this model"], v["models"]["previous"]
+        text += (f" By the provenance-trained judge (`{v['judge']}`), beside the version it replaced on the same "
+                 f"{a['samples']} seeds: FID {a['fid']:.1f} vs {b['fid']:.1f}, recall {a['recall']:.2f} vs "
+                 f"{b['recall']:.2f}, tissue-mix total variation {a['tissue_mixture_tv']:.2f} vs "
+                 f"{b['tissue_mixture_tv']:.2f}.")
+    return text
 
 
 def _read_json(path: Path) -> dict:
@@ -346,7 +362,7 @@ def report_context(cfg: Config) -> dict:
     pre = d1.get("pretrained")
     return {
         "cfg": cfg, "ds": ds, "d0": d0, "d1": d1, "d4": d4, "d5": d5, "d6": d6, "per": per, "f0": f0,
-        "headline": headline(cfg), "chain": chain_section(cfg), "pretrained": pretrained_section(pre) if pre else "",
+        "headline": headline(cfg), "chain": chain_section(cfg), "pretrained": pretrained_section(pre, cfg.pretrained.sha256) if pre else "",
         "fig": lambda name, caption: _fig(cfg, name, caption),
         "budget": d5.get("labels_per_class") or {}, "lc_pl": cfg.latent_classifier.pseudo_label_threshold,
         "fractions_text": ", ".join(f"{percent_text(f)} ({per.get(format(f, 'g'), '?')}/class)" for f in ds.fractions),
