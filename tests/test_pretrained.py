@@ -352,9 +352,10 @@ def test_verdicts_follow_the_numbers_and_every_code_has_its_sentence():
     assert sweep_verdict(rows) == {"verdict": "variant_first", "best_variant": "v", "best_fid": 3.0,
                                    "configured_variant": "configured", "configured_fid": 4.0}
     assert sweep_verdict(rows[:2])["verdict"] == "configured_first"  # raw weights never rank
-    numbers = {}  # every number a verdict of the shipped card holds, under its name
-    for v in json.loads((SHIPPED / "card.json").read_text())["verdicts"].values():
-        numbers |= v if isinstance(v, dict) else {}
+    numbers = {}  # every number a verdict of the shipped card (and of v3's, which had every section) holds
+    for card in (ROOT / "tests" / "data" / "card_v3.json", SHIPPED / "card.json"):
+        for v in json.loads(card.read_text())["verdicts"].values():
+            numbers |= v if isinstance(v, dict) else {}
     for name, text in VERDICTS.items():
         for code in (text if isinstance(text, dict) else [None]):
             text = say(numbers | {"verdict": code}, name)
@@ -433,12 +434,11 @@ def test_report_quotes_the_card_of_the_studys_own_model_only():
 def test_report_and_card_name_the_second_judges_figures():
     """The study report quotes the shipped card's provenance-trained-judge FIDs, and the card's verdict
     compares the model with each in-study run alone as well as with the recipe over seeds."""
-    card = json.loads((SHIPPED / "card.json").read_text())
-    pj = card.get("pool_judge")
-    if not pj:
-        pytest.skip("the shipped card has no in-study comparison (make pretrain-assess adds it)")
-    text = pretrained_section("models/demo-pool")
-    assert load_config(ROOT / "params" / "default.yaml").pretrained.sha256[:16] in text
+    from hdlib.stages.report import _card_figures
+
+    card = json.loads((ROOT / "tests" / "data" / "card_v3.json").read_text())  # v3's card: it has the comparison
+    pj = card["pool_judge"]
+    text = _card_figures(card)
     assert f"provenance-trained judge: FID {pj['models']['shipped']['fid']:.1f}" in text
     assert f"{pj['in_study_over_seeds']['fid']['mean']:.1f} ± {pj['in_study_over_seeds']['fid']['sd']:.1f}" in text
     seeds = [k.removeprefix("in_study_seed") for k in pj["models"] if k.startswith("in_study")]
@@ -490,3 +490,12 @@ def test_ship_checks_its_inputs_before_any_compute(tmp_path):
         check_inputs(cfg, (4, 2), None)
     with pytest.raises(ConfigError, match="--previous .*: not an exported model folder"):
         check_inputs(cfg, None, str(tmp_path))
+
+
+def test_a_loaded_model_exports_without_the_path_it_was_loaded_from(tmp_path):
+    """from_pretrained records where a model came from (`_name_or_path`, a machine path); an export drops it,
+    so a frozen autoencoder exported again has the same files (and pin) as before."""
+    vae = load_vae(SHIPPED)
+    assert vae.config.get("_name_or_path")
+    out = export_pretrained(tmp_path / "again", vae)
+    assert (out / "vae" / "config.json").read_bytes() == (SHIPPED / "vae" / "config.json").read_bytes()

@@ -184,6 +184,17 @@ def verify(path: str | Path, expected_sha256: str = "") -> str:
     return got
 
 
+def _drop_load_path(config: Path) -> None:
+    """A model loaded with from_pretrained saves where it was loaded from (`_name_or_path`, a path on this
+    machine): not part of the model, and it would change the folder's pin."""
+    import json
+
+    if config.exists():
+        d = json.loads(config.read_text())
+        if d.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")  # diffusers' own layout
+
+
 def export_pretrained(out: str | Path, vae, unet=None, scheduler=None, scaling_factor: float | None = None,
                       extra_files: dict[str, str] | None = None, half: bool = False) -> Path:
     """Write vae/ (with its scaling_factor), unet/, scheduler/ and MANIFEST.sha256 to `out`,
@@ -206,6 +217,8 @@ def export_pretrained(out: str | Path, vae, unet=None, scheduler=None, scaling_f
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
     if scheduler is not None:
         scheduler.save_pretrained(str(tmp / "scheduler"))
+    for sub in ("vae", "unet"):
+        _drop_load_path(tmp / sub / "config.json")
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     (tmp / MANIFEST).write_text("".join(f"{v}  {k}\n" for k, v in file_hashes(tmp).items()))

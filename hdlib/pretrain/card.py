@@ -132,7 +132,7 @@ Pool manifest sha256: `{data[pool_manifest_sha256]}`.
 |---|---|
 | autoencoder | `AutoencoderKL`, channels {a[block_out_channels]!s}, latent {a[latent_shape]!s}, L1 + (1-SSIM) + KL (no LPIPS / discriminator: their weights cannot be downloaded here) |
 | autoencoder start | {init} |
-| autoencoder training | {a[steps]} steps in {ae_minutes:.0f} min; held-out pool PSNR {a[heldout_pool_psnr_db]:.2f} dB; scaling factor {a[scale_factor]:.4f} |
+| autoencoder training | {a[steps]} steps in {ae_minutes:.0f} min{ae_when}; held-out pool PSNR {a[heldout_pool_psnr_db]:.2f} dB; scaling factor {a[scale_factor]:.4f} |
 | denoiser | `UNet2DModel`, channels {d[block_out_channels]!s}, attention {d[attention_levels]!s}, {d[layers_per_block]} res block(s) per level, {mparams:.1f} M parameters |
 | noise schedule | `{d[schedule]}` {schedule} |
 | objective | `{d[prediction_type]}` prediction, {loss} loss, min-SNR weighting gamma {d[snr_gamma]:g} (0: none) |
@@ -159,6 +159,7 @@ the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
 
 INIT = {True: "fine-tuned from the vae of `{init_from}` (its files' sha256 `{vae_sha16}...`)",
         False: "trained from scratch"}
+FROZEN = "the previous version's, frozen: `{path}` (its vae files' sha256 `{vae_sha16}...`); only the denoiser was trained"
 SCHEDULES = {"paper": "(linear in sqrt(beta), 0.0015-0.0155)", "linear": "(linear in beta)",
              "cosine": "(squared cosine, Nichol & Dhariwal)"}
 SOURCES = ("| source | pool tiles | held-out tiles |", "| {source} | {pool} | {holdout} |")
@@ -380,11 +381,13 @@ def model_card_text(card: dict) -> str:
     sources = [{"source": k, "pool": n, "holdout": holdout.get(k)} for k, n in data["pool_sources"].items()]
     init = fill(INIT[bool(a.get("init_from"))], {"init_from": a.get("init_from"),
                                                   "vae_sha16": (a.get("init_from_vae_sha256") or "")[:16]})
+    if a.get("frozen_from"):  # pretrained.path brought it: only the denoiser was trained
+        init = fill(FROZEN, {"path": a["frozen_from"], "vae_sha16": (a.get("frozen_from_vae_sha256") or "")[:16]})
     return fill(CARD, {
         "data": data, "a": a, "d": d, "q": card["quality_final"], "judge": card["judge"], "hardware": card["hardware"],
         "pool_tiles": sum(data["pool_sources"].values()), "sources": table(*SOURCES, sources),
         "styles": sum(1 for k in data["pool_sources"] if k.startswith("procedural_")), "init": init,
-        "ae_minutes": a["wall_s"] / 60, "unet_hours": d["wall_s"] / 3600, "mparams": d["parameters"] / 1e6,
+        "ae_minutes": a["wall_s"] / 60, "ae_when": " (when it was trained; frozen here)" if a.get("frozen_from") else "", "unet_hours": d["wall_s"] / 3600, "mparams": d["parameters"] / 1e6,
         "schedule": SCHEDULES.get(d["schedule"], ""), "loss": d["loss"].upper(),
         "lr_text": fill(LR_TEXT[bool(d.get("cooldown"))], {"c": d.get("cooldown")}),
         "during_training": during_training_text(card["quality_during_training"]),

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from ..config import Config
+from ..errors import ConfigError
 from ..evaluation import plots
 from ..io import atomic_path, atomic_write_text
 from ..models.pretrained import (
@@ -53,6 +54,20 @@ def run_history(cfg: Config, cooldown: tuple[int, int] | None = None) -> tuple[p
                       ignore_index=True))
 
 
+def autoencoder_history(cfg: Config, out: str | Path) -> tuple[int, float]:
+    """(steps, wall seconds) of the autoencoder: trained here, or (pretrained.path brought it, frozen) the one
+    the folder being replaced was exported with, read from that card when its vae files are the same."""
+    if (StudyPaths(cfg).model("autoencoder") / "log.csv").exists():
+        log = training_log(cfg, "autoencoder")
+        return int(log["step"].max()), float(log["elapsed_s"].max())
+    old = Path(out) / "card.json"
+    if cfg.pretrained.path and old.exists() and vae_sha256(str(out)) == vae_sha256(cfg.pretrained.path):
+        a = json.loads(old.read_text())["autoencoder"]
+        return int(a["steps"]), float(a["wall_s"])
+    raise ConfigError(f"{StudyPaths(cfg).model('autoencoder')}: no training log, and pretrained.path "
+                      f"{cfg.pretrained.path or '(empty)'} is not the autoencoder of {out}: its steps are unknown")
+
+
 def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None,
                             cooldown: tuple[int, int] | None = None) -> Path:
     """The study's trained autoencoder + pre-trained denoiser (the run's, or its cool-down branch
@@ -65,16 +80,19 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
     final = final_quality(cfg, judge, real_feats, denoiser=name, step=int(unet_log["step"].max()))
     d1 = json.loads(paths.metrics("01_autoencoder").read_text())
     d0 = json.loads(paths.metrics("00_data").read_text())
-    ae_log = training_log(cfg, "autoencoder")
+    ae_steps, ae_wall_s = autoencoder_history(cfg, out)
     pool_manifest = _sha256(paths.manifest("pool"))  # the manifest lists every tile with its sha1
     card = {
         "data": {"pool_sources": d0["pool"], "pool_holdout": d0["pool_holdout"], "image_size": cfg.data.image_size,
                  "pool_manifest_sha256": pool_manifest, "target_excluded": "checked by content hash (stage 00)"},
         "autoencoder": {"block_out_channels": list(load_autoencoder(cfg).config.block_out_channels),
                         "init_from": cfg.autoencoder.init_from, "init_from_vae_sha256": vae_sha256(cfg.autoencoder.init_from),
+                        # pretrained.path's vae, frozen: the denoiser trains on its latents
+                        **({"frozen_from": cfg.pretrained.path, "frozen_from_vae_sha256": vae_sha256(cfg.pretrained.path)}
+                           if cfg.pretrained.path else {}),
                         "latent_shape": d1["latent_shape"], "scale_factor": d1["scale_factor"],
                         "heldout_pool_psnr_db": d1["heldout_pool_psnr_db"],
-                        "steps": int(ae_log["step"].max()), "wall_s": float(ae_log["elapsed_s"].max())},
+                        "steps": ae_steps, "wall_s": ae_wall_s},
         "denoiser": {"block_out_channels": cfg.diffusion.block_out_channels,
                      "attention_levels": cfg.diffusion.attention_levels,
                      "layers_per_block": cfg.diffusion.layers_per_block,
