@@ -499,3 +499,16 @@ def test_a_loaded_model_exports_without_the_path_it_was_loaded_from(tmp_path):
     assert vae.config.get("_name_or_path")
     out = export_pretrained(tmp_path / "again", vae)
     assert (out / "vae" / "config.json").read_bytes() == (SHIPPED / "vae" / "config.json").read_bytes()
+
+
+def test_the_docs_summary_of_the_shipped_versions_is_read_back_from_its_card():
+    """docs/pretrained.md sums up v4 against v3 in words; each word is checked against the card's numbers."""
+    text = " ".join((ROOT / "docs" / "pretrained.md").read_text().split())
+    v = json.loads((SHIPPED / "card.json").read_text())["versions"]
+    now, before, real = v["models"]["this model"], v["models"]["previous"], v["real_shares"]
+    assert "lowers that judge's FID to less than half of v3's" in text and now["fid"] < before["fid"] / 2
+    assert "draws lymphocyte, stroma and adipose tiles that v3 almost never drew" in text
+    for g in ("LYM", "STR", "ADI"):
+        assert before[f"share_{g}"] <= 0.02 < now[f"share_{g}"]
+    assert "still draws too much background and too few lymphocyte and normal-mucosa tiles" in text
+    assert now["share_BACK"] > real["BACK"] and now["share_LYM"] < real["LYM"] and now["share_NORM"] < real["NORM"]
