@@ -512,3 +512,22 @@ def test_the_docs_summary_of_the_shipped_versions_is_read_back_from_its_card():
         assert before[f"share_{g}"] <= 0.02 < now[f"share_{g}"]
     assert "still draws too much background and too few lymphocyte and normal-mucosa tiles" in text
     assert now["share_BACK"] > real["BACK"] and now["share_LYM"] < real["LYM"] and now["share_NORM"] < real["NORM"]
+
+
+def test_targets_are_judged_on_tissue_classes_and_said_in_the_card():
+    from hdlib.pretrain.verdicts import target_rows
+
+    def row(fid, share_lym):
+        return {"fid": fid, "recall": 0.9, "precision": 0.81, "mixture_tv": 0.1, "share_LYM": share_lym,
+                "share_TUM": 0.5, "share_he_src": 0.0}
+    v = {"models": {"previous": row(120.0, 0.0), "this model": row(50.0, 0.2)},
+         "real_shares": {"LYM": 0.3, "TUM": 0.5, "he_src": 0.2}, "tissue_classes": ["LYM", "TUM"]}
+    rows = target_rows(v)
+    assert [r["met"] for r in rows] == [True, True, True, True, True]  # he_src (a real source) is not a tissue class
+    assert rows[-1]["measure"].startswith("least-drawn tissue class (LYM)") and rows[-1]["value"] == pytest.approx(2 / 3)
+    v["models"]["this model"]["share_LYM"] = 0.1
+    assert target_rows(v)[-1]["met"] is False
+    card = json.loads((SHIPPED / "card.json").read_text())
+    text = (SHIPPED / "MODEL_CARD.md").read_text()
+    met = [r["met"] for r in card["verdicts"]["targets"]]
+    assert ("Every target is met." in text) == all(met) and text.count("**no** |") == met.count(False)

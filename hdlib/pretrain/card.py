@@ -191,7 +191,21 @@ What good looks like: each class's samples look like the real tiles beside them 
 fibres, adipose mesh, lymphocyte sheets), and every class is drawn about as often as it is real.
 
 ![samples per class](pretrain_per_class.png)
+
+### Against its targets
+By the same judge, samples and holdout:
+
+{targets}
+
+{outlook}
 """
+TARGET_ROWS = ("| measure | target | this model | previous | met |",
+               "| {measure} | {target} | {value:.3f} | {previous:.3f} | {met_text} |")
+OUTLOOK = {True: "Every target is met.",
+           False: "Not every target is met. What the curve says: at a constant learning rate the judge's FID stopped "
+                  "falling while recall still rose, and the cool-down branch lowered it again; the next steps are a "
+                  "longer constant-rate run cooled down later, and the variants the short sweep could not rank "
+                  "(a wider U-Net, a slower EMA), each judged the same way."}
 VERSIONS_ROWS = ("| model | samples | FID | precision | recall | mixture TV | tissue mixture TV | least-drawn class "
                  "(share / real share) | FID, untrained judge |",
                  "| {name} | {samples} | {fid:.1f} | {precision:.3f} | {recall:.3f} | {mixture_tv:.3f} | "
@@ -391,7 +405,7 @@ def model_card_text(card: dict) -> str:
         "schedule": SCHEDULES.get(d["schedule"], ""), "loss": d["loss"].upper(),
         "lr_text": fill(LR_TEXT[bool(d.get("cooldown"))], {"c": d.get("cooldown")}),
         "during_training": during_training_text(card["quality_during_training"]),
-        "versions": versions_text(card.get("versions")),
+        "versions": versions_text(card.get("versions"), v.get("targets")),
         "autoencoder_during_training": fill(AE_DURING_TRAINING, {"table": table(*AE_ROWS, card["autoencoder_during_training"])})
                                        if card.get("autoencoder_during_training") else "",
         "recipe_sweep": sweep_text(card.get("recipe_sweep"), v.get("recipe_sweep"), "recipe_sweep"),
@@ -488,12 +502,15 @@ def during_training_text(rows: list[dict]) -> str:
     return table(*DURING_TRAINING, rows)
 
 
-def versions_text(v: dict | None) -> str:
+def versions_text(v: dict | None, targets: list[dict] | None = None) -> str:
     if not v:
         return ""
     ms = v["models"]
     shares = lines_table("| class | " + " | ".join(ms) + " | real |",
                          [f"| {g} | " + " | ".join(f"{m[f'share_{g}']:.0%}" for m in ms.values()) + f" | {r:.0%} |"
                           for g, r in v["real_shares"].items()])
+    rows = targets or []
     return fill(VERSIONS, {"v": v, "n": next(iter(ms.values()))["samples"], "shares": shares,
-                           "table": table(*VERSIONS_ROWS, [m | {"name": k} for k, m in ms.items()])})
+                           "table": table(*VERSIONS_ROWS, [m | {"name": k} for k, m in ms.items()]),
+                           "targets": table(*TARGET_ROWS, [r | {"met_text": "yes" if r["met"] else "**no**"} for r in rows]),
+                           "outlook": OUTLOOK[all(r["met"] for r in rows)]})

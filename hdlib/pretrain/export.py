@@ -54,6 +54,15 @@ def run_history(cfg: Config, cooldown: tuple[int, int] | None = None) -> tuple[p
                       ignore_index=True))
 
 
+def recipe_sweep_rows(cfg: Config) -> list[dict] | None:
+    """The recipe sweep's table: this study folder's, else the one mirrored beside the committed run."""
+    for path in (StudyPaths(cfg).metrics_dir / "pretrain_recipe_sweep.csv",
+                 Path(cfg.pretrain.committed_run or "-") / "sweep" / "pretrain_recipe_sweep.csv"):
+        if path.exists():
+            return pd.read_csv(path).to_dict("records")
+    return None
+
+
 def autoencoder_history(cfg: Config, out: str | Path) -> tuple[int, float]:
     """(steps, wall seconds) of the autoencoder: trained here, or (pretrained.path brought it, frozen) the one
     the folder being replaced was exported with, read from that card when its vae files are the same."""
@@ -108,8 +117,7 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
         "quality_during_training": evals.astype(object).where(evals.notna(), None).to_dict("records"),  # NaN: None
         "autoencoder_during_training": (pd.read_csv(paths.metrics_dir / "pretrain_ae_eval.csv").to_dict("records")
                                         if (paths.metrics_dir / "pretrain_ae_eval.csv").exists() else None),
-        "recipe_sweep": (pd.read_csv(paths.metrics_dir / "pretrain_recipe_sweep.csv").to_dict("records")
-                         if (paths.metrics_dir / "pretrain_recipe_sweep.csv").exists() else None),
+        "recipe_sweep": recipe_sweep_rows(cfg),
         "comparison_with_in_study_pretraining": (json.loads(paths.metrics("pretrain_comparison").read_text())
                                                  if paths.metrics("pretrain_comparison").exists() else None),
         "pool_judge": (json.loads(paths.metrics("pretrain_pool_judge").read_text())

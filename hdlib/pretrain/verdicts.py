@@ -35,7 +35,33 @@ def card_verdicts(card: dict) -> dict:
     prev = card.get("previous_version") or {}
     if prev.get("recipe_sweep") and not card.get("recipe_sweep"):
         out["previous_recipe_sweep"] = sweep_verdict(prev["recipe_sweep"])
+    v = card.get("versions")
+    if v:
+        out["targets"] = target_rows(v)
     return out
+
+
+# The shipped model's targets (issue: "a generator worth guiding"), by the provenance-trained judge with the card's
+# holdout and sample counts: (measure, key in a versions row, "max" or "min", target)
+TARGETS = (("FID", "fid", "max", 60.0), ("recall", "recall", "min", 0.85), ("precision", "precision", "min", 0.80),
+           ("mixture TV", "mixture_tv", "max", 0.15))
+CLASS_SHARE_TARGET = 0.5  # every tissue class drawn at least half as often as it is real
+
+
+def target_rows(v: dict) -> list[dict]:
+    """One row per target: this model's value, the previous version's (the same judge and seeds), met or not;
+    the last row is the least-drawn tissue class against half its real share."""
+    now, before = v["models"]["this model"], v["models"].get("previous", {})
+    rows = [{"measure": name, "target": f"{'<=' if kind == 'max' else '>='} {t:g}", "value": now[key],
+             "previous": before.get(key), "met": bool(now[key] <= t if kind == "max" else now[key] >= t)}
+            for name, key, kind, t in TARGETS]
+    tissue = v.get("tissue_classes") or list(v["real_shares"])  # tissue classes, not the real sources
+    ratio = {g: now[f"share_{g}"] / r for g, r in v["real_shares"].items() if r > 0 and g in tissue}
+    worst = min(ratio, key=ratio.get)
+    rows.append({"measure": f"least-drawn tissue class ({worst}), share / real share", "target": f">= {CLASS_SHARE_TARGET:g}",
+                 "value": ratio[worst], "previous": (before[f"share_{worst}"] / v["real_shares"][worst]) if before else None,
+                 "met": bool(ratio[worst] >= CLASS_SHARE_TARGET)})
+    return rows
 
 
 def comparison_verdict(c: dict) -> dict:

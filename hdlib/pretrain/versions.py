@@ -22,7 +22,7 @@ def judge_versions(cfg: Config, scorer: ProvenanceScorer, samples: dict[str, tor
     """Each version's samples (label -> uint8 tiles, the card's seeds) scored by `scorer` against the holdout."""
     real = scorer.grouped(scorer.real_mix)
     return {"judge": judge_id(cfg), "ddim_steps": ddim_steps, "holdout_tiles": int(len(scorer.real_f)),
-            "real_shares": real,
+            "real_shares": real, "tissue_classes": sorted({tissue_group(c) for c in scorer.classes if ":" in c}),
             "models": {label: {"samples": int(len(imgs)), **scorer(imgs)} for label, imgs in samples.items()}}
 
 
