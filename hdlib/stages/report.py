@@ -27,7 +27,7 @@ READS = {
     "config": ["study.seed", "data.classes", "data.target", "downstream", "filtering",
                "latent_classifier.backbone", "latent_classifier.pseudo_label_threshold",
                "latent_classifier.train", "sampling.eta", "sampling.method", "sampling.num_inference_steps",
-               "sampling.select_on_validation", "pretrained.sha256"],
+               "sampling.select_on_validation", "pretrained.path", "pretrained.sha256", "study.mixed_precision"],
     "files": ["metrics/", "tables/", "figures/", "provenance.json"],
 }
 
@@ -393,4 +393,4 @@ def readme_block(cfg: Config) -> str:
         ("synthesis_comparison_grid", "real vs generated samples per class")] if StudyPaths(cfg).figure(name).exists()]
     return _render("readme_block.md.j2", rel=rel, headline=headline(cfg), d1=_read(cfg, "01_autoencoder"),
                    accuracy=_md(accuracy_table(d5["accuracy"], labels_per_class(cfg))) if d5.get("accuracy") else "",
-                   figures=figures)
+                   figures=figures, pretrained=cfg.pretrained, precision=cfg.study.mixed_precision)
