@@ -33,3 +33,15 @@ def test_power_plan_projects_the_primary_cells_grid_time_from_its_cells():
     text = power_cost_text(plan)
     assert f"MDD 2 needs {plan['targets'][1]['seeds']} seeds" in text and "30 s per cell" in text
     assert power_cost_text(None) == ""
+
+
+def test_the_committed_default_run_says_it_is_over_its_stage_budget_only_when_it_is():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    timings = root / "results" / "default" / "stages" / "timings.json"
+    if not timings.exists():
+        pytest.skip("results/default has not been produced")
+    over = sum(json.loads(timings.read_text()).values()) > 45 * 60
+    assert ("takes well over the 45 minutes" in " ".join((root / "docs" / "stages.md").read_text().split())) == over
