@@ -353,7 +353,7 @@ def test_verdicts_follow_the_numbers_and_every_code_has_its_sentence():
                                    "configured_variant": "configured", "configured_fid": 4.0}
     assert sweep_verdict(rows[:2])["verdict"] == "configured_first"  # raw weights never rank
     numbers = {}  # every number a verdict of the shipped card (and of v3's, which had every section) holds
-    for card in (ROOT / "tests" / "data" / "card_v3.json", SHIPPED / "card.json"):
+    for card in (ROOT / "tests" / "fixtures" / "card_v3.json", SHIPPED / "card.json"):
         for v in json.loads(card.read_text())["verdicts"].values():
             numbers |= v if isinstance(v, dict) else {}
     for name, text in VERDICTS.items():
@@ -436,7 +436,7 @@ def test_report_and_card_name_the_second_judges_figures():
     compares the model with each in-study run alone as well as with the recipe over seeds."""
     from hdlib.stages.report import _card_figures
 
-    card = json.loads((ROOT / "tests" / "data" / "card_v3.json").read_text())  # v3's card: it has the comparison
+    card = json.loads((ROOT / "tests" / "fixtures" / "card_v3.json").read_text())  # v3's card: it has the comparison
     pj = card["pool_judge"]
     text = _card_figures(card)
     assert f"provenance-trained judge: FID {pj['models']['shipped']['fid']:.1f}" in text
