@@ -4,6 +4,23 @@ import pytest
 import torch
 
 
+# torch's thread count before any test module is imported: the count the smoke study's kernels run with
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_left_alone():
+    """Every test starts at torch's default thread count and leaves it there. A count changed at a
+    module's import (collection) or left behind by a test holds for every later test and changes its
+    float reductions: CI's smoke-study check that `augment --as-study` redraws the study's candidates bit
+    for bit ran on one thread against a study made on two, and the filter's distances differed."""
+    assert torch.get_num_threads() == DEFAULT_TORCH_THREADS, (
+        f"torch's thread count is {torch.get_num_threads()} at the start of this test, not the default "
+        f"{DEFAULT_TORCH_THREADS}: something set it at import or in an earlier test/fixture without restoring it")
+    yield
+    assert torch.get_num_threads() == DEFAULT_TORCH_THREADS, f"the test left torch's thread count at {torch.get_num_threads()}"
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run the test on one intra-op thread (same float reductions as a one-thread

@@ -30,7 +30,8 @@ from hdlib.data.splits import (
 from hdlib.data.tiling import tile_large_image
 from hdlib.errors import DataError
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # set per test, never at import: a count set
+# while collecting would hold for every later module (the smoke study's bit-for-bit check among them)
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:

@@ -6,7 +6,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hdlib import CRC_CLASSES
@@ -17,7 +16,8 @@ from hdlib.demo.__main__ import main
 from hdlib.demo.build import _pool_labels
 from hdlib.errors import ConfigError, DataError
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # set per test, never at import: a count set
+# while collecting would hold for every later module (the smoke study's bit-for-bit check among them)
 
 TINY = dict(image_size=24, n_train_per_class=2, n_test_per_class=1, n_pool_per_style=5,
             pool_styles=("classic", "pale"), target_style="target", difficulty=0.5, seed=3, progress=False)

@@ -154,3 +154,17 @@ def test_only_the_whole_downstream_grid_removes_other_runs_cells(monkeypatch, tm
     out = gc.run_downstream_grid(cfg, primary=0.05)
     assert out.attrs["removed_other_runs"] == [ids[2]]
     assert sorted(p.stem for p in tmp_path.glob("*.json")) == sorted(ids[:2])
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it_after_an_error():
+    import torch
+
+    from hdlib.parallel.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+        raise RuntimeError("the block failed")
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0: leave it
+        assert torch.get_num_threads() == before

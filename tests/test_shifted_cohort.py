@@ -5,7 +5,6 @@ stage 05 reports the pre-declared comparisons on it."""
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from hdlib import demo as D
@@ -19,7 +18,8 @@ from hdlib.study.splits import has_shifted_cohort, split_labels
 
 from test_stage_data import _cfg, dataset  # noqa: F401  (the class-folder fixture)
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # set per test, never at import: a count set
+# while collecting would hold for every later module (the smoke study's bit-for-bit check among them)
 
 
 def test_the_demo_cohort_is_another_look_of_the_same_classes_and_rebuilds_identically(tmp_path):

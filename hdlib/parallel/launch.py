@@ -1,8 +1,11 @@
 """The one launcher for multi-process training and sampling.
 
 `launch(["-m", "hdlib", "train", ...], num_processes=4)` runs the command in N
-processes under torch.distributed.run (what `accelerate launch` and `torchrun`
-also do); entry points are unchanged under any of them.
+processes under torch.distributed.run; entry points are unchanged under `accelerate launch`
+or `torchrun`. Why not `accelerate launch` itself: on GPUs its multi-GPU launcher is this same
+torch.distributed.run with accelerate's environment, and on CPUs (accelerate 1.15, `--cpu` with
+several processes) it goes through `mpirun`, which these machines lack; torch.distributed.run
+starts gloo processes on a CPU and NCCL ones on GPUs alike.
 """
 
 from __future__ import annotations

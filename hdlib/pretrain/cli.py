@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..models.pretrained import verify
+from ..parallel.threads import torch_threads
 from ..paths import StudyPaths
 from ..study.preparation import prepare_data
 from .assess import assess_into_card
@@ -44,14 +43,13 @@ def main(params: str, overrides=(), compare: str | None = None, sweep: bool = Fa
             raise ConfigError("pretrain --assess: pretrain.export_dir is empty (the exported model to judge)")
         verify(cfg.pretrain.export_dir)  # before any compute
         baselines = [baseline_config(assess, overrides, s) for s in cfg.pretrain.baseline_seeds]
-        if cfg.pretrain.threads:
-            torch.set_num_threads(cfg.pretrain.threads)
-        if not StudyPaths(cfg).manifest("pool").exists():
-            prepare_data(cfg)
-        for b in baselines:
-            run_pretrain(b)
-        assess_into_card(cfg, baselines)
-        return 0
+        with torch_threads(cfg.pretrain.threads):  # restored after: a later run in this process keeps its count
+            if not StudyPaths(cfg).manifest("pool").exists():
+                prepare_data(cfg)
+            for b in baselines:
+                run_pretrain(b)
+            assess_into_card(cfg, baselines)
+            return 0
     if compare:
         for x in cfg.pretrain.other_runs:  # before hours of training, not after
             parse_other_run(x)

@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..io import atomic_write_csv
+from ..parallel.threads import torch_threads
 from ..paths import StudyPaths
 from ..study.context import device
 from ..study.latent_models import build_denoiser, noise_scheduler
@@ -59,39 +59,38 @@ def cool_down(cfg: Config, start: int, steps: int) -> pd.DataFrame:
         raise ConfigError(f"--steps {steps}: a cool-down needs at least one step")
     p, paths = cfg.pretrain, StudyPaths(cfg)
     check_pretrain_source(cfg)
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    check_run_recipe(cfg)  # the branch lives in the trunk's folder: the same recipe
-    if not paths.manifest("pool").exists():
-        prepare_data(cfg)
-    vae, scale = encoded_pool(cfg)
-    seed_from_committed_checkpoint(cfg)
-    out = seed_branch(cfg, start, steps)
-    scorer = ProvenanceScorer(cfg)
-    path = paths.metrics_dir / CURVE
-    rows = pd.read_csv(path).to_dict("records") if path.exists() else []
-    done = {(int(r["from_step"]), int(r["cooldown_steps"]), int(r["step"])) for r in rows}
-    end = start + steps
-    for target in sorted(set(range(start + p.eval_every, end, p.eval_every)) | {end}):
-        if (start, steps, target) in done:
-            continue
-        chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)
-        res = train_task(chunk, "denoiser_pretrained", out_dir=out, precision_may_change=True,
-                         cooldown_start=start, cooldown_steps=steps)
-        unet = build_denoiser(cfg)
-        load_final(unet, out, ema=True)
-        imgs = sample_images(unet.eval().requires_grad_(False), noise_scheduler(cfg), vae, scale, p.eval_samples,
-                             p.eval_inference_steps, device=device(cfg))
-        q = scorer(imgs)
-        rows.append({"from_step": start, "cooldown_steps": steps, "step": target, "samples": p.eval_samples,
-                     "ddim_steps": p.eval_inference_steps, **q, "loss": res.last_loss, "train_s": res.wall_s,
-                     "mixed_precision": cfg.study.mixed_precision, "judge": judge_id(cfg)})
-        atomic_write_csv(pd.DataFrame(rows), path)
-        if p.committed_run:
-            _copy_file(path, Path(p.committed_run) / "metrics" / CURVE)  # committed: the branch's curve survives
-        print(f"[pretrain] cool-down {start}+{steps}, step {target}: judge FID {q['fid']:.2f} "
-              f"P {q['precision']:.3f} R {q['recall']:.3f} mixture TV {q['mixture_tv']:.3f}", flush=True)
-    return pd.DataFrame([r for r in rows if int(r["from_step"]) == start and int(r["cooldown_steps"]) == steps])
+    with torch_threads(p.threads):  # restored after: a later run in this process keeps its count
+        check_run_recipe(cfg)  # the branch lives in the trunk's folder: the same recipe
+        if not paths.manifest("pool").exists():
+            prepare_data(cfg)
+        vae, scale = encoded_pool(cfg)
+        seed_from_committed_checkpoint(cfg)
+        out = seed_branch(cfg, start, steps)
+        scorer = ProvenanceScorer(cfg)
+        path = paths.metrics_dir / CURVE
+        rows = pd.read_csv(path).to_dict("records") if path.exists() else []
+        done = {(int(r["from_step"]), int(r["cooldown_steps"]), int(r["step"])) for r in rows}
+        end = start + steps
+        for target in sorted(set(range(start + p.eval_every, end, p.eval_every)) | {end}):
+            if (start, steps, target) in done:
+                continue
+            chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)
+            res = train_task(chunk, "denoiser_pretrained", out_dir=out, precision_may_change=True,
+                             cooldown_start=start, cooldown_steps=steps)
+            unet = build_denoiser(cfg)
+            load_final(unet, out, ema=True)
+            imgs = sample_images(unet.eval().requires_grad_(False), noise_scheduler(cfg), vae, scale, p.eval_samples,
+                                 p.eval_inference_steps, device=device(cfg))
+            q = scorer(imgs)
+            rows.append({"from_step": start, "cooldown_steps": steps, "step": target, "samples": p.eval_samples,
+                         "ddim_steps": p.eval_inference_steps, **q, "loss": res.last_loss, "train_s": res.wall_s,
+                         "mixed_precision": cfg.study.mixed_precision, "judge": judge_id(cfg)})
+            atomic_write_csv(pd.DataFrame(rows), path)
+            if p.committed_run:
+                _copy_file(path, Path(p.committed_run) / "metrics" / CURVE)  # committed: the branch's curve survives
+            print(f"[pretrain] cool-down {start}+{steps}, step {target}: judge FID {q['fid']:.2f} "
+                  f"P {q['precision']:.3f} R {q['recall']:.3f} mixture TV {q['mixture_tv']:.3f}", flush=True)
+        return pd.DataFrame([r for r in rows if int(r["from_step"]) == start and int(r["cooldown_steps"]) == steps])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,10 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from ..config import Config, load_config
 from ..errors import ConfigError
+from ..parallel.threads import torch_threads
 from ..study.context import device
 from ..study.latent_models import build_denoiser, noise_scheduler
 from ..study.train import train_task
@@ -37,19 +36,18 @@ def rescore_checkpoint(cfg: Config, checkpoint: Path) -> dict:
     if not (checkpoint / "COMPLETE").exists():
         raise ConfigError(f"{checkpoint}: not a complete Trainer checkpoint (no COMPLETE marker)")
     p = cfg.pretrain
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    vae, scale = encoded_pool(cfg)
-    with tempfile.TemporaryDirectory(prefix="hdlib-rescore-") as tmp:
-        shutil.copytree(checkpoint, Path(tmp) / "checkpoints" / checkpoint.name)
-        chunk = config_with(cfg, "diffusion.pretrain.max_steps", step)  # resumes at its end: exports the EMA
-        train_task(chunk, "denoiser_pretrained", out_dir=tmp, precision_may_change=True, progress=False)
-        unet = build_denoiser(cfg)
-        load_final(unet, tmp, ema=True)
-    imgs = sample_images(unet.eval().requires_grad_(False), noise_scheduler(cfg), vae, scale, p.eval_samples,
-                         p.eval_inference_steps, device=device(cfg))
-    q = ProvenanceScorer(cfg)(imgs)
-    return {"step": step, "judge": judge_id(cfg), **{k: q[k] for k in ("fid", "precision", "recall", "mixture_tv")}}
+    with torch_threads(p.threads):  # restored after: a later run in this process keeps its count
+        vae, scale = encoded_pool(cfg)
+        with tempfile.TemporaryDirectory(prefix="hdlib-rescore-") as tmp:
+            shutil.copytree(checkpoint, Path(tmp) / "checkpoints" / checkpoint.name)
+            chunk = config_with(cfg, "diffusion.pretrain.max_steps", step)  # resumes at its end: exports the EMA
+            train_task(chunk, "denoiser_pretrained", out_dir=tmp, precision_may_change=True, progress=False)
+            unet = build_denoiser(cfg)
+            load_final(unet, tmp, ema=True)
+        imgs = sample_images(unet.eval().requires_grad_(False), noise_scheduler(cfg), vae, scale, p.eval_samples,
+                             p.eval_inference_steps, device=device(cfg))
+        q = ProvenanceScorer(cfg)(imgs)
+        return {"step": step, "judge": judge_id(cfg), **{k: q[k] for k in ("fid", "precision", "recall", "mixture_tv")}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 
 import pandas as pd
-import torch
 
 from ..config import Config
 from ..errors import ConfigError
 from ..evaluation.pool_judge import provenance_labels
 from ..io import atomic_write_csv, atomic_write_json
 from ..models.pretrained import check_compatible, has_unet
+from ..parallel.threads import torch_threads
 from ..paths import StudyPaths
 from ..study.context import device
 from ..study.latent_models import load_denoiser, noise_scheduler
@@ -57,46 +57,45 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
     """Train (or resume) and evaluate; export when `pretrain.export_dir` is set (and `export`)."""
     p, paths = cfg.pretrain, StudyPaths(cfg)
     check_pretrain_source(cfg)
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    t0 = time.time()
-    check_run_recipe(cfg)  # before any compute: the folder's checkpoints and curves belong to this recipe
-    if not paths.manifest("pool").exists():
-        prepare_data(cfg)
-    if not cfg.pretrained.path:
-        train_autoencoder_tracked(cfg)
-    vae, scale = encoded_pool(cfg)
-    sched = noise_scheduler(cfg)
-    seed_from_committed_checkpoint(cfg)
-    scorer = ProvenanceScorer(cfg)
+    with torch_threads(p.threads):  # restored after: a later run in this process keeps its count
+        t0 = time.time()
+        check_run_recipe(cfg)  # before any compute: the folder's checkpoints and curves belong to this recipe
+        if not paths.manifest("pool").exists():
+            prepare_data(cfg)
+        if not cfg.pretrained.path:
+            train_autoencoder_tracked(cfg)
+        vae, scale = encoded_pool(cfg)
+        sched = noise_scheduler(cfg)
+        seed_from_committed_checkpoint(cfg)
+        scorer = ProvenanceScorer(cfg)
 
-    eval_path = paths.metrics_dir / "pretrain_eval.csv"
-    rows = pd.read_csv(eval_path).to_dict("records") if eval_path.exists() else []
-    done = {int(r["step"]) for r in rows}
-    total = cfg.diffusion.pretrain.max_steps
-    targets = sorted(set(range(p.eval_every, total, p.eval_every)) | {total})
-    for target in targets:
-        if target in done:
-            continue
-        chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)  # constant lr: the same trajectory, extended
-        res = train_task(chunk, "denoiser_pretrained", precision_may_change=True)  # it moves between machines
-        unet = load_denoiser(chunk, "denoiser_pretrained")
-        imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps, device=device(cfg))
-        q = scorer(imgs)
-        rows.append({"step": target, "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
-                     **q, "loss": res.last_loss, "train_s": res.wall_s,
-                     "mixed_precision": cfg.study.mixed_precision, "judge": judge_id(cfg)})  # the run may move between CPUs (bf16 or not)
-        atomic_write_csv(pd.DataFrame(rows), eval_path)
-        keep_committed_checkpoint(cfg)
-        print(f"[pretrain] step {target}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "
-              f"mixture TV {q['mixture_tv']:.3f} (worst {q['worst_share_class']} at {q['worst_share_ratio']:.2f} "
-              f"of its real share); untrained judge FID {q['random_judge_fid']:.2f}", flush=True)
-    summary = {"eval": rows, "wall_s_this_call": time.time() - t0}
-    atomic_write_json(paths.metrics("pretrain_summary"), summary)
-    if p.export_dir and export:
-        judge = RandomResNetJudge()
-        export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=judge(holdout_images(cfg)))
-    return summary
+        eval_path = paths.metrics_dir / "pretrain_eval.csv"
+        rows = pd.read_csv(eval_path).to_dict("records") if eval_path.exists() else []
+        done = {int(r["step"]) for r in rows}
+        total = cfg.diffusion.pretrain.max_steps
+        targets = sorted(set(range(p.eval_every, total, p.eval_every)) | {total})
+        for target in targets:
+            if target in done:
+                continue
+            chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)  # constant lr: the same trajectory, extended
+            res = train_task(chunk, "denoiser_pretrained", precision_may_change=True)  # it moves between machines
+            unet = load_denoiser(chunk, "denoiser_pretrained")
+            imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps, device=device(cfg))
+            q = scorer(imgs)
+            rows.append({"step": target, "samples": p.eval_samples, "ddim_steps": p.eval_inference_steps,
+                         **q, "loss": res.last_loss, "train_s": res.wall_s,
+                         "mixed_precision": cfg.study.mixed_precision, "judge": judge_id(cfg)})  # the run may move between CPUs (bf16 or not)
+            atomic_write_csv(pd.DataFrame(rows), eval_path)
+            keep_committed_checkpoint(cfg)
+            print(f"[pretrain] step {target}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "
+                  f"mixture TV {q['mixture_tv']:.3f} (worst {q['worst_share_class']} at {q['worst_share_ratio']:.2f} "
+                  f"of its real share); untrained judge FID {q['random_judge_fid']:.2f}", flush=True)
+        summary = {"eval": rows, "wall_s_this_call": time.time() - t0}
+        atomic_write_json(paths.metrics("pretrain_summary"), summary)
+        if p.export_dir and export:
+            judge = RandomResNetJudge()
+            export_study_pretrained(cfg, p.export_dir, judge=judge, real_feats=judge(holdout_images(cfg)))
+        return summary
 
 
 def train_autoencoder_tracked(cfg: Config) -> None:

@@ -20,6 +20,7 @@ from ..config import Config, load_config
 from ..errors import ConfigError
 from ..evaluation import plots
 from ..models.pretrained import folder_sha256, verify
+from ..parallel.threads import torch_threads
 from ..paths import StudyPaths
 from .export import export_study_pretrained, update_card
 from .recipe import branch_name
@@ -55,20 +56,19 @@ def check_inputs(cfg: Config, cooldown: tuple[int, int] | None, previous: str | 
 def ship(cfg: Config, cooldown: tuple[int, int] | None = None, previous: str | None = None) -> Path:
     check_inputs(cfg, cooldown, previous)
     p, paths = cfg.pretrain, StudyPaths(cfg)
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    scorer = ProvenanceScorer(cfg)
-    out = export_study_pretrained(cfg, p.export_dir, judge=scorer.random_judge, real_feats=scorer.random_real,
-                                  cooldown=cooldown)
-    mine = torch.load(paths.cache / "final_samples.pt")  # the card's seeds, sampled by the export
-    samples = {"this model": mine}
-    if previous:
-        samples = {"previous": exported_model_samples(cfg, previous, len(mine), p.final_inference_steps)} | samples
-    versions = judge_versions(cfg, scorer, samples, p.final_inference_steps)
-    versions["previous_sha256"] = folder_sha256(previous) if previous else None
-    fig = per_class_figure(scorer, mine, "this model")
-    update_card(out, "versions", versions, {f"{PER_CLASS_FIGURE}.png": plots.save(fig, cfg, PER_CLASS_FIGURE)})
-    return out
+    with torch_threads(p.threads):  # restored after: a later run in this process keeps its count
+        scorer = ProvenanceScorer(cfg)
+        out = export_study_pretrained(cfg, p.export_dir, judge=scorer.random_judge, real_feats=scorer.random_real,
+                                      cooldown=cooldown)
+        mine = torch.load(paths.cache / "final_samples.pt")  # the card's seeds, sampled by the export
+        samples = {"this model": mine}
+        if previous:
+            samples = {"previous": exported_model_samples(cfg, previous, len(mine), p.final_inference_steps)} | samples
+        versions = judge_versions(cfg, scorer, samples, p.final_inference_steps)
+        versions["previous_sha256"] = folder_sha256(previous) if previous else None
+        fig = per_class_figure(scorer, mine, "this model")
+        update_card(out, "versions", versions, {f"{PER_CLASS_FIGURE}.png": plots.save(fig, cfg, PER_CLASS_FIGURE)})
+        return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from ..config import load_config
 from ..errors import ConfigError
 from ..evaluation import plots
 from ..io import atomic_path, atomic_write_csv
+from ..parallel.threads import torch_threads
 from ..paths import StudyPaths
 from ..study.context import device
 from ..study.latent_models import build_denoiser, noise_scheduler
@@ -50,45 +51,44 @@ def recipe_sweep(params: str, overrides=()) -> pd.DataFrame:
     variants = [parse_recipe_variant(v) for v in p.recipe_sweep]
     cfgs = {name: load_config(params, list(overrides) + ov) for name, ov in variants}  # bad keys fail here
     check_pretrain_source(cfg)
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    if not paths.manifest("pool").exists():
-        prepare_data(cfg)
-    if not cfg.pretrained.path:
-        train_task(cfg, "autoencoder")  # its ceiling is measured by the main run, where it ends
-    vae, scale = encoded_pool(cfg)
-    scorer = ProvenanceScorer(cfg)
-    out_csv = paths.metrics_dir / "pretrain_recipe_sweep.csv"
-    rows = pd.read_csv(out_csv).to_dict("records") if out_csv.exists() else []
-    done = {r["variant"] for r in rows}
-    for name, ov in variants:
-        cached = paths.cache / "recipe_sweep" / f"{name}.pt"
-        if name in done and cached.exists():
-            continue
-        vcfg = config_with(cfgs[name], "diffusion.pretrain.max_steps", p.sweep_steps)
-        res = train_task(vcfg, "denoiser_pretrained", out_dir=paths.model("recipe_sweep") / name)
-        unet = load_final(build_denoiser(vcfg), paths.model("recipe_sweep") / name, ema=True).eval()
-        imgs = sample_images(unet.requires_grad_(False), noise_scheduler(vcfg), vae, scale, p.eval_samples,
-                             p.eval_inference_steps, device=device(cfg))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(imgs[:GRID_SAMPLES].clone(), cached)
-        q = scorer(imgs)
-        rows = [r for r in rows if r["variant"] != name] + [{
-            "variant": name, "overrides": " ".join(ov) or "(params file as is)", "weights": "ema", "steps": p.sweep_steps,
-            "parameters": sum(x.numel() for x in unet.parameters()), "samples": p.eval_samples,
-            "ddim_steps": p.eval_inference_steps, **q, "final_loss": res.last_loss, "train_s": res.wall_s,
-            "s_per_step": res.wall_s / max(1, res.step - res.resumed_from_step)}]
-        atomic_write_csv(pd.DataFrame(rows), out_csv)
-        print(f"[sweep] {name}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "
-              f"mixture TV {q['mixture_tv']:.3f}; untrained judge FID {q['random_judge_fid']:.2f}", flush=True)
-    table = pd.DataFrame(rows).sort_values("fid").reset_index(drop=True)
-    grid = {f"{r.variant} ({r.fid:.0f})": torch.load(paths.cache / "recipe_sweep" / f"{r.variant}.pt")
-            for r in table.itertuples()}
-    fig = plots.image_rows(grid, n=GRID_SAMPLES, title=f"Recipe sweep: samples after {p.sweep_steps} steps "
-                           "(judge FID in brackets, best first)")
-    plots.save(fig, cfg, "pretrain_recipe_sweep")
-    keep_committed_sweep(cfg)
-    return table
+    with torch_threads(p.threads):  # restored after: a later run in this process keeps its count
+        if not paths.manifest("pool").exists():
+            prepare_data(cfg)
+        if not cfg.pretrained.path:
+            train_task(cfg, "autoencoder")  # its ceiling is measured by the main run, where it ends
+        vae, scale = encoded_pool(cfg)
+        scorer = ProvenanceScorer(cfg)
+        out_csv = paths.metrics_dir / "pretrain_recipe_sweep.csv"
+        rows = pd.read_csv(out_csv).to_dict("records") if out_csv.exists() else []
+        done = {r["variant"] for r in rows}
+        for name, ov in variants:
+            cached = paths.cache / "recipe_sweep" / f"{name}.pt"
+            if name in done and cached.exists():
+                continue
+            vcfg = config_with(cfgs[name], "diffusion.pretrain.max_steps", p.sweep_steps)
+            res = train_task(vcfg, "denoiser_pretrained", out_dir=paths.model("recipe_sweep") / name)
+            unet = load_final(build_denoiser(vcfg), paths.model("recipe_sweep") / name, ema=True).eval()
+            imgs = sample_images(unet.requires_grad_(False), noise_scheduler(vcfg), vae, scale, p.eval_samples,
+                                 p.eval_inference_steps, device=device(cfg))
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(imgs[:GRID_SAMPLES].clone(), cached)
+            q = scorer(imgs)
+            rows = [r for r in rows if r["variant"] != name] + [{
+                "variant": name, "overrides": " ".join(ov) or "(params file as is)", "weights": "ema", "steps": p.sweep_steps,
+                "parameters": sum(x.numel() for x in unet.parameters()), "samples": p.eval_samples,
+                "ddim_steps": p.eval_inference_steps, **q, "final_loss": res.last_loss, "train_s": res.wall_s,
+                "s_per_step": res.wall_s / max(1, res.step - res.resumed_from_step)}]
+            atomic_write_csv(pd.DataFrame(rows), out_csv)
+            print(f"[sweep] {name}: judge FID {q['fid']:.2f} P {q['precision']:.3f} R {q['recall']:.3f} "
+                  f"mixture TV {q['mixture_tv']:.3f}; untrained judge FID {q['random_judge_fid']:.2f}", flush=True)
+        table = pd.DataFrame(rows).sort_values("fid").reset_index(drop=True)
+        grid = {f"{r.variant} ({r.fid:.0f})": torch.load(paths.cache / "recipe_sweep" / f"{r.variant}.pt")
+                for r in table.itertuples()}
+        fig = plots.image_rows(grid, n=GRID_SAMPLES, title=f"Recipe sweep: samples after {p.sweep_steps} steps "
+                               "(judge FID in brackets, best first)")
+        plots.save(fig, cfg, "pretrain_recipe_sweep")
+        keep_committed_sweep(cfg)
+        return table
 
 
 def keep_committed_sweep(cfg) -> None:
