@@ -142,3 +142,13 @@ def test_functions_of_the_engine_services_and_stages_are_at_most_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(long)
+
+
+def test_no_function_in_hdlib_is_longer_than_80_lines():
+    """The house issue's ceiling for every layer (the CLI, tools, models and data included)."""
+    long = []
+    for module, path in module_files(ROOT, "hdlib").items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.end_lineno - fn.lineno + 1 > 80:
+                long.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)")
+    assert not long, "functions over 80 lines: " + "; ".join(long)

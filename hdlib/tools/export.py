@@ -141,22 +141,10 @@ def _study_set(source: Path) -> dict:
     return info["study_set"]
 
 
-def augment_dataset(source: str | Path, out: str | Path, per_class: int | None, fraction: float | None = None,
-            draw: int | None = None, guidance_scale: float | None = None, filtered: bool = True,
-            device: str = "cpu", as_study: bool = False) -> Path:
-    """A class-folder dataset of `per_class` filtered synthetic images per class:
-    OUT/<class>/*.png and OUT/manifest.csv (class, seed, guidance scale, model, filter
-    decision and score, for every candidate). Resumable: generation works in OUT.partial/.
-    `as_study`: the study's own kept set of an export (per class its quota, the study's seeds,
-    cap and selection), instead of `per_class` images of augment's own seeds."""
-    import hashlib
-
-    source, out = Path(source), Path(out)
-    recipe = _study_set(source) if as_study else None
-    if recipe is not None:
-        fraction, draw, per_class, guidance_scale = recipe["fraction"], recipe["draw"], recipe["quota"], None
-    elif per_class is None or per_class < 1:
-        raise ConfigError(f"--per-class must be >= 1, got {per_class}")
+def _source_sampler(source: Path, fraction: float | None, draw: int | None, guidance_scale: float | None,
+                    device: str) -> tuple:
+    """(sample, judge, meta, classes, fraction, draw, seed_tag) of an export or a study folder; fraction
+    and draw default to the export's first latent classifier, or the study's smallest fraction and first draw."""
     if (source / EXPORT_INFO).exists():
         info = json.loads((source / EXPORT_INFO).read_text())
         first = info["latent_classifiers"][0] if info["latent_classifiers"] else ""
@@ -181,6 +169,27 @@ def augment_dataset(source: str | Path, out: str | Path, per_class: int | None, 
         seed_tag = f"augment/{cfg.study.name}"
     else:
         raise ConfigError(f"{source}: neither a study folder (config.json) nor an exported folder ({EXPORT_INFO})")
+    return sample, judge, meta, classes, fraction, draw, seed_tag
+
+
+def augment_dataset(source: str | Path, out: str | Path, per_class: int | None, fraction: float | None = None,
+            draw: int | None = None, guidance_scale: float | None = None, filtered: bool = True,
+            device: str = "cpu", as_study: bool = False) -> Path:
+    """A class-folder dataset of `per_class` filtered synthetic images per class:
+    OUT/<class>/*.png and OUT/manifest.csv (class, seed, guidance scale, model, filter
+    decision and score, for every candidate). Resumable: generation works in OUT.partial/.
+    `as_study`: the study's own kept set of an export (per class its quota, the study's seeds,
+    cap and selection), instead of `per_class` images of augment's own seeds."""
+    import hashlib
+
+    source, out = Path(source), Path(out)
+    recipe = _study_set(source) if as_study else None
+    if recipe is not None:
+        fraction, draw, per_class, guidance_scale = recipe["fraction"], recipe["draw"], recipe["quota"], None
+    elif per_class is None or per_class < 1:
+        raise ConfigError(f"--per-class must be >= 1, got {per_class}")
+    sample, judge, meta, classes, fraction, draw, seed_tag = _source_sampler(source, fraction, draw, guidance_scale,
+                                                                             device)
     request = {"source": str(source.resolve()), "fraction": fraction, "draw": draw, **meta}
     request = json.loads(json.dumps({**request, "per_class": per_class, "filtered": filtered}, default=str))
     done = out / "request.json"
