@@ -92,3 +92,19 @@ def test_the_readmes_numbers_outside_the_generated_block_are_read_back_from_what
     pool = re.search(r"pre-trained on a ([\d,]+)-tile demo pool", text)
     card = json.loads((REPO_ROOT / "models" / "demo-pool" / "card.json").read_text())
     assert pool and int(pool[1].replace(",", "")) == sum(card["data"]["pool_sources"].values())
+
+
+def test_the_ablation_folders_the_readme_says_are_on_v4_were_made_with_the_shipped_pin():
+    """'on v4 of the model' in the README's ablations line: every ablation folder it links was run with the
+    pin of models/demo-pool that params/default.yaml ships (they were once left on v3 while the line said so)."""
+    import json
+
+    import yaml
+
+    text = README.read_text()
+    if "3 seeds), on v4 of the model" not in text:
+        pytest.skip("the README makes no model-version claim for the ablations")
+    pin = yaml.safe_load((REPO_ROOT / "params" / "default.yaml").read_text())["pretrained"]["sha256"]
+    for name in ("ablations", "ablations_random", "ablations_diverse"):
+        made = json.loads((REPO_ROOT / "results" / name / "config.json").read_text())["pretrained"]
+        assert made["path"] == "models/demo-pool" and made["sha256"] == pin, name
