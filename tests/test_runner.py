@@ -183,3 +183,18 @@ def test_a_marker_without_recorded_code_is_not_reported_as_current(toy):
     marker.write_text(json.dumps(old))  # as written before code was fingerprinted
     with pytest.raises(StageCodeChanged, match="code this results folder does not record"):
         _run(tmp_path, nbs)
+
+
+def test_missing_data_names_the_first_listed_file_absent_from_this_machine(tmp_path):
+    """A fresh clone has a study's committed manifests but not the demo images they list: stage 00 must run
+    again to build them instead of being skipped (stage 01 then failed on a missing pool image)."""
+    from hdlib.tools.runner import missing_data
+
+    (tmp_path / "manifests").mkdir()
+    here = tmp_path / "img.png"
+    here.write_bytes(b"x")
+    (tmp_path / "manifests" / "pool.csv").write_text(f"path,key\n{here},\n{here},tile:0,0,8\n")
+    assert missing_data(tmp_path) is None
+    gone = tmp_path / "gone" / "slide.png"
+    (tmp_path / "manifests" / "target_test.csv").write_text(f"path,key\n{here},\n{gone},tile:0,0,8\n")
+    assert missing_data(tmp_path) == str(gone)

@@ -243,6 +243,26 @@ def _check_before_compute(cfg) -> None:
         check_init_vae(cfg.autoencoder.init_from, cfg.data.image_size)
 
 
+DATA_STAGE = "00_data"
+
+
+def missing_data(out_dir: Path) -> str | None:
+    """The first file a results folder's manifests list that is not on this machine, or None. A fresh clone
+    holds a study's committed manifests but not the demo images they name (data/ is built, not committed)."""
+    import csv
+
+    for manifest in sorted((Path(out_dir) / "manifests").glob("*.csv")):
+        with open(manifest, newline="") as fh:
+            for path in dict.fromkeys(row["path"] for row in csv.DictReader(fh) if row.get("path")):
+                if not (REPO_ROOT / path).exists() and not Path(path).exists():
+                    return path
+    return None
+
+
+def _manifests_sha1(out_dir: Path) -> dict:
+    return {p.name: _sha1(p.read_bytes()) for p in sorted((out_dir / "manifests").glob("*.csv"))}
+
+
 def _skip_if_current(st, marker: Path, done: dict, fingerprint: str, code: dict, out_dir: Path, accept_code: bool,
                      log, head: str) -> bool:
     """True when the stage's inputs are unchanged and its notebook exists (its code is checked and, with
@@ -320,7 +340,11 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         marker, head = out_dir / "stages" / f"{st.name}.json", f"[{i}/{len(selected)}] {st.name}"
         done = json.loads(marker.read_text()) if marker.exists() else {}
         code = code_key(st.name)
-        if not forced and _skip_if_current(st, marker, done, prints[st.name], code, out_dir, accept_code, log, head):
+        rebuild = not forced and st.name == DATA_STAGE and missing_data(out_dir)
+        if rebuild:  # its results are current, its images absent: build them again (deterministic)
+            log(f"{head}: unchanged, but {rebuild} (listed in its manifests) is not on this machine: running it")
+            before = _manifests_sha1(out_dir)
+        elif not forced and _skip_if_current(st, marker, done, prints[st.name], code, out_dir, accept_code, log, head):
             status[st.name] = "skipped"
             continue
         log(f"{head}: running ...")
@@ -337,7 +361,8 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         atomic_write_json(memory_path, memory)
         log(f"{head}: done in {elapsed:.0f} s")
         status[st.name] = "ran"
-        forced = True  # a stage that ran may change what every later stage reads
+        # a stage that ran may change what every later stage reads; data rebuilt into the same manifests does not
+        forced = forced or not (rebuild and _manifests_sha1(out_dir) == before)
     markers = {st.name: json.loads((out_dir / "stages" / f"{st.name}.json").read_text())
                for st in stages if (out_dir / "stages" / f"{st.name}.json").exists()}
     atomic_write_json(out_dir / "provenance.json", {**provenance(cfg), "stage_seconds": timings,
