@@ -164,3 +164,35 @@ def test_guided_faithfulness_per_class_shares(monkeypatch):
     assert rows["LYM"]["reference_most_frequent_other_share"] == 0.75
     assert rows["TUM"]["reference_accuracy"] == 1.0 and rows["TUM"]["reference_most_frequent_other"] == ""
     assert rows["ADI"]["latent_classifier_agreement"] == 1.0 and rows["LYM"]["latent_classifier_agreement"] == 0.0
+
+
+def test_class_faithfulness_judges_each_candidate_once_and_kept_is_its_subset(monkeypatch):
+    """Kept images are a subset of the candidates: one judgement per draw serves both entries, and the
+    kept entry equals judging the kept images alone (a draw that kept nothing adds nothing to it)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from hdlib.stages import synthesis
+
+    cfg = SimpleNamespace(data=SimpleNamespace(classes=["ADI", "LYM", "TUM"]))
+    calls = []
+
+    def judge(cfg_, frame, reference, latent_classifier, gen):  # calls that depend on the image only
+        calls.append(frame["index"].tolist())
+        idx = torch.as_tensor(frame["index"].to_numpy())
+        return torch.as_tensor(frame["label"].to_numpy()), idx % 3, (idx + 1) % 3
+
+    monkeypatch.setattr(synthesis, "guided_class_judgement", judge)
+    monkeypatch.setattr(synthesis, "load_latent_classifier", lambda *a: None)
+    monkeypatch.setattr(synthesis, "primary_fraction", lambda cfg_: 0.25)
+    draw0 = pd.DataFrame({"index": [5, 1, 3, 0, 4, 2], "label": [2, 1, 0, 0, 1, 2],
+                          "kept": [True, False, True, True, False, False]})
+    draw1 = pd.DataFrame({"index": [6, 7, 8], "label": [0, 1, 2], "kept": [False, False, False]})
+    got = synthesis.class_faithfulness(cfg, [(0, draw0), (1, draw1)], None, None)
+    assert calls == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]  # every candidate once, in index order
+    kept = draw0[draw0["kept"]].sort_values("index")
+    alone = synthesis._faithfulness_summary(cfg, [judge(cfg, kept, None, None, None)])
+    assert got["kept"] == alone and got["kept"]["n"] == 3 and got["candidates"]["n"] == 9
+    nothing_kept = synthesis.class_faithfulness(cfg, [(1, draw1)], None, None)
+    assert nothing_kept["kept"]["accuracy"] is None and nothing_kept["kept"]["classes_without_images"] == cfg.data.classes

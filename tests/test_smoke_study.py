@@ -299,3 +299,27 @@ def test_executed_notebooks_carry_no_warning_and_no_machine_path(study):
         lines = [line for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream"
                  for line in "".join(o.get("text", "")).splitlines() if warning.search(line)]
         assert not lines, f"{nb_path.name}: {lines[:2]}"
+
+
+@pytest.mark.slow
+def test_the_reconstruction_figure_shows_the_measured_reconstructions(study):
+    """Stage 01 keeps the reconstructions it measured for its figure instead of encoding and decoding
+    the tiles again: per source (and the target) the held-out originals and, row for row, their
+    reconstructions, which are within rounding of a fresh pass and score the measured PSNR."""
+    from hdlib.models.builders import decode_latents, encode_images, psnr_ssim
+    from hdlib.stages.autoencoder import reconstruction_examples
+    from hdlib.study.latents import load_autoencoder
+
+    cfg = study[0]
+    rows = reconstruction_examples(cfg, n=8)
+    measured = {r["source"].removesuffix(" (val)"): r for r in json.loads(
+        (cfg.results_dir / "metrics" / "01_autoencoder.json").read_text())["reconstruction"]}
+    assert sorted(k for k in rows if not k.endswith(" (recon)")) == sorted(measured)
+    vae = load_autoencoder(cfg)
+    for name, row in measured.items():
+        originals, recon = rows[name], rows[f"{name} (recon)"]
+        assert len(originals) == len(recon) == min(8, row["n"]) and recon.dtype == torch.uint8
+        again = decode_latents(vae, encode_images(vae, originals, 1.0), 1.0)
+        assert (again.int() - recon.int()).abs().max() <= 1
+        if row["n"] <= 8:  # every measured tile is shown: the figure's PSNR is the table's
+            assert abs(float(psnr_ssim(originals, recon)[0].mean()) - row["psnr_db"]) < 1e-4

@@ -181,10 +181,10 @@ def compare_samplers(cfg: Config, fraction: float, draw: int, judge: SelectiveFi
 
 
 @torch.no_grad()
-def guided_class_judgement(cfg: Config, kept: pd.DataFrame, reference, latent_classifier, gen: "Generation"):
+def guided_class_judgement(cfg: Config, frame: pd.DataFrame, reference, latent_classifier, gen: "Generation"):
     """(target labels, reference classifier's calls, guiding latent classifier's calls on the
-    re-encoded image at t = 0) of one draw's kept HistoDiffusion images."""
-    imgs, labels = _in_memory(cfg, kept.sort_values("index"))
+    re-encoded image at t = 0) of one draw's HistoDiffusion images, in index order."""
+    imgs, labels = _in_memory(cfg, frame.sort_values("index"))
     _, reference_pred = predict(reference, imgs, batch_size=128, device=device(cfg))
     z = encode_images(gen.vae, imgs, gen.scale, device=gen.device)
     t0 = torch.zeros(len(z), dtype=torch.long, device=gen.device)
@@ -273,8 +273,8 @@ def _faithfulness_metrics(cfg: Config, gen: Generation, frames: dict, reference,
     paths = StudyPaths(cfg)
     primary_sets = [(d, frames[synthetic_set_name("histodiffusion", f0, d)]) for d in draws_for(cfg, f0, f0)
                     if synthetic_set_name("histodiffusion", f0, d) in frames]
-    kept = class_faithfulness(cfg, primary_sets, reference, gen, kept_only=True)
-    candidates = class_faithfulness(cfg, primary_sets, reference, gen, kept_only=False)
+    judged = class_faithfulness(cfg, primary_sets, reference, gen)
+    kept, candidates = judged["kept"], judged["candidates"]
     atomic_write_csv(pd.DataFrame(kept["per_class"]), paths.table("guided_class_faithfulness"))
     atomic_write_csv(pd.DataFrame(candidates["per_class"]), paths.table("guided_class_faithfulness_candidates"))
     return {"guided_class_accuracy": kept["accuracy"], "guided_class_accuracy_n": kept["n"],
@@ -321,17 +321,25 @@ def near_copy_rates(accounting_rows: pd.DataFrame) -> dict:
             for g, rows in accounting_rows.groupby("generator", sort=False)}
 
 
-def class_faithfulness(cfg: Config, sets, reference, gen: "Generation", kept_only: bool) -> dict:
+def class_faithfulness(cfg: Config, sets, reference, gen: "Generation") -> dict[str, dict]:
     """Whether guided images show their target class, judged by the independent reference classifier,
     pooled over the primary cell's label draws (each judged with its own latent classifier): on the
-    images the filter kept, or on every candidate. Returns {"accuracy" (balanced over the classes that
-    have images), "n", "per_class", "classes_without_images"}."""
+    images the filter kept ("kept") and on every candidate ("candidates"). Each candidate is judged
+    once; the kept ones are a subset. Each entry: {"accuracy" (balanced over the classes that have
+    images), "n", "per_class", "classes_without_images"}."""
     judged = []
     for draw, frame in sets:
-        frame = frame[frame["kept"]] if kept_only else frame
         if len(frame):
-            judged.append(guided_class_judgement(cfg, frame, reference, load_latent_classifier(cfg, primary_fraction(cfg),
-                                                                                               draw), gen))
+            frame = frame.sort_values("index")
+            calls = guided_class_judgement(cfg, frame, reference, load_latent_classifier(cfg, primary_fraction(cfg), draw), gen)
+            judged.append((torch.as_tensor(frame["kept"].to_numpy(dtype=bool)), *calls))
+    return {"kept": _faithfulness_summary(cfg, [(c[m], r[m], z[m]) for m, c, r, z in judged]),
+            "candidates": _faithfulness_summary(cfg, [(c, r, z) for _, c, r, z in judged])}
+
+
+def _faithfulness_summary(cfg: Config, judged: list) -> dict:
+    """Pooled (target labels, reference calls, latent-classifier calls) -> the faithfulness entry."""
+    judged = [j for j in judged if len(j[0])]
     if not judged:
         return {"accuracy": None, "n": 0, "per_class": [], "classes_without_images": list(cfg.data.classes)}
     labels, pred, latent_pred = (torch.cat([j[k] for j in judged]) for k in range(3))

@@ -9,7 +9,7 @@ import torch
 from ..config import Config
 from ..data.latents import LatentStore, LatentWriter
 from ..data.streaming import loader
-from ..io import atomic_write_csv, atomic_write_json
+from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json
 from ..models.builders import (
     build_autoencoder,
     decode_latents,
@@ -119,14 +119,22 @@ def latent_scale(cfg: Config) -> float:
     return float(read_metrics(cfg, "01_autoencoder")["scale_factor"])
 
 
+RECONSTRUCTION_EXAMPLES = 8  # per source, kept for stage 01's figure
+
+
+def reconstruction_examples_path(cfg: Config):
+    return StudyPaths(cfg).cache / "reconstruction_examples.pt"
+
+
 def encode_and_measure(cfg: Config) -> dict:
     """Encode every split once and evaluate reconstructions on held-out pool tiles per source
-    and on the target's validation split."""
+    and on the target's validation split. The first RECONSTRUCTION_EXAMPLES of each source (evenly
+    spaced for the target) and their reconstructions are kept for the figure, not computed again."""
 
     dev, paths = device(cfg), StudyPaths(cfg)
     meta = encode_latents(cfg)
     vae = load_autoencoder(cfg)
-    rows = []
+    rows, examples = [], {}
     hold_src = np.array(split_sources(cfg, "pool_holdout"))
     sets = [(name, np.flatnonzero(hold_src == name), "pool_holdout") for name in dict.fromkeys(hold_src)]
     n_val = len(split_images(cfg, "target_val"))
@@ -137,9 +145,14 @@ def encode_and_measure(cfg: Config) -> dict:
         imgs, _ = load_split_images(cfg, split, idx)
         rec = decode_latents(vae, encode_images(vae, imgs, 1.0, device=dev), 1.0, device=dev)
         psnr, ssim = psnr_ssim(imgs, rec)
+        n = RECONSTRUCTION_EXAMPLES
+        show = (np.arange(len(idx)) if split == "pool_holdout" else np.arange(0, len(idx), max(1, len(idx) // n)))[:n]
+        label = name.removesuffix(" (val)")
+        examples[label], examples[f"{label} (recon)"] = imgs[show], rec[show]
         rows.append({"source": name, "n": len(imgs), "psnr_db": float(psnr.mean()), "psnr_std": float(psnr.std()),
                      "ssim": float(ssim.mean())})
     atomic_write_csv(pd.DataFrame(rows), paths.table("autoencoder_reconstruction"))
+    atomic_torch_save(examples, reconstruction_examples_path(cfg))
     store = latent_store(cfg)
     sample = store.means("pool", np.arange(min(len(store.mean("pool")), 4096)))
     pool_rows = [r for r in rows if r["source"] != "target (val)"]
