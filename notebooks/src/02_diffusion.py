@@ -107,7 +107,7 @@ plots.save(fig, cfg, "diffusion_samples")
 
 # %%
 n_check = cfg.diffusion.realism_samples
-check = {m: z for m, (z, _) in unconditional_samples(cfg, models, n_check, "realism", decode=False).items()}  # latents only: decoding would be wasted
+check = {m: z for m, (z, _) in unconditional_samples(cfg, models, n_check, "realism").items()}
 realism = per_source_realism(cfg, check).pivot(index="model", columns="source", values="frechet").round(3)
 atomic_write_csv(realism.reset_index(), paths.table("diffusion_realism"))
 write_metrics(cfg, "02_diffusion", {"realism_frechet": realism.to_dict(),
