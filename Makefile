@@ -83,7 +83,7 @@ notebooks: $(STAMP)
 # only step counts, sample counts, seeds, the grid and paths/device: no model size.
 DRYRUN_DATA    ?= data/paper_layout
 DRYRUN_RESULTS ?= data/dryrun-results
-DRYRUN_LAYOUT  ?= --n-train 3 --n-test 1 --n-pool 12
+DRYRUN_LAYOUT  ?= --n-train 3 --n-test 1 --n-pool 6
 
 dryrun: $(STAMP)
 	$(BIN)/python -m hdlib.tools.paper_layout $(DRYRUN_DATA) $(DRYRUN_LAYOUT)

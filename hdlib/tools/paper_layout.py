@@ -36,6 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import TRAINING_SET_NAMES
 from ..data.tiling import tile_large_image
 from ..demo import CRC_CLASSES, GENERATOR_VERSION, render_tile, tile_rng
 from ..errors import ConfigError, DataError, one_line_errors
@@ -227,6 +228,9 @@ def read_layout(root) -> PaperLayout:
 # the dry run's overrides (the one place they are listed)
 # ---------------------------------------------------------------------------
 
+DRYRUN_TRAINING_SETS = [s for s in TRAINING_SET_NAMES if s != "scratch"]
+
+
 def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[str]:
     """`key=value` overrides that run params/nct_crc.yaml on the layout at `root` on the CPU.
 
@@ -256,25 +260,36 @@ def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[st
         f"data.pool_size={pool_size}", f"data.pool_holdout={hold}", "data.label_fractions=[1.0]",
         # latent classifier: validation latents scored per evaluation
         "latent_classifier.eval_samples=9",
-        # stage 02's sample figure and realism table (each sample is a paper-size U-Net chain)
-        "diffusion.preview_samples=2", "diffusion.realism_samples=4",
-        # sampling: steps and sample counts (guidance scale 10 and eta 1 stay)
-        "sampling.num_inference_steps=2", "sampling.guidance_sweep=[0.0,10.0]", "sampling.sweep_per_class=1",
+        # stage 02's sample figure and realism table (each sample is a paper-size U-Net chain and decode)
+        "diffusion.preview_samples=2", "diffusion.realism_samples=2",
+        # sampling: steps and sample counts (guidance scale 10 and eta 1 stay). Every candidate is a
+        # paper-size decode (~6 s on a 2-core CPU), so guidance comes from the params instead of a sweep on
+        # validation: the sweep's candidates are made and judged like every set's, the adapted denoiser is
+        # still trained and sampled (stage 02), and the smoke study runs the choice end to end
+        "sampling.select_on_validation=false", "sampling.num_inference_steps=1", "sampling.sweep_per_class=1",
         "sampling.batch_size=4", "sampling.max_candidates_factor=1.0",
-        # grid: one seed, one fraction (the ratio sweep at the main ratio adds no cell)
+        # grid: one seed, one fraction (the ratio sweep at the main ratio adds no cell), every training set
+        # but the from-scratch ablation: its U-Net, trainer and guided sampler are those the adapted and
+        # the pre-trained denoisers run here, and the smoke study runs it end to end
         "downstream.seeds=[0]", "downstream.fractions=[1.0]", "downstream.ratio_sweep=[1.0]",
         "downstream.ratio_sweep_fraction=1.0",
+        f"downstream.training_sets=[{','.join(DRYRUN_TRAINING_SETS)}]",
+        "downstream.ratio_sweep_sets=[real,histodiffusion_unfiltered,histodiffusion,classifier_free]",
         # quality: the fewest samples the metrics accept
         "quality.samples_per_class=2", "quality.kid_subset_size=2",
     ]
-    # steps: every trained model 2 steps of batch 2, no warm-up, one checkpoint (at the last step:
-    # a paper-size denoiser checkpoint with EMA and Adam state is ~3.9 GB on disk, ~2 kept at most)
+    # steps: every trained model 2 steps, no warm-up, a checkpoint at the last step (a paper-size denoiser
+    # checkpoint with EMA and Adam state is ~3.9 GB on disk, ~2 kept at most); batches of 2, and
+    # of 1 for the 256 px autoencoder and the denoisers (a step of batch 2 takes ~60 s and ~20 s here)
     steps = 2
     for model in ("autoencoder.train", "diffusion.pretrain", "diffusion.adapt", "diffusion.scratch",
                   "diffusion.classifier_free", "latent_classifier.train", "downstream.train",
                   "downstream.reference_train"):
-        ov += [f"{model}.max_steps={steps}", f"{model}.batch_size=2", f"{model}.warmup_steps=0",
-               f"{model}.checkpointing_steps={steps}"]
+        batch = 1 if model.startswith(("autoencoder", "diffusion")) else 2
+        # one checkpoint per kind of network: the other denoisers save the same U-Net as pre-training
+        every = steps if model not in ("diffusion.adapt", "diffusion.scratch", "diffusion.classifier_free") else 10 * steps
+        ov += [f"{model}.max_steps={steps}", f"{model}.batch_size={batch}", f"{model}.warmup_steps=0",
+               f"{model}.checkpointing_steps={every}"]
     return ov
 
 
