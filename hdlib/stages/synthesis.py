@@ -332,7 +332,7 @@ def class_faithfulness(cfg: Config, sets, reference, gen: "Generation") -> dict[
         if len(frame):
             frame = frame.sort_values("index")
             calls = guided_class_judgement(cfg, frame, reference, load_latent_classifier(cfg, primary_fraction(cfg), draw), gen)
-            judged.append((torch.as_tensor(frame["kept"].to_numpy(dtype=bool)), *calls))
+            judged.append((torch.tensor(frame["kept"].to_numpy(dtype=bool)), *calls))  # a copy: the frame's array is read-only
     return {"kept": _faithfulness_summary(cfg, [(c[m], r[m], z[m]) for m, c, r, z in judged]),
             "candidates": _faithfulness_summary(cfg, [(c, r, z) for _, c, r, z in judged])}
 
