@@ -80,7 +80,8 @@ notebooks: $(STAMP)
 # model sizes on a tiny dataset in the real layout (NCT-CRC-HE-100K / CRC-VAL-HE-7K class folders
 # of 224 px .tif, a folder pool source and a pyramidal slide). The overrides, listed in ONE place
 # (hdlib.tools.paper_layout.dryrun_overrides; print them with the --print-overrides line below), change
-# only step counts, sample counts, seeds, the grid and paths/device: no model size.
+# only step counts, sample counts, seeds, the grid, paths/device and where guidance comes from (the
+# params, not a validation sweep): no model size.
 DRYRUN_DATA    ?= data/paper_layout
 DRYRUN_RESULTS ?= data/dryrun-results
 DRYRUN_LAYOUT  ?= --n-train 3 --n-test 1 --n-pool 6

@@ -234,10 +234,11 @@ DRYRUN_TRAINING_SETS = [s for s in TRAINING_SET_NAMES if s != "scratch"]
 def dryrun_overrides(root, results_root: str = "data/dryrun-results") -> list[str]:
     """`key=value` overrides that run params/nct_crc.yaml on the layout at `root` on the CPU.
 
-    ONLY step counts, batch sizes, sample counts, seeds, the grid and paths/devices change:
-    every model keeps the paper's size (256 px, f=4 autoencoder [128, 256, 512] -> 64x64x3,
-    192-channel U-Net, the yaml's latent classifier, ViT-S/16), and so do learning rates,
-    EMA, schedules, losses, guidance, eta, tau and data.max_bad_fraction."""
+    ONLY step counts, batch sizes, sample counts, seeds, the grid (training sets too), paths/devices
+    and where the guidance setting comes from (the params, not a sweep on validation) change: every
+    model keeps the paper's size (256 px, f=4 autoencoder [128, 256, 512] -> 64x64x3, 192-channel
+    U-Net, the yaml's latent classifier, ViT-S/16), and so do learning rates, EMA, schedules, losses,
+    the guidance scale, eta, tau and data.max_bad_fraction."""
     lay = read_layout(root)
     hold = 1  # data.pool_holdout: tiles per source kept out of training (autoencoder check)
     # The pool: two equally weighted sources, each drawn without replacement (as the paper's
