@@ -52,9 +52,12 @@ smoke: $(STAMP)
 	$(BIN)/python -m hdlib run params/smoke.yaml $(ARGS)
 
 # The inner loop: unit tests on tiny configs (a few minutes). `test-all` adds the end-to-end ones
-# (smoke study through papermill, pretrain, several processes); CI runs it.
+# (smoke study through papermill, pretrain, several processes); CI runs it. The unit tests run in
+# TEST_WORKERS processes (pytest-xdist) of one torch thread each, so the workers do not oversubscribe the
+# cores (2 workers halve the time on a 2-core CPU; docs/testing.md). The slow tests run in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 test-all: test
 	$(BIN)/python -m pytest -q -m slow
@@ -84,7 +87,7 @@ notebooks: $(STAMP)
 # params, not a validation sweep): no model size.
 DRYRUN_DATA    ?= data/paper_layout
 DRYRUN_RESULTS ?= data/dryrun-results
-DRYRUN_LAYOUT  ?= --n-train 3 --n-test 1 --n-pool 6
+DRYRUN_LAYOUT  ?= --n-train 3 --n-test 1 --n-pool 3
 
 dryrun: $(STAMP)
 	$(BIN)/python -m hdlib.tools.paper_layout $(DRYRUN_DATA) $(DRYRUN_LAYOUT)

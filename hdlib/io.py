@@ -91,6 +91,19 @@ def files_sha1(paths) -> str:
 
 
 @contextmanager
+def build_lock(root: str | Path):
+    """Hold the lock on building the folder `root` (a `.<name>.lock` file beside it). A second process
+    that builds the same folder waits here, then finds it built: check again inside the lock. Builders
+    also clear leftovers of killed builds, which is safe only while no other build of it runs."""
+    from filelock import FileLock
+
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.lock"):
+        yield
+
+
+@contextmanager
 def atomic_dir(root: str | Path):
     """Yield a temporary folder beside `root` to build in; on success it replaces `root` in
     one rename (a killed build never leaves a half-written folder under the final name)."""

@@ -107,6 +107,50 @@ def test_build_counts_layout_and_determinism(tmp_path):
         set(p.read_bytes() for p in a.target_test.rglob("*.png"))
 
 
+def test_two_builders_of_one_folder_build_it_once(tmp_path, monkeypatch):
+    """Two builders of the same demo folder at once (two test workers or two studies on one demo set; threads
+    here, processes in use):
+    both find it missing, then the lock makes the second wait and reuse the first's build. Without the
+    lock both render, and the second's clean-up of stale builds deletes the first's folder under it."""
+    import threading
+
+    from hdlib.demo import build
+
+    both_checked, renders, real_intact = threading.Barrier(2, timeout=30), [], build._intact
+    first_check = threading.local()
+
+    def intact_after_both_checked(root, params):
+        if not getattr(first_check, "done", False):
+            first_check.done = True
+            both_checked.wait()  # both builders have seen no build
+            return False
+        return real_intact(root, params)
+
+    def counted_render(*args, **kwargs):
+        renders.append(threading.get_ident())
+        return real_render(*args, **kwargs)
+
+    real_render = build._render_all
+    monkeypatch.setattr(build, "_intact", intact_after_both_checked)
+    monkeypatch.setattr(build, "_render_all", counted_render)
+    out, errors = [], []
+
+    def builder():
+        try:
+            out.append(D.build_demo_data(tmp_path / "demo", **TINY))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=builder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(renders) == 1 and len(out) == 2 and out[0] == out[1]
+    assert real_intact(tmp_path / "demo", json.loads((tmp_path / "demo" / "demo_data.json").read_text())["params"])
+
+
 def test_pool_is_balanced_over_classes():
     labels = _pool_labels(90, 0, "classic")
     assert np.bincount(labels, minlength=9).tolist() == [10] * 9
@@ -124,7 +168,7 @@ def test_reuse_without_rerender_and_rebuild_on_change(tmp_path):
     out = D.build_demo_data(root, **{**TINY, "n_train_per_class": 3})
     assert len(list((out.target_train / "LYM").glob("*.png"))) == 3
     assert json.loads((root / "demo_data.json").read_text())["params"]["n_train_per_class"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["demo"]
     # A damaged file is detected and the dataset is rebuilt.
     damaged = root / "target" / "test" / "ADI" / "ADI_00000.png"
     good = damaged.read_bytes()

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import CRC_CLASSES
 from ..errors import ConfigError, DataError
-from ..io import atomic_dir
+from ..io import atomic_dir, build_lock
 from .files import atomic_write_json, png_bytes, progress_bar, sha256_file
 from .stain import STAIN_STYLES
 from .tissue import GENERATOR_VERSION, render_tile
@@ -161,11 +161,12 @@ def build_demo_data(root, *, image_size: int = 64, n_train_per_class: int = 200,
                           target_style, difficulty, seed, wheel_images)
     if _intact(root, params):
         return _demo_paths(root, params)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
-    with atomic_dir(root) as tmp:
-        files = _render_all(tmp, params, wheel_images or {}, progress)
-        atomic_write_json(tmp / _MANIFEST, {"params": params, "files": files})
+    with build_lock(root):
+        if not _intact(root, params):  # another process may have built it while we waited
+            _remove_stale(root)
+            with atomic_dir(root) as tmp:
+                files = _render_all(tmp, params, wheel_images or {}, progress)
+                atomic_write_json(tmp / _MANIFEST, {"params": params, "files": files})
     return _demo_paths(root, params)
 
 
@@ -212,21 +213,27 @@ def build_demo_cohort(root, *, style: str, image_size: int = 64, n_per_class: in
     root = Path(root)
     params = {"generator_version": GENERATOR_VERSION, "classes": list(CRC_CLASSES), "image_size": int(image_size),
               "n_per_class": int(n_per_class), "style": style, "difficulty": float(difficulty), "seed": int(seed)}
+    if _cohort_intact(root, params):
+        return root / "test"
+    jobs = [(f"test/{cls}/{cls}_{i:05d}.png", cls, ci, i) for ci, cls in enumerate(CRC_CLASSES) for i in range(n_per_class)]
+    with build_lock(root):
+        if _cohort_intact(root, params):  # another process may have built it while we waited
+            return root / "test"
+        _remove_stale(root)
+        with atomic_dir(root) as tmp:
+            files = {}
+            for rel, cls, ci, i in progress_bar(jobs, progress, desc=f"demo cohort ({style})", unit="tile"):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                data = png_bytes(render_tile(cls, image_size, tile_rng(seed, "test", ci, i, style), style, difficulty))
+                (tmp / rel).write_bytes(data)
+                files[rel] = hashlib.sha256(data).hexdigest()
+            atomic_write_json(tmp / _MANIFEST, {"params": params, "files": files})
+    return root / "test"
+
+
+def _cohort_intact(root: Path, params: dict) -> bool:
     try:
         rec = json.loads((root / _MANIFEST).read_text())
-        if rec.get("params") == params and all(sha256_file(root / rel) == d for rel, d in rec["files"].items()):
-            return root / "test"
+        return rec.get("params") == params and all(sha256_file(root / rel) == d for rel, d in rec["files"].items())
     except (OSError, ValueError, KeyError):
-        pass
-    root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
-    jobs = [(f"test/{cls}/{cls}_{i:05d}.png", cls, ci, i) for ci, cls in enumerate(CRC_CLASSES) for i in range(n_per_class)]
-    with atomic_dir(root) as tmp:
-        files = {}
-        for rel, cls, ci, i in progress_bar(jobs, progress, desc=f"demo cohort ({style})", unit="tile"):
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            data = png_bytes(render_tile(cls, image_size, tile_rng(seed, "test", ci, i, style), style, difficulty))
-            (tmp / rel).write_bytes(data)
-            files[rel] = hashlib.sha256(data).hexdigest()
-        atomic_write_json(tmp / _MANIFEST, {"params": params, "files": files})
-    return root / "test"
+        return False

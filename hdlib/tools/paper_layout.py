@@ -40,7 +40,7 @@ from ..config import TRAINING_SET_NAMES
 from ..data.tiling import tile_large_image
 from ..demo import CRC_CLASSES, GENERATOR_VERSION, render_tile, tile_rng
 from ..errors import ConfigError, DataError, one_line_errors
-from ..io import atomic_dir
+from ..io import atomic_dir, build_lock
 
 LAYOUT_VERSION = 1
 MARKER = "paper_layout.json"
@@ -122,16 +122,19 @@ def write_paper_layout(root, n_train_per_class: int, n_test_per_class: int, n_po
     rec = _intact(root, args)
     if rec is not None:
         return _paths(root, rec["params"])
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f"{root.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # leftovers of killed builds (our naming only)
-    with atomic_dir(root) as tmp:
-        files = _write_all(tmp, args)
-        params = {**args, "slide_tiles": _count_slide_tiles(tmp / "pool" / "slides" / "slide.tif"),
-                  "classes": list(CRC_CLASSES), "target_style": TARGET_STYLE, "pool_styles": list(POOL_STYLES),
-                  "slide_style": SLIDE_STYLE}
-        (tmp / MARKER).write_text(json.dumps({"args": args, "params": params, "files": files},
-                                             indent=1, sort_keys=True) + "\n")
+    with build_lock(root):
+        rec = _intact(root, args)  # another process may have built it while we waited
+        if rec is not None:
+            return _paths(root, rec["params"])
+        for stale in [*root.parent.glob(f"{root.name}.tmp-*"), *root.parent.glob(f"{root.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # leftovers of killed builds (our naming only)
+        with atomic_dir(root) as tmp:
+            files = _write_all(tmp, args)
+            params = {**args, "slide_tiles": _count_slide_tiles(tmp / "pool" / "slides" / "slide.tif"),
+                      "classes": list(CRC_CLASSES), "target_style": TARGET_STYLE, "pool_styles": list(POOL_STYLES),
+                      "slide_style": SLIDE_STYLE}
+            (tmp / MARKER).write_text(json.dumps({"args": args, "params": params, "files": files},
+                                                 indent=1, sort_keys=True) + "\n")
     return _paths(root, params)
 
 
