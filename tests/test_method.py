@@ -135,8 +135,8 @@ def test_guided_faithfulness_per_class_shares(monkeypatch):
     import pandas as pd
     from diffusers import AutoencoderKL
 
-    from hdlib.stages import synthesis
-    from hdlib.stages.synthesis import guided_class_judgement, guided_faithfulness
+    from hdlib.study import faithfulness as synthesis
+    from hdlib.study.faithfulness import guided_class_judgement, guided_faithfulness
 
     vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=8, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
@@ -173,7 +173,7 @@ def test_class_faithfulness_judges_each_candidate_once_and_kept_is_its_subset(mo
 
     import pandas as pd
 
-    from hdlib.stages import synthesis
+    from hdlib.study import faithfulness as synthesis
 
     cfg = SimpleNamespace(data=SimpleNamespace(classes=["ADI", "LYM", "TUM"]))
     calls = []

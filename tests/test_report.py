@@ -71,3 +71,13 @@ def test_the_shifted_cohort_gets_its_own_section_with_its_numbers(tmp_path):
     assert "scores 0.812 there" in section and "HistoDiffusion - real-only +4.1 points" in section
     assert "Holm p 0.020" in section and section.count(" ± ") == text.split("## Downstream accuracy")[1].split(
         "Paired difference")[0].count(" ± ")  # the same table layout, the shifted cohort's cells
+
+
+def test_a_committed_study_holds_only_metrics_a_stage_writes():
+    """metrics/<stage>.json per notebook, nothing else: a file no stage writes any more (04_choice.json,
+    left by older code, contradicted decisions/guidance.json) would be read as current."""
+    root = Path(__file__).resolve().parent.parent
+    stages = {p.stem for p in (root / "notebooks" / "src").glob("[0-9][0-9]_*.py")}
+    for study in (root / "results" / name for name in ("default", "ablations", "ablations_random", "ablations_diverse")):
+        stray = [p.name for p in (study / "metrics").iterdir() if p.suffix != ".json" or p.stem not in stages]
+        assert stray == [], (study.name, stray)

@@ -323,3 +323,36 @@ def test_the_reconstruction_figure_shows_the_measured_reconstructions(study):
         assert (again.int() - recon.int()).abs().max() <= 1
         if row["n"] <= 8:  # every measured tile is shown: the figure's PSNR is the table's
             assert abs(float(psnr_ssim(originals, recon)[0].mean()) - row["psnr_db"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_adaptation_length_pairs_its_lengths_and_leaves_the_study_alone(study, tmp_path):
+    """hdlib.tools.adaptation_length on the smoke study: a bad draw fails before any training; the study's own
+    length is its own model (linked, not retrained), another length trains in the work folder; every length
+    samples the same seeds (paired rows); the study folder is only read."""
+    from hdlib.tools import adaptation_length as al
+
+    cfg = study[0]
+    out = cfg.results_dir
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"--draws \[99\]"):
+        al.run(out, [0, 2], [99], 4, tmp_path)
+    assert not (tmp_path / "work").exists()
+    own = cfg.diffusion.adapt.max_steps
+    table = al.run(out, [0, 2, own], None, 4, tmp_path)
+    assert sorted(set(table["adaptation_steps"])) == [0, 2, own]
+    lengths = {n: tmp_path / "work" / f"steps-{n}" / cfg.study.name for n in (0, 2, own)}
+    assert (lengths[own] / "models" / al.ADAPTED).is_symlink()
+    assert pd.read_csv(lengths[2] / "models" / al.ADAPTED / "log.csv")["step"].max() == 2
+    seeds = {n: {m.parent.name: pd.read_csv(m)[["class_name", "index", "seed"]] for m in (d / "synthetic").glob("*/manifest.csv")}
+             for n, d in lengths.items()}
+    assert seeds[0] and all(set(s) == set(seeds[0]) for s in seeds.values())
+    for name, first in seeds[0].items():
+        for n in (2, own):  # candidate k of a class has one seed whatever the denoiser
+            both = first.merge(seeds[n][name], on=["class_name", "index"])
+            assert len(both) and (both["seed_x"] == both["seed_y"]).all(), (name, n)
+    m = json.loads((tmp_path / cfg.study.name / "adaptation_length.json").read_text())
+    assert [r["adaptation_steps"] for r in m["per_length"]] == [0, 2, own]
+    for fig in ("adaptation_length", "adaptation_length_samples"):
+        assert (tmp_path / cfg.study.name / f"{fig}.png").stat().st_size > 1000
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files

@@ -287,7 +287,7 @@ def guidance_selection(table: pd.DataFrame, num_classes: int, chosen: float | No
 
 def guided_faithfulness(table: pd.DataFrame, title: str = "Kept guided images of their target class, per class"):
     """Per target class: the reference classifier's accuracy on guided samples and the share the
-    guiding latent classifier gives their target class (rows of stages.synthesis.guided_faithfulness)."""
+    guiding latent classifier gives their target class (rows of study.faithfulness.guided_faithfulness)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(table) + 1.5), 3.6))
     x = np.arange(len(table))
     ax.bar(x - 0.2, table["reference_accuracy"], width=0.4, color="tab:blue", label="reference classifier")
@@ -431,5 +431,28 @@ def gain_vs_labels(table: pd.DataFrame, primary_labels: int | None = None,
     axes[0][0].set_ylabel("accuracy difference (points)")
     if cohorts != [None]:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def adaptation_length(summary: pd.DataFrame, title: str = "How long to adapt the denoiser to the target's unlabeled images"):
+    """Left: Frechet distance to the target's unlabeled images (lower = closer to the target's look) of
+    unguided samples and guided candidates; right: the reference classifier's accuracy on the kept guided
+    images and on every candidate (higher = more faithful to the class), one point per adaptation length."""
+    x = np.arange(len(summary))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for col, label, marker in (("frechet_to_target_unguided", "unguided samples", "o"),
+                               ("frechet_to_target_candidates", "guided candidates", "s")):
+        a.plot(x, summary[col], marker=marker, label=label)
+    a.set_ylabel("Frechet distance to the target")
+    for col, label, marker in (("kept_class_accuracy", "kept images", "o"),
+                               ("candidate_class_accuracy", "every candidate", "s")):
+        b.plot(x, summary[col].astype(float), marker=marker, label=label)
+    b.set_ylabel("reference classifier's class accuracy")
+    for ax in (a, b):
+        ax.set_xticks(x, [f"{int(s):,}" for s in summary["adaptation_steps"]])
+        ax.set_xlabel("adaptation steps (0 = not adapted)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

@@ -1,0 +1,217 @@
+"""How long the target's unlabeled adaptation should train (the generator issue's item 5).
+
+    python -m hdlib.tools.adaptation_length results/default --steps 0 300 1000 3000 [--draws 0 1 2]
+        [--unguided 256] [--out results/adaptation_length]
+
+For each length the pre-trained denoiser is fine-tuned on the target's unlabeled training images
+(`target_unlabeled`: the study's `diffusion.adapt` with only `max_steps` replaced; 0 = not adapted), then
+judged at the study's primary cell with the guidance, interval and sampler stage 04 chose:
+- the target's look: the Frechet distance, in each draw's real-only classifier's features, of unguided
+  samples (the same seeds for every length) and of the guided candidates to the target's unlabeled
+  training images (the measure stage 04's choice uses);
+- class faithfulness: the independent reference classifier's accuracy on the images the selective filter
+  **kept**, balanced over classes, and on every candidate.
+
+The study folder is only read. Each length works in `<out>/work/steps-N/<study>/` (links to the study's
+manifests, caches, decisions and models, its own adapted denoiser and synthetic sets), so every length has
+the study's names and seeds: the rows are paired. Training resumes from its last checkpoint and a filled set
+is reused, so a stopped run loses at most one checkpoint interval. Writes `<out>/<study>/`
+adaptation_length.csv (one row per length and draw), adaptation_length.json (pooled per length) and two
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import Config
+from ..data.streaming import load_into_memory
+from ..errors import ConfigError, HDLibError
+from ..evaluation import plots
+from ..io import atomic_write_csv, atomic_write_json
+from ..paths import StudyPaths, model_name, request_seeds
+from ..study.classifiers import SelectiveFilter, reference_classifier
+from ..study.context import config_from_results
+from ..study.decisions import guidance, primary_fraction
+from ..study.faithfulness import class_faithfulness, frechet_to_target, target_features
+from ..study.generation import Generation
+from ..study.pseudo_labels import unlabeled_rows
+from ..study.splits import draws_for, first_draw, split_images
+from ..study.synthetic_sets import _in_memory, quota_per_class, synthesize
+from ..study.train import train_task
+
+ADAPTED = model_name("denoiser_adapted", adaptation="target_unlabeled")
+SHARED = ("manifests", "cache", "decisions", "metrics")  # what every length reads from the study as it is
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        return
+    os.symlink(src.resolve(), dst, target_is_directory=src.is_dir())
+
+
+def length_study(study_dir: Path, out: Path, steps: int) -> Config:
+    """The study's config with `diffusion.adapt.max_steps` = steps, in its own folder of links."""
+    study_dir = Path(study_dir)
+    root = (out / "work" / f"steps-{steps}").resolve()
+    cfg = config_from_results(study_dir, [f"study.results_root={root}", f"diffusion.adapt.max_steps={max(steps, 1)}"])
+    dst = StudyPaths(cfg).root
+    (dst / "models").mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        _link(study_dir / name, dst / name)
+    for model in sorted((study_dir / "models").iterdir()):
+        if model.name != ADAPTED:
+            _link(model, dst / "models" / model.name)
+    atomic_write_json(StudyPaths(cfg).config_json, cfg.to_dict())
+    return cfg
+
+
+def adapt(cfg: Config, study_dir: Path, steps: int) -> float:
+    """Train (or resume) the length's adapted denoiser; the study's own when it has this length.
+    Returns the training's seconds as its log recorded them (0 when not adapted)."""
+    if steps == 0:
+        return 0.0
+    own, mine = Path(study_dir) / "models" / ADAPTED, StudyPaths(cfg).model(ADAPTED)
+    study_steps = config_from_results(study_dir).diffusion.adapt.max_steps
+    if study_steps == steps and (own / "final").exists():
+        _link(own, mine)
+    else:
+        train_task(cfg, "denoiser_adapted", adaptation="target_unlabeled", progress=True)
+    log = pd.read_csv(mine / "log.csv")
+    return float(log["elapsed_s"].iloc[-1])
+
+
+def _generation(cfg: Config, steps: int) -> Generation:
+    g = guidance(cfg)
+    return Generation(cfg, "none" if steps == 0 else "target_unlabeled", g.scale, sampler=(g.method, g.steps),
+                      guidance_interval=g.interval)
+
+
+@torch.no_grad()
+def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tuple[list[dict], dict]:
+    """One row per draw (the length's measures), and the images its figures show."""
+    gen, f0, reference = _generation(cfg, steps), primary_fraction(cfg), reference_classifier(cfg)
+    K = len(cfg.data.classes)
+    labels = torch.arange(K).repeat(unguided // K + 1)[:unguided]  # an unguided sample ignores its label
+    plain = gen.decode(gen.latents("pretrained", f0, labels, request_seeds(cfg, "adaptation_length_unguided", unguided),
+                                   draw=draws[0]))
+    rows, shown = [], {"unguided": plain}
+    for draw in draws:
+        judge = SelectiveFilter(cfg, f0, draw)
+        target_f = target_features(cfg, judge, f0, draw)
+        frame = synthesize(gen, "histodiffusion", f0, draw, quota_per_class(cfg, f0, draw), judge=judge)
+        candidates, _ = _in_memory(cfg, frame.sort_values("index"))
+        faith = class_faithfulness(cfg, [(draw, frame)], reference, gen)
+        kept = frame[frame["kept"]]
+        rows.append({"adaptation_steps": steps, "draw": draw, "fraction": f0,
+                     "frechet_to_target_unguided": frechet_to_target(judge, plain, target_f),
+                     "frechet_to_target_candidates": frechet_to_target(judge, candidates, target_f),
+                     "kept_class_accuracy": faith["kept"]["accuracy"], "kept": faith["kept"]["n"],
+                     "candidate_class_accuracy": faith["candidates"]["accuracy"], "candidates": len(frame),
+                     "classes_without_kept_images": len(faith["kept"]["classes_without_images"]),
+                     "kept_class_accuracy_per_class": {r["class"]: r["reference_accuracy"]
+                                                       for r in faith["kept"]["per_class"]}})
+        if draw == draws[0]:
+            shown["kept"] = _in_memory(cfg, kept.sort_values(["label", "rank"]))
+    return rows, shown
+
+
+def summarize(table: pd.DataFrame) -> list[dict]:
+    """Per length: the measures pooled over draws (kept-image accuracy weighted by kept images)."""
+    out = []
+    for steps, g in table.groupby("adaptation_steps", sort=True):
+        has = g[g["kept"] > 0]
+        out.append({"adaptation_steps": int(steps), "draws": len(g),
+                    "train_seconds": float(g["train_seconds"].iloc[0]),
+                    "frechet_to_target_unguided": float(g["frechet_to_target_unguided"].mean()),
+                    "frechet_to_target_candidates": float(g["frechet_to_target_candidates"].mean()),
+                    "kept_class_accuracy": (float(np.average(has["kept_class_accuracy"], weights=has["kept"]))
+                                            if len(has) else None),
+                    "kept": int(g["kept"].sum()), "candidates": int(g["candidates"].sum()),
+                    "candidate_class_accuracy": float(np.average(g["candidate_class_accuracy"], weights=g["candidates"]))})
+    return out
+
+
+def check_request(study_dir: Path, steps: list[int], draws: list[int] | None) -> tuple[Config, list[int]]:
+    """Every argument checked before any training: the study's decisions, lengths and draws."""
+    if not (Path(study_dir) / "config.json").exists():
+        raise ConfigError(f"{study_dir}: not a study folder (no config.json); run the study first")
+    cfg = config_from_results(study_dir)
+    guidance(cfg), primary_fraction(cfg)  # a missing decision is an error here, not after an hour of training
+    if any(s < 0 for s in steps) or len(set(steps)) != len(steps):
+        raise ConfigError(f"--steps {steps}: lengths must be distinct and >= 0 (0 = not adapted)")
+    known = draws_for(cfg, primary_fraction(cfg), primary_fraction(cfg))
+    draws = known[:3] if draws is None else draws
+    if unknown := [d for d in draws if d not in known]:
+        raise ConfigError(f"--draws {unknown}: the study has draws {known} at its primary cell")
+    if not (Path(study_dir) / "models").is_dir():
+        raise HDLibError(f"{study_dir}/models: missing; the study's models are not on this machine (make study)")
+    return cfg, draws
+
+
+def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: int, out: Path) -> pd.DataFrame:
+    cfg0, draws = check_request(study_dir, steps, draws)
+    dest = out / cfg0.study.name
+    dest.mkdir(parents=True, exist_ok=True)
+    rows, shown = [], {}
+    for n in sorted(steps):
+        cfg = length_study(study_dir, out, n)
+        t = time.time()
+        seconds = adapt(cfg, study_dir, n)
+        print(f"adaptation {n} steps: trained ({seconds:.0f} s in its log); judging ...", flush=True)
+        got, shown[n] = judge_length(cfg, n, draws, unguided)
+        rows += [{**r, "train_seconds": seconds} for r in got]
+        print(f"adaptation {n} steps: done in {time.time() - t:.0f} s", flush=True)
+        table = pd.DataFrame(rows)
+        atomic_write_csv(table.drop(columns="kept_class_accuracy_per_class"), dest / "adaptation_length.csv")
+    atomic_write_json(dest / "adaptation_length.json", {
+        "study": str(study_dir), "primary_fraction": primary_fraction(cfg0), "draws": draws,
+        "unguided_samples": unguided, "guidance": vars(guidance(cfg0)), "adapt": vars(cfg0.diffusion.adapt),
+        "target_images": len(split_images(cfg0, "target_train")),
+        "per_length": summarize(table), "rows": rows})
+    _figures(cfg0, table, shown, dest)
+    return table
+
+
+def _figures(cfg: Config, table: pd.DataFrame, shown: dict, dest: Path) -> None:
+    fig = plots.adaptation_length(pd.DataFrame(summarize(table)))
+    fig.savefig(dest / "adaptation_length.png", dpi=120, bbox_inches="tight")
+    unlabeled = unlabeled_rows(cfg, primary_fraction(cfg), first_draw(cfg))
+    rows = unlabeled[np.linspace(0, len(unlabeled) - 1, 12).astype(int)]  # rows are in class order: spread them
+    real, _ = load_into_memory(split_images(cfg, "target_train", rows), num_workers=cfg.data.num_workers)
+    grid = {"target (real, unlabeled)": real, **{f"{n} steps": s["unguided"] for n, s in shown.items()}}
+    fig = plots.image_rows(grid, n=12, title="Unguided samples per adaptation length (the same seeds)")
+    fig.savefig(dest / "adaptation_length_samples.png", dpi=120, bbox_inches="tight")
+    kept = {f"{n} steps": s["kept"] for n, s in shown.items() if "kept" in s}
+    if kept:
+        fig = plots.comparison_grid(kept, cfg.data.classes, n=3,
+                                    title="Kept guided images per class and adaptation length (first draw)")
+        fig.savefig(dest / "adaptation_length_kept.png", dpi=120, bbox_inches="tight")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hdlib.tools.adaptation_length", description=__doc__.split("\n")[0])
+    ap.add_argument("study_dir", type=Path)
+    ap.add_argument("--steps", type=int, nargs="+", default=[0, 300, 1000, 3000])
+    ap.add_argument("--draws", type=int, nargs="+", default=None, help="label draws at the primary cell (default: first 3)")
+    ap.add_argument("--unguided", type=int, default=256, help="unguided samples per length")
+    ap.add_argument("--out", type=Path, default=Path("results/adaptation_length"))
+    args = ap.parse_args(argv)
+    try:
+        run(args.study_dir, args.steps, args.draws, args.unguided, args.out)
+    except HDLibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The adaptation-length measurement (hdlib.tools.adaptation_length): its arguments are checked before
+any training, its per-length summary pools draws by their image counts, and its figure draws every length."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from hdlib.errors import ConfigError
+from hdlib.tools import adaptation_length as al
+
+
+def _rows():
+    return pd.DataFrame([
+        {"adaptation_steps": 300, "draw": 0, "train_seconds": 340.0, "frechet_to_target_unguided": 10.0,
+         "frechet_to_target_candidates": 20.0, "kept_class_accuracy": 1.0, "kept": 3,
+         "candidate_class_accuracy": 0.5, "candidates": 10},
+        {"adaptation_steps": 300, "draw": 1, "train_seconds": 340.0, "frechet_to_target_unguided": 14.0,
+         "frechet_to_target_candidates": 30.0, "kept_class_accuracy": 0.5, "kept": 1,
+         "candidate_class_accuracy": 0.0, "candidates": 30},
+        {"adaptation_steps": 0, "draw": 0, "train_seconds": 0.0, "frechet_to_target_unguided": 12.0,
+         "frechet_to_target_candidates": 22.0, "kept_class_accuracy": None, "kept": 0,
+         "candidate_class_accuracy": 0.25, "candidates": 8},
+    ])
+
+
+def test_summary_is_in_length_order_and_weights_accuracy_by_images():
+    got = al.summarize(_rows())
+    assert [r["adaptation_steps"] for r in got] == [0, 300]
+    zero, long = got
+    assert zero["kept_class_accuracy"] is None and zero["kept"] == 0  # no kept image: no accuracy, not 0
+    assert long["kept_class_accuracy"] == pytest.approx((3 * 1.0 + 1 * 0.5) / 4)
+    assert long["candidate_class_accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.0) / 40)
+    assert long["frechet_to_target_unguided"] == pytest.approx(12.0) and long["draws"] == 2
+    assert long["kept"] == 4 and long["candidates"] == 40 and long["train_seconds"] == 340.0
+
+
+def test_figure_has_one_point_per_length():
+    from hdlib.evaluation import plots
+
+    fig = plots.adaptation_length(pd.DataFrame(al.summarize(_rows())))
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_xticklabels()] == ["0", "300"]
+    assert all(len(line.get_xdata()) == 2 for ax in (left, right) for line in ax.get_lines())
+
+
+def test_a_folder_that_is_no_study_fails_in_one_line_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"not a study folder \(no config.json\)"):
+        al.check_request(tmp_path, [0, 300], None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_committed_measurement_is_what_the_docs_say():
+    """docs/pretrained.md quotes the committed measurement; each figure it gives is read back here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    path = root / "results" / "adaptation_length" / "default" / "adaptation_length.json"
+    if not path.exists():
+        pytest.skip("no committed adaptation-length measurement")
+    m = json.loads(path.read_text())
+    doc = (root / "docs" / "pretrained.md").read_text()
+    for r in m["per_length"]:
+        assert f"| {r['adaptation_steps']:,} |" in doc
+        assert f"{r['frechet_to_target_unguided']:.1f}" in doc and f"{r['kept_class_accuracy']:.2f}" in doc
