@@ -39,9 +39,12 @@ def test_figure_has_one_point_per_length():
     from hdlib.evaluation import plots
 
     fig = plots.adaptation_length(pd.DataFrame(al.summarize(_rows())))
-    left, right = fig.axes
-    assert [t.get_text() for t in left.get_xticklabels()] == ["0", "300"]
-    assert all(len(line.get_xdata()) == 2 for ax in (left, right) for line in ax.get_lines())
+    assert len(fig.axes) == 2  # rows without the reference classifier's distances: no panel for them
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "300"]
+    assert all(len(line.get_xdata()) == 2 for ax in fig.axes for line in ax.get_lines())
+    both = pd.DataFrame(al.summarize(_rows().assign(frechet_to_target_unguided_reference=1.0,
+                                                      frechet_to_target_candidates_reference=2.0)))
+    assert len(plots.adaptation_length(both).axes) == 3
 
 
 def test_a_folder_that_is_no_study_fails_in_one_line_before_any_work(tmp_path):

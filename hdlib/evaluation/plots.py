@@ -436,20 +436,25 @@ def gain_vs_labels(table: pd.DataFrame, primary_labels: int | None = None,
 
 
 def adaptation_length(summary: pd.DataFrame, title: str = "How long to adapt the denoiser to the target's unlabeled images"):
-    """Left: Frechet distance to the target's unlabeled images (lower = closer to the target's look) of
-    unguided samples and guided candidates; right: the reference classifier's accuracy on the kept guided
-    images and on every candidate (higher = more faithful to the class), one point per adaptation length."""
+    """One point per adaptation length. Left and middle: Frechet distance to the target's unlabeled images
+    (lower = closer to the target's look) of unguided samples and guided candidates, in the real-only
+    classifier's features and in the reference classifier's; right: the reference classifier's accuracy
+    on the kept guided images and on every candidate (higher = more faithful to the class)."""
     x = np.arange(len(summary))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    for col, label, marker in (("frechet_to_target_unguided", "unguided samples", "o"),
-                               ("frechet_to_target_candidates", "guided candidates", "s")):
-        a.plot(x, summary[col], marker=marker, label=label)
-    a.set_ylabel("Frechet distance to the target")
+    panels = [("", "Frechet distance to the target\n(real-only classifier's features)"),
+              ("_reference", "Frechet distance to the target\n(reference classifier's features)")]
+    panels = [p for p in panels if f"frechet_to_target_unguided{p[0]}" in summary]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.6 * (len(panels) + 1), 3.6))
+    for ax, (suffix, ylabel) in zip(axes, panels):
+        for col, label, marker in ((f"frechet_to_target_unguided{suffix}", "unguided samples", "o"),
+                                   (f"frechet_to_target_candidates{suffix}", "guided candidates", "s")):
+            ax.plot(x, summary[col], marker=marker, label=label)
+        ax.set_ylabel(ylabel)
     for col, label, marker in (("kept_class_accuracy", "kept images", "o"),
                                ("candidate_class_accuracy", "every candidate", "s")):
-        b.plot(x, summary[col].astype(float), marker=marker, label=label)
-    b.set_ylabel("reference classifier's class accuracy")
-    for ax in (a, b):
+        axes[-1].plot(x, summary[col].astype(float), marker=marker, label=label)
+    axes[-1].set_ylabel("reference classifier's class accuracy")
+    for ax in axes:
         ax.set_xticks(x, [f"{int(s):,}" for s in summary["adaptation_steps"]])
         ax.set_xlabel("adaptation steps (0 = not adapted)")
         ax.legend(fontsize=8)

@@ -23,15 +23,18 @@ from .splits import fraction_indices, split_images
 from .synthetic_sets import _in_memory
 
 
+def target_rows(cfg: Config, fraction: float, draw: int, n: int = 512) -> np.ndarray:
+    """Up to n evenly spaced unlabeled target training rows of a draw (its labeled ones when none is left)."""
+    rows = unlabeled_rows(cfg, fraction, draw)
+    rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), n)).astype(int)] if len(rows) else rows
+    return rows if len(rows) else fraction_indices(cfg, fraction, draw)
+
+
 def target_features(cfg: Config, judge: SelectiveFilter, fraction: float, draw: int, n: int = 512):
     """Baseline-classifier features of (up to n, evenly spaced) unlabeled target training images:
     the target's look, with no label read."""
-    rows = unlabeled_rows(cfg, fraction, draw)
-    rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), n)).astype(int)] if len(rows) else rows
-    if not len(rows):  # every training image is labeled: its labeled images stand in
-        rows = fraction_indices(cfg, fraction, draw)
-    return extract_features(judge.model, split_images(cfg, "target_train", rows), batch_size=128,
-                            device=judge.device).double().numpy()
+    return extract_features(judge.model, split_images(cfg, "target_train", target_rows(cfg, fraction, draw, n)),
+                            batch_size=128, device=judge.device).double().numpy()
 
 
 def frechet_to_target(judge: SelectiveFilter, images: torch.Tensor, target_f) -> float:

@@ -8,7 +8,8 @@ For each length the pre-trained denoiser is fine-tuned on the target's unlabeled
 judged at the study's primary cell with the guidance, interval and sampler stage 04 chose:
 - the target's look: the Frechet distance, in each draw's real-only classifier's features, of unguided
   samples (the same seeds for every length) and of the guided candidates to the target's unlabeled
-  training images (the measure stage 04's choice uses);
+  training images (the measure stage 04's choice uses), and the same in the reference classifier's
+  features (trained on every labeled target image: an instrument that sees the target's tissue);
 - class faithfulness: the independent reference classifier's accuracy on the images the selective filter
   **kept**, balanced over classes, and on every candidate.
 
@@ -36,14 +37,20 @@ from ..config import Config
 from ..data.streaming import load_into_memory
 from ..errors import ConfigError, HDLibError
 from ..evaluation import plots
+from ..evaluation.downstream import extract_features
+from ..evaluation.metrics import frechet_distance
 from ..io import atomic_write_csv, atomic_write_json
 from ..paths import StudyPaths, model_name, request_seeds
 from ..study.classifiers import SelectiveFilter, reference_classifier
-from ..study.context import config_from_results
+from ..study.context import config_from_results, device
 from ..study.decisions import guidance, primary_fraction
-from ..study.faithfulness import class_faithfulness, frechet_to_target, target_features
+from ..study.faithfulness import (
+    class_faithfulness,
+    frechet_to_target,
+    target_features,
+    target_rows,
+)
 from ..study.generation import Generation
-from ..study.pseudo_labels import unlabeled_rows
 from ..study.splits import draws_for, first_draw, split_images
 from ..study.synthetic_sets import _in_memory, quota_per_class, synthesize
 from ..study.train import train_task
@@ -95,6 +102,10 @@ def _generation(cfg: Config, steps: int) -> Generation:
                       guidance_interval=g.interval)
 
 
+def _features(cfg: Config, model, images) -> np.ndarray:
+    return extract_features(model, images, batch_size=128, device=device(cfg)).double().numpy()
+
+
 @torch.no_grad()
 def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tuple[list[dict], dict]:
     """One row per draw (the length's measures), and the images its figures show."""
@@ -103,10 +114,12 @@ def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tu
     labels = torch.arange(K).repeat(unguided // K + 1)[:unguided]  # an unguided sample ignores its label
     plain = gen.decode(gen.latents("pretrained", f0, labels, request_seeds(cfg, "adaptation_length_unguided", unguided),
                                    draw=draws[0]))
+    plain_ref = _features(cfg, reference, plain)
     rows, shown = [], {"unguided": plain}
     for draw in draws:
         judge = SelectiveFilter(cfg, f0, draw)
         target_f = target_features(cfg, judge, f0, draw)
+        target_ref = _features(cfg, reference, split_images(cfg, "target_train", target_rows(cfg, f0, draw)))
         frame = synthesize(gen, "histodiffusion", f0, draw, quota_per_class(cfg, f0, draw), judge=judge)
         candidates, _ = _in_memory(cfg, frame.sort_values("index"))
         faith = class_faithfulness(cfg, [(draw, frame)], reference, gen)
@@ -114,6 +127,9 @@ def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tu
         rows.append({"adaptation_steps": steps, "draw": draw, "fraction": f0,
                      "frechet_to_target_unguided": frechet_to_target(judge, plain, target_f),
                      "frechet_to_target_candidates": frechet_to_target(judge, candidates, target_f),
+                     # a second instrument: the reference classifier, trained on every labeled target image
+                     "frechet_to_target_unguided_reference": frechet_distance(target_ref, plain_ref),
+                     "frechet_to_target_candidates_reference": frechet_distance(target_ref, _features(cfg, reference, candidates)),
                      "kept_class_accuracy": faith["kept"]["accuracy"], "kept": faith["kept"]["n"],
                      "candidate_class_accuracy": faith["candidates"]["accuracy"], "candidates": len(frame),
                      "classes_without_kept_images": len(faith["kept"]["classes_without_images"]),
@@ -133,6 +149,8 @@ def summarize(table: pd.DataFrame) -> list[dict]:
                     "train_seconds": float(g["train_seconds"].iloc[0]),
                     "frechet_to_target_unguided": float(g["frechet_to_target_unguided"].mean()),
                     "frechet_to_target_candidates": float(g["frechet_to_target_candidates"].mean()),
+                    **{c: float(g[c].mean()) for c in ("frechet_to_target_unguided_reference",
+                                                       "frechet_to_target_candidates_reference") if c in g},
                     "kept_class_accuracy": (float(np.average(has["kept_class_accuracy"], weights=has["kept"]))
                                             if len(has) else None),
                     "kept": int(g["kept"].sum()), "candidates": int(g["candidates"].sum()),
@@ -184,8 +202,7 @@ def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: in
 def _figures(cfg: Config, table: pd.DataFrame, shown: dict, dest: Path) -> None:
     fig = plots.adaptation_length(pd.DataFrame(summarize(table)))
     fig.savefig(dest / "adaptation_length.png", dpi=120, bbox_inches="tight")
-    unlabeled = unlabeled_rows(cfg, primary_fraction(cfg), first_draw(cfg))
-    rows = unlabeled[np.linspace(0, len(unlabeled) - 1, 12).astype(int)]  # rows are in class order: spread them
+    rows = target_rows(cfg, primary_fraction(cfg), first_draw(cfg), 12)  # spread over the class-ordered rows
     real, _ = load_into_memory(split_images(cfg, "target_train", rows), num_workers=cfg.data.num_workers)
     grid = {"target (real, unlabeled)": real, **{f"{n} steps": s["unguided"] for n, s in shown.items()}}
     fig = plots.image_rows(grid, n=12, title="Unguided samples per adaptation length (the same seeds)")
