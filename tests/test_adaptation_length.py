@@ -24,26 +24,36 @@ def _rows():
     ])
 
 
-def test_summary_is_in_length_order_and_weights_accuracy_by_images():
-    got = al.summarize(_rows())
+def _faith(accuracy, n, per_class):
+    return {"accuracy": accuracy, "n": n, "classes_without_images": [c for c in ("ADI", "TUM") if c not in per_class],
+            "per_class": [{"class": c, "reference_accuracy": a} for c, a in per_class.items()]}
+
+
+POOLED = {0: {"kept": _faith(None, 0, {}), "candidates": _faith(0.25, 8, {"ADI": 0.25, "TUM": 0.25})},
+          300: {"kept": _faith(0.75, 4, {"ADI": 1.0, "TUM": 0.5}), "candidates": _faith(0.1, 40, {"ADI": 0.2, "TUM": 0.0})}}
+
+
+def test_summary_is_in_length_order_averages_distances_and_takes_the_pooled_faithfulness():
+    got = al.summarize(_rows(), POOLED)
     assert [r["adaptation_steps"] for r in got] == [0, 300]
     zero, long = got
     assert zero["kept_class_accuracy"] is None and zero["kept"] == 0  # no kept image: no accuracy, not 0
-    assert long["kept_class_accuracy"] == pytest.approx((3 * 1.0 + 1 * 0.5) / 4)
-    assert long["candidate_class_accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.0) / 40)
+    assert zero["classes_without_kept_images"] == ["ADI", "TUM"]
+    assert long["kept_class_accuracy"] == 0.75 and long["kept_class_accuracy_per_class"] == {"ADI": 1.0, "TUM": 0.5}
+    assert long["candidate_class_accuracy"] == 0.1 and long["candidates"] == 40 and long["kept"] == 4
     assert long["frechet_to_target_unguided"] == pytest.approx(12.0) and long["draws"] == 2
-    assert long["kept"] == 4 and long["candidates"] == 40 and long["train_seconds"] == 340.0
+    assert long["train_seconds"] == 340.0
 
 
 def test_figure_has_one_point_per_length():
     from hdlib.evaluation import plots
 
-    fig = plots.adaptation_length(pd.DataFrame(al.summarize(_rows())))
+    fig = plots.adaptation_length(pd.DataFrame(al.summarize(_rows(), POOLED)))
     assert len(fig.axes) == 2  # rows without the reference classifier's distances: no panel for them
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "300"]
     assert all(len(line.get_xdata()) == 2 for ax in fig.axes for line in ax.get_lines())
     both = pd.DataFrame(al.summarize(_rows().assign(frechet_to_target_unguided_reference=1.0,
-                                                      frechet_to_target_candidates_reference=2.0)))
+                                                      frechet_to_target_candidates_reference=2.0), POOLED))
     assert len(plots.adaptation_length(both).axes) == 3
 
 

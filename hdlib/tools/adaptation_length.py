@@ -107,15 +107,17 @@ def _features(cfg: Config, model, images) -> np.ndarray:
 
 
 @torch.no_grad()
-def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tuple[list[dict], dict]:
-    """One row per draw (the length's measures), and the images its figures show."""
+def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tuple[list[dict], dict, dict]:
+    """One row per draw (the length's measures), the class faithfulness pooled over the draws as stage 04
+    pools it (hdlib.study.faithfulness.class_faithfulness: balanced over classes), and the images its
+    figures show."""
     gen, f0, reference = _generation(cfg, steps), primary_fraction(cfg), reference_classifier(cfg)
     K = len(cfg.data.classes)
     labels = torch.arange(K).repeat(unguided // K + 1)[:unguided]  # an unguided sample ignores its label
     plain = gen.decode(gen.latents("pretrained", f0, labels, request_seeds(cfg, "adaptation_length_unguided", unguided),
                                    draw=draws[0]))
     plain_ref = _features(cfg, reference, plain)
-    rows, shown = [], {"unguided": plain}
+    rows, frames, shown = [], [], {"unguided": plain}
     for draw in draws:
         judge = SelectiveFilter(cfg, f0, draw)
         target_f = target_features(cfg, judge, f0, draw)
@@ -123,6 +125,7 @@ def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tu
         frame = synthesize(gen, "histodiffusion", f0, draw, quota_per_class(cfg, f0, draw), judge=judge)
         candidates, _ = _in_memory(cfg, frame.sort_values("index"))
         faith = class_faithfulness(cfg, [(draw, frame)], reference, gen)
+        frames.append((draw, frame))
         kept = frame[frame["kept"]]
         rows.append({"adaptation_steps": steps, "draw": draw, "fraction": f0,
                      "frechet_to_target_unguided": frechet_to_target(judge, plain, target_f),
@@ -137,24 +140,24 @@ def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tu
                                                        for r in faith["kept"]["per_class"]}})
         if draw == draws[0]:
             shown["kept"] = _in_memory(cfg, kept.sort_values(["label", "rank"]))
-    return rows, shown
+    return rows, class_faithfulness(cfg, frames, reference, gen), shown
 
 
-def summarize(table: pd.DataFrame) -> list[dict]:
-    """Per length: the measures pooled over draws (kept-image accuracy weighted by kept images)."""
+def summarize(table: pd.DataFrame, pooled: dict) -> list[dict]:
+    """Per length: the distances averaged over draws, and the class faithfulness pooled over them
+    (`pooled[steps]`, judge_length's), with its per-class figures."""
     out = []
     for steps, g in table.groupby("adaptation_steps", sort=True):
-        has = g[g["kept"] > 0]
+        faith = pooled[int(steps)]
         out.append({"adaptation_steps": int(steps), "draws": len(g),
                     "train_seconds": float(g["train_seconds"].iloc[0]),
-                    "frechet_to_target_unguided": float(g["frechet_to_target_unguided"].mean()),
-                    "frechet_to_target_candidates": float(g["frechet_to_target_candidates"].mean()),
-                    **{c: float(g[c].mean()) for c in ("frechet_to_target_unguided_reference",
+                    **{c: float(g[c].mean()) for c in ("frechet_to_target_unguided", "frechet_to_target_candidates",
+                                                       "frechet_to_target_unguided_reference",
                                                        "frechet_to_target_candidates_reference") if c in g},
-                    "kept_class_accuracy": (float(np.average(has["kept_class_accuracy"], weights=has["kept"]))
-                                            if len(has) else None),
-                    "kept": int(g["kept"].sum()), "candidates": int(g["candidates"].sum()),
-                    "candidate_class_accuracy": float(np.average(g["candidate_class_accuracy"], weights=g["candidates"]))})
+                    "kept_class_accuracy": faith["kept"]["accuracy"], "kept": faith["kept"]["n"],
+                    "kept_class_accuracy_per_class": {r["class"]: r["reference_accuracy"] for r in faith["kept"]["per_class"]},
+                    "classes_without_kept_images": faith["kept"]["classes_without_images"],
+                    "candidate_class_accuracy": faith["candidates"]["accuracy"], "candidates": faith["candidates"]["n"]})
     return out
 
 
@@ -179,13 +182,13 @@ def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: in
     cfg0, draws = check_request(study_dir, steps, draws)
     dest = out / cfg0.study.name
     dest.mkdir(parents=True, exist_ok=True)
-    rows, shown = [], {}
+    rows, pooled, shown = [], {}, {}
     for n in sorted(steps):
         cfg = length_study(study_dir, out, n)
         t = time.time()
         seconds = adapt(cfg, study_dir, n)
         print(f"adaptation {n} steps: trained ({seconds:.0f} s in its log); judging ...", flush=True)
-        got, shown[n] = judge_length(cfg, n, draws, unguided)
+        got, pooled[n], shown[n] = judge_length(cfg, n, draws, unguided)
         rows += [{**r, "train_seconds": seconds} for r in got]
         print(f"adaptation {n} steps: done in {time.time() - t:.0f} s", flush=True)
         table = pd.DataFrame(rows)
@@ -194,13 +197,13 @@ def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: in
         "study": str(study_dir), "primary_fraction": primary_fraction(cfg0), "draws": draws,
         "unguided_samples": unguided, "guidance": vars(guidance(cfg0)), "adapt": vars(cfg0.diffusion.adapt),
         "target_images": len(split_images(cfg0, "target_train")),
-        "per_length": summarize(table), "rows": rows})
-    _figures(cfg0, table, shown, dest)
+        "per_length": summarize(table, pooled), "rows": rows})
+    _figures(cfg0, pd.DataFrame(summarize(table, pooled)), shown, dest)
     return table
 
 
-def _figures(cfg: Config, table: pd.DataFrame, shown: dict, dest: Path) -> None:
-    fig = plots.adaptation_length(pd.DataFrame(summarize(table)))
+def _figures(cfg: Config, summary: pd.DataFrame, shown: dict, dest: Path) -> None:
+    fig = plots.adaptation_length(summary)
     fig.savefig(dest / "adaptation_length.png", dpi=120, bbox_inches="tight")
     rows = target_rows(cfg, primary_fraction(cfg), first_draw(cfg), 12)  # spread over the class-ordered rows
     real, _ = load_into_memory(split_images(cfg, "target_train", rows), num_workers=cfg.data.num_workers)
