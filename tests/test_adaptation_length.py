@@ -76,3 +76,13 @@ def test_the_committed_measurement_is_what_the_docs_say():
     for r in m["per_length"]:
         assert f"| {r['adaptation_steps']:,} |" in doc
         assert f"{r['frechet_to_target_unguided']:.1f}" in doc and f"{r['kept_class_accuracy']:.2f}" in doc
+
+
+def test_a_length_already_trained_is_reused_not_retrained(tmp_path):
+    folder = tmp_path / "denoiser"
+    assert not al._trained(folder, 300)
+    (folder / "final").mkdir(parents=True)
+    pd.DataFrame({"step": [10, 290], "elapsed_s": [1.0, 30.0]}).to_csv(folder / "log.csv", index=False)
+    assert not al._trained(folder, 300)  # stopped before its last step: resume
+    pd.DataFrame({"step": [10, 300], "elapsed_s": [1.0, 31.0]}).to_csv(folder / "log.csv", index=False)
+    assert al._trained(folder, 300)

@@ -341,7 +341,7 @@ def test_adaptation_length_pairs_its_lengths_and_leaves_the_study_alone(study, t
     own = cfg.diffusion.adapt.max_steps
     table = al.run(out, [0, 2, own], None, 4, tmp_path)
     assert sorted(set(table["adaptation_steps"])) == [0, 2, own]
-    lengths = {n: tmp_path / "work" / f"steps-{n}" / cfg.study.name for n in (0, 2, own)}
+    lengths = {n: tmp_path / "work" / cfg.study.name / f"steps-{n}" / cfg.study.name for n in (0, 2, own)}
     assert (lengths[own] / "models" / al.ADAPTED).is_symlink()
     assert pd.read_csv(lengths[2] / "models" / al.ADAPTED / "log.csv")["step"].max() == 2
     seeds = {n: {m.parent.name: pd.read_csv(m)[["class_name", "index", "seed"]] for m in (d / "synthetic").glob("*/manifest.csv")}

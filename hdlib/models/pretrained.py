@@ -184,6 +184,32 @@ def verify(path: str | Path, expected_sha256: str = "") -> str:
     return got
 
 
+# How a denoiser was trained, beyond the forward process its scheduler/ holds: what fine-tuning it
+# (an adaptation) must keep, or it trains the model toward another objective.
+OBJECTIVE_KEYS = ("loss", "snr_gamma", "timestep_sampling", "lognormal_mean", "lognormal_std")
+
+
+def training_objective(path: str | Path) -> dict:
+    """The denoiser's training objective as its folder's card.json records it ({} when it records none:
+    a folder made elsewhere). lognormal_mean/std only count for log-normal noise levels."""
+    card = _folder(path) / "card.json"
+    d = (json.loads(card.read_text()).get("denoiser") or {}) if card.exists() else {}
+    got = {k: d[k] for k in OBJECTIVE_KEYS if k in d}
+    if got.get("timestep_sampling") != "lognormal":
+        got = {k: v for k, v in got.items() if not k.startswith("lognormal_")}
+    return got
+
+
+def check_objective(path: str | Path, diffusion, label: str = "diffusion") -> None:
+    """A study that fine-tunes the pre-trained denoiser must train it with the objective it was trained with:
+    one line naming the first setting that differs and the value to set."""
+    for key, want in training_objective(path).items():
+        have = getattr(diffusion, key)
+        if (have != want) if isinstance(want, str) else abs(float(have) - float(want)) > 1e-9:
+            raise ConfigError(f"{label}.{key}: {have!r}, but {path}'s denoiser was trained with {want!r} (its card.json); "
+                              f"an adaptation fine-tunes it, so set {label}.{key}: {want}")
+
+
 def _drop_load_path(config: Path) -> None:
     """A model loaded with from_pretrained saves where it was loaded from (`_name_or_path`, a path on this
     machine): not part of the model, and it would change the folder's pin."""

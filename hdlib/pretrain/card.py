@@ -135,7 +135,7 @@ Pool manifest sha256: `{data[pool_manifest_sha256]}`.
 | autoencoder training | {a[steps]} steps in {ae_minutes:.0f} min{ae_when}; held-out pool PSNR {a[heldout_pool_psnr_db]:.2f} dB; scaling factor {a[scale_factor]:.4f} |
 | denoiser | `UNet2DModel`, channels {d[block_out_channels]!s}, attention {d[attention_levels]!s}, {d[layers_per_block]} res block(s) per level, {mparams:.1f} M parameters |
 | noise schedule | `{d[schedule]}` {schedule} |
-| objective | `{d[prediction_type]}` prediction, {loss} loss, min-SNR weighting gamma {d[snr_gamma]:g} (0: none) |
+| objective | `{d[prediction_type]}` prediction, {loss} loss, min-SNR weighting gamma {d[snr_gamma]:g} (0: none){noise_levels} |
 | denoiser training | batch {d[batch_size]}, lr {d[lr]} ({lr_text}), EMA {d[ema_decay]}; {d[steps]} steps in {unet_hours:.2f} h |
 | hardware | {hardware} |
 {autoencoder_during_training}{recipe_sweep}
@@ -160,6 +160,8 @@ the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
 INIT = {True: "fine-tuned from the vae of `{init_from}` (its files' sha256 `{vae_sha16}...`)",
         False: "trained from scratch"}
 FROZEN = "the previous version's, frozen: `{path}` (its vae files' sha256 `{vae_sha16}...`); only the denoiser was trained"
+NOISE_LEVELS = {"uniform": ", timesteps drawn uniformly",
+                "lognormal": ", noise levels log-normal (ln sigma: mean {lognormal_mean:g}, std {lognormal_std:g})"}
 SCHEDULES = {"paper": "(linear in sqrt(beta), 0.0015-0.0155)", "linear": "(linear in beta)",
              "cosine": "(squared cosine, Nichol & Dhariwal)"}
 SOURCES = ("| source | pool tiles | held-out tiles |", "| {source} | {pool} | {holdout} |")
@@ -403,6 +405,7 @@ def model_card_text(card: dict) -> str:
         "styles": sum(1 for k in data["pool_sources"] if k.startswith("procedural_")), "init": init,
         "ae_minutes": a["wall_s"] / 60, "ae_when": " (when it was trained; frozen here)" if a.get("frozen_from") else "", "unet_hours": d["wall_s"] / 3600, "mparams": d["parameters"] / 1e6,
         "schedule": SCHEDULES.get(d["schedule"], ""), "loss": d["loss"].upper(),
+        "noise_levels": fill(NOISE_LEVELS[d["timestep_sampling"]], d) if "timestep_sampling" in d else "",
         "lr_text": fill(LR_TEXT[bool(d.get("cooldown"))], {"c": d.get("cooldown")}),
         "during_training": during_training_text(card["quality_during_training"]),
         "versions": versions_text(card.get("versions"), v.get("targets")),

@@ -106,7 +106,11 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
                      "attention_levels": cfg.diffusion.attention_levels,
                      "layers_per_block": cfg.diffusion.layers_per_block,
                      "schedule": cfg.diffusion.schedule, "prediction_type": cfg.diffusion.prediction_type,
-                     "loss": cfg.diffusion.loss, "snr_gamma": cfg.diffusion.snr_gamma, "batch_size": cfg.diffusion.pretrain.batch_size,
+                     "loss": cfg.diffusion.loss, "snr_gamma": cfg.diffusion.snr_gamma,
+                     # the rest of the objective: a study that fine-tunes the model keeps it (check_objective)
+                     "timestep_sampling": cfg.diffusion.timestep_sampling,
+                     "lognormal_mean": cfg.diffusion.lognormal_mean, "lognormal_std": cfg.diffusion.lognormal_std,
+                     "batch_size": cfg.diffusion.pretrain.batch_size,
                      "lr": cfg.diffusion.pretrain.lr, "ema_decay": cfg.diffusion.pretrain.ema_decay,
                      "cooldown": {"from_step": cooldown[0], "steps": cooldown[1]} if cooldown else None,
                      "steps": int(unet_log["step"].max()), "wall_s": float(unet_log["elapsed_s"].max()),

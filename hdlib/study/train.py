@@ -34,7 +34,7 @@ from ..models.diffusion import (
     timestep_probabilities,
 )
 from ..models.latent_classifier import classifier_loss
-from ..models.pretrained import check_init_vae
+from ..models.pretrained import check_init_vae, check_objective
 from ..parallel.launch import launch
 from ..paths import StudyPaths, model_name, task_seed
 from ..sampling.samplers import sampler_timesteps
@@ -246,6 +246,8 @@ def _task_spec(cfg: Config, task: str, fraction, adaptation, draw, labeled: bool
         return TaskSpec(build_denoiser(cfg), denoise_loss, store.source("pool"), d.pretrain, name, seed)
     data = store.source("target_train", None if not labeled else fraction_indices(cfg, fraction, draw), labels=True)
     if task == "denoiser_adapted":
+        if uses_pretrained_unet(cfg):  # fine-tuned with the objective it was trained with, or an error
+            check_objective(cfg.pretrained.path, cfg.diffusion)
         unet = load_denoiser(cfg, "denoiser_pretrained").requires_grad_(True).train()
         return TaskSpec(unet, denoise_loss, data, d.adapt, name, seed)
     if task == "denoiser_scratch":

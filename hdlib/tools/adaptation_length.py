@@ -1,10 +1,11 @@
 """How long the target's unlabeled adaptation should train (the generator issue's item 5).
 
     python -m hdlib.tools.adaptation_length results/default --steps 0 300 1000 3000 [--draws 0 1 2]
-        [--unguided 256] [--out results/adaptation_length]
+        [--unguided 256] [--out results/adaptation_length] [--set diffusion.loss=l2 ...] [--name NAME]
 
 For each length the pre-trained denoiser is fine-tuned on the target's unlabeled training images
-(`target_unlabeled`: the study's `diffusion.adapt` with only `max_steps` replaced; 0 = not adapted), then
+(`target_unlabeled`: the study's `diffusion.adapt` with only `max_steps` replaced, and any `--set` diffusion
+settings such as the training objective; 0 = not adapted), then
 judged at the study's primary cell with the guidance, interval and sampler stage 04 chose:
 - the target's look: the Frechet distance, in each draw's real-only classifier's features, of unguided
   samples (the same seeds for every length) and of the guided candidates to the target's unlabeled
@@ -13,10 +14,10 @@ judged at the study's primary cell with the guidance, interval and sampler stage
 - class faithfulness: the independent reference classifier's accuracy on the images the selective filter
   **kept**, balanced over classes, and on every candidate.
 
-The study folder is only read. Each length works in `<out>/work/steps-N/<study>/` (links to the study's
+The study folder is only read. Each length works in `<out>/work/<name>/steps-N/<study>/` (links to the study's
 manifests, caches, decisions and models, its own adapted denoiser and synthetic sets), so every length has
 the study's names and seeds: the rows are paired. Training resumes from its last checkpoint and a filled set
-is reused, so a stopped run loses at most one checkpoint interval. Writes `<out>/<study>/`
+is reused, so a stopped run loses at most one checkpoint interval. Writes `<out>/<name>/`
 adaptation_length.csv (one row per length and draw), adaptation_length.json (pooled per length) and two
 figures.
 """
@@ -65,11 +66,12 @@ def _link(src: Path, dst: Path) -> None:
     os.symlink(src.resolve(), dst, target_is_directory=src.is_dir())
 
 
-def length_study(study_dir: Path, out: Path, steps: int) -> Config:
-    """The study's config with `diffusion.adapt.max_steps` = steps, in its own folder of links."""
+def length_study(study_dir: Path, work: Path, steps: int, overrides=()) -> Config:
+    """The study's config with `diffusion.adapt.max_steps` = steps (and `overrides`), in its own folder of links."""
     study_dir = Path(study_dir)
-    root = (out / "work" / f"steps-{steps}").resolve()
-    cfg = config_from_results(study_dir, [f"study.results_root={root}", f"diffusion.adapt.max_steps={max(steps, 1)}"])
+    root = (work / f"steps-{steps}").resolve()
+    cfg = config_from_results(study_dir, [*overrides, f"study.results_root={root}",
+                                          f"diffusion.adapt.max_steps={max(steps, 1)}"])
     dst = StudyPaths(cfg).root
     (dst / "models").mkdir(parents=True, exist_ok=True)
     for name in SHARED:
@@ -82,18 +84,24 @@ def length_study(study_dir: Path, out: Path, steps: int) -> Config:
 
 
 def adapt(cfg: Config, study_dir: Path, steps: int) -> float:
-    """Train (or resume) the length's adapted denoiser; the study's own when it has this length.
+    """Train (or resume) the length's adapted denoiser; the study's own when its settings are the study's.
     Returns the training's seconds as its log recorded them (0 when not adapted)."""
     if steps == 0:
         return 0.0
     own, mine = Path(study_dir) / "models" / ADAPTED, StudyPaths(cfg).model(ADAPTED)
-    study_steps = config_from_results(study_dir).diffusion.adapt.max_steps
-    if study_steps == steps and (own / "final").exists():
+    study = config_from_results(study_dir)
+    if study.diffusion == cfg.diffusion and (own / "final").exists():
         _link(own, mine)
-    else:
+    elif not _trained(mine, steps):
         train_task(cfg, "denoiser_adapted", adaptation="target_unlabeled", progress=True)
     log = pd.read_csv(mine / "log.csv")
     return float(log["elapsed_s"].iloc[-1])
+
+
+def _trained(folder: Path, steps: int) -> bool:
+    """A finished training of this length: its final weights and a log that reached the last step."""
+    log = folder / "log.csv"
+    return (folder / "final").exists() and log.exists() and int(pd.read_csv(log)["step"].max()) >= steps
 
 
 def _generation(cfg: Config, steps: int) -> Generation:
@@ -161,11 +169,14 @@ def summarize(table: pd.DataFrame, pooled: dict) -> list[dict]:
     return out
 
 
-def check_request(study_dir: Path, steps: list[int], draws: list[int] | None) -> tuple[Config, list[int]]:
-    """Every argument checked before any training: the study's decisions, lengths and draws."""
+def check_request(study_dir: Path, steps: list[int], draws: list[int] | None,
+                  overrides=()) -> tuple[Config, list[int]]:
+    """Every argument checked before any training: the study's decisions, lengths, draws and overrides."""
     if not (Path(study_dir) / "config.json").exists():
         raise ConfigError(f"{study_dir}: not a study folder (no config.json); run the study first")
-    cfg = config_from_results(study_dir)
+    if bad := [o for o in overrides if not o.startswith("diffusion.")]:
+        raise ConfigError(f"--set {bad[0]}: only diffusion.* settings (how the adaptation trains) may change")
+    cfg = config_from_results(study_dir, overrides)
     guidance(cfg), primary_fraction(cfg)  # a missing decision is an error here, not after an hour of training
     if any(s < 0 for s in steps) or len(set(steps)) != len(steps):
         raise ConfigError(f"--steps {steps}: lengths must be distinct and >= 0 (0 = not adapted)")
@@ -178,13 +189,17 @@ def check_request(study_dir: Path, steps: list[int], draws: list[int] | None) ->
     return cfg, draws
 
 
-def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: int, out: Path) -> pd.DataFrame:
-    cfg0, draws = check_request(study_dir, steps, draws)
-    dest = out / cfg0.study.name
+def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: int, out: Path,
+        overrides=(), name: str | None = None) -> pd.DataFrame:
+    """Measure every length; the results go to <out>/<name> (default: the study's name), the work to
+    <out>/work/<name>/."""
+    cfg0, draws = check_request(study_dir, steps, draws, overrides)
+    name = name or cfg0.study.name
+    dest = out / name
     dest.mkdir(parents=True, exist_ok=True)
     rows, pooled, shown = [], {}, {}
     for n in sorted(steps):
-        cfg = length_study(study_dir, out, n)
+        cfg = length_study(study_dir, out / "work" / name, n, overrides)
         t = time.time()
         seconds = adapt(cfg, study_dir, n)
         print(f"adaptation {n} steps: trained ({seconds:.0f} s in its log); judging ...", flush=True)
@@ -194,8 +209,10 @@ def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: in
         table = pd.DataFrame(rows)
         atomic_write_csv(table.drop(columns="kept_class_accuracy_per_class"), dest / "adaptation_length.csv")
     atomic_write_json(dest / "adaptation_length.json", {
-        "study": str(study_dir), "primary_fraction": primary_fraction(cfg0), "draws": draws,
+        "study": str(study_dir), "overrides": list(overrides), "primary_fraction": primary_fraction(cfg0), "draws": draws,
         "unguided_samples": unguided, "guidance": vars(guidance(cfg0)), "adapt": vars(cfg0.diffusion.adapt),
+        "objective": {k: getattr(cfg0.diffusion, k) for k in ("loss", "snr_gamma", "timestep_sampling", "lognormal_mean",
+                                                             "lognormal_std")},
         "target_images": len(split_images(cfg0, "target_train")),
         "per_length": summarize(table, pooled), "rows": rows})
     _figures(cfg0, pd.DataFrame(summarize(table, pooled)), shown, dest)
@@ -224,9 +241,12 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, nargs="+", default=None, help="label draws at the primary cell (default: first 3)")
     ap.add_argument("--unguided", type=int, default=256, help="unguided samples per length")
     ap.add_argument("--out", type=Path, default=Path("results/adaptation_length"))
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="diffusion.* settings every length trains with (e.g. the pre-trained model's own objective)")
+    ap.add_argument("--name", help="the measurement's folder under --out (default: the study's name)")
     args = ap.parse_args(argv)
     try:
-        run(args.study_dir, args.steps, args.draws, args.unguided, args.out)
+        run(args.study_dir, args.steps, args.draws, args.unguided, args.out, args.set, args.name)
     except HDLibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from ..io import atomic_write_json
 from ..models.pretrained import (
     check_compatible,
     check_init_vae,
+    check_objective,
     file_hashes,
     folder_sha256,
     verify,
@@ -239,6 +240,8 @@ def _check_before_compute(cfg) -> None:
     if cfg.pretrained.path:  # a wrong or mismatched pre-trained model fails here, not mid-study
         verify(cfg.pretrained.path, cfg.pretrained.sha256)
         check_compatible(cfg.pretrained.path, cfg.data.image_size)
+        if set(cfg.diffusion.adaptations) - {"none"}:  # it will be fine-tuned: with its own objective
+            check_objective(cfg.pretrained.path, cfg.diffusion)
     elif cfg.autoencoder.init_from:
         check_init_vae(cfg.autoencoder.init_from, cfg.data.image_size)
 
