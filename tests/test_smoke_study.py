@@ -356,3 +356,23 @@ def test_adaptation_length_pairs_its_lengths_and_leaves_the_study_alone(study, t
     for fig in ("adaptation_length", "adaptation_length_samples"):
         assert (tmp_path / cfg.study.name / f"{fig}.png").stat().st_size > 1000
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.slow
+def test_a_changed_objective_retrains_the_adapted_denoiser_and_the_same_one_is_reused(study, tmp_path):
+    """The Trainer keys a study model by its task key too (hdlib.study.task_keys): changing diffusion.loss used
+    to leave the adapted denoiser of the former loss in place, because its TrainConfig was unchanged."""
+    import shutil
+
+    from hdlib.study.train import train_task
+
+    cfg, overrides, _ = study
+    own = StudyPaths(cfg).model("denoiser_adapted_target_unlabeled")
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(own, same), shutil.copytree(own, other)
+    done = (same / "final" / "COMPLETE").stat().st_mtime_ns
+    train_task(cfg, "denoiser_adapted", adaptation="target_unlabeled", out_dir=same)
+    assert (same / "final" / "COMPLETE").stat().st_mtime_ns == done  # the same inputs: reused, not retrained
+    changed = load_config(SMOKE, [*overrides, f"diffusion.loss={'l2' if cfg.diffusion.loss == 'l1' else 'l1'}"])
+    result = train_task(changed, "denoiser_adapted", adaptation="target_unlabeled", out_dir=other)
+    assert result.resumed_from_step == 0 and (other / "final" / "COMPLETE").stat().st_mtime_ns != done

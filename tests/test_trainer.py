@@ -261,7 +261,7 @@ def test_from_settings_is_the_one_yaml_to_trainer_translation(tmp_path):
     assert list(tc.to_dict()) == [
         "out_dir", "max_steps", "global_batch_size", "micro_batch_size", "lr", "weight_decay", "betas", "warmup_steps",
         "lr_schedule", "cooldown_start", "cooldown_steps", "grad_clip", "ema_decay", "mixed_precision", "checkpointing_steps", "checkpoints_total_limit",
-        "log_every", "seed", "progress", "device", "max_memory_gb", "precision_may_change"]
+        "log_every", "seed", "progress", "device", "max_memory_gb", "precision_may_change", "task_key", "replace_stale"]
     moved = TrainConfig.from_settings(on, out_dir=tmp_path, seed=1, mixed_precision="bf16", progress=True,
                                       lr_schedule="cosine", log_every=1, max_steps=3, device="cpu", max_memory_gb=40)
     assert moved.trajectory_key() == tc.trajectory_key()  # where and in how many pieces it runs is not its trajectory
@@ -331,3 +331,34 @@ def test_a_cool_down_only_branches_a_constant_lr_run(tmp_path):
         toy_config(tmp_path, lr_schedule="cosine", cooldown_start=4, cooldown_steps=4).validate()
     # off, it leaves the key of runs made before cool-downs existed as it was
     assert "cooldown_start" not in toy_config(tmp_path).trajectory_key()
+
+
+def test_a_study_model_of_another_task_key_is_trained_anew_and_the_same_key_is_reused(tmp_path):
+    """A study task keys its run by what decides its weights besides TrainConfig (hdlib.study.task_keys):
+    a folder made with another key (another loss, other images, another starting model) is a stale cache
+    and is trained anew, one made before task keys existed too; the same key is reused at once. Without
+    replace_stale (a long run's checkpoints) another key is refused."""
+    _, first = _train(tmp_path, max_steps=4, ckpt_every=2, task_key="a", replace_stale=True)
+    calls = []
+
+    def counting_loss(model, batch, seeds):
+        calls.append(1)
+        return toy_loss()(model, batch, seeds)
+
+    def again(key, **kw):
+        return Trainer(toy_model(), counting_loss, toy_data(),
+                       toy_config(tmp_path, max_steps=4, ckpt_every=2, task_key=key, **kw)).train()
+
+    assert again("a", replace_stale=True).step == 4 and calls == []  # the same key: reused
+    with pytest.raises(ConfigError, match="task_key"):
+        (tmp_path / "final" / "COMPLETE").unlink()
+        again("b")
+    result = again("b", replace_stale=True)
+    assert len(calls) == 4 and result.resumed_from_step == 0 and [r[0] for r in _log(tmp_path)] == ["1", "2", "3", "4"]
+    before_keys = tmp_path / "old"
+    _train(before_keys, max_steps=4, ckpt_every=2)  # no task key: a run made before keys existed
+    calls.clear()
+    Trainer(toy_model(), counting_loss, toy_data(),
+            toy_config(before_keys, max_steps=4, ckpt_every=2, task_key="a", replace_stale=True)).train()
+    assert len(calls) == 4
+    assert "task_key" not in toy_config(tmp_path).trajectory_key()  # an unkeyed run keeps its old key

@@ -75,7 +75,7 @@ def cool_down(cfg: Config, start: int, steps: int) -> pd.DataFrame:
             if (start, steps, target) in done:
                 continue
             chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)
-            res = train_task(chunk, "denoiser_pretrained", out_dir=out, precision_may_change=True,
+            res = train_task(chunk, "denoiser_pretrained", out_dir=out, precision_may_change=True, keyed=False,
                              cooldown_start=start, cooldown_steps=steps)
             unet = build_denoiser(cfg)
             load_final(unet, out, ema=True)

@@ -41,7 +41,8 @@ def rescore_checkpoint(cfg: Config, checkpoint: Path) -> dict:
         with tempfile.TemporaryDirectory(prefix="hdlib-rescore-") as tmp:
             shutil.copytree(checkpoint, Path(tmp) / "checkpoints" / checkpoint.name)
             chunk = config_with(cfg, "diffusion.pretrain.max_steps", step)  # resumes at its end: exports the EMA
-            train_task(chunk, "denoiser_pretrained", out_dir=tmp, precision_may_change=True, progress=False)
+            train_task(chunk, "denoiser_pretrained", out_dir=tmp, precision_may_change=True, progress=False,
+                       keyed=False)
             unet = build_denoiser(cfg)
             load_final(unet, tmp, ema=True)
         imgs = sample_images(unet.eval().requires_grad_(False), noise_scheduler(cfg), vae, scale, p.eval_samples,

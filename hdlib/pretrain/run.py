@@ -78,7 +78,7 @@ def run_pretrain(cfg: Config, export: bool = True) -> dict:
             if target in done:
                 continue
             chunk = config_with(cfg, "diffusion.pretrain.max_steps", target)  # constant lr: the same trajectory, extended
-            res = train_task(chunk, "denoiser_pretrained", precision_may_change=True)  # it moves between machines
+            res = train_task(chunk, "denoiser_pretrained", precision_may_change=True, keyed=False)  # it moves between machines
             unet = load_denoiser(chunk, "denoiser_pretrained")
             imgs = sample_images(unet, sched, vae, scale, p.eval_samples, p.eval_inference_steps, device=device(cfg))
             q = scorer(imgs)

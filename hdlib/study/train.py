@@ -50,6 +50,7 @@ from .latent_models import (
 from .latents import latent_store
 from .pseudo_labels import confident_pseudo_labels
 from .splits import first_draw, fraction_indices, labeled_val_indices, split_images
+from .task_keys import task_key
 
 TASKS = ("autoencoder", "denoiser_pretrained", "denoiser_adapted", "denoiser_scratch", "denoiser_classifier_free",
          "latent_classifier")
@@ -67,6 +68,7 @@ class TaskSpec:
     select: Callable | None = None
     eval_every: int = 0
     plan: object = None
+    key: str = ""                      # hdlib.study.task_keys: what decides the weights besides `train`
 
 
 def _per_sample_uniform(seeds: torch.Tensor, salt: int) -> torch.Tensor:
@@ -231,7 +233,9 @@ def build_task(cfg: Config, task: str, fraction: float | None = None, adaptation
     # (an evaluation's DataLoader draws from the global RNG); the caller's RNG state is left as it was
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _task_spec(cfg, task, fraction, adaptation, draw, labeled, name, seed)
+        spec = _task_spec(cfg, task, fraction, adaptation, draw, labeled, name, seed)
+    spec.key = task_key(cfg, task, fraction, adaptation, draw, labeled)
+    return spec
 
 
 def _task_spec(cfg: Config, task: str, fraction, adaptation, draw, labeled: bool, name: str, seed: int) -> TaskSpec:
@@ -257,10 +261,12 @@ def _task_spec(cfg: Config, task: str, fraction, adaptation, draw, labeled: bool
 
 def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation: str | None = None,
                draw: int | None = None, progress: bool | None = None, out_dir: str | Path | None = None,
-               precision_may_change: bool = False, **train_overrides):
+               precision_may_change: bool = False, keyed: bool = True, **train_overrides):
     """Train one task in this process (resumes from its latest checkpoint). `out_dir` replaces
     the task's model folder (recipe sweeps train variants of one task side by side);
     `precision_may_change`: a resume may use another study.mixed_precision (TrainConfig);
+    `keyed`: the run is keyed by its task key too, and a folder made with another is trained anew
+    (False: the long pre-training run, keyed by its recipe and resumed from checkpoints made before task keys);
     `train_overrides`: other TrainConfig fields (a pre-training cool-down's cooldown_start/_steps)."""
 
     spec = build_task(cfg, task, fraction, adaptation, draw)
@@ -268,7 +274,8 @@ def train_task(cfg: Config, task: str, fraction: float | None = None, adaptation
                                    mixed_precision=cfg.study.mixed_precision, device=cfg.study.device,
                                    max_memory_gb=cfg.study.max_memory_gb,
                                    progress=cfg.study.progress if progress is None else progress,
-                                   precision_may_change=precision_may_change, **train_overrides)
+                                   precision_may_change=precision_may_change,
+                                   **({"task_key": spec.key, "replace_stale": True} if keyed else {}), **train_overrides)
     return Trainer(spec.model, spec.loss_fn, spec.dataset, tc, plan=spec.plan, evaluate=spec.evaluate,
                    eval_every=spec.eval_every, select=spec.select).train()
 

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 
 # Settings that do not change the trajectory: they may differ between a run and its resume.
 _NON_TRAJECTORY_FIELDS = ("out_dir", "progress", "log_every", "checkpointing_steps", "checkpoints_total_limit",
-                          "micro_batch_size", "device", "max_memory_gb", "precision_may_change")
+                          "micro_batch_size", "device", "max_memory_gb", "precision_may_change", "replace_stale")
 _LR_SCHEDULES = ("constant", "cosine")
 _PRECISIONS = ("no", "bf16", "fp16")
 
@@ -52,6 +52,12 @@ class TrainConfig:
     # a long run that moves between machines (pre-training): its resume may change mixed_precision (a CPU
     # without native bf16 runs fp32 instead); each change is logged in out_dir/precision_changes.csv
     precision_may_change: bool = False
+    # what decides the weights besides these settings (a study task's objective, images and starting weights;
+    # hdlib.study.task_keys); "" = none given (the key of a run made before task keys existed)
+    task_key: str = ""
+    # a folder whose checkpoints or final weights were made with other settings or inputs is a stale cache:
+    # train anew (a study's models) instead of stopping with an error (a long run's precious checkpoints)
+    replace_stale: bool = False
 
     @classmethod
     def from_settings(cls, settings: TrainingConfig, *, out_dir, seed: int, mixed_precision: str = "no",
@@ -130,6 +136,8 @@ class TrainConfig:
             d.pop("max_steps")
         if not self.cooldown_steps:  # off: the key of a run made before cool-downs existed
             d.pop("cooldown_start"), d.pop("cooldown_steps")
+        if not self.task_key:
+            d.pop("task_key")
         return d
 
     def continues(self, saved: TrainConfig, step: int, ignore: tuple = ()) -> list[str]:

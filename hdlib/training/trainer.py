@@ -225,6 +225,9 @@ class Trainer:
         saved = TrainConfig(**{**meta["config"], "betas": tuple(meta["config"]["betas"])})
         diff = self.config.continues(saved, meta["step"],
                                      ignore=("mixed_precision",) if self.config.precision_may_change else ())
+        if diff and self.config.replace_stale:
+            self._clear_stale(diff)
+            return 0
         if diff:
             raise ConfigError(f"{path}: checkpoint was made with other settings ({', '.join(diff)}); "
                               f"use another out_dir or delete {self.out_dir}")
@@ -236,6 +239,16 @@ class Trainer:
         if saved.mixed_precision != self.config.mixed_precision:
             self._record_precision_change(meta["step"], saved.mixed_precision)
         return self.step
+
+    def _clear_stale(self, diff: list[str]) -> None:
+        """Checkpoints and final weights of another run in this folder: a stale cache, removed before training anew."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            print(f"[train] {self.out_dir.name}: its checkpoints were made with other {', '.join(diff)}; training anew",
+                  flush=True)
+            for folder in (self.checkpoint_root, self.final_dir):
+                shutil.rmtree(folder, ignore_errors=True)
+        acc.wait_for_everyone()
 
     def _record_precision_change(self, step: int, before: str) -> None:
         """A resume in another precision (allowed with precision_may_change) is part of the run's history."""
