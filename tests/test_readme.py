@@ -108,3 +108,39 @@ def test_the_ablation_folders_the_readme_says_are_on_v4_were_made_with_the_shipp
     for name in ("ablations", "ablations_random", "ablations_diverse"):
         made = json.loads((REPO_ROOT / "results" / name / "config.json").read_text())["pretrained"]
         assert made["path"] == "models/demo-pool" and made["sha256"] == pin, name
+
+
+def test_the_limitations_numbers_are_read_back_from_what_they_describe():
+    """docs/limitations.md's figures come from the committed default study and the shipped model's card (its
+    '0% lymphocyte tiles' and 'MDD 3.1' once outlived the runs that measured them)."""
+    import json
+
+    text = (REPO_ROOT / "docs" / "limitations.md").read_text()
+    card = json.loads((REPO_ROOT / "models" / "demo-pool" / "card.json").read_text())
+    text = " ".join(text.split())  # lines wrap anywhere
+    lym = re.search(r"draws too few lymphocyte tiles\*\*: (\d+)% of its samples against (\d+)% of real tiles", text)
+    assert lym, "the lymphocyte line changed its form: update this test with it"
+    v = card["versions"]
+    assert (int(lym[1]), int(lym[2])) == (round(100 * v["models"]["this model"]["share_LYM"]),
+                                          round(100 * v["real_shares"]["LYM"]))
+    power = json.loads((REPO_ROOT / "results" / "default" / "metrics" / "05_downstream.json").read_text())["power"]
+    mdd = re.search(r"detect \(80% power\) only differences of about ([\d.]+) points", text)
+    seeds = re.search(r"1\.5 points would need about (\d+) seeds", text)
+    assert mdd and seeds, "the power line changed its form: update this test with it"
+    assert float(mdd[1]) == round(power["mdd_points"], 1) and power["n_seeds"] == 10
+    assert int(seeds[1]) == next(t["seeds"] for t in power["targets"] if t["mdd_points"] == 1.5)
+
+
+def test_the_readme_says_which_adaptation_objective_the_ablation_folders_were_made_with():
+    """The ablation folders say 'adapted with its former objective' exactly while their recorded objective
+    differs from params/ablations.yaml's (v4's own since the adaptation was found to train v4 with another)."""
+    import json
+
+    import yaml
+
+    said = "adapted with its former" in README.read_text()
+    params = yaml.safe_load((REPO_ROOT / "params" / "ablations.yaml").read_text())["diffusion"]
+    for name in ("ablations", "ablations_random", "ablations_diverse"):
+        made = json.loads((REPO_ROOT / "results" / name / "config.json").read_text())["diffusion"]
+        former = (made["loss"], made["timestep_sampling"]) != (params["loss"], params["timestep_sampling"])
+        assert former == said, name
