@@ -1,8 +1,6 @@
 """The adaptation-length measurement (hdlib.tools.adaptation_length): its arguments are checked before
 any training, its per-length summary pools draws by their image counts, and its figure draws every length."""
 
-import json
-
 import pandas as pd
 import pytest
 
@@ -63,19 +61,27 @@ def test_a_folder_that_is_no_study_fails_in_one_line_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_committed_measurement_is_what_the_docs_say():
-    """docs/pretrained.md quotes the committed measurement; each figure it gives is read back here."""
+def test_the_committed_measurements_are_what_the_docs_say():
+    """docs/pretrained.md's tables: per objective and length, the unguided distances' means over draws of the
+    committed rows; for v4's objective, the pooled figures of its summary."""
+    import json
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    path = root / "results" / "adaptation_length" / "default" / "adaptation_length.json"
-    if not path.exists():
-        pytest.skip("no committed adaptation-length measurement")
-    m = json.loads(path.read_text())
-    doc = (root / "docs" / "pretrained.md").read_text()
+    doc = (root / "docs" / "pretrained.md").read_text().splitlines()
+    for folder, label in (("objective-l1-uniform", "L1, uniform t"), ("objective-v4", "L2 on v, log-normal")):
+        rows = pd.read_csv(root / "results" / "adaptation_length" / folder / "adaptation_length.csv")
+        assert set(rows["adaptation_steps"]) >= {0, 300, 1000} and set(rows["draw"]) == set(range(10))
+        for steps, d in rows[rows["adaptation_steps"].isin([0, 300, 1000])].groupby("adaptation_steps"):
+            line = (f" | {steps:,} | {d.frechet_to_target_unguided.mean():.1f} | "
+                    f"{d.frechet_to_target_unguided_reference.mean():.1f} |")
+            assert any(row.startswith(f"| {label}") and row.endswith(line) for row in doc), (folder, steps)
+    m = json.loads((root / "results" / "adaptation_length" / "objective-v4" / "adaptation_length.json").read_text())
     for r in m["per_length"]:
-        assert f"| {r['adaptation_steps']:,} |" in doc
-        assert f"{r['frechet_to_target_unguided']:.1f}" in doc and f"{r['kept_class_accuracy']:.2f}" in doc
+        low = min(r["kept_class_accuracy_per_class"].items(), key=lambda kv: kv[1])
+        assert (f"| {r['adaptation_steps']:,} | {r['frechet_to_target_candidates']:.1f} | {r['kept']} | "
+                f"{r['kept_class_accuracy']:.3f} | {low[0]} {low[1]:.2f} | {r['candidate_class_accuracy']:.3f} |") in doc
+    assert m["guidance"]["interval"] == [400, 999] and m["guidance"]["scale"] == 3.0  # "scale 3 from t = 400"
 
 
 def test_a_length_already_trained_is_reused_not_retrained(tmp_path):

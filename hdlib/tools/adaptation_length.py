@@ -1,7 +1,7 @@
 """How long the target's unlabeled adaptation should train (the generator issue's item 5).
 
     python -m hdlib.tools.adaptation_length results/default --steps 0 300 1000 3000 [--draws 0 1 2]
-        [--unguided 256] [--out results/adaptation_length] [--set diffusion.loss=l2 ...] [--name NAME]
+        [--unguided 256] [--out results/adaptation_length] [--set diffusion.loss=l2 ...] [--name NAME] [--interval T_LOW T_HIGH]
 
 For each length the pre-trained denoiser is fine-tuned on the target's unlabeled training images
 (`target_unlabeled`: the study's `diffusion.adapt` with only `max_steps` replaced, and any `--set` diffusion
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config
+from ..config import Config, check_guidance_interval
 from ..data.streaming import load_into_memory
 from ..errors import ConfigError, HDLibError
 from ..evaluation import plots
@@ -52,6 +52,7 @@ from ..study.faithfulness import (
     target_rows,
 )
 from ..study.generation import Generation
+from ..study.latent_models import noise_scheduler
 from ..study.splits import draws_for, first_draw, split_images
 from ..study.synthetic_sets import _in_memory, quota_per_class, synthesize
 from ..study.train import train_task
@@ -104,10 +105,17 @@ def _trained(folder: Path, steps: int) -> bool:
     return (folder / "final").exists() and log.exists() and int(pd.read_csv(log)["step"].max()) >= steps
 
 
-def _generation(cfg: Config, steps: int) -> Generation:
+def judged_guidance(cfg: Config, interval: list[int] | None = None) -> dict:
+    """The guidance every length is judged with: stage 04's decision, or it with another guidance interval
+    (to repeat a measurement made while the study had decided another one)."""
     g = guidance(cfg)
-    return Generation(cfg, "none" if steps == 0 else "target_unlabeled", g.scale, sampler=(g.method, g.steps),
-                      guidance_interval=g.interval)
+    return {"scale": g.scale, "interval": list(g.interval if interval is None else interval), "method": g.method,
+            "steps": g.steps}
+
+
+def _generation(cfg: Config, steps: int, g: dict) -> Generation:
+    return Generation(cfg, "none" if steps == 0 else "target_unlabeled", g["scale"], sampler=(g["method"], g["steps"]),
+                      guidance_interval=g["interval"])
 
 
 def _features(cfg: Config, model, images) -> np.ndarray:
@@ -115,11 +123,11 @@ def _features(cfg: Config, model, images) -> np.ndarray:
 
 
 @torch.no_grad()
-def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int) -> tuple[list[dict], dict, dict]:
+def judge_length(cfg: Config, steps: int, draws: list[int], unguided: int, g: dict) -> tuple[list[dict], dict, dict]:
     """One row per draw (the length's measures), the class faithfulness pooled over the draws as stage 04
     pools it (hdlib.study.faithfulness.class_faithfulness: balanced over classes), and the images its
     figures show."""
-    gen, f0, reference = _generation(cfg, steps), primary_fraction(cfg), reference_classifier(cfg)
+    gen, f0, reference = _generation(cfg, steps, g), primary_fraction(cfg), reference_classifier(cfg)
     K = len(cfg.data.classes)
     labels = torch.arange(K).repeat(unguided // K + 1)[:unguided]  # an unguided sample ignores its label
     plain = gen.decode(gen.latents("pretrained", f0, labels, request_seeds(cfg, "adaptation_length_unguided", unguided),
@@ -190,10 +198,12 @@ def check_request(study_dir: Path, steps: list[int], draws: list[int] | None,
 
 
 def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: int, out: Path,
-        overrides=(), name: str | None = None) -> pd.DataFrame:
+        overrides=(), name: str | None = None, interval: list[int] | None = None) -> pd.DataFrame:
     """Measure every length; the results go to <out>/<name> (default: the study's name), the work to
     <out>/work/<name>/."""
     cfg0, draws = check_request(study_dir, steps, draws, overrides)
+    g = judged_guidance(cfg0, interval)
+    check_guidance_interval(g["interval"], int(noise_scheduler(cfg0).config.num_train_timesteps), "--interval")
     name = name or cfg0.study.name
     dest = out / name
     dest.mkdir(parents=True, exist_ok=True)
@@ -203,14 +213,14 @@ def run(study_dir: Path, steps: list[int], draws: list[int] | None, unguided: in
         t = time.time()
         seconds = adapt(cfg, study_dir, n)
         print(f"adaptation {n} steps: trained ({seconds:.0f} s in its log); judging ...", flush=True)
-        got, pooled[n], shown[n] = judge_length(cfg, n, draws, unguided)
+        got, pooled[n], shown[n] = judge_length(cfg, n, draws, unguided, g)
         rows += [{**r, "train_seconds": seconds} for r in got]
         print(f"adaptation {n} steps: done in {time.time() - t:.0f} s", flush=True)
         table = pd.DataFrame(rows)
         atomic_write_csv(table.drop(columns="kept_class_accuracy_per_class"), dest / "adaptation_length.csv")
     atomic_write_json(dest / "adaptation_length.json", {
         "study": str(study_dir), "overrides": list(overrides), "primary_fraction": primary_fraction(cfg0), "draws": draws,
-        "unguided_samples": unguided, "guidance": vars(guidance(cfg0)), "adapt": vars(cfg0.diffusion.adapt),
+        "unguided_samples": unguided, "guidance": g, "adapt": vars(cfg0.diffusion.adapt),
         "objective": {k: getattr(cfg0.diffusion, k) for k in ("loss", "snr_gamma", "timestep_sampling", "lognormal_mean",
                                                              "lognormal_std")},
         "target_images": len(split_images(cfg0, "target_train")),
@@ -244,9 +254,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="diffusion.* settings every length trains with (e.g. the pre-trained model's own objective)")
     ap.add_argument("--name", help="the measurement's folder under --out (default: the study's name)")
+    ap.add_argument("--interval", type=int, nargs="*", default=None, metavar="T",
+                    help="judge with this guidance interval (T_LOW T_HIGH, or none for every step) instead of stage 04's")
     args = ap.parse_args(argv)
     try:
-        run(args.study_dir, args.steps, args.draws, args.unguided, args.out, args.set, args.name)
+        run(args.study_dir, args.steps, args.draws, args.unguided, args.out, args.set, args.name, args.interval)
     except HDLibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
