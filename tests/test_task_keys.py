@@ -49,3 +49,17 @@ def test_new_starting_weights_or_images_change_the_keys_that_read_them(stubbed):
                                                               "latent_classifier_1"}
     stubbed["denoiser_pretrained"], stubbed["target_train"] = "unet", "other target images"
     assert all(v != base[k] for k, v in _keys().items())
+
+
+def test_the_schedule_part_of_a_key_is_the_same_in_every_process():
+    """diffusers' `_use_default_values` comes from a set, so its order follows the process's string hash
+    seed: a key that held it changed from one run to the next and retrained every model each time."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from hdlib.config import load_config; from hdlib.study.task_keys import schedule_settings; "
+            "print(json.dumps(schedule_settings(load_config('params/smoke.yaml')), sort_keys=True, default=str))")
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and "beta_start" in outs.pop()

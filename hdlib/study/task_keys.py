@@ -22,6 +22,12 @@ DENOISER_SETTINGS = ("block_out_channels", "layers_per_block", "attention_levels
                      "norm_num_groups", "loss", "snr_gamma", "timestep_sampling", "lognormal_mean", "lognormal_std")
 
 
+def schedule_settings(cfg: Config) -> dict:
+    """The forward process's settings, without diffusers' bookkeeping (`_use_default_values` is built from a
+    set: its order changes from one process to the next, and with it a key that held it)."""
+    return {k: v for k, v in noise_scheduler(cfg).config.items() if not k.startswith("_")}
+
+
 def _section(section, *skip) -> dict:
     return {k: v for k, v in vars(section).items() if k not in ("train", *skip)}
 
@@ -34,7 +40,7 @@ def task_key(cfg: Config, task: str, fraction: float | None, adaptation: str | N
         parts |= {"autoencoder": _section(cfg.autoencoder), "pool": manifest_hash(cfg, "pool"),
                   "init_from": model_files_hashes(cfg.autoencoder.init_from) if cfg.autoencoder.init_from else None}
     else:
-        parts |= {"latents_of": weights_key(cfg, "autoencoder"), "schedule": dict(noise_scheduler(cfg).config)}
+        parts |= {"latents_of": weights_key(cfg, "autoencoder"), "schedule": schedule_settings(cfg)}
         rows = (fraction, draw) if labeled else (None, None)
         parts["images"] = manifest_hash(cfg, "pool" if task == "denoiser_pretrained" else "target_train", *rows)
     if task == "latent_classifier":
