@@ -197,3 +197,34 @@ def test_the_real_only_cells_model_is_the_draws_baseline(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     classifiers.baseline_classifier(cfg, 0.05, 0)  # a smaller subset: not this model
     assert trained == [classifiers.real_only_seed(0)]
+
+
+def test_a_baseline_trained_outside_the_grid_uses_a_grid_cells_thread_count(tmp_path, monkeypatch):
+    """The draw's baseline classifier trains with the torch thread count of a downstream grid worker also
+    when a stage trains it (its real-only cell already done, e.g. committed): float sums follow the thread
+    count, so a fresh clone's stage 03 trained other baselines (2 threads) than the workers had (1), and its
+    filter and pseudo-labels moved. The process's own count is restored after."""
+    import torch
+
+    from hdlib.evaluation.downstream import build_classifier
+    from hdlib.parallel import grid
+    from hdlib.parallel.threads import torch_threads
+    from hdlib.study import classifiers
+
+    import dataclasses
+
+    cfg = _fake_study(tmp_path)
+    cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, workers=2))
+    monkeypatch.setattr(grid.os, "cpu_count", lambda: 6)  # 2 workers of 3 threads each
+    seen = []
+
+    def fit(*a, seed, **k):
+        seen.append(torch.get_num_threads())
+        return build_classifier(cfg.downstream.backbone, num_classes=3, seed=9), pd.DataFrame({"step": [1]})
+
+    monkeypatch.setattr(classifiers, "fit_image_classifier", fit)
+    monkeypatch.setattr(classifiers, "split_images", lambda *a: None)
+    with torch_threads(2):
+        classifiers.baseline_classifier(cfg, 0.1, 0)
+        assert torch.get_num_threads() == 2
+    assert seen == [3]

@@ -109,6 +109,12 @@ def worker_count(workers: int, devices: Sequence[str] | None) -> int:
     return min(workers, len(devices)) if devices else workers
 
 
+def worker_threads(workers: int) -> int | None:
+    """torch threads of each of `workers` grid workers (None: one worker, the process's own count).
+    Share the cores: oversubscribed OpenMP threads make every worker many times slower."""
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
 def _run_one(cell_fn: str, cell: dict, cid: str, out_dir: str, threads: int | None,
              context: dict | None = None) -> tuple[str, str | None]:
     """Run one cell and write its JSON. Returns (id, None) or (id, one-line error).
@@ -171,9 +177,8 @@ def run_grid(cells: list[dict], cell_fn: str, out_dir: str | Path, *, workers: i
     if workers < 1:
         raise HDLibError(f"run_grid: workers must be >= 1, got {workers}")
     workers = worker_count(workers, devices)
-    if workers > 1 and threads_per_worker is None:
-        # Share the cores: oversubscribed OpenMP threads make every worker many times slower.
-        threads_per_worker = max(1, (os.cpu_count() or 1) // workers)
+    if threads_per_worker is None:
+        threads_per_worker = worker_threads(workers)
     out_dir = Path(out_dir)
     ids = [cell_id(c, id_keys) for c in cells]
     unique = _unique_cells(ids, cells)

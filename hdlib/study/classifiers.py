@@ -17,9 +17,10 @@ from ..evaluation.downstream import (
     train_classifier,
 )
 from ..io import atomic_torch_save, atomic_write_csv, atomic_write_json
+from ..parallel.threads import torch_threads
 from ..paths import StudyPaths, model_name
 from ..sampling.filtering import FeatureFilter, calibrate_delta
-from .context import device
+from .context import device, grid_cell_threads
 from .splits import (
     fraction_indices,
     manifest_hash,
@@ -124,10 +125,13 @@ def baseline_classifier(cfg: Config, fraction: float, draw: int):
     idx = fraction_indices(cfg, fraction, draw)
     vx, vy, _ = validation_set(cfg, fraction, draw)
     key = _baseline_key(cfg, fraction, draw)
-    return _cached_classifier(cfg, model_name("baseline_classifier", fraction, draw=draw), ds.backbone,
-                              lambda: fit_image_classifier(
-                                  cfg, ds.backbone, ds.train, split_images(cfg, "target_train", idx),
-                                  split_labels(cfg, "target_train")[idx], vx, vy, seed=real_only_seed(draw)),
+
+    def fit():  # with a grid cell's thread count: the real-only cell may train this model first
+        with torch_threads(grid_cell_threads(cfg)):
+            return fit_image_classifier(cfg, ds.backbone, ds.train, split_images(cfg, "target_train", idx),
+                                        split_labels(cfg, "target_train")[idx], vx, vy, seed=real_only_seed(draw))
+
+    return _cached_classifier(cfg, model_name("baseline_classifier", fraction, draw=draw), ds.backbone, fit,
                               ds.train, key["data"], seed=key["seed"])
 
 

@@ -7,9 +7,12 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import Config, _build, parse_override, resolve_device, set_dotted
 from ..errors import HDLibError
 from ..io import atomic_write_json
+from ..parallel.grid import worker_count, worker_threads
 from ..paths import StudyPaths
 
 QUIET_ENV = "HDLIB_QUIET_NOTEBOOK"
@@ -76,3 +79,23 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise HDLibError(f"{path}: missing {what}; run the earlier stages first (python -m hdlib run ...)")
     return path
+
+
+def grid_devices(cfg: Config) -> list[str] | None:
+    """The GPUs the grid's workers share out (one each), when the study runs on CUDA: the visible ones,
+    or the one `study.device` names. None on the CPU."""
+    dev = device(cfg)
+    if not dev.startswith("cuda"):
+        return None
+    if ":" in dev:
+        return [dev.split(":", 1)[1]]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def grid_cell_threads(cfg: Config) -> int | None:
+    """torch threads a downstream grid cell trains with (None: the process's own count). A model a cell
+    may train first, or a stage outside the grid (the real-only baseline classifier), trains with this
+    count wherever it runs: float sums follow the thread count, so its weights would otherwise depend on
+    which ran first (a fresh clone, whose committed cells are reused, trained the baselines in the stage)."""
+    return worker_threads(worker_count(cfg.study.workers, grid_devices(cfg)))

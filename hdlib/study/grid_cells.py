@@ -13,14 +13,13 @@ import json
 import os
 
 import numpy as np
-import torch
 
 from ..config import Config
 from ..evaluation.downstream import evaluate
 from ..parallel.grid import cell_id, remove_other_results, run_grid, worker_count
 from ..paths import REPO_ROOT, StudyPaths
 from .classifiers import fit_image_classifier, real_only_seed, store_baseline
-from .context import config_from_results, device
+from .context import config_from_results, device, grid_devices
 from .splits import (
     draws_for,
     fraction_indices,
@@ -160,18 +159,6 @@ def select_synthetic_loss_weight(fit, lambdas, score):
             best = (model, lam, metrics)
         del model
     return (*best, accs)
-
-
-def grid_devices(cfg: Config) -> list[str] | None:
-    """The GPUs the grid's workers share out (one each), when the study runs on CUDA: the visible ones,
-    or the one `study.device` names. None on the CPU."""
-    dev = device(cfg)
-    if not dev.startswith("cuda"):
-        return None
-    if ":" in dev:
-        return [dev.split(":", 1)[1]]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def run_downstream_grid(cfg: Config, primary: float | None = None, training_sets=None):
