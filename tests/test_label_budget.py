@@ -228,3 +228,36 @@ def test_a_baseline_trained_outside_the_grid_uses_a_grid_cells_thread_count(tmp_
         classifiers.baseline_classifier(cfg, 0.1, 0)
         assert torch.get_num_threads() == 2
     assert seen == [3]
+
+
+def test_computing_the_pseudo_label_table_leaves_the_global_rng_as_a_cached_read_does(tmp_path, monkeypatch):
+    """The table is predicted once (a DataLoader, which draws its seed from the global RNG) and read from
+    disk after. The latent classifier's weights are drawn after it in one seeded block, so a fresh clone's
+    stage 03 (table not yet cached) trained other latent classifiers than a re-run (cached) did: its
+    guidance choice moved. Computing it must leave the RNG exactly as reading it does."""
+    import torch
+
+    from hdlib.evaluation.downstream import build_classifier
+
+    cfg = _fake_study(tmp_path)
+    n = len(LABELS)
+    images = torch.utils.data.TensorDataset(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.zeros(n, dtype=torch.long))
+    model = build_classifier("resnet10t", num_classes=3, seed=1)
+    folder = StudyPaths(cfg).model("baseline_classifier_f0.1_s0")
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights")
+    monkeypatch.setattr(pseudo_labels, "split_images", lambda cfg_, split, rows=None: torch.utils.data.Subset(
+        images, list(range(n)) if rows is None else list(rows)))
+    monkeypatch.setattr(pseudo_labels, "baseline_classifier", lambda *a: model)
+    monkeypatch.setattr(pseudo_labels, "device", lambda cfg_: "cpu")
+
+    def draw_after_table():
+        torch.manual_seed(0)
+        table = pseudo_labels.pseudo_label_table(cfg, 0.1, 0)
+        return table, torch.rand(3)
+
+    computed, after_computing = draw_after_table()
+    assert list(folder.glob("pseudo_labels-*.csv"))  # now cached
+    read, after_reading = draw_after_table()
+    assert torch.equal(after_computing, after_reading)
+    assert computed["train_index"].tolist() == read["train_index"].tolist()

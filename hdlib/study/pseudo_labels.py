@@ -42,7 +42,11 @@ def pseudo_label_table(cfg: Config, fraction: float, draw: int) -> pd.DataFrame:
         return pd.read_csv(path)
     if len(rows) == 0:  # every training image is labeled (e.g. the all-labels fraction): nothing to add
         return pd.DataFrame({"train_index": rows, "pred": rows, "confidence": np.zeros(0)})
-    probs, pred = predict(model, split_images(cfg, "target_train", rows), batch_size=128, device=device(cfg))
+    # the table is computed once and then read from disk, so computing it must leave the global RNG as it
+    # was (its DataLoader draws a seed): else a latent classifier built after it (hdlib.study.train.build_task)
+    # would start from other weights when the table was not cached yet than when it was
+    with torch.random.fork_rng(devices=[]):
+        probs, pred = predict(model, split_images(cfg, "target_train", rows), batch_size=128, device=device(cfg))
     table = pd.DataFrame({"train_index": rows, "pred": pred.numpy(),
                           "confidence": probs.max(1).values.numpy().astype(np.float64)})
     atomic_write_csv(table, path)
