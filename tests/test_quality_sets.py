@@ -37,7 +37,10 @@ def test_the_chain_reads_fid_from_the_shared_classes_when_the_filtered_set_lacks
     d6 = {"overall": [{"set": "histodiffusion_unfiltered", "fid": 9.0}],
           "overall_shared_classes": [{"set": "histodiffusion", "fid": 12.34}, {"set": "scratch", "fid": 20.0}],
           "shared_classes": ["A", "C"]}
-    assert _fid_rows(d6) == ["| FID, HistoDiffusion vs from-scratch (equal-size sets on the 2 classes every set "
-                             "holds) | 12.3 vs 20.0 | lower than from scratch |"]
-    d6["overall"].append({"set": "histodiffusion", "fid": 5.0})
-    assert "(equal-size sets) | 5.0 vs None" in _fid_rows(d6)[0]
+    assert _fid_rows(d6) == [("| FID, HistoDiffusion's kept images vs the other sets (equal-size sets on the 2 "
+                              "classes every set holds) | 12.3; from scratch 20.0 | below from scratch and the "
+                              "unfiltered candidates; real validation images are the floor |")]
+    d6["overall"] += [{"set": "histodiffusion", "fid": 5.0}, {"set": "real (val)", "fid": 1.5}]
+    row = _fid_rows(d6)[0]  # no from-scratch set (not in the grid): said so, never "vs None"
+    assert "(equal-size sets) | 5.0; from scratch not in this study's grid; unfiltered candidates 9.0; real " \
+           "validation images 1.5 |" in row and "None" not in row
