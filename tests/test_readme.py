@@ -178,3 +178,56 @@ def test_the_filter_choices_the_limitations_say_were_compared_kept_what_they_say
     differs = {name: {labels: any(other[k] != closest[k] for k in closest if k[0] == labels) for labels in (small, large)}
                for name, other in (("random", random), ("diverse", diverse))}
     assert differs == {"random": {small: True, large: True}, "diverse": {small: False, large: True}}, differs
+
+
+def test_the_two_replicates_the_limitations_compare_are_read_back_from_their_runs():
+    """'HistoDiffusion - real-only +X points (95% CI [lo, hi], Holm p P, N seeds)' for the committed run, and
+    the earlier machine's run at the commit the line names (read from git history; skipped without it)."""
+    import json
+    import subprocess
+
+    text = " ".join((REPO_ROOT / "docs" / "limitations.md").read_text().split())
+    now = re.search(r"HistoDiffusion - real-only \+([\d.]+) points \(95% CI \[([-\d.]+), ([-\d.]+)\], Holm p ([\d.]+), "
+                    r"(\d+) seeds\)", text)
+    then = re.search(r"gave \+([\d.]+) \(\[([-\d.]+), ([-\d.]+)\], Holm p ([\d.]+); its folder is in git at ([0-9a-f]{7})\)",
+                     text)
+    assert now and then, "the replicate line changed its form: update this test with it"
+
+    def said(m, vs_real: dict) -> None:
+        assert float(m[1]) == round(100 * vs_real["mean_diff"], 1)
+        assert (float(m[2]), float(m[3])) == (round(100 * vs_real["ci_low"], 1), round(100 * vs_real["ci_high"], 1))
+        assert float(m[4]) == float(f"{vs_real['p_holm']:.{len(m[4].split('.')[1])}f}")
+
+    committed = json.loads((REPO_ROOT / "results" / "default" / "metrics" / "05_downstream.json").read_text())
+    said(now, committed["vs_real"])
+    assert int(now[5]) == committed["vs_real"]["n"]
+    shown = subprocess.run(["git", "show", f"{then[5]}:results/default/metrics/05_downstream.json"], cwd=REPO_ROOT,
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip(f"git history without {then[5]} (a shallow clone?)")
+    said(then, json.loads(shown.stdout)["vs_real"])
+
+
+def test_the_default_studys_stage_times_in_the_docs_are_its_timings():
+    """docs/stages.md's table of the default study's stage seconds, their total and its peak RSS are read back
+    from results/default/stages (they once quoted a run the folder no longer held)."""
+    import json
+
+    text = (REPO_ROOT / "docs" / "stages.md").read_text()
+    stages = REPO_ROOT / "results" / "default" / "stages"
+    timings = json.loads((stages / "timings.json").read_text())
+    peak = max(json.loads((stages / "peak_memory_mb.json").read_text()).values())
+    header = re.search(r"\| stage \|((?: \d\d \|)+)\n\|[-|]+\|\n\| seconds \|((?: [\d,]+ \|)+)", text)
+    total = re.search(r"([\d,]+) s for stages 00-(\d\d)", text)
+    rss = re.search(r"Peak RSS ([\d,]+) MB", text)
+    assert header and total and rss, "the timing table changed its form: update this test with it"
+    said = dict(zip(header[1].split("|")[:-1], header[2].split("|")[:-1]))
+    by_number = {k[:2]: v for k, v in timings.items()}
+    def whole(x: float) -> int:  # half up, as the docs round (982.5 s is 983)
+        return int(x + 0.5)
+
+    for number, seconds in said.items():
+        assert int(seconds.strip().replace(",", "")) == whole(by_number[number.strip()]), number
+    covered = [v for k, v in by_number.items() if k <= total[2]]
+    assert int(total[1].replace(",", "")) == whole(sum(covered))
+    assert int(rss[1].replace(",", "")) == whole(peak)
