@@ -153,7 +153,8 @@ def run_row(spec: dict) -> dict:
     dev_type = device.split(":")[0]
     is_cuda = dev_type == "cuda"
     if is_cuda:
-        torch.cuda.set_device(torch.device(device))
+        # set_device needs an index: plain "cuda" (the default) is device 0 (it raised on the first H200 run)
+        torch.cuda.set_device(torch.device(device).index or 0)
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     cfg = load_config(PARAMS)
     S = cfg.data.image_size

@@ -10,6 +10,7 @@ from hdlib.training.memory_plan import (
     StepMemory,
     budget_gb,
     plan_micro_batch,
+    probe_sizes,
     probe_train_step,
 )
 
@@ -55,3 +56,30 @@ def test_probe_measures_per_image_memory_and_restores_the_model():
     assert torch.equal(model[0].weight.grad, torch.ones(4, 4)) and model[0].bias.grad is None
     assert torch.equal(torch.get_rng_state(), rng)
     assert plan_micro_batch(64, mem, 24) == max(d for d in (1, 2, 4, 8, 16, 32, 64) if 3 + 0.5 * d <= 24 * HEADROOM)
+
+
+def _smoke_downstream_probe(sizes):
+    """Probe the smoke study's downstream ResNet (32 px tiles: layer4's map is 1x1) with a fake meter."""
+    from hdlib.evaluation.downstream import build_classifier
+
+    model = build_classifier("resnet10t", 9, image_size=32).train()
+
+    def step_fn(n):
+        images = torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8)
+        return torch.nn.functional.cross_entropy(model(images), torch.arange(n) % 9)
+    return model, probe_train_step(model, step_fn, reset_peak=lambda: None, peak_bytes=lambda: 0, sizes=sizes)
+
+
+def test_a_batch_norm_network_is_probed_and_planned_at_two_images_or_more():
+    """The first GPU run of the smoke study failed at stage 03: the Trainer's memory plan stepped the
+    downstream ResNet on one image, and BatchNorm on a 1x1 map raises. Such a network is probed at 2 and
+    4 images and never planned below 2; a network without BatchNorm still at 1 and 2."""
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        _smoke_downstream_probe((1, 2))  # what the plan did before
+    model, mem = _smoke_downstream_probe(sizes=(2, 4))
+    assert mem.per_image_gb == 0 and probe_sizes(model, 16) == (2, 4) and probe_sizes(model, 3) is None
+    assert probe_sizes(torch.nn.Linear(2, 2), 16) == (1, 2) and probe_sizes(torch.nn.Linear(2, 2), 1) is None
+    step = StepMemory(fixed_gb=2.0, per_image_gb=10.0)   # 24 GB x 0.85 - 2 = 18.4: one image fits, two do not
+    assert plan_micro_batch(64, step, 24) == 1
+    with pytest.raises(ConfigError, match="a micro-batch of 2 images .BatchNorm needs 2. needs 22.0 GB"):
+        plan_micro_batch(64, step, 24, what="downstream", min_micro=2)

@@ -3,7 +3,7 @@ budget and what one image costs, measured on the device itself.
 
 A training step needs memory that does not grow with the batch (weights, gradients, optimizer
 state, EMA) and activation memory per image. `probe_train_step` runs one forward and backward at
-micro-batches of 1 and 2 images, reading the device's peak-allocation counter, and leaves weights,
+two micro-batch sizes (`probe_sizes`: 1 and 2 images, or 2 and 4 for a network with BatchNorm), reading the device's peak-allocation counter, and leaves weights,
 buffers, gradients and random-number state as it found them; `plan_micro_batch` then takes the
 largest micro-batch that divides the per-process batch and fits `HEADROOM` of the budget. The
 budget is `study.max_memory_gb`, or the device's own memory when that is 0. docs/hardware.md lists
@@ -35,12 +35,30 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def plan_micro_batch(per_process_batch: int, step: StepMemory, budget_gb: float, what: str = "training") -> int:
-    """The largest divisor of the per-process batch whose step fits HEADROOM x budget; a one-line
-    ConfigError when not even one image fits."""
+def has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def probe_sizes(model: torch.nn.Module, per_process_batch: int) -> tuple[int, int] | None:
+    """The two micro-batch sizes to probe, or None when the batch is too small to plan. A network with
+    BatchNorm is never stepped on one image: its statistics need two, and a 1x1 feature map fails outright
+    (the smoke study's ResNet on a GPU did at 1 image)."""
+    smallest = 2 if has_batch_norm(model) else 1
+    return (smallest, 2 * smallest) if per_process_batch >= 2 * smallest else None
+
+
+def plan_micro_batch(per_process_batch: int, step: StepMemory, budget_gb: float, what: str = "training",
+                     min_micro: int = 1) -> int:
+    """The largest divisor (at least `min_micro`: 2 for BatchNorm) of the per-process batch whose step
+    fits HEADROOM x budget; a one-line ConfigError when none does."""
     usable = HEADROOM * budget_gb - step.fixed_gb
-    fits = [d for d in divisors(per_process_batch) if d * step.per_image_gb <= usable]
+    fits = [d for d in divisors(per_process_batch) if d >= min_micro and d * step.per_image_gb <= usable]
     if not fits:
+        if min_micro > 1:
+            raise ConfigError(f"{what}: a micro-batch of {min_micro} images (BatchNorm needs {min_micro}) needs "
+                              f"{step.fixed_gb + min_micro * step.per_image_gb:.1f} GB but the budget is "
+                              f"{budget_gb:g} GB (x {HEADROOM} usable; study.max_memory_gb); use a larger device or a "
+                              "smaller model")
         raise ConfigError(f"{what}: one image needs {step.fixed_gb + step.per_image_gb:.1f} GB but the budget is "
                           f"{budget_gb:g} GB (x {HEADROOM} usable; study.max_memory_gb); use a larger device or a "
                           "smaller model")

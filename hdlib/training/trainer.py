@@ -43,7 +43,13 @@ from ..errors import ConfigError, DataError, HDLibError
 from ..io import atomic_write_json, atomic_write_text
 from ..parallel.progress import Progress as ProgressReport
 from .batching import BatchPlan
-from .memory_plan import budget_gb, cuda_peak_meter, plan_micro_batch, probe_train_step
+from .memory_plan import (
+    budget_gb,
+    cuda_peak_meter,
+    plan_micro_batch,
+    probe_sizes,
+    probe_train_step,
+)
 from .runtime import LossModule, Progress, make_accelerator
 from .settings import TrainConfig, TrainResult, lr_scheduler
 from .weights import save_weights
@@ -352,17 +358,19 @@ class Trainer:
 
     # -- memory plan ------------------------------------------------------------------
     def plan_memory(self, step: int) -> int:
-        """On a GPU without a configured micro-batch: measure this run's step at 1 and 2 images and take
-        the largest micro-batch that divides the per-process batch and fits the budget
-        (hdlib.training.memory_plan). Every process takes the smallest of all their plans. Returns the micro-batch."""
+        """On a GPU without a configured micro-batch: measure this run's step at two sizes (1 and 2 images;
+        2 and 4 with BatchNorm) and take the largest micro-batch that divides the per-process batch and fits
+        the budget (hdlib.training.memory_plan). Every process takes the smallest of all their plans.
+        Returns the micro-batch."""
         acc = self.accelerator
         budget = budget_gb(self.config.max_memory_gb, acc.device)
-        if self._memory_planned or budget is None or acc.device.type != "cuda" or self.per_process_batch < 2:
+        sizes = probe_sizes(self._unwrapped, self.per_process_batch)
+        if self._memory_planned or budget is None or acc.device.type != "cuda" or sizes is None:
             self._memory_planned = True
             return self.micro_batch_size
         idx, seeds = self.plan(step)
         lo = acc.process_index * self.per_process_batch
-        idx, seeds = idx[lo:lo + 2], seeds[lo:lo + 2]
+        idx, seeds = idx[lo:lo + sizes[1]], seeds[lo:lo + sizes[1]]
         if hasattr(self.dataset, "batches"):
             from accelerate.utils import send_to_device
 
@@ -373,8 +381,10 @@ class Trainer:
             (lambda n: {k: v[:n] for k, v in rows.items()}) if isinstance(rows, dict) else (lambda n: rows[:n])
         reset, peak = cuda_peak_meter(acc.device)
         with acc.no_sync(self.loss_module):
-            step_mem = probe_train_step(self._unwrapped, lambda n: self.loss_module(take(n), seeds[:n]), reset, peak)
-        micro = plan_micro_batch(self.per_process_batch, step_mem, budget, what=str(self.out_dir.name))
+            step_mem = probe_train_step(self._unwrapped, lambda n: self.loss_module(take(n), seeds[:n]), reset, peak,
+                                        sizes=sizes)
+        micro = plan_micro_batch(self.per_process_batch, step_mem, budget, what=str(self.out_dir.name),
+                                 min_micro=sizes[0])
         micro = int(acc.gather(torch.tensor([micro], device=acc.device)).min())
         self.micro_batch_size, self.accumulation_steps = micro, self.per_process_batch // micro
         self.memory_plan = {"budget_gb": budget, "fixed_gb": step_mem.fixed_gb, "per_image_gb": step_mem.per_image_gb,
