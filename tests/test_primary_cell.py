@@ -226,3 +226,27 @@ def test_the_combined_arm_adds_the_rivals_images_and_the_kept_synthetic_ones(mon
     assert len(x) == 4 and y.tolist() == [1, 0, 0, 1]  # the rival's two, then one kept image per class
     assert [int(x[i][0][0, 0, 0]) for i in range(4)] == [7, 7, 9, 9] and key
     assert training_set_generator("histodiffusion+pseudo_label") == "histodiffusion"
+
+
+def test_the_verdict_needs_the_holm_corrected_p_as_well_as_the_ci():
+    """The ablations' regenerated run: HistoDiffusion - real-only +3.5 points, 95% CI [0.8, 6.3] (3 seeds), Holm
+    p 0.062 across the pre-declared comparisons. The CI alone said 'beats real-only'; corrected, it is not a
+    reliable difference, and the sentence says why. Every code has a sentence in the report."""
+    from hdlib.stages.downstream import headline_verdict
+    from hdlib.stages.report import VERDICTS
+
+    def c(lo, hi, p_holm):
+        return {"ci_low": lo, "ci_high": hi, "t_pvalue": p_holm / 2, "p_holm": p_holm}
+
+    rival = c(-0.25, 0.006, 0.062)
+    assert headline_verdict(c(0.008, 0.063, 0.062), rival) == "not_significant_after_holm"
+    assert headline_verdict(c(0.017, 0.055, 0.006), rival) == "beats_real_only"  # the default study's
+    assert headline_verdict(c(0.017, 0.055, 0.006), c(0.01, 0.02, 0.01)) == "beats_both"
+    assert headline_verdict(c(0.017, 0.055, 0.006), c(0.01, 0.02, 0.07)) == "beats_real_only"
+    assert headline_verdict(c(-0.05, -0.01, 0.01), rival) == "worse_than_real_only"
+    assert headline_verdict(c(-0.05, -0.01, 0.2), rival) == "not_significant_after_holm"
+    assert headline_verdict(c(-0.01, 0.05, 0.3), rival) == "no_detectable_gain"
+    assert headline_verdict(None, None) == "no_detectable_gain"
+    codes = {"beats_both", "beats_real_only", "worse_than_real_only", "not_significant_after_holm", "no_detectable_gain"}
+    assert set(VERDICTS) == codes
+    assert "Holm" in VERDICTS["not_significant_after_holm"] and "excludes zero" in VERDICTS["not_significant_after_holm"]

@@ -77,11 +77,16 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
     return df[[c for c in cols if c in df]]
 
 
-VERDICTS = {  # stage 05's computed verdict -> its sentence
-    "beats_both": "HistoDiffusion beats both real-only and the pseudo-label rival: both paired 95% CIs lie above zero.",
-    "beats_real_only": ("HistoDiffusion beats real-only (paired 95% CI above zero) but not the pseudo-label rival, "
-                        "which uses the same unlabeled images without generation."),
-    "worse_than_real_only": "HistoDiffusion is worse than real-only here: the paired 95% CI lies below zero.",
+VERDICTS = {  # stage 05's computed verdict (stages.downstream.headline_verdict) -> its sentence
+    "beats_both": ("HistoDiffusion beats both real-only and the pseudo-label rival: both paired 95% CIs lie above "
+                   "zero and both Holm-corrected p are below 0.05."),
+    "beats_real_only": ("HistoDiffusion beats real-only (paired 95% CI above zero, Holm-corrected p below 0.05) but "
+                        "not the pseudo-label rival, which uses the same unlabeled images without generation."),
+    "worse_than_real_only": ("HistoDiffusion is worse than real-only here: the paired 95% CI lies below zero and the "
+                             "Holm-corrected p is below 0.05."),
+    "not_significant_after_holm": ("This run shows no reliable difference between HistoDiffusion and real-only: the "
+                                   "paired 95% CI excludes zero, but corrected for the pre-declared comparisons "
+                                   "(Holm) p is not below 0.05."),
     "no_detectable_gain": ("This run shows no reliable gain of HistoDiffusion over real-only: the paired 95% CI "
                            "includes zero."),
 }
