@@ -22,6 +22,7 @@ import yaml
 
 from .config import load_config, resolve_device
 from .errors import one_line_errors
+from .pretrain import add_pretrain_parser
 from .pretrain import main as pretrain_main
 from .study.context import config_from_results, launched_rank
 from .study.latents import encode_shard
@@ -92,15 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--no-filter", action="store_true", help="keep the first N candidates per class unfiltered")
     au.add_argument("--device", default="auto")
 
-    pre = sub.add_parser("pretrain", help="train the autoencoder and unconditional LDM on the pool (resumable)")
-    pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
-    pre.add_argument("overrides", nargs="*")
-    pre.add_argument("--compare", metavar="PARAMS", help="also pre-train this recipe and compare (model card)")
-    pre.add_argument("--sweep", action="store_true",
-                     help="only run the recipe sweep (pretrain.recipe_sweep, short runs on the same latents)")
-    pre.add_argument("--assess", metavar="PARAMS",
-                     help="no training: judge the exported model (pretrain.export_dir) and this baseline recipe with "
-                          "the provenance-trained judge, and add the result to the model card")
+    add_pretrain_parser(sub)
 
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("params")
@@ -160,7 +153,8 @@ def main(argv=None) -> int:
                               filtered=not args.no_filter, device=resolve_device(args.device), as_study=args.as_study))
     elif args.command == "pretrain":
 
-        return pretrain_main(args.params, overrides, compare=args.compare, sweep=args.sweep, assess=args.assess)
+        return pretrain_main(args.params, overrides, compare=args.compare, sweep=args.sweep, assess=args.assess,
+                             curve=args.curve)
     elif args.command == "readme":
 
         path = readme_path()

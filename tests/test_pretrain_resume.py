@@ -44,6 +44,7 @@ def test_a_fresh_clone_resumes_from_the_committed_checkpoint(tmp_path):
     mirrored = keep_committed_checkpoint(first)
     assert mirrored.name == "step-00000500"
     assert [p.name for p in (tmp_path / "committed" / "checkpoint").iterdir()] == ["step-00000500"]
+    assert (tmp_path / "committed" / "curve.png").exists()  # the curve is redrawn beside it
 
     second = _run(tmp_path, "machine_b")  # the same recipe in an empty folder
     assert seed_from_committed_checkpoint(second) == 500

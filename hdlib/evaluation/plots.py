@@ -360,6 +360,79 @@ def pretrain_curves(log: pd.DataFrame, evals: pd.DataFrame, smooth: int = 20,
     return fig
 
 
+def pretrain_run_curve(trunk: pd.DataFrame, branches: pd.DataFrame | None = None,
+                       real_shares: dict[str, float] | None = None, shipped: tuple[int, int] | None = None,
+                       tissue_classes: list[str] | None = None, title: str = ""):
+    """The long pre-training run as the provenance-trained judge saw it. `trunk`: one row per judged step of
+    the constant-lr run (step, fid, precision, recall, mixture_tv, tissue_mixture_tv, share_<group>);
+    `branches`: the cool-down branches' rows (from_step, cooldown_steps, step, same columns), each drawn
+    from the trunk step it left; `shipped` (from_step, steps) marks the branch that was exported.
+    Panels: FID; precision and recall; mixture TV; the tissue classes' shares per judged step beside the
+    real held-out tiles' (`real_shares`)."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.2))
+    tr = trunk.sort_values("step")
+    br = branches if branches is not None else pd.DataFrame()
+    _run_series(axes[0, 0], tr, br, (("fid", "FID", "o"),), "FID (lower is better)", shipped)
+    _run_series(axes[0, 1], tr, br, (("precision", "precision", "o"), ("recall", "recall", "s")),
+                "share (higher is better)", shipped)
+    _run_series(axes[1, 0], tr, br, (("mixture_tv", "mixture TV (class x style)", "o"),
+                                     ("tissue_mixture_tv", "tissue-class TV", "s")), "total variation (lower is better)", shipped)
+    if not br.empty:
+        axes[0, 0].set_title("dotted: cool-down branches (lr to 0), * the shipped one", fontsize=9)
+    axes[0, 1].set_ylim(0, 1.02)
+    ends = br.sort_values("step").groupby(["from_step", "cooldown_steps"]).tail(1) if not br.empty else br
+    _shares_by_step(axes[1, 1], tr, ends, real_shares,
+                    tissue_classes or sorted(c[len("share_"):] for c in tr.columns if c.startswith("share_")))
+    fig.suptitle(title or "The long pre-training run, by the provenance-trained judge", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _run_series(ax, tr: pd.DataFrame, br: pd.DataFrame, series, ylabel: str, shipped) -> None:
+    """One panel of the run's curve: each (column, label, marker) along the trunk, and each cool-down
+    branch dotted from the trunk step it left through its own rows."""
+    for i, (col, label, marker) in enumerate(series):
+        if col not in tr:
+            continue
+        color = f"C{i}"
+        ax.plot(tr["step"], tr[col], marker=marker, color=color, label=f"{label}, constant lr")
+        if "judge" in tr and (tr["judge"] != tr["judge"].iloc[-1]).any():  # rows of a judge since replaced
+            old = tr[tr["judge"] != tr["judge"].iloc[-1]]
+            ax.scatter(old["step"], old[col], marker=marker, s=60, facecolors="w", edgecolors=color, zorder=3,
+                       label="scored by an earlier judge" if i == len(series) - 1 else None)
+        for (start, steps), b in (br.groupby(["from_step", "cooldown_steps"]) if not br.empty else ()):
+            b = b.sort_values("step")
+            at = tr.loc[tr["step"] == start, col]
+            ax.plot([start] * len(at) + list(b["step"]), list(at.iloc[:1]) + list(b[col]), ls=":", marker=".", color=color)
+            end = b.iloc[-1]
+            is_shipped = shipped is not None and (int(start), int(steps)) == tuple(shipped)
+            ax.scatter([end["step"]], [end[col]], marker="*" if is_shipped else "D", s=140 if is_shipped else 40,
+                       color=color, edgecolors="k", zorder=3)
+            if is_shipped and i == 0:
+                ax.annotate("shipped", (end["step"], end[col]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xlabel("step"), ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _shares_by_step(ax, tr: pd.DataFrame, ends: pd.DataFrame, real_shares, groups: list[str]) -> None:
+    """Stacked bars of the tissue classes' shares: the real tiles', each judged trunk step's, each branch's end."""
+    bars = {"real": real_shares} if real_shares else {}
+    bars.update({f"{int(r['step'])}": {g: r.get(f"share_{g}", np.nan) for g in groups} for _, r in tr.iterrows()})
+    bars.update({f"{int(b['from_step'])}+{int(b['cooldown_steps'])}": {g: b.get(f"share_{g}", np.nan) for g in groups}
+                 for _, b in ends.iterrows()})
+    left = np.zeros(len(bars))
+    for j, g in enumerate(groups):
+        vals = np.nan_to_num(np.array([float(b.get(g, np.nan)) for b in bars.values()]))
+        ax.barh(list(bars), vals, left=left, color=plt.cm.tab10(j % 10), label=g)
+        left += vals
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the judged tiles (the rest: real sources)"), ax.set_ylabel("step (from+steps: a cool-down)")
+    ax.set_title("tissue classes the judge calls", fontsize=9)
+    if groups:
+        ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
 def mixture_bars(groups: list[str], shares: dict[str, list[float]], title: str = ""):
     """Grouped bars: the share of each group (tissue class or source) in each set; the first set is
     the reference, drawn in grey."""

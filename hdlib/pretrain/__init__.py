@@ -14,6 +14,8 @@ One idea per module:
     samples    the samples every judge judges, the held-out reference, the final model's quality
     recipe     what makes a run (a folder holds one), copies of a frozen config with one setting changed
     run        the pre-training run, the autoencoder tracked while it trains
+    resume     the run's committed checkpoint and curves (it outlives a machine)
+    curve      the committed run's curve, drawn
     export     the diffusers folder with its card; rewriting an exported card
     compare    against the in-study pre-training and other runs, by the untrained judge
     sweep      the recipe sweep
@@ -25,7 +27,7 @@ One idea per module:
 
 from .assess import assess_into_card, assess_with_pool_judge
 from .card import model_card_text
-from .cli import main
+from .cli import add_pretrain_parser, main
 from .compare import compare_pretraining, parse_other_run
 from .export import (
                      export_study_pretrained,
@@ -47,7 +49,7 @@ from .samples import final_quality, holdout_images, sample_images
 from .sweep import parse_recipe_variant, recipe_sweep
 from .verdicts import card_verdicts
 
-__all__ = ["RUN_KEY", "RandomResNetJudge", "assess_into_card", "assess_with_pool_judge", "autoencoder_ceiling",
+__all__ = ["RUN_KEY", "RandomResNetJudge", "add_pretrain_parser", "assess_into_card", "assess_with_pool_judge", "autoencoder_ceiling",
            "card_verdicts", "check_run_recipe", "compare_pretraining", "config_with", "export_study_pretrained",
            "final_quality", "holdout_images", "judge_sensitivity", "main", "matched_size_fid", "model_card_text",
            "parse_other_run", "parse_recipe_variant", "pool_judge", "pool_quality", "previous_version_of",

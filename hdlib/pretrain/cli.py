@@ -1,4 +1,4 @@
-"""`python -m hdlib pretrain PARAMS [key=value ...] [--compare P | --assess P | --sweep]`."""
+"""`python -m hdlib pretrain PARAMS [key=value ...] [--compare P | --assess P | --sweep | --curve]`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,26 @@ from ..paths import StudyPaths
 from ..study.preparation import prepare_data
 from .assess import assess_into_card
 from .compare import compare_pretraining, parse_other_run
+from .curve import write_run_curve
 from .export import export_study_pretrained
 from .recipe import config_with
 from .run import run_pretrain
 from .sweep import recipe_sweep
+
+
+def add_pretrain_parser(sub) -> None:
+    """The `pretrain` subcommand's arguments (on the `hdlib` command line's subparsers)."""
+    pre = sub.add_parser("pretrain", help="train the autoencoder and unconditional LDM on the pool (resumable)")
+    pre.add_argument("params", help="parameter file, e.g. params/pretrain_demo.yaml")
+    pre.add_argument("overrides", nargs="*")
+    pre.add_argument("--compare", metavar="PARAMS", help="also pre-train this recipe and compare (model card)")
+    pre.add_argument("--sweep", action="store_true",
+                     help="only run the recipe sweep (pretrain.recipe_sweep, short runs on the same latents)")
+    pre.add_argument("--assess", metavar="PARAMS",
+                     help="no training: judge the exported model (pretrain.export_dir) and this baseline recipe with "
+                          "the provenance-trained judge, and add the result to the model card")
+    pre.add_argument("--curve", action="store_true",
+                     help="no training: redraw the committed run's curve (pretrain.committed_run/curve.png)")
 
 
 def baseline_config(path: str, overrides=(), seed: int | None = None) -> Config:
@@ -28,16 +44,24 @@ def baseline_config(path: str, overrides=(), seed: int | None = None) -> Config:
 
 
 def main(params: str, overrides=(), compare: str | None = None, sweep: bool = False,
-         assess: str | None = None) -> int:
+         assess: str | None = None, curve: bool = False) -> int:
     """Pre-train (resumable); with `compare`, also pre-train that params file's recipe and
     put the before/after comparison, by both judges, into the exported model card. With `sweep`,
     only run the recipe sweep (its table goes into the card of the next export). With `assess`,
     train nothing of this recipe: judge the already exported model against that baseline recipe
-    with the provenance-trained judge and add the result to its card."""
+    with the provenance-trained judge and add the result to its card. With `curve`, only redraw the
+    committed run's curve from its metrics."""
     if sweep:
         print(recipe_sweep(params, overrides).to_string(index=False))
         return 0
     cfg = load_config(params, list(overrides))
+    if curve:
+        if not cfg.pretrain.committed_run:
+            raise ConfigError("pretrain --curve: pretrain.committed_run is empty (the run whose curve to draw)")
+        card = f"{cfg.pretrain.export_dir}/card.json" if cfg.pretrain.export_dir else None
+        print(write_run_curve(cfg.pretrain.committed_run, card) or
+              f"{cfg.pretrain.committed_run}: no judged step yet")
+        return 0
     if assess:
         if not cfg.pretrain.export_dir:
             raise ConfigError("pretrain --assess: pretrain.export_dir is empty (the exported model to judge)")

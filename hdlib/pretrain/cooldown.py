@@ -31,6 +31,7 @@ from ..study.train import train_task
 from ..training.weights import load_final
 from .judges import judge_id
 from .recipe import COOLDOWN_CURVE, branch_name, check_run_recipe, config_with
+from .curve import write_run_curve
 from .resume import _copy_file, complete_checkpoints, seed_from_committed_checkpoint
 from .run import check_pretrain_source, encoded_pool
 from .samples import sample_images
@@ -88,6 +89,7 @@ def cool_down(cfg: Config, start: int, steps: int) -> pd.DataFrame:
             atomic_write_csv(pd.DataFrame(rows), path)
             if p.committed_run:
                 _copy_file(path, Path(p.committed_run) / "metrics" / CURVE)  # committed: the branch's curve survives
+                write_run_curve(p.committed_run, Path(p.export_dir) / "card.json" if p.export_dir else None)
             print(f"[pretrain] cool-down {start}+{steps}, step {target}: judge FID {q['fid']:.2f} "
                   f"P {q['precision']:.3f} R {q['recall']:.3f} mixture TV {q['mixture_tv']:.3f}", flush=True)
         return pd.DataFrame([r for r in rows if int(r["from_step"]) == start and int(r["cooldown_steps"]) == steps])

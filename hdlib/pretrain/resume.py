@@ -6,6 +6,7 @@ a fresh clone starts from there instead of from step 0.
       run_key.json                 the run's recipe (hdlib.pretrain.recipe): a folder holds one run
       checkpoint/step-NNNNNNNN/    the Trainer's complete checkpoint (weights, EMA, optimizer, RNG)
       metrics/                     pretrain_eval.csv (the judge's curve) and the denoiser's log.csv
+      curve.png                    that curve drawn (hdlib.pretrain.curve), with the cool-down branches
 
 Every copy is made beside its target and renamed into place, so a kill leaves the old copy whole."""
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError
 from ..paths import StudyPaths
+from .curve import write_run_curve
 from .judges import POOL_JUDGE_DIR
 from .recipe import RUN_KEY
 
@@ -114,4 +116,5 @@ def keep_committed_checkpoint(cfg: Config) -> Path | None:
     log = paths.model("denoiser_pretrained") / "log.csv"
     if log.exists():
         _copy_file(log, root / "metrics" / "log.csv")
+    write_run_curve(root, Path(cfg.pretrain.export_dir) / "card.json" if cfg.pretrain.export_dir else None)
     return dst

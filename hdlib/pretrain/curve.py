@@ -1,0 +1,63 @@
+"""The long run's curve as one figure, kept beside its committed checkpoint (`pretrain.committed_run`/curve.png):
+the provenance-trained judge's FID, precision and recall, mixture TV and tissue-class shares at every judged
+step of the constant-lr trunk, with each cool-down branch drawn from the step it left. Redrawn after every
+judged chunk (`keep_committed_checkpoint`), or by hand:
+
+    python -m hdlib pretrain params/pretrain_demo.yaml --curve
+
+The real tiles' shares come from the card's `versions` block when it was scored by the run's judge (the same
+held-out tiles); otherwise the figure has no real bar. Every point is 512 samples at DDIM 25 (the run's
+`pretrain.eval_*`): the card's own figures (1,000 samples, DDIM 50) read a lower FID for the same model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..evaluation import plots
+from ..io import atomic_savefig
+from .recipe import COOLDOWN_CURVE
+
+FIGURE = "curve.png"
+TRUNK_CURVE = "pretrain_eval.csv"
+
+
+def real_shares_from_card(card_path: Path, judge: str) -> tuple[dict | None, list | None, tuple | None]:
+    """(real shares, tissue classes, shipped branch) from a model card whose versions block was scored by
+    `judge`; (None, None, shipped) when the card is missing or used another judge."""
+    if not card_path.exists():
+        return None, None, None
+    card = json.loads(card_path.read_text())
+    cool = (card.get("denoiser") or {}).get("cooldown") or {}
+    shipped = (int(cool["from_step"]), int(cool["steps"])) if cool.get("from_step") is not None else None
+    v = card.get("versions") or {}
+    if v.get("judge") != judge:
+        return None, None, shipped
+    tissue = v.get("tissue_classes") or list(v["real_shares"])
+    return {g: v["real_shares"][g] for g in tissue}, tissue, shipped
+
+
+def write_run_curve(run_dir: str | Path, card_path: str | Path | None = None) -> Path | None:
+    """Draw the committed run's curve into run_dir/curve.png (atomically); None when nothing is judged yet."""
+    run_dir = Path(run_dir)
+    trunk_csv = run_dir / "metrics" / TRUNK_CURVE
+    if not trunk_csv.exists():
+        return None
+    trunk = pd.read_csv(trunk_csv)
+    if trunk.empty:
+        return None
+    branch_csv = run_dir / "metrics" / COOLDOWN_CURVE
+    branches = pd.read_csv(branch_csv) if branch_csv.exists() else None
+    judge = str(trunk["judge"].iloc[-1]) if "judge" in trunk else ""
+    real, tissue, shipped = real_shares_from_card(Path(card_path), judge) if card_path else (None, None, None)
+    last = trunk.iloc[-1]
+    protocol = (f": {int(last['samples'])} samples, DDIM {int(last['ddim_steps'])} a point"
+                if {"samples", "ddim_steps"} <= set(trunk.columns) else "")
+    fig = plots.pretrain_run_curve(trunk, branches, real_shares=real, shipped=shipped, tissue_classes=tissue,
+                                   title=f"The long pre-training run by the provenance-trained judge ({judge}){protocol}")
+    path = run_dir / FIGURE
+    atomic_savefig(fig, path)
+    plots.plt.close(fig)
+    return path

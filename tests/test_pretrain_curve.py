@@ -1,0 +1,72 @@
+"""The long run's curve, drawn beside its committed checkpoint: trunk, cool-down branches (the shipped one
+marked) and the tissue classes' shares beside the real tiles' when the card was scored by the same judge."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from hdlib.config import load_config
+from hdlib.errors import ConfigError
+from hdlib.evaluation import plots
+from hdlib.pretrain.cli import main as pretrain_main
+from hdlib.pretrain.curve import real_shares_from_card, write_run_curve
+
+SHARES = {"ADI": 0.1, "LYM": 0.3, "TUM": 0.6}
+
+
+def _row(step, fid, judge="j1", **extra):
+    return {"step": step, "samples": 512, "ddim_steps": 25, "fid": fid, "precision": 0.7, "recall": 0.5,
+            "mixture_tv": 0.3, "tissue_mixture_tv": 0.2, "judge": judge,
+            **{f"share_{k}": v / 2 for k, v in SHARES.items()}, **extra}
+
+
+def _run_dir(tmp_path, card_judge="j1"):
+    run = tmp_path / "run"
+    (run / "metrics").mkdir(parents=True)
+    pd.DataFrame([_row(1000, 90.0, judge="unrecorded"), _row(2000, 80.0), _row(3000, 78.0)]).to_csv(
+        run / "metrics" / "pretrain_eval.csv", index=False)
+    pd.DataFrame([_row(2500, 76.0, from_step=2000, cooldown_steps=1000), _row(3000, 74.0, from_step=2000, cooldown_steps=1000)]
+                 ).to_csv(run / "metrics" / "pretrain_cooldown.csv", index=False)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"denoiser": {"cooldown": {"from_step": 2000, "steps": 1000}},
+                                "versions": {"judge": card_judge, "real_shares": {**SHARES, "he_source": 0.05},
+                                             "tissue_classes": list(SHARES)}}))
+    return run, card
+
+
+def test_the_curve_takes_real_shares_only_from_a_card_scored_by_the_run_s_judge(tmp_path):
+    _, card = _run_dir(tmp_path)
+    real, tissue, shipped = real_shares_from_card(card, "j1")
+    assert real == SHARES and tissue == list(SHARES) and shipped == (2000, 1000)  # the real sources left out
+    assert real_shares_from_card(card, "another judge") == (None, None, (2000, 1000))
+    assert real_shares_from_card(tmp_path / "missing.json", "j1") == (None, None, None)
+
+
+def test_the_curve_draws_the_trunk_each_branch_and_the_mixtures(tmp_path):
+    run, card = _run_dir(tmp_path)
+    trunk = pd.read_csv(run / "metrics" / "pretrain_eval.csv")
+    branches = pd.read_csv(run / "metrics" / "pretrain_cooldown.csv")
+    fig = plots.pretrain_run_curve(trunk, branches, real_shares=SHARES, shipped=(2000, 1000), tissue_classes=list(SHARES))
+    fid_ax, _, _, mix_ax = fig.axes[:4]
+    assert [t.get_text() for t in mix_ax.get_yticklabels()] == ["real", "1000", "2000", "3000", "2000+1000"]
+    branch = [ln for ln in fid_ax.get_lines() if ln.get_linestyle() == ":"]
+    assert len(branch) == 1 and list(branch[0].get_xdata()) == [2000, 2500, 3000]  # from the trunk, through its rows
+    assert list(branch[0].get_ydata()) == [80.0, 76.0, 74.0]
+    assert any(a.get_text() == "shipped" for a in fid_ax.texts)
+    labels = fid_ax.get_legend_handles_labels()[1]
+    assert "scored by an earlier judge" in labels  # step 1000's judge is not the curve's
+    plots.plt.close(fig)
+
+    path = write_run_curve(run, card)
+    assert path == run / "curve.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_curve_before_the_first_judged_step(tmp_path):
+    assert write_run_curve(tmp_path / "nothing") is None
+
+
+def test_pretrain_curve_needs_a_committed_run(tmp_path):
+    with pytest.raises(ConfigError, match="committed_run"):
+        pretrain_main("params/smoke.yaml", [f"study.results_root={tmp_path}", "pretrain.committed_run="], curve=True)
+    assert load_config("params/pretrain_demo.yaml").pretrain.committed_run  # the shipped run has one
