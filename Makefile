@@ -7,7 +7,7 @@ PARAMS  ?= params/default.yaml
 ARGS    ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv data study smoke test test-all gpu-check bench lab notebooks clean-results dryrun pretrain pretrain-sweep pretrain-assess
+.PHONY: venv data study smoke test test-all gpu-check bench lab notebooks clean-results dryrun pretrain pretrain-sweep pretrain-assess pretrain-variant
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ pretrain: data $(INIT_VAE)
 # provenance-trained judge, with a grid of samples per variant (about an hour on 2 cores).
 pretrain-sweep: data $(INIT_VAE)
 	$(BIN)/python -m hdlib pretrain params/pretrain_demo.yaml --sweep $(ARGS)
+
+# A long variant of the run's recipe (pretrain.long_variants), trained beside it and judged at its steps;
+# resumable, on a fresh clone too (models/pretrain-run/variants/). E.g. make pretrain-variant VARIANT=deep_2 STEPS=8000
+pretrain-variant: data $(INIT_VAE)
+	$(BIN)/python -m hdlib.pretrain.variant params/pretrain_demo.yaml $(VARIANT) --steps $(STEPS) $(ARGS)
 
 # The card's second judge (trained on the pool's provenance) for the committed model, without retraining
 # it: trains the in-study recipe with pretrain.baseline_seeds and the judge (about 50 min on 2 cores).

@@ -300,6 +300,9 @@ class PretrainConfig:
         "cosine_schedule: diffusion.schedule=cosine",
         "width_32: diffusion.block_out_channels=[32,64,64]",
     ], doc="'name: key=value ...' recipe variants, each trained sweep_steps on the same latents and judged alike")
+    long_variants: list[str] = _f(factory=list, doc="'name: key=value ...' variants of the run's recipe trained long "
+                                  "beside it (`python -m hdlib.pretrain.variant`): from step 0 on the same latents, "
+                                  "judged at the run's steps by its judge, resumable from committed_run/variants/<name>/")
     baseline_seeds: list[int] = _f(factory=lambda: [0, 1, 2], doc="study.seed of each run of the baseline recipe "
                                    "(--compare / --assess) judged by the provenance-trained judge: re-draws its pool, "
                                    "initialisation and noise")

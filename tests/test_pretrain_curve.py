@@ -70,3 +70,13 @@ def test_pretrain_curve_needs_a_committed_run(tmp_path):
     with pytest.raises(ConfigError, match="committed_run"):
         pretrain_main("params/smoke.yaml", [f"study.results_root={tmp_path}", "pretrain.committed_run="], curve=True)
     assert load_config("params/pretrain_demo.yaml").pretrain.committed_run  # the shipped run has one
+
+
+def test_each_long_variant_is_a_dashed_line_beside_the_trunk(tmp_path):
+    trunk = pd.DataFrame([_row(1000, 90.0), _row(2000, 80.0)])
+    variants = pd.DataFrame([{**_row(1000, 95.0), "variant": "deep_2"}, {**_row(2000, 70.0), "variant": "deep_2"}])
+    fig = plots.pretrain_run_curve(trunk, None, variants=variants)
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [95.0, 70.0]
+    assert "FID, deep_2" in fig.axes[0].get_legend_handles_labels()[1]
+    plots.plt.close(fig)

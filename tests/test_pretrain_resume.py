@@ -121,3 +121,46 @@ def test_a_cool_down_branch_starts_from_the_trunk_checkpoint_at_its_step(tmp_pat
     assert seed_branch(cfg, 250, 100) == out and not (out / "checkpoints" / "step-00000250" / "x").exists()
     with pytest.raises(ConfigError, match=r"--from-step 400: .*\[250, 500\]"):
         seed_branch(cfg, 400, 100)
+
+
+def _variant(tmp_path, name="machine_a", layers=2):
+    from hdlib.pretrain.variant import variant_config
+
+    return variant_config("params/smoke.yaml", [
+        f"study.results_root={tmp_path}", f"study.name={name}", f"pretrain.committed_run={tmp_path / 'committed'}",
+        f'pretrain.long_variants=["deep: diffusion.layers_per_block={layers}"]'], "deep")
+
+
+def test_a_long_variant_is_declared_in_the_params(tmp_path):
+    from hdlib.pretrain.variant import variant_config
+
+    cfg, vcfg, ov = _variant(tmp_path)
+    assert (cfg.diffusion.layers_per_block, vcfg.diffusion.layers_per_block) == (1, 2)
+    assert ov == ["diffusion.layers_per_block=2"]
+    with pytest.raises(ConfigError, match=r"no variant 'wide' .*declared: deep"):
+        variant_config("params/smoke.yaml", ['pretrain.long_variants=["deep: diffusion.layers_per_block=2"]'], "wide")
+
+
+def test_a_long_variant_resumes_on_a_fresh_clone_from_its_committed_checkpoint(tmp_path):
+    from hdlib.pretrain.variant import CURVE, keep_committed_variant, seed_variant, variant_dir
+
+    cfg, vcfg, _ = _variant(tmp_path)
+    for step in (1000, 2000):
+        d = variant_dir(cfg, "deep") / "checkpoints" / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_text(f"v{step}")
+        (d / "COMPLETE").write_text(f"{step}\n")
+    StudyPaths(cfg).metrics_dir.mkdir(parents=True, exist_ok=True)
+    (StudyPaths(cfg).metrics_dir / CURVE).write_text("variant,step,fid\ndeep,2000,70.0\n")
+    keep_committed_variant(cfg, vcfg, "deep")
+    root = tmp_path / "committed" / "variants" / "deep"
+    assert [p.name for p in (root / "checkpoint").iterdir()] == ["step-00002000"]
+    assert (tmp_path / "committed" / "metrics" / CURVE).read_text().endswith("deep,2000,70.0\n")
+
+    cfg_b, vcfg_b, _ = _variant(tmp_path, "machine_b")
+    assert seed_variant(cfg_b, vcfg_b, "deep") == 2000
+    assert (variant_dir(cfg_b, "deep") / "checkpoints" / "step-00002000" / "model.safetensors").read_text() == "v2000"
+    assert seed_variant(cfg_b, vcfg_b, "deep") == 0  # as far already
+    cfg_c, vcfg_c, _ = _variant(tmp_path, "machine_c", layers=3)  # the same name, another recipe
+    with pytest.raises(ConfigError, match="another recipe"):
+        seed_variant(cfg_c, vcfg_c, "deep")

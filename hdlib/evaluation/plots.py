@@ -362,21 +362,24 @@ def pretrain_curves(log: pd.DataFrame, evals: pd.DataFrame, smooth: int = 20,
 
 def pretrain_run_curve(trunk: pd.DataFrame, branches: pd.DataFrame | None = None,
                        real_shares: dict[str, float] | None = None, shipped: tuple[int, int] | None = None,
-                       tissue_classes: list[str] | None = None, title: str = ""):
+                       tissue_classes: list[str] | None = None, title: str = "", variants: pd.DataFrame | None = None):
     """The long pre-training run as the provenance-trained judge saw it. `trunk`: one row per judged step of
     the constant-lr run (step, fid, precision, recall, mixture_tv, tissue_mixture_tv, share_<group>);
     `branches`: the cool-down branches' rows (from_step, cooldown_steps, step, same columns), each drawn
-    from the trunk step it left; `shipped` (from_step, steps) marks the branch that was exported.
+    from the trunk step it left; `shipped` (from_step, steps) marks the branch that was exported;
+    `variants`: long variants of the recipe trained beside it (variant, step, same columns), dashed.
     Panels: FID; precision and recall; mixture TV; the tissue classes' shares per judged step beside the
     real held-out tiles' (`real_shares`)."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.2))
     tr = trunk.sort_values("step")
     br = branches if branches is not None else pd.DataFrame()
-    _run_series(axes[0, 0], tr, br, (("fid", "FID", "o"),), "FID (lower is better)", shipped)
-    _run_series(axes[0, 1], tr, br, (("precision", "precision", "o"), ("recall", "recall", "s")),
+    va = variants if variants is not None else pd.DataFrame()
+    _run_series(axes[0, 0], tr, br, va, (("fid", "FID", "o"),), "FID (lower is better)", shipped)
+    _run_series(axes[0, 1], tr, br, va, (("precision", "precision", "o"), ("recall", "recall", "s")),
                 "share (higher is better)", shipped)
-    _run_series(axes[1, 0], tr, br, (("mixture_tv", "mixture TV (class x style)", "o"),
-                                     ("tissue_mixture_tv", "tissue-class TV", "s")), "total variation (lower is better)", shipped)
+    _run_series(axes[1, 0], tr, br, va, (("mixture_tv", "mixture TV (class x style)", "o"),
+                                         ("tissue_mixture_tv", "tissue-class TV", "s")), "total variation (lower is better)",
+                shipped)
     if not br.empty:
         axes[0, 0].set_title("dotted: cool-down branches (lr to 0), * the shipped one", fontsize=9)
     axes[0, 1].set_ylim(0, 1.02)
@@ -388,9 +391,9 @@ def pretrain_run_curve(trunk: pd.DataFrame, branches: pd.DataFrame | None = None
     return fig
 
 
-def _run_series(ax, tr: pd.DataFrame, br: pd.DataFrame, series, ylabel: str, shipped) -> None:
-    """One panel of the run's curve: each (column, label, marker) along the trunk, and each cool-down
-    branch dotted from the trunk step it left through its own rows."""
+def _run_series(ax, tr: pd.DataFrame, br: pd.DataFrame, va: pd.DataFrame, series, ylabel: str, shipped) -> None:
+    """One panel of the run's curve: each (column, label, marker) along the trunk, each cool-down
+    branch dotted from the trunk step it left through its own rows, each long variant dashed."""
     for i, (col, label, marker) in enumerate(series):
         if col not in tr:
             continue
@@ -410,6 +413,10 @@ def _run_series(ax, tr: pd.DataFrame, br: pd.DataFrame, series, ylabel: str, shi
                        color=color, edgecolors="k", zorder=3)
             if is_shipped and i == 0:
                 ax.annotate("shipped", (end["step"], end[col]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        for j, (name, v) in enumerate(va.groupby("variant") if not va.empty else ()):
+            v = v.sort_values("step")
+            ax.plot(v["step"], v[col], ls="--", marker=marker, mfc="w", color=color, alpha=0.9 - 0.25 * j,
+                    label=f"{label}, {name}")
     ax.set_xlabel("step"), ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

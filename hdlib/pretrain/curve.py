@@ -1,6 +1,7 @@
 """The long run's curve as one figure, kept beside its committed checkpoint (`pretrain.committed_run`/curve.png):
 the provenance-trained judge's FID, precision and recall, mixture TV and tissue-class shares at every judged
-step of the constant-lr trunk, with each cool-down branch drawn from the step it left. Redrawn after every
+step of the constant-lr trunk, with each cool-down branch drawn from the step it left and each long variant
+of the recipe (hdlib.pretrain.variant) beside it. Redrawn after every
 judged chunk (`keep_committed_checkpoint`), or by hand:
 
     python -m hdlib pretrain params/pretrain_demo.yaml --curve
@@ -22,6 +23,7 @@ from .recipe import COOLDOWN_CURVE
 
 FIGURE = "curve.png"
 TRUNK_CURVE = "pretrain_eval.csv"
+VARIANT_CURVE = "pretrain_variants.csv"  # hdlib.pretrain.variant's rows
 
 
 def real_shares_from_card(card_path: Path, judge: str) -> tuple[dict | None, list | None, tuple | None]:
@@ -50,12 +52,14 @@ def write_run_curve(run_dir: str | Path, card_path: str | Path | None = None) ->
         return None
     branch_csv = run_dir / "metrics" / COOLDOWN_CURVE
     branches = pd.read_csv(branch_csv) if branch_csv.exists() else None
+    variant_csv = run_dir / "metrics" / VARIANT_CURVE
+    variants = pd.read_csv(variant_csv) if variant_csv.exists() else None
     judge = str(trunk["judge"].iloc[-1]) if "judge" in trunk else ""
     real, tissue, shipped = real_shares_from_card(Path(card_path), judge) if card_path else (None, None, None)
     last = trunk.iloc[-1]
     protocol = (f": {int(last['samples'])} samples, DDIM {int(last['ddim_steps'])} a point"
                 if {"samples", "ddim_steps"} <= set(trunk.columns) else "")
-    fig = plots.pretrain_run_curve(trunk, branches, real_shares=real, shipped=shipped, tissue_classes=tissue,
+    fig = plots.pretrain_run_curve(trunk, branches, real_shares=real, shipped=shipped, tissue_classes=tissue, variants=variants,
                                    title=f"The long pre-training run by the provenance-trained judge ({judge}){protocol}")
     path = run_dir / FIGURE
     atomic_savefig(fig, path)

@@ -89,6 +89,20 @@ def seed_from_committed_checkpoint(cfg: Config) -> int:
     return _step(src)
 
 
+def mirror_latest_checkpoint(latest: Path, root: Path, run_key: dict) -> Path:
+    """Copy a run's latest complete checkpoint into root/checkpoint/ (removing the one it replaces) beside
+    the run's recipe key; returns the copy."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run_key.json").write_text(json.dumps(run_key, indent=2, sort_keys=True) + "\n")
+    dst = root / CHECKPOINT / latest.name
+    if not dst.exists():
+        _copy_tree(latest, dst)
+    for stale in complete_checkpoints(root / CHECKPOINT):
+        if stale != dst:
+            shutil.rmtree(stale, ignore_errors=True)
+    return dst
+
+
 def keep_committed_checkpoint(cfg: Config) -> Path | None:
     """After a chunk: mirror the latest complete checkpoint (replacing the previous one) and the curves
     into the committed folder, for the next `git commit`. Returns the mirrored checkpoint."""
@@ -99,14 +113,7 @@ def keep_committed_checkpoint(cfg: Config) -> Path | None:
     ours = complete_checkpoints(paths.model("denoiser_pretrained") / "checkpoints")
     if not ours:
         return None
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "run_key.json").write_text(json.dumps(_run_key(cfg), indent=2, sort_keys=True) + "\n")
-    dst = root / CHECKPOINT / ours[-1].name
-    if not dst.exists():
-        _copy_tree(ours[-1], dst)
-    for stale in complete_checkpoints(root / CHECKPOINT):
-        if stale != dst:
-            shutil.rmtree(stale, ignore_errors=True)
+    dst = mirror_latest_checkpoint(ours[-1], root, _run_key(cfg))
     judge = paths.cache / POOL_JUDGE_DIR  # the judge the curve was scored with, once (pool_judge reads it)
     if (judge / "judge.json").exists() and not (root / POOL_JUDGE_DIR / "judge.json").exists():
         _copy_tree(judge, root / POOL_JUDGE_DIR)
