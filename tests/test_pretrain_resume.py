@@ -164,3 +164,17 @@ def test_a_long_variant_resumes_on_a_fresh_clone_from_its_committed_checkpoint(t
     cfg_c, vcfg_c, _ = _variant(tmp_path, "machine_c", layers=3)  # the same name, another recipe
     with pytest.raises(ConfigError, match="another recipe"):
         seed_variant(cfg_c, vcfg_c, "deep")
+
+
+def test_branch_rows_judged_on_another_machine_survive_a_fresh_clone(tmp_path):
+    """Found when a cool-down on a fresh study folder mirrored its one row over the committed branch rows."""
+    from hdlib.pretrain.recipe import COOLDOWN_CURVE
+    from hdlib.pretrain.resume import committed_rows
+
+    cfg = _run(tmp_path, "fresh")
+    (tmp_path / "committed" / "metrics").mkdir(parents=True)
+    (tmp_path / "committed" / "metrics" / COOLDOWN_CURVE).write_text("from_step,cooldown_steps,step,fid\n4000,1000,5000,76.8\n")
+    path = committed_rows(cfg, COOLDOWN_CURVE)
+    assert path == StudyPaths(cfg).metrics_dir / COOLDOWN_CURVE and path.read_text().endswith("4000,1000,5000,76.8\n")
+    path.write_text("from_step,cooldown_steps,step,fid\n4000,1000,5000,76.8\n7000,1000,8000,82.1\n")
+    assert committed_rows(cfg, COOLDOWN_CURVE).read_text().endswith("82.1\n")  # the folder's own rows are kept

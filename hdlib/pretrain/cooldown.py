@@ -32,7 +32,7 @@ from ..training.weights import load_final
 from .judges import judge_id
 from .recipe import COOLDOWN_CURVE, branch_name, check_run_recipe, config_with
 from .curve import write_run_curve
-from .resume import _copy_file, complete_checkpoints, seed_from_committed_checkpoint
+from .resume import _copy_file, committed_rows, complete_checkpoints, seed_from_committed_checkpoint
 from .run import check_pretrain_source, encoded_pool
 from .samples import sample_images
 from .scoring import ProvenanceScorer
@@ -68,7 +68,7 @@ def cool_down(cfg: Config, start: int, steps: int) -> pd.DataFrame:
         seed_from_committed_checkpoint(cfg)
         out = seed_branch(cfg, start, steps)
         scorer = ProvenanceScorer(cfg)
-        path = paths.metrics_dir / CURVE
+        path = committed_rows(cfg, CURVE)  # a fresh clone keeps the branches judged elsewhere
         rows = pd.read_csv(path).to_dict("records") if path.exists() else []
         done = {(int(r["from_step"]), int(r["cooldown_steps"]), int(r["step"])) for r in rows}
         end = start + steps

@@ -103,6 +103,17 @@ def mirror_latest_checkpoint(latest: Path, root: Path, run_key: dict) -> Path:
     return dst
 
 
+def committed_rows(cfg: Config, name: str) -> Path:
+    """The study folder's metrics/<name> (a branch's or variant's judged rows), copied from the committed run
+    first when the folder has none: on a fresh clone the rows judged elsewhere are kept, not overwritten by the
+    next mirror. Returns the study folder's path."""
+    path = StudyPaths(cfg).metrics_dir / name
+    committed = Path(cfg.pretrain.committed_run) / "metrics" / name if cfg.pretrain.committed_run else None
+    if not path.exists() and committed is not None and committed.exists():
+        _copy_file(committed, path)
+    return path
+
+
 def keep_committed_checkpoint(cfg: Config) -> Path | None:
     """After a chunk: mirror the latest complete checkpoint (replacing the previous one) and the curves
     into the committed folder, for the next `git commit`. Returns the mirrored checkpoint."""

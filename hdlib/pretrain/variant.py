@@ -36,6 +36,7 @@ from .resume import (
     CHECKPOINT,
     _copy_file,
     _copy_tree,
+    committed_rows,
     complete_checkpoints,
     mirror_latest_checkpoint,
     seed_from_committed_checkpoint,
@@ -109,9 +110,7 @@ def train_variant(params: str, name: str, steps: int, overrides=()) -> pd.DataFr
         seed_from_committed_checkpoint(cfg)  # the trunk's curve rows, for the figure
         seed_variant(cfg, vcfg, name)
         scorer = ProvenanceScorer(cfg)
-        path = paths.metrics_dir / CURVE
-        if not path.exists() and p.committed_run and (Path(p.committed_run) / "metrics" / CURVE).exists():
-            _copy_file(Path(p.committed_run) / "metrics" / CURVE, path)
+        path = committed_rows(cfg, CURVE)  # a fresh clone keeps the variants judged elsewhere
         rows = pd.read_csv(path).to_dict("records") if path.exists() else []
         done = {int(r["step"]) for r in rows if r["variant"] == name}
         for target in sorted(set(range(p.eval_every, steps, p.eval_every)) | {steps}):
