@@ -80,3 +80,37 @@ def test_each_long_variant_is_a_dashed_line_beside_the_trunk(tmp_path):
     assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [95.0, 70.0]
     assert "FID, deep_2" in fig.axes[0].get_legend_handles_labels()[1]
     plots.plt.close(fig)
+
+
+def test_the_card_gets_the_rows_judged_since_its_version_on_one_scale(tmp_path):
+    from hdlib.pretrain.card import run_since_text
+    from hdlib.pretrain.curve import run_since_release
+    from hdlib.pretrain.verdicts import run_since_verdict
+
+    run, card = _run_dir(tmp_path)  # shipped: the 2000+1000 branch, its row at 3000 reads 74.0
+    pd.DataFrame([{**_row(2000, 99.0), "variant": "deep_2"}, {**_row(3000, 70.0), "variant": "deep_2"},
+                  {**_row(4000, 60.0, judge="another"), "variant": "deep_2"}]).to_csv(
+        run / "metrics" / "pretrain_variants.csv", index=False)
+    block = run_since_release(run, json.loads(card.read_text()))
+    assert block["shipped"]["fid"] == 74.0 and (block["samples"], block["ddim_steps"]) == (512, 25)
+    assert [(r["run"], r["step"], r["fid"]) for r in block["rows"]] == [
+        ("trunk (constant lr)", 3000, 78.0), ("variant deep_2", 2000, 99.0), ("variant deep_2", 3000, 70.0)]
+    v = run_since_verdict(block)  # another judge's row (60.0) is on another scale: left out
+    assert (v["verdict"], v["best_run"], v["best_step"], v["best_fid"]) == ("a_row_is_better", "variant deep_2", 3000, 70.0)
+    text = run_since_text(block, v, {"ddim_steps": 50, "models": {"this model": {"samples": 1000}}})
+    assert "| variant deep_2 | 3000 | 70.0 |" in text and "**variant deep_2 at step 3000 reads a lower FID" in text
+    assert "1000 samples and DDIM 50" in text and "pretrain_run_curve.png" in text
+    block["rows"] = block["rows"][:1]
+    assert run_since_verdict(block)["verdict"] == "none_better"
+
+
+def test_no_run_since_block_without_the_shipped_branch_s_row(tmp_path):
+    from hdlib.pretrain.card import run_since_text
+    from hdlib.pretrain.curve import run_since_release
+
+    run, card = _run_dir(tmp_path)
+    c = json.loads(card.read_text())
+    c["denoiser"]["cooldown"] = {"from_step": 1000, "steps": 500}  # a branch the run never judged
+    assert run_since_release(run, c) is None
+    assert run_since_release(run, {"denoiser": {}}) is None
+    assert run_since_text(None, None, None) == ""

@@ -92,6 +92,13 @@ VERDICTS = {
                          "configured recipe, which this model was trained with); weigh it against precision and recall "
                          "before adopting it.",
     },
+    "run_since_release": {
+        "none_better": "**None of the {rows} rows judged since reads a lower FID than this version on that scale** "
+                       "(the lowest: {best_run} at step {best_step}, {best_fid:.1f}, against {shipped_fid:.1f}).",
+        "a_row_is_better": "**{best_run} at step {best_step} reads a lower FID than this version on that scale** "
+                           "({best_fid:.1f} vs {shipped_fid:.1f}): a candidate for the next version, to be judged at "
+                           "the card's sample count before it ships.",
+    },
 }
 
 
@@ -151,7 +158,7 @@ During training (fewer samples and DDIM steps per point, so values sit above the
 ![loss and FID curves](pretrain_curves.png)
 
 ![samples](pretrain_samples.png)
-{versions}{comparison}{pool_judge}{previous}
+{versions}{run_since}{comparison}{pool_judge}{previous}
 ## Files
 `MANIFEST.sha256` lists the sha256 of every file in this folder; `pretrained.sha256` in a params file pins
 the model files (vae/, unet/, scheduler/) by `hdlib.pretrained.folder_sha256`.
@@ -205,9 +212,25 @@ TARGET_ROWS = ("| measure | target | this model | previous | met |",
                "| {measure} | {target} | {value:.3f} | {previous:.3f} | {met_text} |")
 OUTLOOK = {True: "Every target is met.",
            False: "Not every target is met. What the curve says: at a constant learning rate the judge's FID stopped "
-                  "falling while recall still rose, and the cool-down branch lowered it again; the next steps are a "
-                  "longer constant-rate run cooled down later, and the variants the short sweep could not rank "
-                  "(a wider U-Net, a slower EMA), each judged the same way."}
+                  "falling while recall still rose, and a cool-down branch lowered it again; whether training this "
+                  "U-Net longer paid, and what was tried next (a larger U-Net trained as long, `pretrain.long_variants`), "
+                  "is in the section on the run since this version when the card has one."}
+RUN_SINCE = """
+### The run since this version
+The long run went on after this version was cut (`models/pretrain-run/`): the constant-rate trunk past this
+version's branch point, other cool-down branches, and long variants of the recipe trained beside it, each row
+judged as the run's own ({samples} samples, DDIM {ddim_steps}, the same judge and seeds). On that scale this version
+reads FID {shipped[fid]:.1f}, precision {shipped[precision]:.3f}, recall {shipped[recall]:.3f}; the table above used
+{card_samples} samples and DDIM {card_steps}. What good looks like: a row with a lower FID and no worse recall or mixture.
+
+{table}
+
+{verdict}
+
+![the long run since](pretrain_run_curve.png)
+"""
+RUN_SINCE_ROWS = ("| run | step | FID | precision | recall | mixture TV | tissue-class TV |",
+                  "| {run} | {step} | {fid:.1f} | {precision:.3f} | {recall:.3f} | {mixture_tv:.3f} | {tissue_mixture_tv:.3f} |")
 VERSIONS_ROWS = ("| model | samples | FID | precision | recall | mixture TV | tissue mixture TV | least-drawn class "
                  "(share / real share) | FID, untrained judge |",
                  "| {name} | {samples} | {fid:.1f} | {precision:.3f} | {recall:.3f} | {mixture_tv:.3f} | "
@@ -409,6 +432,7 @@ def model_card_text(card: dict) -> str:
         "lr_text": fill(LR_TEXT[bool(d.get("cooldown"))], {"c": d.get("cooldown")}),
         "during_training": during_training_text(card["quality_during_training"]),
         "versions": versions_text(card.get("versions"), v.get("targets")),
+        "run_since": run_since_text(card.get("run_since_release"), v.get("run_since_release"), card.get("versions")),
         "autoencoder_during_training": fill(AE_DURING_TRAINING, {"table": table(*AE_ROWS, card["autoencoder_during_training"])})
                                        if card.get("autoencoder_during_training") else "",
         "recipe_sweep": sweep_text(card.get("recipe_sweep"), v.get("recipe_sweep"), "recipe_sweep"),
@@ -517,3 +541,12 @@ def versions_text(v: dict | None, targets: list[dict] | None = None) -> str:
                            "table": table(*VERSIONS_ROWS, [m | {"name": k} for k, m in ms.items()]),
                            "targets": table(*TARGET_ROWS, [r | {"met_text": "yes" if r["met"] else "**no**"} for r in rows]),
                            "outlook": OUTLOOK[all(r["met"] for r in rows)]})
+
+
+def run_since_text(rs: dict | None, verdict: dict | None, versions: dict | None) -> str:
+    """The rows the long run was judged at after this version was cut, with the run's curve."""
+    if not rs or not verdict:
+        return ""
+    first = next(iter((versions or {}).get("models", {}).values()), {})
+    return fill(RUN_SINCE, {**rs, "card_samples": first.get("samples"), "card_steps": (versions or {}).get("ddim_steps"),
+                            "table": table(*RUN_SINCE_ROWS, rs["rows"]), "verdict": say(verdict, "run_since_release")})

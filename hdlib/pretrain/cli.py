@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..models.pretrained import verify
@@ -10,8 +13,8 @@ from ..paths import StudyPaths
 from ..study.preparation import prepare_data
 from .assess import assess_into_card
 from .compare import compare_pretraining, parse_other_run
-from .curve import write_run_curve
-from .export import export_study_pretrained
+from .curve import run_since_release, write_run_curve
+from .export import export_study_pretrained, update_card
 from .recipe import config_with
 from .run import run_pretrain
 from .sweep import recipe_sweep
@@ -30,6 +33,18 @@ def add_pretrain_parser(sub) -> None:
                           "the provenance-trained judge, and add the result to the model card")
     pre.add_argument("--curve", action="store_true",
                      help="no training: redraw the committed run's curve (pretrain.committed_run/curve.png)")
+
+
+def curve_into_card(run_dir: str, export_dir: str):
+    """Redraw the committed run's curve; when the exported model's card names the branch it was cut from,
+    put the rows judged since (and the figure) into that card. Returns the figure's path (None: no rows)."""
+    card_path = Path(export_dir) / "card.json" if export_dir else None
+    path = write_run_curve(run_dir, card_path)
+    if path is not None and card_path is not None and card_path.exists():
+        block = run_since_release(run_dir, json.loads(card_path.read_text()))
+        if block:
+            update_card(export_dir, "run_since_release", block, {"pretrain_run_curve.png": path})
+    return path
 
 
 def baseline_config(path: str, overrides=(), seed: int | None = None) -> Config:
@@ -58,8 +73,7 @@ def main(params: str, overrides=(), compare: str | None = None, sweep: bool = Fa
     if curve:
         if not cfg.pretrain.committed_run:
             raise ConfigError("pretrain --curve: pretrain.committed_run is empty (the run whose curve to draw)")
-        card = f"{cfg.pretrain.export_dir}/card.json" if cfg.pretrain.export_dir else None
-        print(write_run_curve(cfg.pretrain.committed_run, card) or
+        print(curve_into_card(cfg.pretrain.committed_run, cfg.pretrain.export_dir) or
               f"{cfg.pretrain.committed_run}: no judged step yet")
         return 0
     if assess:

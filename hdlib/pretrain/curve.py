@@ -65,3 +65,39 @@ def write_run_curve(run_dir: str | Path, card_path: str | Path | None = None) ->
     atomic_savefig(fig, path)
     plots.plt.close(fig)
     return path
+
+
+def run_since_release(run_dir: str | Path, card: dict) -> dict | None:
+    """The card's `run_since_release` block: the rows the run was judged at after the shipped version was cut
+    (the trunk past its branch point, other cool-down branches' ends, every long variant's rows), beside the
+    shipped branch's own row on the same scale. None when the card names no shipped branch or the run has none
+    of its rows."""
+    run_dir = Path(run_dir)
+    cool = (card.get("denoiser") or {}).get("cooldown") or {}
+    curves = {name: run_dir / "metrics" / name for name in (TRUNK_CURVE, COOLDOWN_CURVE, VARIANT_CURVE)}
+    if cool.get("from_step") is None or not curves[COOLDOWN_CURVE].exists():
+        return None
+    start, steps = int(cool["from_step"]), int(cool["steps"])
+    branches = pd.read_csv(curves[COOLDOWN_CURVE])
+    mine = (branches["from_step"] == start) & (branches["cooldown_steps"] == steps)  # the shipped branch's rows
+    if not (mine & (branches["step"] == start + steps)).any():
+        return None
+    shipped = branches[mine & (branches["step"] == start + steps)].iloc[-1]
+
+    def same(df: pd.DataFrame) -> pd.DataFrame:  # rows on the shipped row's scale only
+        return df[df["judge"] == shipped["judge"]] if "judge" in df else df.iloc[0:0]
+
+    rows = [{"run": "trunk (constant lr)", **r} for r in same(_read(curves[TRUNK_CURVE])).to_dict("records")
+            if r["step"] > start]
+    ends = same(branches[~mine]).sort_values("step").groupby(["from_step", "cooldown_steps"]).tail(1)
+    rows += [{"run": f"cool-down {int(r['from_step'])}+{int(r['cooldown_steps'])}", **r} for r in ends.to_dict("records")]
+    rows += [{"run": f"variant {r['variant']}", **r} for r in same(_read(curves[VARIANT_CURVE])).to_dict("records")]
+    keep = ("run", "step", "fid", "precision", "recall", "mixture_tv", "tissue_mixture_tv")
+    return {"judge": str(shipped["judge"]), "samples": int(shipped["samples"]), "ddim_steps": int(shipped["ddim_steps"]),
+            "shipped": {k: float(shipped[k]) for k in keep[2:]},
+            "rows": [{k: (int(r[k]) if k == "step" else r[k]) for k in keep} for r in rows]} if rows else None
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["judge", "step"])
+

@@ -38,7 +38,17 @@ def card_verdicts(card: dict) -> dict:
     v = card.get("versions")
     if v:
         out["targets"] = target_rows(v)
+    if (card.get("run_since_release") or {}).get("rows"):
+        out["run_since_release"] = run_since_verdict(card["run_since_release"])
     return out
+
+
+def run_since_verdict(rs: dict) -> dict:
+    """Does any row the long run was judged at after this version read a lower FID than this version on that scale?"""
+    best = min(rs["rows"], key=lambda r: r["fid"])
+    return {"verdict": "a_row_is_better" if best["fid"] < rs["shipped"]["fid"] else "none_better",
+            "shipped_fid": rs["shipped"]["fid"], "best_run": best["run"], "best_step": best["step"], "best_fid": best["fid"],
+            "rows": len(rs["rows"])}
 
 
 # The shipped model's targets (issue: "a generator worth guiding"), by the provenance-trained judge with the card's
