@@ -178,3 +178,11 @@ def test_branch_rows_judged_on_another_machine_survive_a_fresh_clone(tmp_path):
     assert path == StudyPaths(cfg).metrics_dir / COOLDOWN_CURVE and path.read_text().endswith("4000,1000,5000,76.8\n")
     path.write_text("from_step,cooldown_steps,step,fid\n4000,1000,5000,76.8\n7000,1000,8000,82.1\n")
     assert committed_rows(cfg, COOLDOWN_CURVE).read_text().endswith("82.1\n")  # the folder's own rows are kept
+
+
+def test_sampler_settings_already_scored_for_this_model_are_skipped():
+    from hdlib.pretrain.sampler_steps import todo
+
+    rows = [{"pin": "abc", "ddim_steps": 25, "eta": 1.0}, {"pin": "other", "ddim_steps": 50, "eta": 1.0}]
+    assert todo(rows, "abc", [25, 50], [1.0, 0.0]) == [(25, 0.0), (50, 1.0), (50, 0.0)]
+    assert todo(rows, "abc", [25], [1]) == []

@@ -33,12 +33,12 @@ EVAL_SEED = 10_000
 
 @torch.no_grad()
 def sample_images(unet, scheduler, vae, scale: float, n: int, steps: int, seed: int = EVAL_SEED,
-                  device: str = "cpu", progress: bool = False) -> torch.Tensor:
-    """n unconditional DDIM (eta=1) samples on `device`, decoded to uint8; image i uses seed + i."""
+                  device: str = "cpu", progress: bool = False, eta: float = 1.0) -> torch.Tensor:
+    """n unconditional DDIM samples (eta 1 unless told) on `device`, decoded to uint8; image i uses seed + i."""
     C, S = unet.config.in_channels, unet.config.sample_size
     unet = unet.to(device)
     lat = guided_ddim_sample(unet, scheduler, torch.zeros(n, dtype=torch.long), torch.arange(n) + seed,
-                             num_inference_steps=steps, eta=1.0, latent_shape=(C, S, S), batch_size=64,
+                             num_inference_steps=steps, eta=eta, latent_shape=(C, S, S), batch_size=64,
                              device=device, progress=progress)
     return decode_latents(vae, lat, scale, device=device)
 
