@@ -114,3 +114,26 @@ def test_no_run_since_block_without_the_shipped_branch_s_row(tmp_path):
     assert run_since_release(run, c) is None
     assert run_since_release(run, {"denoiser": {}}) is None
     assert run_since_text(None, None, None) == ""
+
+
+def test_the_docs_sampler_table_and_the_run_s_state_are_read_back_from_the_committed_rows():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    metrics = root / "models" / "pretrain-run" / "metrics"
+    doc = (root / "docs" / "pretrained.md").read_text()
+    rows = pd.read_csv(metrics / "pretrain_sampler_steps.csv")
+    for r in rows.itertuples():
+        assert (f"| {int(r.ddim_steps)} | {r.fid:.1f} | {r.precision:.3f} | {r.recall:.3f} | {r.mixture_tv:.3f} | "
+                f"{r.share_LYM:.1%} |") in doc
+    by_steps = rows.set_index("ddim_steps")
+    text = " ".join(doc.split())
+    assert f"From 25 to 250 steps FID falls from {by_steps.fid[25]:.1f} to {by_steps.fid[250]:.1f}" in text
+    for col in ("precision", "recall"):
+        assert by_steps[col][250] > by_steps[col][25]
+    assert by_steps.mixture_tv[250] < by_steps.mixture_tv[25]
+    assert (rows.share_LYM < 0.5 * 0.10).all()  # "lymphocytes stay rare at every step count"
+    variant = pd.read_csv(metrics / "pretrain_variants.csv").set_index("step")
+    trunk = pd.read_csv(metrics / "pretrain_eval.csv").set_index("step")
+    assert f"read FID {variant.fid[4000]:.1f} at step 4,000 against the trunk's {trunk.fid[4000]:.1f} and was not adopted" in text
+    assert variant.fid[4000] > 0.9 * trunk.fid[4000]  # the declared rule: adopted only if more than 10% below
