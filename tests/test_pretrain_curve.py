@@ -137,3 +137,15 @@ def test_the_docs_sampler_table_and_the_run_s_state_are_read_back_from_the_commi
     trunk = pd.read_csv(metrics / "pretrain_eval.csv").set_index("step")
     assert f"read FID {variant.fid[4000]:.1f} at step 4,000 against the trunk's {trunk.fid[4000]:.1f} and was not adopted" in text
     assert variant.fid[4000] > 0.9 * trunk.fid[4000]  # the declared rule: adopted only if more than 10% below
+
+
+def test_the_250_step_rejudgement_in_the_docs_is_read_back_from_rescored_csv():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = pd.read_csv(root / "models" / "pretrain-run" / "metrics" / "rescored.csv")
+    at = {row.run: row for row in r[(r.step == 4000) & (r.ddim_steps == 250)].itertuples()}
+    trunk, deep = at["trunk"], at["variant deep_2"]
+    text = " ".join((root / "docs" / "pretrained.md").read_text().split())
+    assert f"step 4,000 of the trunk reads FID {trunk.fid:.1f} and of `deep_2` {deep.fid:.1f}" in text
+    assert f"leads by {100 * (1 - deep.fid / trunk.fid):.0f}%" in text and deep.fid < 0.9 * trunk.fid

@@ -41,7 +41,11 @@ def run_history(cfg: Config, cooldown: tuple[int, int] | None = None) -> tuple[p
     evals = pd.read_csv(paths.metrics_dir / "pretrain_eval.csv").assign(phase="constant lr")
     rescored = Path(cfg.pretrain.committed_run or "-") / "metrics" / "rescored.csv"  # hdlib.pretrain.rescore's rows
     if rescored.exists():  # an earlier step scored again by a later judge: a row of its own, beside the original
-        evals = pd.concat([evals, pd.read_csv(rescored).assign(phase="constant lr, rescored")], ignore_index=True)
+        again = pd.read_csv(rescored)
+        col = lambda name, default: pd.Series(again[name] if name in again else default, index=again.index)  # noqa: E731
+        same_scale = (col("run", "trunk") == "trunk") & (col("ddim_steps", cfg.pretrain.eval_inference_steps)
+                                                        == cfg.pretrain.eval_inference_steps)  # the trunk's rows, its scale
+        evals = pd.concat([evals, again[same_scale].assign(phase="constant lr, rescored")], ignore_index=True)
         evals = evals.sort_values("step", kind="stable", ignore_index=True)
     if cooldown is None:
         return log, evals
