@@ -152,6 +152,7 @@ def test_a_long_variant_resumes_on_a_fresh_clone_from_its_committed_checkpoint(t
         (d / "COMPLETE").write_text(f"{step}\n")
     StudyPaths(cfg).metrics_dir.mkdir(parents=True, exist_ok=True)
     (StudyPaths(cfg).metrics_dir / CURVE).write_text("variant,step,fid\ndeep,2000,70.0\n")
+    (variant_dir(cfg, "deep") / "log.csv").write_text("step,loss\n2000,0.5\n")
     keep_committed_variant(cfg, vcfg, "deep")
     root = tmp_path / "committed" / "variants" / "deep"
     assert [p.name for p in (root / "checkpoint").iterdir()] == ["step-00002000"]
@@ -160,6 +161,7 @@ def test_a_long_variant_resumes_on_a_fresh_clone_from_its_committed_checkpoint(t
     cfg_b, vcfg_b, _ = _variant(tmp_path, "machine_b")
     assert seed_variant(cfg_b, vcfg_b, "deep") == 2000
     assert (variant_dir(cfg_b, "deep") / "checkpoints" / "step-00002000" / "model.safetensors").read_text() == "v2000"
+    assert (variant_dir(cfg_b, "deep") / "log.csv").read_text() == "step,loss\n2000,0.5\n"  # its loss curve too
     assert seed_variant(cfg_b, vcfg_b, "deep") == 0  # as far already
     cfg_c, vcfg_c, _ = _variant(tmp_path, "machine_c", layers=3)  # the same name, another recipe
     with pytest.raises(ConfigError, match="another recipe"):

@@ -479,6 +479,28 @@ def test_a_cool_down_branch_ships_judged_beside_the_version_it_replaces(pretrain
     verify(pretrained_run.model)
 
 
+@pytest.mark.slow
+def test_a_long_variant_ships_with_its_own_architecture_and_curve(pretrained_run, tmp_path):
+    """A long variant (here one more res block per level) trained beside the run ships in its place: the card
+    names it, holds its own rows and architecture, and the exported U-Net loads with that architecture."""
+    from hdlib.pretrain.ship import ship
+    from hdlib.pretrain.variant import train_variant, variant_config
+
+    ov = pretrained_run.ov + ['pretrain.long_variants=["deep: diffusion.layers_per_block=2"]']
+    rows = train_variant(str(SMOKE), "deep", 4, ov)
+    assert list(rows["step"]) == [2, 4]
+    previous = tmp_path / "previous"
+    shutil.copytree(pretrained_run.model, previous)
+    ship(variant_config(str(SMOKE), ov, "deep")[1], None, str(previous), "deep")
+    card = json.loads((pretrained_run.model / "card.json").read_text())
+    d = card["denoiser"]
+    assert (d["variant"], d["layers_per_block"], d["steps"], d["cooldown"]) == ("deep", 2, 4, None)
+    assert [r["fid"] for r in card["quality_during_training"]] == list(rows["fid"])
+    assert UNet2DModel.from_pretrained(pretrained_run.model / "unet").config.layers_per_block == 2
+    assert "long variant `deep`" in (pretrained_run.model / "MODEL_CARD.md").read_text()
+    verify(pretrained_run.model)
+
+
 def test_ship_checks_its_inputs_before_any_compute(tmp_path):
     from hdlib.pretrain.ship import check_inputs, parse_cooldown
 
@@ -490,6 +512,10 @@ def test_ship_checks_its_inputs_before_any_compute(tmp_path):
         check_inputs(cfg, (4, 2), None)
     with pytest.raises(ConfigError, match="--previous .*: not an exported model folder"):
         check_inputs(cfg, None, str(tmp_path))
+    with pytest.raises(ConfigError, match="--variant deep: it has not been trained"):
+        check_inputs(cfg, None, None, "deep")
+    with pytest.raises(ConfigError, match="--cooldown and --variant"):
+        check_inputs(cfg, (4, 2), None, "deep")
 
 
 def test_a_loaded_model_exports_without_the_path_it_was_loaded_from(tmp_path):

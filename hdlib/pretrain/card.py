@@ -140,7 +140,7 @@ Pool manifest sha256: `{data[pool_manifest_sha256]}`.
 | autoencoder | `AutoencoderKL`, channels {a[block_out_channels]!s}, latent {a[latent_shape]!s}, L1 + (1-SSIM) + KL (no LPIPS / discriminator: their weights cannot be downloaded here) |
 | autoencoder start | {init} |
 | autoencoder training | {a[steps]} steps in {ae_minutes:.0f} min{ae_when}; held-out pool PSNR {a[heldout_pool_psnr_db]:.2f} dB; scaling factor {a[scale_factor]:.4f} |
-| denoiser | `UNet2DModel`, channels {d[block_out_channels]!s}, attention {d[attention_levels]!s}, {d[layers_per_block]} res block(s) per level, {mparams:.1f} M parameters |
+| denoiser | `UNet2DModel`, channels {d[block_out_channels]!s}, attention {d[attention_levels]!s}, {d[layers_per_block]} res block(s) per level, {mparams:.1f} M parameters{variant_text} |
 | noise schedule | `{d[schedule]}` {schedule} |
 | objective | `{d[prediction_type]}` prediction, {loss} loss, min-SNR weighting gamma {d[snr_gamma]:g} (0: none){noise_levels} |
 | denoiser training | batch {d[batch_size]}, lr {d[lr]} ({lr_text}), EMA {d[ema_decay]}; {d[steps]} steps in {unet_hours:.2f} h |
@@ -430,6 +430,8 @@ def model_card_text(card: dict) -> str:
         "schedule": SCHEDULES.get(d["schedule"], ""), "loss": d["loss"].upper(),
         "noise_levels": fill(NOISE_LEVELS[d["timestep_sampling"]], d) if "timestep_sampling" in d else "",
         "lr_text": fill(LR_TEXT[bool(d.get("cooldown"))], {"c": d.get("cooldown")}),
+        "variant_text": (f"; the run's long variant `{d['variant']}` (`pretrain.long_variants` in the parameter file), "
+                         "trained beside the run" if d.get("variant") else ""),
         "during_training": during_training_text(card["quality_during_training"]),
         "versions": versions_text(card.get("versions"), v.get("targets")),
         "run_since": run_since_text(card.get("run_since_release"), v.get("run_since_release"), card.get("versions")),

@@ -27,15 +27,19 @@ from ..paths import StudyPaths
 from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import load_autoencoder, training_log
 from .card import card_files
-from .recipe import COOLDOWN_CURVE, branch_name, vae_sha256
+from .curve import VARIANT_CURVE
+from .recipe import COOLDOWN_CURVE, branch_name, vae_sha256, variant_name
 from .samples import final_quality, holdout_images
 
 FIGURES = ("pretrain_curves", "pretrain_samples", "pretrain_comparison", "pretrain_mixture", "pretrain_recipe_sweep")
 
 
-def run_history(cfg: Config, cooldown: tuple[int, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training log, judged rows) of the run, or of a cool-down branch of it: the trunk's up to the
-    branch point, then the branch's (its rows say phase "cool-down")."""
+def run_history(cfg: Config, cooldown: tuple[int, int] | None = None,
+                variant: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training log, judged rows) of the run, of a cool-down branch of it (the trunk's up to the branch
+    point, then the branch's, whose rows say phase "cool-down"), or of its long variant `variant`."""
+    if variant is not None:
+        return variant_history(cfg, variant)
     paths = StudyPaths(cfg)
     log = training_log(cfg, "denoiser_pretrained")
     evals = pd.read_csv(paths.metrics_dir / "pretrain_eval.csv").assign(phase="constant lr")
@@ -56,6 +60,13 @@ def run_history(cfg: Config, cooldown: tuple[int, int] | None = None) -> tuple[p
     return (pd.concat([log[log["step"] <= start], branch], ignore_index=True),
             pd.concat([evals[evals["step"] <= start], rows.drop(columns=["from_step", "cooldown_steps"])],
                       ignore_index=True))
+
+
+def variant_history(cfg: Config, variant: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training log, judged rows) of the run's long variant, on its own judging scale."""
+    rows = pd.read_csv(StudyPaths(cfg).metrics_dir / VARIANT_CURVE)
+    rows = rows[rows["variant"] == variant].drop(columns=["variant", "overrides", "parameters"])
+    return training_log(cfg, variant_name(variant)), rows.assign(phase="constant lr").reset_index(drop=True)
 
 
 def recipe_sweep_rows(cfg: Config) -> list[dict] | None:
@@ -82,14 +93,17 @@ def autoencoder_history(cfg: Config, out: str | Path) -> tuple[int, float]:
 
 
 def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None,
-                            cooldown: tuple[int, int] | None = None) -> Path:
-    """The study's trained autoencoder + pre-trained denoiser (the run's, or its cool-down branch
-    `cooldown` = (from_step, steps)) -> diffusers folder with a card."""
+                            cooldown: tuple[int, int] | None = None, variant: str | None = None) -> Path:
+    """The study's trained autoencoder + pre-trained denoiser (the run's, its cool-down branch
+    `cooldown` = (from_step, steps), or its long variant `variant`, whose config `cfg` must then be)
+    -> diffusers folder with a card."""
     matplotlib.use("Agg")
     paths = StudyPaths(cfg)
-    name = branch_name(*cooldown) if cooldown else "denoiser_pretrained"
+    if cooldown and variant:
+        raise ConfigError("export: a cool-down branch of a long variant is not supported; ship one or the other")
+    name = branch_name(*cooldown) if cooldown else variant_name(variant) if variant else "denoiser_pretrained"
     replaced = previous_version_of(out)  # read before the folder is overwritten
-    unet_log, evals = run_history(cfg, cooldown)
+    unet_log, evals = run_history(cfg, cooldown, variant)
     final = final_quality(cfg, judge, real_feats, denoiser=name, step=int(unet_log["step"].max()))
     d1 = json.loads(paths.metrics("01_autoencoder").read_text())
     d0 = json.loads(paths.metrics("00_data").read_text())
@@ -117,6 +131,7 @@ def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats
                      "batch_size": cfg.diffusion.pretrain.batch_size,
                      "lr": cfg.diffusion.pretrain.lr, "ema_decay": cfg.diffusion.pretrain.ema_decay,
                      "cooldown": {"from_step": cooldown[0], "steps": cooldown[1]} if cooldown else None,
+                     "variant": variant,  # pretrain.long_variants: the run's recipe with a few settings changed
                      "steps": int(unet_log["step"].max()), "wall_s": float(unet_log["elapsed_s"].max()),
                      "parameters": int(sum(p.numel() for p in load_denoiser(cfg, name).parameters()))},
         "quality_final": {k: final[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall")}

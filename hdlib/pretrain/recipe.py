@@ -23,6 +23,11 @@ def branch_name(start: int, steps: int) -> str:
     return f"denoiser_pretrained_cooldown_{start}_{steps}"
 
 
+def variant_name(variant: str) -> str:
+    """The model folder of the run's long variant `variant` (hdlib.pretrain.variant)."""
+    return f"denoiser_pretrained_variant_{variant}"
+
+
 def config_with(cfg, dotted: str, value):
     """A copy of a frozen (nested) config with one setting changed, e.g.
     `config_with(cfg, "diffusion.pretrain.max_steps", 200)`; `cfg` itself is left as it is."""

@@ -31,7 +31,7 @@ from ..study.train import train_task
 from ..training.weights import load_final
 from .curve import VARIANT_CURVE, write_run_curve
 from .judges import judge_id
-from .recipe import check_run_recipe, config_with, run_recipe_key
+from .recipe import check_run_recipe, config_with, run_recipe_key, variant_name
 from .resume import (
     CHECKPOINT,
     _copy_file,
@@ -60,7 +60,7 @@ def variant_config(params: str, overrides, name: str) -> tuple[Config, Config, l
 
 
 def variant_dir(cfg: Config, name: str) -> Path:
-    return StudyPaths(cfg).model(f"denoiser_pretrained_variant_{name}")
+    return StudyPaths(cfg).model(variant_name(name))
 
 
 def _committed(cfg: Config, name: str) -> Path | None:
@@ -81,6 +81,8 @@ def seed_variant(cfg: Config, vcfg: Config, name: str) -> int:
     if not theirs or (ours and int(ours[-1].name.split("-")[1]) >= int(theirs[-1].name.split("-")[1])):
         return 0
     _copy_tree(theirs[-1], variant_dir(cfg, name) / "checkpoints" / theirs[-1].name)
+    if (root / "log.csv").exists():  # the loss curve of the steps trained elsewhere
+        _copy_file(root / "log.csv", variant_dir(cfg, name) / "log.csv")
     return int(theirs[-1].name.split("-")[1])
 
 
@@ -91,6 +93,8 @@ def keep_committed_variant(cfg: Config, vcfg: Config, name: str) -> None:
     if root is None or not ours:
         return
     mirror_latest_checkpoint(ours[-1], root, run_recipe_key(vcfg))
+    if (variant_dir(cfg, name) / "log.csv").exists():
+        _copy_file(variant_dir(cfg, name) / "log.csv", root / "log.csv")
     _copy_file(StudyPaths(cfg).metrics_dir / CURVE, Path(cfg.pretrain.committed_run) / "metrics" / CURVE)
     write_run_curve(cfg.pretrain.committed_run, Path(cfg.pretrain.export_dir) / "card.json" if cfg.pretrain.export_dir else None)
 
