@@ -3,6 +3,7 @@ committed folder, and a fresh clone resumes from there; EDM's log-normal noise l
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -166,6 +167,37 @@ def test_a_long_variant_resumes_on_a_fresh_clone_from_its_committed_checkpoint(t
     cfg_c, vcfg_c, _ = _variant(tmp_path, "machine_c", layers=3)  # the same name, another recipe
     with pytest.raises(ConfigError, match="another recipe"):
         seed_variant(cfg_c, vcfg_c, "deep")
+
+
+def test_a_cool_down_of_a_long_variant_starts_from_the_variants_checkpoint(tmp_path):
+    from hdlib.pretrain.cooldown import seed_branch
+    from hdlib.pretrain.recipe import branch_name, branch_variant
+    from hdlib.pretrain.variant import variant_dir
+
+    cfg, _, _ = _variant(tmp_path)
+    _checkpoint(cfg, 250)  # the trunk's, at the same step: not the one to branch from
+    d = variant_dir(cfg, "deep") / "checkpoints" / "step-00000250"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_text("deep250")
+    (d / "COMPLETE").write_text("250\n")
+    out = seed_branch(cfg, 250, 100, "deep")
+    assert out == StudyPaths(cfg).model(branch_name(250, 100, "deep")) != StudyPaths(cfg).model(branch_name(250, 100))
+    assert (out / "checkpoints" / "step-00000250" / "model.safetensors").read_text() == "deep250"
+    with pytest.raises(ConfigError, match=r"--from-step 500: the variant has no checkpoint"):
+        seed_branch(cfg, 500, 100, "deep")
+    assert [branch_variant(r) for r in ({"variant": "deep"}, {"variant": float("nan")}, {})] == ["deep", "", ""]
+
+
+def test_a_variants_cool_down_is_drawn_as_its_own_line_and_not_as_the_trunks():
+    from hdlib.pretrain.curve import with_variant_branches
+
+    variants = pd.DataFrame({"variant": ["deep"] * 2, "step": [1000, 2000], "fid": [90.0, 80.0]})
+    branches = pd.DataFrame({"variant": ["deep"], "from_step": [2000], "cooldown_steps": [500], "step": [2500],
+                             "fid": [70.0]})
+    out = with_variant_branches(variants, branches)
+    line = out[out["variant"] == "deep 2000+500"]
+    assert list(line["step"]) == [2000, 2500] and list(line["fid"]) == [80.0, 70.0]
+    assert list(out[out["variant"] == "deep"]["fid"]) == [90.0, 80.0]
 
 
 def test_branch_rows_judged_on_another_machine_survive_a_fresh_clone(tmp_path):

@@ -500,6 +500,18 @@ def test_a_long_variant_ships_with_its_own_architecture_and_curve(pretrained_run
     assert "long variant `deep`" in (pretrained_run.model / "MODEL_CARD.md").read_text()
     verify(pretrained_run.model)
 
+    from hdlib.pretrain.cooldown import cool_down  # a cool-down branch of the variant ships too
+    vcfg = variant_config(str(SMOKE), ov, "deep")[1]
+    branch = cool_down(load_config(SMOKE, ov), 4, 2, "deep", vcfg)
+    assert list(branch["step"]) == [6] and list(branch["variant"]) == ["deep"]
+    ship(vcfg, (4, 2), str(previous), "deep")
+    card = json.loads((pretrained_run.model / "card.json").read_text())
+    assert (card["denoiser"]["variant"], card["denoiser"]["cooldown"], card["denoiser"]["steps"]) == \
+        ("deep", {"from_step": 4, "steps": 2}, 6)
+    assert [r["phase"] for r in card["quality_during_training"]] == ["constant lr"] * 2 + ["cool-down"]
+    assert card["quality_during_training"][-1]["fid"] == branch["fid"].iloc[0]
+    verify(pretrained_run.model)
+
 
 def test_ship_checks_its_inputs_before_any_compute(tmp_path):
     from hdlib.pretrain.ship import check_inputs, parse_cooldown
@@ -514,7 +526,7 @@ def test_ship_checks_its_inputs_before_any_compute(tmp_path):
         check_inputs(cfg, None, str(tmp_path))
     with pytest.raises(ConfigError, match="--variant deep: it has not been trained"):
         check_inputs(cfg, None, None, "deep")
-    with pytest.raises(ConfigError, match="--cooldown and --variant"):
+    with pytest.raises(ConfigError, match=r"--cooldown 4\+2: that branch has not finished .*--variant deep"):
         check_inputs(cfg, (4, 2), None, "deep")
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..evaluation import plots
 from ..io import atomic_savefig
-from .recipe import COOLDOWN_CURVE
+from .recipe import COOLDOWN_CURVE, branch_variant
 
 FIGURE = "curve.png"
 TRUNK_CURVE = "pretrain_eval.csv"
@@ -34,6 +34,8 @@ def real_shares_from_card(card_path: Path, judge: str) -> tuple[dict | None, lis
     card = json.loads(card_path.read_text())
     cool = (card.get("denoiser") or {}).get("cooldown") or {}
     shipped = (int(cool["from_step"]), int(cool["steps"])) if cool.get("from_step") is not None else None
+    if (card.get("denoiser") or {}).get("variant"):
+        shipped = None  # a long variant's branch: not one of the trunk's
     v = card.get("versions") or {}
     if v.get("judge") != judge:
         return None, None, shipped
@@ -54,6 +56,10 @@ def write_run_curve(run_dir: str | Path, card_path: str | Path | None = None) ->
     branches = pd.read_csv(branch_csv) if branch_csv.exists() else None
     variant_csv = run_dir / "metrics" / VARIANT_CURVE
     variants = pd.read_csv(variant_csv) if variant_csv.exists() else None
+    if branches is not None and "variant" in branches:  # a variant's branches are drawn as its own dashed lines
+        of = _variants_of(branches)
+        variants = with_variant_branches(variants, branches[of != ""])
+        branches = branches[of == ""]
     judge = str(trunk["judge"].iloc[-1]) if "judge" in trunk else ""
     real, tissue, shipped = real_shares_from_card(Path(card_path), judge) if card_path else (None, None, None)
     last = trunk.iloc[-1]
@@ -65,6 +71,21 @@ def write_run_curve(run_dir: str | Path, card_path: str | Path | None = None) ->
     atomic_savefig(fig, path)
     plots.plt.close(fig)
     return path
+
+
+def with_variant_branches(variants: pd.DataFrame | None, branches: pd.DataFrame) -> pd.DataFrame | None:
+    """The variants' rows plus each cool-down branch of a variant as a variant of its own ('deep_2 8000+1000'),
+    starting from the variant's row at the step it left."""
+    parts = [] if variants is None else [variants]
+    for (name, start, steps), b in branches.groupby(["variant", "from_step", "cooldown_steps"]):
+        label = f"{name} {int(start)}+{int(steps)}"
+        left = variants[(variants["variant"] == name) & (variants["step"] == start)] if variants is not None else b.iloc[0:0]
+        parts += [left.assign(variant=label), b.drop(columns=["from_step", "cooldown_steps"]).assign(variant=label)]
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def _variants_of(rows: pd.DataFrame) -> pd.Series:
+    return rows.apply(lambda r: branch_variant(r.to_dict()), axis=1) if len(rows) else pd.Series(dtype=str)
 
 
 def run_since_release(run_dir: str | Path, card: dict) -> dict | None:
@@ -79,7 +100,9 @@ def run_since_release(run_dir: str | Path, card: dict) -> dict | None:
         return None
     start, steps = int(cool["from_step"]), int(cool["steps"])
     branches = pd.read_csv(curves[COOLDOWN_CURVE])
-    mine = (branches["from_step"] == start) & (branches["cooldown_steps"] == steps)  # the shipped branch's rows
+    of = _variants_of(branches)
+    mine = ((of == ((card.get("denoiser") or {}).get("variant") or "")) & (branches["from_step"] == start)
+            & (branches["cooldown_steps"] == steps))  # the shipped branch's rows
     if not (mine & (branches["step"] == start + steps)).any():
         return None
     shipped = branches[mine & (branches["step"] == start + steps)].iloc[-1]
@@ -89,8 +112,10 @@ def run_since_release(run_dir: str | Path, card: dict) -> dict | None:
 
     rows = [{"run": "trunk (constant lr)", **r} for r in same(_read(curves[TRUNK_CURVE])).to_dict("records")
             if r["step"] > start]
-    ends = same(branches[~mine]).sort_values("step").groupby(["from_step", "cooldown_steps"]).tail(1)
-    rows += [{"run": f"cool-down {int(r['from_step'])}+{int(r['cooldown_steps'])}", **r} for r in ends.to_dict("records")]
+    ends = same(branches[~mine].assign(variant=of[~mine])).sort_values("step")
+    ends = ends.groupby(["variant", "from_step", "cooldown_steps"]).tail(1)
+    rows += [{"run": f"cool-down {r['variant'] + ' ' if r['variant'] else ''}{int(r['from_step'])}+{int(r['cooldown_steps'])}",
+              **r} for r in ends.to_dict("records")]
     rows += [{"run": f"variant {r['variant']}", **r} for r in same(_read(curves[VARIANT_CURVE])).to_dict("records")]
     keep = ("run", "step", "fid", "precision", "recall", "mixture_tv", "tissue_mixture_tv")
     return {"judge": str(shipped["judge"]), "samples": int(shipped["samples"]), "ddim_steps": int(shipped["ddim_steps"]),

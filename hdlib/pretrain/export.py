@@ -28,7 +28,7 @@ from ..study.latent_models import load_denoiser, noise_scheduler
 from ..study.latents import load_autoencoder, training_log
 from .card import card_files
 from .curve import VARIANT_CURVE
-from .recipe import COOLDOWN_CURVE, branch_name, vae_sha256, variant_name
+from .recipe import COOLDOWN_CURVE, branch_name, branch_variant, vae_sha256, variant_name
 from .samples import final_quality, holdout_images
 
 FIGURES = ("pretrain_curves", "pretrain_samples", "pretrain_comparison", "pretrain_mixture", "pretrain_recipe_sweep")
@@ -38,9 +38,10 @@ def run_history(cfg: Config, cooldown: tuple[int, int] | None = None,
                 variant: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training log, judged rows) of the run, of a cool-down branch of it (the trunk's up to the branch
     point, then the branch's, whose rows say phase "cool-down"), or of its long variant `variant`."""
-    if variant is not None:
-        return variant_history(cfg, variant)
     paths = StudyPaths(cfg)
+    if variant is not None:
+        log, evals = variant_history(cfg, variant)
+        return (log, evals) if cooldown is None else _with_branch(cfg, log, evals, cooldown, variant)
     log = training_log(cfg, "denoiser_pretrained")
     evals = pd.read_csv(paths.metrics_dir / "pretrain_eval.csv").assign(phase="constant lr")
     rescored = Path(cfg.pretrain.committed_run or "-") / "metrics" / "rescored.csv"  # hdlib.pretrain.rescore's rows
@@ -51,15 +52,20 @@ def run_history(cfg: Config, cooldown: tuple[int, int] | None = None,
                                                         == cfg.pretrain.eval_inference_steps)  # the trunk's rows, its scale
         evals = pd.concat([evals, again[same_scale].assign(phase="constant lr, rescored")], ignore_index=True)
         evals = evals.sort_values("step", kind="stable", ignore_index=True)
-    if cooldown is None:
-        return log, evals
+    return (log, evals) if cooldown is None else _with_branch(cfg, log, evals, cooldown, None)
+
+
+def _with_branch(cfg: Config, log: pd.DataFrame, evals: pd.DataFrame, cooldown: tuple[int, int],
+                 variant: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's (log, rows) up to a cool-down branch's start, then the branch's (phase "cool-down")."""
     start, steps = cooldown
-    branch = training_log(cfg, branch_name(start, steps))
-    rows = pd.read_csv(paths.metrics_dir / COOLDOWN_CURVE)
-    rows = rows[(rows["from_step"] == start) & (rows["cooldown_steps"] == steps)].assign(phase="cool-down")
+    branch = training_log(cfg, branch_name(start, steps, variant))
+    rows = pd.read_csv(StudyPaths(cfg).metrics_dir / COOLDOWN_CURVE)
+    of = rows.apply(lambda r: branch_variant(r.to_dict()), axis=1) if len(rows) else pd.Series(dtype=str)
+    rows = rows[(of == (variant or "")) & (rows["from_step"] == start) & (rows["cooldown_steps"] == steps)]
+    rows = rows.drop(columns=[c for c in ("from_step", "cooldown_steps", "variant") if c in rows]).assign(phase="cool-down")
     return (pd.concat([log[log["step"] <= start], branch], ignore_index=True),
-            pd.concat([evals[evals["step"] <= start], rows.drop(columns=["from_step", "cooldown_steps"])],
-                      ignore_index=True))
+            pd.concat([evals[evals["step"] <= start], rows], ignore_index=True))
 
 
 def variant_history(cfg: Config, variant: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -94,14 +100,12 @@ def autoencoder_history(cfg: Config, out: str | Path) -> tuple[int, float]:
 
 def export_study_pretrained(cfg: Config, out: str | Path, judge=None, real_feats=None,
                             cooldown: tuple[int, int] | None = None, variant: str | None = None) -> Path:
-    """The study's trained autoencoder + pre-trained denoiser (the run's, its cool-down branch
-    `cooldown` = (from_step, steps), or its long variant `variant`, whose config `cfg` must then be)
-    -> diffusers folder with a card."""
+    """The study's trained autoencoder + pre-trained denoiser (the run's or its long variant `variant`'s, whose
+    config `cfg` must then be; or a cool-down branch `cooldown` = (from_step, steps) of either) -> diffusers
+    folder with a card."""
     matplotlib.use("Agg")
     paths = StudyPaths(cfg)
-    if cooldown and variant:
-        raise ConfigError("export: a cool-down branch of a long variant is not supported; ship one or the other")
-    name = branch_name(*cooldown) if cooldown else variant_name(variant) if variant else "denoiser_pretrained"
+    name = branch_name(*cooldown, variant) if cooldown else variant_name(variant) if variant else "denoiser_pretrained"
     replaced = previous_version_of(out)  # read before the folder is overwritten
     unet_log, evals = run_history(cfg, cooldown, variant)
     final = final_quality(cfg, judge, real_feats, denoiser=name, step=int(unet_log["step"].max()))

@@ -18,9 +18,16 @@ RUN_KEY = "pretrain_run_key"
 COOLDOWN_CURVE = "pretrain_cooldown.csv"  # the judged rows of the run's cool-down branches (metrics/)
 
 
-def branch_name(start: int, steps: int) -> str:
-    """The model folder of the run's cool-down branch from step `start` over `steps` (hdlib.pretrain.cooldown)."""
-    return f"denoiser_pretrained_cooldown_{start}_{steps}"
+def branch_name(start: int, steps: int, variant: str | None = None) -> str:
+    """The model folder of the run's cool-down branch from step `start` over `steps` (hdlib.pretrain.cooldown),
+    or of its long variant `variant`'s."""
+    return f"{variant_name(variant) if variant else 'denoiser_pretrained'}_cooldown_{start}_{steps}"
+
+
+def branch_variant(row: dict) -> str:
+    """The long variant a cool-down row branched from ('' for the trunk; rows written before the column had none)."""
+    v = row.get("variant")
+    return v if isinstance(v, str) else ""
 
 
 def variant_name(variant: str) -> str:

@@ -1,9 +1,9 @@
 """Ship the long pre-training run as the demo model (pretrain.export_dir, e.g. models/demo-pool): export the
-run, one of its cool-down branches or one of its long variants (pretrain.long_variants), in diffusers format with its card, then judge it beside the version it
+run or one of its long variants (pretrain.long_variants), or a cool-down branch of either, in diffusers format with its card, then judge it beside the version it
 replaces with the same judge, holdout and sample seeds (hdlib.pretrain.versions) and add that, with a figure of
 samples per tissue class, to the card.
 
-    python -m hdlib.pretrain.ship params/pretrain_demo.yaml [--cooldown 4000+1000 | --variant deep_2]
+    python -m hdlib.pretrain.ship params/pretrain_demo.yaml [--cooldown 4000+1000] [--variant deep_2]
         [--previous DIR] [key=value ...]
 
 --previous: the version being replaced, as a diffusers folder (`make pretrain-ship` takes v3 out of git history).
@@ -47,14 +47,13 @@ def check_inputs(cfg: Config, cooldown: tuple[int, int] | None, previous: str | 
     """One line before any compute: an export folder, the branch or variant trained, the previous version whole."""
     if not cfg.pretrain.export_dir:
         raise ConfigError("pretrain.export_dir is empty: nowhere to ship the model")
-    if cooldown and variant:
-        raise ConfigError("--cooldown and --variant: ship the run's cool-down branch or its variant, not both")
-    if variant and not (StudyPaths(cfg).model(variant_name(variant)) / "final" / "COMPLETE").exists():
+    if cooldown and not (StudyPaths(cfg).model(branch_name(*cooldown, variant)) / "final" / "COMPLETE").exists():
+        raise ConfigError(f"--cooldown {cooldown[0]}+{cooldown[1]}: that branch has not finished "
+                          f"(python -m hdlib.pretrain.cooldown ... --from-step {cooldown[0]} --steps {cooldown[1]}"
+                          f"{' --variant ' + variant if variant else ''})")
+    if variant and not cooldown and not (StudyPaths(cfg).model(variant_name(variant)) / "final" / "COMPLETE").exists():
         raise ConfigError(f"--variant {variant}: it has not been trained in {StudyPaths(cfg).root} "
                           f"(make pretrain-variant VARIANT={variant} STEPS=N)")
-    if cooldown and not (StudyPaths(cfg).model(branch_name(*cooldown)) / "final" / "COMPLETE").exists():
-        raise ConfigError(f"--cooldown {cooldown[0]}+{cooldown[1]}: that branch has not finished "
-                          f"(python -m hdlib.pretrain.cooldown ... --from-step {cooldown[0]} --steps {cooldown[1]})")
     if previous:
         if not (Path(previous) / "unet").is_dir():
             raise ConfigError(f"--previous {previous}: not an exported model folder (no unet/)")
