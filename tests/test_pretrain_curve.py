@@ -177,3 +177,19 @@ def test_the_docs_account_of_deep_2_against_v4_is_read_back_from_the_candidates_
         assert m["previous"]["fid"] == pytest.approx(shipped["versions"]["models"]["this model"]["fid"], rel=1e-3)
         assert not (m["this model"]["fid"] < 0.95 * m["previous"]["fid"]
                     and m["this model"]["recall"] >= m["previous"]["recall"] - 0.02)
+
+
+def test_what_would_reach_the_targets_is_read_back_from_the_measured_rows():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = root / "models" / "pretrain-run"
+    text = " ".join((root / "docs" / "pretrained.md").read_text().split())
+    v4 = pd.read_csv(run / "metrics" / "pretrain_sampler_steps.csv").set_index("ddim_steps")
+    assert (f"at 250 DDIM steps v4 reads recall {v4.recall[250]:.3f}, precision {v4.precision[250]:.3f} and "
+            f"mixture TV {v4.mixture_tv[250]:.3f} (targets 0.85, 0.80, 0.15") in text
+    assert v4.recall[250] < 0.85 and v4.precision[250] < 0.80 and v4.mixture_tv[250] > 0.15  # "without reaching one"
+    shares = list(v4.share_LYM) + [json.loads((run / "candidates" / n / "card.json").read_text())["versions"]["models"]
+                                   ["this model"]["share_LYM"] for n in ("deep_2-8000", "deep_2-8000+1000")]
+    assert f"stay at {min(shares):.1%}-{max(shares):.1%} of the samples (real 10%)" in text

@@ -214,7 +214,9 @@ OUTLOOK = {True: "Every target is met.",
            False: "Not every target is met. What the curve says: at a constant learning rate the judge's FID stopped "
                   "falling while recall still rose, and a cool-down branch lowered it again; whether training this "
                   "U-Net longer paid, and what was tried next (a larger U-Net trained as long, `pretrain.long_variants`), "
-                  "is in the section on the run since this version when the card has one."}
+                  "is in the section on the run since this version when the card has one. What was measured about "
+                  "what would reach the targets, and what is next: the repository's docs/pretrained.md, *What would "
+                  "reach the targets*."}
 RUN_SINCE = """
 ### The run since this version
 The long run went on after this version was cut (`models/pretrain-run/`): the constant-rate trunk past this
