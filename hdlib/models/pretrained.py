@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..io import atomic_dir
 
 MANIFEST = "MANIFEST.sha256"
 
@@ -225,19 +226,16 @@ def export_pretrained(out: str | Path, vae, unet=None, scheduler=None, scaling_f
                       extra_files: dict[str, str] | None = None, half: bool = False) -> Path:
     """Write vae/ (with its scaling_factor), unet/, scheduler/ and MANIFEST.sha256 to `out`,
     atomically (a temporary folder renamed into place). `half` stores fp16 weights."""
-    import os
-    import shutil
+    with atomic_dir(out) as tmp:
+        _write_model_folder(tmp, vae, unet, scheduler, scaling_factor, extra_files, half)
+    return Path(out)
 
-    import torch
 
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _write_model_folder(tmp: Path, vae, unet, scheduler, scaling_factor, extra_files, half) -> None:
     if scaling_factor is not None:
         vae.register_to_config(scaling_factor=float(scaling_factor))
     if half:
-        vae, unet = vae.to(torch.float16), (unet.to(torch.float16) if unet is not None else None)
+        vae, unet = vae.half(), (unet.half() if unet is not None else None)
     vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
     if unet is not None:
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
@@ -248,10 +246,3 @@ def export_pretrained(out: str | Path, vae, unet=None, scheduler=None, scaling_f
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     (tmp / MANIFEST).write_text("".join(f"{v}  {k}\n" for k, v in file_hashes(tmp).items()))
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, out)
-    return out

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError
+from ..io import atomic_dir
 from ..paths import StudyPaths
 from .curve import write_run_curve
 from .judges import POOL_JUDGE_DIR
@@ -39,15 +40,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
-    tmp = dst.parent / f".{dst.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _copy_file(src: Path, dst: Path) -> None:
