@@ -229,6 +229,13 @@ def test_the_ablations_two_replicates_in_the_limitations_are_read_back_from_thei
     now = json.loads((REPO_ROOT / "results" / "ablations" / "metrics" / "05_downstream.json").read_text())["vs_real"]
     said(m[5], m[6], m[7], now)
     assert float(m[8]) == round(now["p_holm"], 3) and int(m[9]) == now["n"]
+    rival = re.search(r"The rival leads HistoDiffusion there by ([\d.]+) points \(\[([-\d.]+), ([-\d.]+)\], Holm p "
+                      r"([\d.]+)\)", text)
+    assert rival, "the ablations' rival line changed its form: update this test with it"
+    vs_rival = json.loads((REPO_ROOT / "results" / "ablations" / "metrics" / "05_downstream.json").read_text())["vs_rival"]
+    assert vs_rival["mean_diff"] < 0 and float(rival[1]) == round(-100 * vs_rival["mean_diff"], 1)
+    assert (float(rival[2]), float(rival[3])) == (round(-100 * vs_rival["ci_high"], 1), round(-100 * vs_rival["ci_low"], 1))
+    assert float(rival[4]) == round(vs_rival["p_holm"], 3)
     shown = subprocess.run(["git", "show", f"{m[4]}:results/ablations/metrics/05_downstream.json"], cwd=REPO_ROOT,
                            capture_output=True, text=True)
     if shown.returncode != 0:
