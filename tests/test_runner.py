@@ -7,6 +7,7 @@ from pathlib import Path
 import nbformat as nbf
 import pytest
 
+from hdlib.tools import runner
 from hdlib.tools.runner import StageFailed, discover_stages, run_study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,3 +199,23 @@ def test_missing_data_names_the_first_listed_file_absent_from_this_machine(tmp_p
     gone = tmp_path / "gone" / "slide.png"
     (tmp_path / "manifests" / "target_test.csv").write_text(f"path,key\n{here},\n{gone},tile:0,0,8\n")
     assert missing_data(tmp_path) == str(gone)
+
+
+def test_each_stage_marker_and_the_provenance_name_the_cpu_it_ran_on(toy):
+    tmp_path, nbs, _ = toy
+    _run(tmp_path, nbs)
+    out = tmp_path / "results" / "smoke"
+    here = runner.machine_description()
+    assert json.loads((out / "stages" / "00_data.json").read_text())["machine"] == here
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["machine"] == here and prov["stage_machines"] == {"00_data": here, "01_autoencoder": here}
+
+
+def test_the_machine_is_named_by_its_model_and_native_bf16(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx512f amx_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu\n")
+    assert runner.machine_description(info).startswith("Some CPU, ")
+    assert runner.machine_description(info).endswith("native bf16: amx_bf16")
+    info.write_text("processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu avx2\n")
+    assert runner.machine_description(info).endswith("native bf16: no")

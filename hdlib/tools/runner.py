@@ -195,6 +195,21 @@ def _select(stages: list[Stage], only: str | None, start: str | None) -> list[St
     return stages
 
 
+def machine_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU a stage ran on, as a replicate is named: the model name, the cores and the native-bf16 flags
+    (bf16 autocast rounds differently where it is native: another CPU is another draw)."""
+    fields = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in fields.get("flags", "").split()]
+    return f"{name}, {os.cpu_count()} cores, native bf16: {' '.join(native) or 'no'}"
+
+
 def provenance(cfg: Config) -> dict:
     def git(*args):
         try:
@@ -223,6 +238,7 @@ def provenance(cfg: Config) -> dict:
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "machine": machine_description(),
         "packages": pkgs,
         "data_manifests_sha1": manifests,
     }
@@ -359,6 +375,7 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
         memory[st.name] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
         atomic_write_json(marker, {"fingerprint": prints[st.name], "seconds": round(elapsed, 1),
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "git_commit": commit,
+                                   "machine": machine_description(),
                                    "code": code["key"], "code_modules": code["modules"]})
         atomic_write_json(timings_path, timings)
         atomic_write_json(memory_path, memory)
@@ -371,5 +388,7 @@ def run_study(params_file: str | Path, overrides: list[str] = (), only: str | No
     atomic_write_json(out_dir / "provenance.json", {**provenance(cfg), "stage_seconds": timings,
                                                       "peak_memory_mb": memory,
                                                       # which commit ran each stage (absent: written before this was recorded)
-                                                      "stage_commits": {k: v.get("git_commit") for k, v in markers.items()}})
+                                                      "stage_commits": {k: v.get("git_commit") for k, v in markers.items()},
+                                                      # which CPU ran each stage (absent: run before this was recorded)
+                                                      "stage_machines": {k: v.get("machine") for k, v in markers.items()}})
     return status
