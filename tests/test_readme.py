@@ -181,18 +181,18 @@ def test_the_filter_choices_the_limitations_say_were_compared_kept_what_they_say
 
 
 def test_the_replicates_the_limitations_compare_are_read_back_from_their_runs():
-    """'HistoDiffusion - real-only +X points (95% CI [lo, hi], Holm p P, N seeds)' for the committed run, and each
-    other run ('gave +X ([lo, hi], Holm p P; its folder is in git at C)') at the commit the line names (read from
+    """'HistoDiffusion - real-only X points (95% CI [lo, hi], Holm p P, N seeds)' for the committed run, and each
+    other run ('X ([lo, hi], Holm p P; its folder is in git at C)') at the commit the line names (read from
     git history; skipped without it)."""
     import json
     import subprocess
 
     text = " ".join((REPO_ROOT / "docs" / "limitations.md").read_text().split())
-    now = re.search(r"HistoDiffusion - real-only \+([\d.]+) points \(95% CI \[([-\d.]+), ([-\d.]+)\], Holm p ([\d.]+), "
+    now = re.search(r"HistoDiffusion - real-only ([-+][\d.]+) points \(95% CI \[([-\d.]+), ([-\d.]+)\], Holm p ([\d.]+), "
                     r"(\d+) seeds\)", text)
-    others = re.findall(r"gave \+([\d.]+) \(\[([-\d.]+), ([-\d.]+)\], Holm p ([\d.]+); its folder is in git at "
+    others = re.findall(r"([-+][\d.]+) \(\[([-\d.]+), ([-\d.]+)\], Holm p ([\d.]+); its folder is in git at "
                         r"([0-9a-f]{7})\)", text)
-    assert now and len(others) == 2, "the replicate line changed its form: update this test with it"
+    assert now and len(others) == 3, "the replicate line changed its form: update this test with it"
 
     def said(m, vs_real: dict) -> None:
         assert float(m[1]) == round(100 * vs_real["mean_diff"], 1)
